@@ -1,0 +1,300 @@
+"""The store: a directory (or object-store prefix) holding lmat's Delta tables.
+
+Layout::
+
+    STORE/
+      _lmat.json        identity and settings (store_id, n_buckets, row-group size, retention)
+      _lock             local stores: the single-writer lock (fcntl)
+      raw/              Delta: raw event log, every accepted event, append-only
+      quarantine/       Delta: rejected rows with their reason
+      ingests/          Delta: one row per ingested batch (the idempotency record)
+      uih/              Delta: the immutable UIH tier, partitioned by user bucket
+      heads/            Delta: per (user, snapshot) head length, checksum and length markers
+      snapshots/        Delta: the snapshot registry
+      forgotten/        Delta: forgotten users
+      thin_tables/      Delta: thin example tables written by ``log`` (their tails are purged
+                        by ``forget``)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake.exceptions import TableNotFoundError
+
+from lmat_platform.exceptions import ConcurrencyError, StoreExistsError, StoreNotFoundError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_FILE = "_lmat.json"
+TABLES = (
+    "raw",
+    "quarantine",
+    "ingests",
+    "uih",
+    "heads",
+    "snapshots",
+    "forgotten",
+    "thin_tables",
+)
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def storage_options() -> dict[str, str] | None:
+    """Object-store credentials for delta-rs, read from the environment at run time."""
+    keys = {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_REGION",
+        "AWS_ENDPOINT_URL",
+        "AWS_ALLOW_HTTP",
+        "AWS_SESSION_TOKEN",
+    }
+    opts = {k: v for k, v in os.environ.items() if k in keys}
+    return opts or None
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    store_id: str
+    n_buckets: int
+    row_group_rows: int
+    retention_hours: int
+
+
+class Store:
+    """An opened lmat store. Cheap to create and picklable (it holds only strings and ints)."""
+
+    def __init__(self, root: str, config: StoreConfig):
+        self.root = root.rstrip("/")
+        self.config = config
+
+    # ---------------------------------------------------------------- paths and filesystem
+    def table_uri(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    @property
+    def is_local(self) -> bool:
+        return not _is_uri(self.root)
+
+    def filesystem(self) -> tuple[pafs.FileSystem, str]:
+        """A pyarrow filesystem and the root path inside it."""
+        if self.is_local:
+            return pafs.LocalFileSystem(), os.path.abspath(self.root.removeprefix("file://"))
+        fs, path = pafs.FileSystem.from_uri(self.root)
+        return fs, path
+
+    @property
+    def n_buckets(self) -> int:
+        return self.config.n_buckets
+
+    @property
+    def store_id(self) -> str:
+        return self.config.store_id
+
+    # ---------------------------------------------------------------- tables
+    def open_table(self, name: str, *, version: int | None = None) -> DeltaTable | None:
+        """The Delta table ``name`` at ``version`` (latest if None); None if never written."""
+        try:
+            return DeltaTable(
+                self.table_uri(name), version=version, storage_options=storage_options()
+            )
+        except TableNotFoundError:
+            return None
+
+    def read_table(
+        self, name: str, *, columns: list[str] | None = None, filters: Any = None
+    ) -> pa.Table | None:
+        dt = self.open_table(name)
+        if dt is None:
+            return None
+        ds = dt.to_pyarrow_dataset()
+        if columns is not None:
+            columns = [c for c in columns if c in ds.schema.names]
+        return ds.to_table(columns=columns, filter=filters)
+
+    def append(
+        self,
+        name: str,
+        data: pa.Table,
+        *,
+        op: str,
+        partition_by: list[str] | None = None,
+        txn: tuple[str, int] | None = None,
+        metadata: dict[str, Any] | None = None,
+        mode: str = "append",
+        predicate: str | None = None,
+    ) -> int:
+        """Write ``data`` to table ``name`` in one commit; returns the new version.
+
+        ``op`` and ``metadata`` are recorded in the commit; ``txn`` = (app_id, version) makes the
+        commit idempotent and traceable (spec: nothing half-written, re-runs are no-ops).
+        """
+        custom = {"lmat.op": op, **{f"lmat.{k}": v for k, v in (metadata or {}).items()}}
+        props = CommitProperties(
+            custom_metadata={k: str(v) for k, v in custom.items()},
+            app_transactions=[Transaction(app_id=txn[0], version=txn[1])] if txn else None,
+        )
+        existing = self.open_table(name)
+        write_deltalake(
+            existing if existing is not None else self.table_uri(name),
+            data,
+            mode=mode,  # type: ignore[arg-type]
+            partition_by=partition_by if existing is None else None,
+            schema_mode="merge" if existing is not None and mode == "append" else None,
+            predicate=predicate,
+            commit_properties=props,
+            storage_options=storage_options(),
+        )
+        dt = self.open_table(name)
+        assert dt is not None
+        return dt.version()
+
+    def txn_version(self, name: str, app_id: str) -> int | None:
+        dt = self.open_table(name)
+        if dt is None:
+            return None
+        return dt.transaction_version(app_id)
+
+    # ---------------------------------------------------------------- write lock
+    @contextlib.contextmanager
+    def write_lock(self, *, timeout_s: float = 600.0) -> Iterator[None]:
+        """Serialize writers of one store (ingest, snapshot, forget, compaction).
+
+        Local stores use an fcntl lock, which the OS releases when a writer dies (even by SIGKILL).
+        Object stores have no lock here: run one writer at a time against them.
+        """
+        if not self.is_local:
+            yield
+            return
+        path = os.path.join(self.root, "_lock")
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise ConcurrencyError(
+                            f"{self.root}: another writer held the store lock for {timeout_s:.0f}s"
+                        ) from None
+                    time.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)
+
+
+def _read_meta(root: str) -> dict[str, Any] | None:
+    if _is_uri(root):
+        fs, path = pafs.FileSystem.from_uri(root)
+        try:
+            with fs.open_input_stream(f"{path}/{META_FILE}") as f:
+                return json.loads(f.read().decode())
+        except (FileNotFoundError, OSError):
+            return None
+    p = os.path.join(root.removeprefix("file://"), META_FILE)
+    if not os.path.isfile(p):
+        return None
+    with open(p) as f:
+        return json.load(f)
+
+
+def init_store(
+    root: str,
+    *,
+    n_buckets: int = 16,
+    row_group_rows: int = 8192,
+    retention_hours: int = 168,
+) -> Store:
+    """Create an empty store at ``root`` (a directory or object-store URI)."""
+    if n_buckets < 1 or n_buckets > 65536:
+        raise ValueError(f"n_buckets must be in 1..65536, but got {n_buckets}")
+    if row_group_rows < 64:
+        raise ValueError(f"row_group_rows must be at least 64, but got {row_group_rows}")
+    if retention_hours < 0:
+        raise ValueError(f"retention_hours must be >= 0, but got {retention_hours}")
+    if _read_meta(root) is not None:
+        raise StoreExistsError(f"{root}: a store already exists here")
+    meta = {
+        "format": FORMAT_VERSION,
+        "store_id": uuid.uuid4().hex,
+        "n_buckets": n_buckets,
+        "row_group_rows": row_group_rows,
+        "retention_hours": retention_hours,
+        "created_at": now_us(),
+    }
+    payload = json.dumps(meta, indent=2).encode()
+    if _is_uri(root):
+        fs, path = pafs.FileSystem.from_uri(root)
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(f"{path}/{META_FILE}") as f:
+            f.write(payload)
+    else:
+        local = root.removeprefix("file://")
+        if os.path.exists(local) and not os.path.isdir(local):
+            raise StoreExistsError(f"{root}: exists and is not a directory")
+        if os.path.isdir(local) and os.listdir(local):
+            raise StoreExistsError(f"{root}: directory is not empty and holds no lmat store")
+        os.makedirs(local, exist_ok=True)
+        tmp = os.path.join(local, f".{META_FILE}.{uuid.uuid4().hex}")
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(local, META_FILE))
+    log.info("initialized store %s (%s buckets)", root, n_buckets)
+    return open_store(root)
+
+
+def open_store(root: str) -> Store:
+    """Open an existing store; :class:`StoreNotFoundError` if there is none at ``root``."""
+    meta = _read_meta(root)
+    if meta is None:
+        raise StoreNotFoundError(f"{root}: no lmat store here (run 'lmat init {root}' first)")
+    if meta.get("format") != FORMAT_VERSION:
+        raise StoreNotFoundError(
+            f"{root}: store format {meta.get('format')} is not supported (want {FORMAT_VERSION})"
+        )
+    cfg = StoreConfig(
+        store_id=meta["store_id"],
+        n_buckets=int(meta["n_buckets"]),
+        row_group_rows=int(meta["row_group_rows"]),
+        retention_hours=int(meta["retention_hours"]),
+    )
+    return Store(root.removeprefix("file://") if root.startswith("file://") else root, cfg)
+
+
+def as_store(store: Store | str) -> Store:
+    return store if isinstance(store, Store) else open_store(store)
+
+
+def disk_bytes(store: Store) -> dict[str, int]:
+    """Bytes on disk per table (every file under the table, including unvacuumed ones)."""
+    fs, root = store.filesystem()
+    out: dict[str, int] = {}
+    for name in TABLES:
+        sel = pafs.FileSelector(f"{root}/{name}", recursive=True, allow_not_found=True)
+        out[name] = sum(i.size or 0 for i in fs.get_file_info(sel) if i.type == pafs.FileType.File)
+    return out

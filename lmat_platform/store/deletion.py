@@ -1,0 +1,143 @@
+"""Deletion (spec section 7): forgetting users, and vacuum after retention.
+
+``forget_users`` removes every event of the users from the raw log, the quarantine, the UIH tier
+(every snapshot at once: snapshots share the tier's files), the head summaries, and the tails of
+every thin table registered by ``log``; each table changes in one commit tagged
+``lmat.op = forget``. From then on every reader sees the deletion. The bytes stay on disk in
+unreferenced files until :func:`vacuum` removes files older than the retention.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+from deltalake import CommitProperties
+
+from lmat_platform.exceptions import LmatError
+from lmat_platform.hashing import bucket_of
+from lmat_platform.store.core import Store, as_store, now_us, storage_options
+
+log = logging.getLogger(__name__)
+
+DATA_TABLES = ("raw", "quarantine", "uih", "heads")
+
+
+def _in_list(values: Sequence[int]) -> str:
+    return ", ".join(str(int(v)) for v in values)
+
+
+def forget_users(store: Store | str, user_ids: Sequence[int]) -> dict[str, int]:
+    """Forget users everywhere; returns rows removed per table."""
+    store = as_store(store)
+    users = np.unique(np.asarray(list(user_ids), dtype=np.int64))
+    if len(users) == 0:
+        raise LmatError("forget: give at least one --user")
+    buckets = np.unique(bucket_of(users, store.n_buckets))
+    pred_user = f"user_id IN ({_in_list(users)})"
+    pred_bucket = f"bucket IN ({_in_list(buckets)})"
+    props = CommitProperties(
+        custom_metadata={"lmat.op": "forget", "lmat.users": str(len(users))}
+    )
+    removed: dict[str, int] = {}
+    with store.write_lock():
+        for name in DATA_TABLES:
+            dt = store.open_table(name)
+            if dt is None:
+                removed[name] = 0
+                continue
+            pred = f"{pred_bucket} AND {pred_user}" if name in ("uih", "heads") else pred_user
+            metrics = dt.delete(pred, commit_properties=props)
+            removed[name] = int(metrics.get("num_deleted_rows", 0))
+        for uri in registered_thin_tables(store):
+            removed[f"thin:{uri}"] = _purge_tails(uri, users, buckets, props)
+        store.append(
+            "forgotten",
+            pa.table(
+                {
+                    "user_id": pa.array(users),
+                    "forgotten_at": pa.array(np.full(len(users), now_us(), dtype=np.int64)),
+                }
+            ),
+            op="forget",
+        )
+    log.info("forgot %d users: %s", len(users), removed)
+    return removed
+
+
+def _purge_tails(uri: str, users: np.ndarray, buckets: np.ndarray, props: CommitProperties) -> int:
+    """Empty the tails of the users' rows in one thin table (one replace-where commit)."""
+    from deltalake import DeltaTable, write_deltalake
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        dt = DeltaTable(uri, storage_options=storage_options())
+    except TableNotFoundError:
+        return 0
+    f = pads.field("bucket").isin(pa.array(buckets)) & pads.field("user_id").isin(pa.array(users))
+    rows = dt.to_pyarrow_dataset().to_table(filter=f)
+    if rows.num_rows == 0:
+        return 0
+    tail = rows.column("tail")
+    n_events = int(sum(len(x) for x in tail.to_pylist() if x is not None))
+    empty = pa.array(
+        [[] if x is not None else None for x in tail.to_pylist()], type=tail.type
+    )
+    rows = rows.set_column(rows.column_names.index("tail"), "tail", empty)
+    write_deltalake(
+        dt,
+        rows,
+        mode="overwrite",
+        predicate=f"bucket IN ({_in_list(buckets)}) AND user_id IN ({_in_list(users)})",
+        commit_properties=props,
+        storage_options=storage_options(),
+    )
+    return n_events
+
+
+def forgotten_users(store: Store) -> np.ndarray:
+    t = store.read_table("forgotten", columns=["user_id"])
+    if t is None:
+        return np.array([], dtype=np.int64)
+    return np.unique(t.column("user_id").to_numpy())
+
+
+def register_thin_table(store: Store, uri: str) -> None:
+    """Remember a thin table whose tails hold events, so that ``forget`` can purge them."""
+    if uri in registered_thin_tables(store):
+        return
+    store.append(
+        "thin_tables",
+        pa.table({"uri": [uri], "registered_at": pa.array([now_us()], pa.int64())}),
+        op="register_thin",
+    )
+
+
+def registered_thin_tables(store: Store) -> list[str]:
+    t = store.read_table("thin_tables", columns=["uri"])
+    return sorted(set(t.column("uri").to_pylist())) if t is not None else []
+
+
+def vacuum(store: Store | str, *, retention_hours: int | None = None) -> dict[str, int]:
+    """Delete files no longer referenced and older than the retention, in every table."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    store = as_store(store)
+    hours = store.config.retention_hours if retention_hours is None else retention_hours
+    out: dict[str, int] = {}
+    uris = [store.table_uri(n) for n in DATA_TABLES] + registered_thin_tables(store)
+    with store.write_lock():
+        for uri in uris:
+            try:
+                dt = DeltaTable(uri, storage_options=storage_options())
+            except TableNotFoundError:
+                continue
+            files = dt.vacuum(
+                retention_hours=hours, dry_run=False, enforce_retention_duration=False
+            )
+            out[uri] = len(files)
+    return out

@@ -1,0 +1,267 @@
+"""Snapshots (spec section 3): the registry, publishing, and the per-user head summaries.
+
+Publishing snapshot k with watermark W_k appends the raw events with
+``W_{k-1} <= arrival_ts < W_k`` to the UIH tier (one sorted file per bucket), then records, for
+every user it touched, the head at k: its length, its checksum and *length markers* (the
+``event_ts`` of the 64th, 128th, ... last event), and finally appends the registry row, which is
+the commit point. Each step is one Delta commit tagged with app transaction ``(step, k)``, so a
+publish killed part way is finished by running it again with the same watermark.
+
+Because ingest quarantines every row with ``arrival_ts`` below the newest watermark, the raw
+events of a published range never change and the tier only ever grows by appends.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from lmat_platform.exceptions import WatermarkError
+from lmat_platform.hashing import as_signed, event_fingerprint
+from lmat_platform.store import uih
+from lmat_platform.store.core import Store, as_store, now_us
+
+log = logging.getLogger(__name__)
+
+#: Head lengths at which a marker is kept: ``markers[i]`` is the ``event_ts`` of the
+#: ``MARKER_LENGTHS[i]``-th last event of the head (``NO_MARKER`` if the head is shorter).
+MARKER_LENGTHS = tuple(2**i for i in range(6, 18))
+NO_MARKER = np.iinfo(np.int64).min
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    snapshot_id: int
+    watermark: int
+    published_at: int
+    uih_version: int
+    events: int
+    created_at: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def list_snapshots(store: Store | str) -> list[SnapshotInfo]:
+    """Every published snapshot, oldest first."""
+    store = as_store(store)
+    t = store.read_table("snapshots")
+    if t is None or t.num_rows == 0:
+        return []
+    rows = sorted(t.to_pylist(), key=lambda r: r["snapshot_id"])
+    return [SnapshotInfo(**{k: r[k] for k in SnapshotInfo.__dataclass_fields__}) for r in rows]
+
+
+def latest_snapshot(store: Store | str) -> SnapshotInfo | None:
+    snaps = list_snapshots(store)
+    return snaps[-1] if snaps else None
+
+
+def snapshot_arrays(snaps: list[SnapshotInfo]) -> tuple[np.ndarray, np.ndarray]:
+    """(published_at, watermark) arrays indexed by snapshot id."""
+    p = np.array([s.published_at for s in snaps], dtype=np.int64)
+    w = np.array([s.watermark for s in snaps], dtype=np.int64)
+    return p, w
+
+
+def resolve_snapshot(published_at: np.ndarray, request_ts: np.ndarray) -> np.ndarray:
+    """Newest snapshot with ``P_S <= T`` for each request (-1 if none); P is non-decreasing."""
+    return (np.searchsorted(published_at, request_ts, side="right") - 1).astype(np.int32)
+
+
+def publish_snapshot(
+    store: Store | str, watermark: int, *, published_at: int | None = None
+) -> SnapshotInfo:
+    """Publish the next snapshot (spec section 3). ``published_at`` defaults to the watermark."""
+    store = as_store(store)
+    if published_at is None:
+        published_at = watermark
+    with store.write_lock():
+        snaps = list_snapshots(store)
+        prev = snaps[-1] if snaps else None
+        if published_at < watermark:
+            raise WatermarkError(
+                f"--published-at {published_at} is before --watermark {watermark} (need P >= W)"
+            )
+        if prev is not None and watermark <= prev.watermark:
+            raise WatermarkError(
+                f"--watermark {watermark} does not increase: snapshot {prev.snapshot_id} "
+                f"has watermark {prev.watermark}"
+            )
+        if prev is not None and published_at < prev.published_at:
+            raise WatermarkError(
+                f"--published-at {published_at} is before snapshot {prev.snapshot_id}'s "
+                f"publish time {prev.published_at}"
+            )
+        k = prev.snapshot_id + 1 if prev else 0
+        lo = prev.watermark if prev else None
+        tier = store.open_table("uih")
+        done = tier.transaction_version("lmat-publish") if tier is not None else None
+        if done is not None and done >= k:
+            # A previous run of this publish committed the tier step and died: finish it, but
+            # only for the same watermark (the rows it appended were cut at that watermark).
+            hist = [h for h in tier.history() if h.get("lmat.snapshot_id") == str(k)]  # type: ignore[union-attr]
+            wm = int(hist[0]["lmat.watermark"]) if hist else None
+            if wm != watermark:
+                raise WatermarkError(
+                    f"snapshot {k} was interrupted at --watermark {wm}; run "
+                    f"'lmat snapshot' with --watermark {wm} to finish it"
+                )
+            n_events = int(hist[0].get("lmat.events", 0))
+            version = tier.version()  # type: ignore[union-attr]
+            changed = None
+        else:
+            delta = _raw_range(store, lo, watermark)
+            n_events = delta.num_rows
+            if n_events:
+                delta = delta.drop_columns([c for c in ("source", "batch_id") if c in delta.column_names])
+                delta = delta.append_column(
+                    "snapshot_id", pa.array(np.full(n_events, k, dtype=np.int32))
+                )
+                adds = uih.write_files(store, delta, prefix=f"g-{k:06d}", data_change=True)
+                version = uih.commit(
+                    store,
+                    adds,
+                    uih.tier_schema(delta.schema),
+                    op="publish",
+                    metadata={"snapshot_id": k, "watermark": watermark, "events": n_events},
+                    txn=("lmat-publish", k),
+                )
+            else:
+                version = tier.version() if tier is not None else -1
+            changed = delta.select(["bucket", "user_id"]) if n_events else None
+        heads = store.open_table("heads")
+        if heads is None or (heads.transaction_version("lmat-heads") or -1) < k:
+            _write_heads(store, k, changed)
+        info = SnapshotInfo(k, watermark, published_at, version, n_events, now_us())
+        store.append(
+            "snapshots",
+            pa.Table.from_pylist(
+                [info.as_dict()],
+                schema=pa.schema(
+                    [
+                        ("snapshot_id", pa.int32()),
+                        ("watermark", pa.int64()),
+                        ("published_at", pa.int64()),
+                        ("uih_version", pa.int64()),
+                        ("events", pa.int64()),
+                        ("created_at", pa.int64()),
+                    ]
+                ),
+            ),
+            op="register_snapshot",
+            txn=("lmat-snapshot", k),
+        )
+    log.info("published snapshot %d (watermark %d, %d events)", k, watermark, n_events)
+    return info
+
+
+def _raw_range(store: Store, lo: int | None, hi: int) -> pa.Table:
+    raw = store.open_table("raw")
+    if raw is None:
+        return pa.table({"bucket": pa.array([], pa.int32()), "user_id": pa.array([], pa.int64())})
+    f = pads.field("arrival_ts") < hi
+    if lo is not None:
+        f &= pads.field("arrival_ts") >= lo
+    return raw.to_pyarrow_dataset().to_table(filter=f)
+
+
+def _write_heads(store: Store, k: int, changed: pa.Table | None) -> None:
+    """Record the head at snapshot k of every user snapshot k touched."""
+    parts = []
+    if changed is None:
+        # Resumed publish: recover the touched users from the tier rows of snapshot k.
+        dt = store.open_table("uih")
+        if dt is not None:
+            changed = dt.to_pyarrow_dataset().to_table(
+                columns=["bucket", "user_id"], filter=pads.field("snapshot_id") == k
+            )
+    if changed is not None and changed.num_rows:
+        buckets = changed.column("bucket").to_numpy()
+        users = changed.column("user_id").to_numpy()
+        for b in np.unique(buckets).tolist():
+            parts.append(head_summaries(store, b, np.unique(users[buckets == b]), k))
+    table = (
+        pa.concat_tables(parts)
+        if parts
+        else pa.table(
+            {
+                "bucket": pa.array([], pa.int32()),
+                "user_id": pa.array([], pa.int64()),
+                "snapshot_id": pa.array([], pa.int32()),
+                "head_len": pa.array([], pa.int64()),
+                "head_checksum": pa.array([], pa.int64()),
+                "markers": pa.array([], pa.list_(pa.int64())),
+            }
+        )
+    )
+    store.append("heads", table, op="heads", partition_by=["bucket"], txn=("lmat-heads", k))
+
+
+def head_summaries(store: Store, bucket: int, users: np.ndarray, k: int) -> pa.Table:
+    """Head length, checksum and markers at snapshot k for ``users`` of one bucket.
+
+    Reads only ``user_id``, ``event_ts``, ``event_id`` of the row groups that hold those users.
+    """
+    users = np.sort(users)
+    cols = read_user_keys(store, bucket, users, max_snapshot=k)
+    u, ts, eid = cols["user_id"], cols["event_ts"], cols["event_id"]
+    fp = event_fingerprint(eid, ts)
+    starts = np.searchsorted(u, users, side="left")
+    ends = np.searchsorted(u, users, side="right")
+    lens = (ends - starts).astype(np.int64)
+    csum = np.zeros(len(users), dtype=np.uint64)
+    nz = lens > 0
+    if nz.any():
+        with np.errstate(over="ignore"):
+            cs = np.concatenate([[np.uint64(0)], np.cumsum(fp, dtype=np.uint64)])
+            csum[nz] = cs[ends[nz]] - cs[starts[nz]]
+    markers = np.full((len(users), len(MARKER_LENGTHS)), NO_MARKER, dtype=np.int64)
+    for j, m in enumerate(MARKER_LENGTHS):
+        has = lens >= m
+        markers[has, j] = ts[ends[has] - m]
+    return pa.table(
+        {
+            "bucket": pa.array(np.full(len(users), bucket, dtype=np.int32)),
+            "user_id": pa.array(users),
+            "snapshot_id": pa.array(np.full(len(users), k, dtype=np.int32)),
+            "head_len": pa.array(lens),
+            "head_checksum": pa.array(as_signed(csum)),
+            "markers": pa.FixedSizeListArray.from_arrays(
+                pa.array(markers.ravel()), len(MARKER_LENGTHS)
+            ).cast(pa.list_(pa.int64())),
+        }
+    )
+
+
+def read_user_keys(
+    store: Store, bucket: int, users: np.ndarray, *, max_snapshot: int
+) -> dict[str, np.ndarray]:
+    """(user_id, event_ts, event_id) of ``users`` (sorted) in one bucket, sorted, snapshot <= k."""
+    dt = store.open_table("uih")
+    keys = ["user_id", "event_ts", "event_id", "snapshot_id"]
+    if dt is None:
+        return {c: np.array([], dtype=np.int64) for c in keys}
+    fs, root = store.filesystem()
+    chunks = []
+    for f in uih.list_files(dt):
+        if f.bucket != bucket:
+            continue
+        md = uih.file_metadata(store, f.path)
+        rgs = uih.row_groups_for_users(md, users)
+        if not rgs:
+            continue
+        with fs.open_input_file(f"{root}/uih/{f.path}") as fh:
+            chunks.append(pq.ParquetFile(fh).read_row_groups(rgs, columns=keys))
+    if not chunks:
+        return {c: np.array([], dtype=np.int64) for c in keys}
+    t = pa.concat_tables(chunks)
+    u = t.column("user_id").to_numpy()
+    keep = np.isin(u, users) & (t.column("snapshot_id").to_numpy() <= max_snapshot)
+    t = uih.sort_events(t.filter(pa.array(keep)))
+    return {c: t.column(c).to_numpy() for c in keys}

@@ -1,0 +1,406 @@
+"""The immutable UIH tier: physical layout, writing generations, compaction, pruned reads.
+
+Layout: a Delta table partitioned by ``bucket`` (a hash of ``user_id``). Every file is sorted by
+``(user_id, event_ts, event_id)`` and written in row groups of ``row_group_rows`` rows, so a heavy
+user's history spans whole row groups whose statistics (user range, time range, snapshot range)
+let a reader skip what a tenant does not need. Each published snapshot appends one file per
+bucket it touches (a *generation*); compaction merges a bucket's files into one sorted file in a
+commit whose actions all carry ``dataChange = false`` (a layout-only rewrite).
+
+Each row carries ``snapshot_id``, the snapshot that published it, so one read of a bucket at the
+latest version serves every snapshot: the head of snapshot S is the rows with
+``snapshot_id <= S``.
+
+::
+
+    uih/bucket=3/g-000007-<uuid>.parquet      rows of snapshot 7 for bucket 3, sorted
+    uih/bucket=3/c-000009-<uuid>.parquet      compaction of snapshots 0..9 for bucket 3
+
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable, Transaction
+from deltalake.transaction import AddAction, RemoveAction
+
+from lmat_platform.store.core import Store, now_us
+
+log = logging.getLogger(__name__)
+
+SORT_KEYS = ["user_id", "event_ts", "event_id"]
+STAT_COLUMNS = ("user_id", "event_ts", "event_id", "arrival_ts", "item_id", "action", "snapshot_id")
+COMPRESSION = "lz4"
+
+
+@dataclass(frozen=True)
+class TierFile:
+    """One live data file of the tier, with the statistics a reader prunes by."""
+
+    path: str  # relative to the table root
+    bucket: int
+    size: int
+    rows: int
+    min_ts: int | None
+    max_ts: int | None
+    max_snapshot: int | None
+    min_snapshot: int | None
+
+
+def sort_events(table: pa.Table) -> pa.Table:
+    return table.sort_by([(k, "ascending") for k in SORT_KEYS])
+
+
+def _stats_json(t: pa.Table) -> str:
+    mins, maxs, nulls = {}, {}, {}
+    for c in t.column_names:
+        col = t.column(c)
+        nulls[c] = col.null_count
+        if c in STAT_COLUMNS and len(col) > col.null_count:
+            mm = pc.min_max(col)
+            mins[c] = mm["min"].as_py()
+            maxs[c] = mm["max"].as_py()
+    return json.dumps(
+        {"numRecords": t.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls}
+    )
+
+
+def write_files(
+    store: Store, table: pa.Table, *, prefix: str, data_change: bool
+) -> list[AddAction]:
+    """Write ``table`` (with a ``bucket`` column) as one sorted file per bucket; return the adds.
+
+    The files are not visible to anyone until the adds are committed.
+    """
+    fs, root = store.filesystem()
+    adds = []
+    buckets = table.column("bucket").to_numpy()
+    order = np.argsort(buckets, kind="stable")
+    bsorted = buckets[order]
+    uniq, starts = np.unique(bsorted, return_index=True)
+    ends = np.append(starts[1:], len(bsorted))
+    for b, s, e in zip(uniq.tolist(), starts.tolist(), ends.tolist(), strict=True):
+        part = sort_events(table.take(pa.array(order[s:e])).drop_columns(["bucket"]))
+        rel = f"bucket={b}/{prefix}-{uuid.uuid4().hex}.parquet"
+        full = f"{root}/uih/{rel}"
+        fs.create_dir(f"{root}/uih/bucket={b}", recursive=True)
+        with fs.open_output_stream(full) as out:
+            pq.write_table(
+                part,
+                out,
+                row_group_size=store.config.row_group_rows,
+                compression=COMPRESSION,
+                write_statistics=True,
+            )
+        size = fs.get_file_info(full).size or 0
+        adds.append(
+            AddAction(rel, size, {"bucket": str(b)}, now_us() // 1000, data_change, _stats_json(part))
+        )
+    return adds
+
+
+def commit(
+    store: Store,
+    actions: Sequence[AddAction | RemoveAction],
+    schema: pa.Schema,
+    *,
+    op: str,
+    metadata: dict[str, object],
+    txn: tuple[str, int] | None = None,
+) -> int:
+    """Commit add/remove actions to the tier in one Delta commit; returns the new version."""
+    custom = {"lmat.op": op, **{f"lmat.{k}": str(v) for k, v in metadata.items()}}
+    props = CommitProperties(
+        custom_metadata=custom,
+        app_transactions=[Transaction(app_id=txn[0], version=txn[1])] if txn else None,
+    )
+    dt = store.open_table("uih")
+    if dt is None:
+        from deltalake.transaction import create_table_with_add_actions
+
+        from deltalake import Schema as DSchema
+
+        create_table_with_add_actions(
+            store.table_uri("uih"),
+            DSchema.from_arrow(schema),  # type: ignore[arg-type]
+            list(actions),  # type: ignore[arg-type]
+            mode="error",
+            partition_by=["bucket"],
+            commit_properties=props,
+        )
+    else:
+        have = pa.schema(dt.schema().to_arrow())  # type: ignore[arg-type]
+        new = [f for f in schema if f.name not in have.names]
+        if new:
+            from deltalake.schema import Field as DField
+
+            dt.alter.add_columns([DField.from_arrow(f) for f in new])
+            dt = store.open_table("uih")
+            assert dt is not None
+        dt.create_write_transaction(
+            list(actions),  # type: ignore[arg-type]
+            "append",
+            pa.schema(dt.schema().to_arrow()),  # type: ignore[arg-type]
+            partition_by=["bucket"],
+            commit_properties=props,
+        )
+    dt = store.open_table("uih")
+    assert dt is not None
+    return dt.version()
+
+
+def tier_schema(events: pa.Schema) -> pa.Schema:
+    """Tier columns: the event columns and traits, ``snapshot_id``, and the partition column."""
+    fields = [f for f in events if f.name not in ("bucket", "source", "batch_id", "snapshot_id")]
+    return pa.schema([*fields, pa.field("snapshot_id", pa.int32()), pa.field("bucket", pa.int32())])
+
+
+def list_files(dt: DeltaTable) -> list[TierFile]:
+    """Live files of the tier at ``dt``'s version, with their statistics."""
+    t = pa.table(dt.get_add_actions(flatten=True))
+    cols = set(t.column_names)
+
+    def col(name: str) -> list:
+        return t.column(name).to_pylist() if name in cols else [None] * t.num_rows
+
+    return [
+        TierFile(p, int(b), int(s), int(n), lo, hi, ms, mns)
+        for p, b, s, n, lo, hi, ms, mns in zip(
+            col("path"),
+            col("partition.bucket"),
+            col("size_bytes"),
+            col("num_records"),
+            col("min.event_ts"),
+            col("max.event_ts"),
+            col("max.snapshot_id"),
+            col("min.snapshot_id"),
+            strict=True,
+        )
+    ]
+
+
+@functools.lru_cache(maxsize=4096)
+def _parquet_metadata(uri: str, root_key: str) -> pq.FileMetaData:
+    del root_key  # part of the cache key only
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).metadata
+
+
+def file_metadata(store: Store, rel: str) -> pq.FileMetaData:
+    """Parquet footer of a tier file (cached: tier files are immutable)."""
+    _, root = store.filesystem()
+    uri = f"{root}/uih/{rel}" if store.is_local else f"{store.root}/uih/{rel}"
+    return _parquet_metadata(uri, store.store_id)
+
+
+def compact_buckets(
+    store: Store, *, buckets: Sequence[int] | None = None, min_files: int = 2
+) -> dict[str, int]:
+    """Merge each bucket's files into one sorted file (a layout-only rewrite).
+
+    Every add and remove is committed with ``dataChange = false`` and the row counts in and out
+    must match, which :func:`lmat_platform.validate.check_uih_commits` verifies from the log.
+    """
+    dt = store.open_table("uih")
+    if dt is None:
+        return {"buckets": 0, "files_in": 0, "files_out": 0}
+    files = list_files(dt)
+    by_bucket: dict[int, list[TierFile]] = {}
+    for f in files:
+        by_bucket.setdefault(f.bucket, []).append(f)
+    want = set(buckets) if buckets is not None else set(by_bucket)
+    fs, root = store.filesystem()
+    actions: list[AddAction | RemoveAction] = []
+    files_in = 0
+    max_snap = -1
+    for b, fl in sorted(by_bucket.items()):
+        if b not in want or len(fl) < min_files:
+            continue
+        parts = []
+        for f in fl:
+            with fs.open_input_file(f"{root}/uih/{f.path}") as fh:
+                parts.append(pq.read_table(fh))
+        merged = pa.concat_tables(parts, promote_options="default")
+        rows_in = sum(f.rows for f in fl)
+        if merged.num_rows != rows_in:
+            raise RuntimeError(f"bucket {b}: read {merged.num_rows} rows, log says {rows_in}")
+        max_snap = max(max_snap, max((f.max_snapshot or 0) for f in fl))
+        merged = merged.append_column(
+            "bucket", pa.array(np.full(merged.num_rows, b, dtype=np.int32))
+        )
+        actions += write_files(store, merged, prefix=f"c-{max_snap:06d}", data_change=False)
+        ts = now_us() // 1000
+        actions += [RemoveAction(f.path, False, ts, f.size, {"bucket": str(b)}) for f in fl]
+        files_in += len(fl)
+    if not actions:
+        return {"buckets": 0, "files_in": 0, "files_out": 0}
+    n_out = sum(1 for a in actions if isinstance(a, AddAction))
+    version = commit(
+        store,
+        actions,
+        pa.schema(dt.schema().to_arrow()),  # type: ignore[arg-type]
+        op="compact",
+        metadata={"files_in": files_in, "files_out": n_out},
+    )
+    log.info("compacted %d files into %d (tier version %d)", files_in, n_out, version)
+    return {"buckets": n_out, "files_in": files_in, "files_out": n_out, "version": version}
+
+
+@dataclass(frozen=True)
+class RowGroupStats:
+    """Per row group: rows and min/max of user_id, event_ts and snapshot_id."""
+
+    rows: np.ndarray
+    umin: np.ndarray
+    umax: np.ndarray
+    tmax: np.ndarray
+    smin: np.ndarray
+
+
+@functools.lru_cache(maxsize=4096)
+def _rg_stats_cached(md_id: int, md: pq.FileMetaData) -> RowGroupStats:
+    del md_id
+    names = md.schema.to_arrow_schema().names
+    iu, it, isn = names.index("user_id"), names.index("event_ts"), names.index("snapshot_id")
+    n = md.num_row_groups
+    out = {k: np.zeros(n, dtype=np.int64) for k in ("rows", "umin", "umax", "tmax", "smin")}
+    for i in range(n):
+        rg = md.row_group(i)
+        out["rows"][i] = rg.num_rows
+        su, st, ss = rg.column(iu).statistics, rg.column(it).statistics, rg.column(isn).statistics
+        out["umin"][i] = su.min if su is not None and su.has_min_max else np.iinfo(np.int64).min
+        out["umax"][i] = su.max if su is not None and su.has_min_max else np.iinfo(np.int64).max
+        out["tmax"][i] = st.max if st is not None and st.has_min_max else np.iinfo(np.int64).max
+        out["smin"][i] = ss.min if ss is not None and ss.has_min_max else 0
+    return RowGroupStats(**out)
+
+
+def row_group_stats(md: pq.FileMetaData) -> RowGroupStats:
+    return _rg_stats_cached(id(md), md)
+
+
+def row_groups_for_users(md: pq.FileMetaData, users: np.ndarray) -> list[int]:
+    """Row groups whose user range holds at least one of ``users`` (sorted)."""
+    st = row_group_stats(md)
+    i0 = np.searchsorted(users, st.umin, side="left")
+    i1 = np.searchsorted(users, st.umax, side="right")
+    return np.flatnonzero(i1 > i0).tolist()
+
+
+@dataclass
+class BucketRead:
+    """Rows of one bucket a tenant needs, sorted by (user_id, event_ts, event_id)."""
+
+    table: pa.Table
+    bytes_read: int
+    row_groups_read: int
+    row_groups_skipped: int
+
+
+def read_bucket(
+    store: Store,
+    files: Sequence[TierFile],
+    *,
+    users: np.ndarray,
+    cutoffs: np.ndarray,
+    columns: Sequence[str],
+    actions: np.ndarray | None,
+    max_snapshot: int,
+    min_ts: int | None = None,
+) -> BucketRead:
+    """Read what a tenant needs of one bucket, pushing every restriction into the read.
+
+    ``users`` are sorted and ``cutoffs[i]`` is the earliest ``event_ts`` user ``users[i]`` can
+    need (the tenant's length marker; ``int64 min`` for all). Row groups are skipped by user
+    range, by time (a row group whose newest event is older than every cutoff of the users it
+    holds), by snapshot, and by ``min_ts`` (the tenant's window); only ``columns`` are decoded.
+    Rows are then filtered exactly (user, cutoff, action, snapshot) with numpy.
+    """
+    keys = ["user_id", "event_ts", "event_id", "snapshot_id"]
+    cols = list(dict.fromkeys([*keys, *columns, *(["action"] if actions is not None else [])]))
+    fs, root = store.filesystem()
+    chunks: list[pa.Table] = []
+    nbytes = 0
+    n_read = 0
+    n_skip = 0
+    if len(users) == 0:
+        files = []
+    # Smallest cutoff over each run of users, for O(1) range minima per row group.
+    for f in files:
+        if f.min_snapshot is not None and f.min_snapshot > max_snapshot:
+            continue
+        md = file_metadata(store, f.path)
+        st = row_group_stats(md)
+        i0 = np.searchsorted(users, st.umin, side="left")
+        i1 = np.searchsorted(users, st.umax, side="right")
+        want = []
+        for g in range(len(st.rows)):
+            a, b = int(i0[g]), int(i1[g])
+            if a >= b or st.smin[g] > max_snapshot:
+                n_skip += 1
+                continue
+            if st.tmax[g] < cutoffs[a:b].min() or (min_ts is not None and st.tmax[g] < min_ts):
+                n_skip += 1
+                continue
+            want.append(g)
+        if not want:
+            continue
+        schema_names = md.schema.to_arrow_schema().names
+        present = [c for c in cols if c in schema_names]
+        idx = [schema_names.index(c) for c in present]
+        for g in want:
+            rg = md.row_group(g)
+            nbytes += sum(rg.column(j).total_compressed_size for j in idx)
+        n_read += len(want)
+        with fs.open_input_file(f"{root}/uih/{f.path}") as fh:
+            t = pq.ParquetFile(fh).read_row_groups(want, columns=present)
+        for c in cols:
+            if c not in present:
+                t = t.append_column(c, pa.nulls(t.num_rows))
+        chunks.append(t.select(cols))
+    if not chunks:
+        empty = {c: pa.array([], pa.int64()) for c in cols}
+        empty["snapshot_id"] = pa.array([], pa.int32())
+        return BucketRead(pa.table(empty), nbytes, n_read, n_skip)
+    t = pa.concat_tables(chunks, promote_options="permissive") if len(chunks) > 1 else chunks[0]
+    u = t.column("user_id").to_numpy()
+    ts = t.column("event_ts").to_numpy()
+    pos = np.searchsorted(users, u)
+    pos_c = np.minimum(pos, len(users) - 1)
+    keep = (users[pos_c] == u) & (ts >= cutoffs[pos_c])
+    keep &= t.column("snapshot_id").to_numpy() <= max_snapshot
+    if min_ts is not None:
+        keep &= ts >= min_ts
+    if actions is not None:
+        keep &= np.isin(t.column("action").to_numpy(zero_copy_only=False), actions)
+    if not keep.all():
+        t = t.filter(pa.array(keep))
+    if len(chunks) > 1 and not _is_sorted(t):
+        t = sort_events(t)
+    return BucketRead(t, nbytes, n_read, n_skip)
+
+
+def _is_sorted(t: pa.Table) -> bool:
+    u = t.column("user_id").to_numpy()
+    ts = t.column("event_ts").to_numpy()
+    eid = t.column("event_id").to_numpy()
+    if len(u) < 2:
+        return True
+    du = np.diff(u)
+    dt = np.diff(ts)
+    de = np.diff(eid)
+    ok = (du > 0) | ((du == 0) & ((dt > 0) | ((dt == 0) & (de > 0))))
+    return bool(ok.all())
