@@ -320,6 +320,7 @@ def read_bucket(
     actions: np.ndarray | None,
     max_snapshot: int,
     min_ts: int | None = None,
+    schema: pa.Schema | None = None,
 ) -> BucketRead:
     """Read what a tenant needs of one bucket, pushing every restriction into the read.
 
@@ -369,11 +370,16 @@ def read_bucket(
             t = pq.ParquetFile(fh).read_row_groups(want, columns=present)
         for c in cols:
             if c not in present:
-                t = t.append_column(c, pa.nulls(t.num_rows))
+                typ = schema.field(c).type if schema is not None and c in schema.names else None
+                t = t.append_column(c, pa.nulls(t.num_rows, typ))
         chunks.append(t.select(cols))
     if not chunks:
-        empty = {c: pa.array([], pa.int64()) for c in cols}
-        empty["snapshot_id"] = pa.array([], pa.int32())
+        def typ(c: str) -> pa.DataType:
+            if schema is not None and c in schema.names:
+                return schema.field(c).type
+            return pa.int32() if c == "snapshot_id" else pa.int64()
+
+        empty = {c: pa.array([], typ(c)) for c in cols}
         return BucketRead(pa.table(empty), nbytes, n_read, n_skip)
     t = pa.concat_tables(chunks, promote_options="permissive") if len(chunks) > 1 else chunks[0]
     u = t.column("user_id").to_numpy()

@@ -1,0 +1,134 @@
+"""Versioned pointers (spec section 5) and the vectorized lookups behind them.
+
+A pointer is ``(snapshot_id, head_len, head_checksum)``: 4 + 4 + 8 = 16 bytes::
+
+    offset  0        4        8                16
+            +--------+--------+----------------+
+            | snap   | len    | checksum       |   little-endian int32, int32, uint64
+            +--------+--------+----------------+
+
+``snapshot_id = -1`` means no snapshot was published by the request time (empty head).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from lmat_platform.store.core import Store
+from lmat_platform.store.snapshots import MARKER_LENGTHS, NO_MARKER
+
+_POINTER = struct.Struct("<iiQ")
+POINTER_BYTES = _POINTER.size
+
+
+@dataclass(frozen=True)
+class Pointer:
+    snapshot_id: int
+    head_len: int
+    head_checksum: int  # uint64
+
+    def pack(self) -> bytes:
+        return _POINTER.pack(self.snapshot_id, self.head_len, self.head_checksum)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Pointer:
+        return cls(*_POINTER.unpack(data))
+
+
+def expand_ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For ranges [starts[i], ends[i]): (owner i, position) of every element, vectorized."""
+    counts = np.maximum(ends - starts, 0)
+    total = int(counts.sum())
+    owner = np.repeat(np.arange(len(starts)), counts)
+    if total == 0:
+        return owner, np.zeros(0, dtype=np.int64)
+    offs = np.cumsum(counts) - counts
+    pos = np.arange(total, dtype=np.int64) - np.repeat(offs, counts) + np.repeat(starts, counts)
+    return owner, pos
+
+
+@dataclass
+class HeadIndex:
+    """Head summaries of a set of users: the entry of (user, snapshot S) is the newest <= S."""
+
+    user_id: np.ndarray
+    snapshot_id: np.ndarray
+    head_len: np.ndarray
+    head_checksum: np.ndarray
+    markers: np.ndarray  # [n, len(MARKER_LENGTHS)]
+
+    @classmethod
+    def load(cls, store: Store, users: np.ndarray, buckets: np.ndarray | None = None) -> HeadIndex:
+        users = np.unique(users)
+        f = pads.field("user_id").isin(pa.array(users))
+        if buckets is not None:
+            f = pads.field("bucket").isin(pa.array(np.unique(buckets))) & f
+        t = store.read_table(
+            "heads",
+            columns=["user_id", "snapshot_id", "head_len", "head_checksum", "markers"],
+            filters=f,
+        )
+        if t is None or t.num_rows == 0:
+            return cls.empty()
+        t = t.sort_by([("user_id", "ascending"), ("snapshot_id", "ascending")])
+        mk = t.column("markers").combine_chunks().flatten().to_numpy()
+        return cls(
+            t.column("user_id").to_numpy(),
+            t.column("snapshot_id").to_numpy().astype(np.int32),
+            t.column("head_len").to_numpy(),
+            t.column("head_checksum").to_numpy(),
+            mk.reshape(t.num_rows, len(MARKER_LENGTHS)),
+        )
+
+    @classmethod
+    def empty(cls) -> HeadIndex:
+        return cls(
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int32),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+            np.zeros((0, len(MARKER_LENGTHS)), np.int64),
+        )
+
+    def lookup(self, users: np.ndarray, snaps: np.ndarray) -> np.ndarray:
+        """Row index of the newest entry with the same user and ``snapshot_id <= snap`` (-1: none)."""
+        if len(self.user_id) == 0:
+            return np.full(len(users), -1, dtype=np.int64)
+        # Entries are sorted by (user, snapshot): search users first, then snapshots in the slice.
+        lo = np.searchsorted(self.user_id, users, side="left")
+        hi = np.searchsorted(self.user_id, users, side="right")
+        # Snapshot ids are small: combine (rank of user slice start, snapshot) into one key.
+        span = int(max(self.snapshot_id.max(initial=0), snaps.max(initial=0))) + 2
+        key_entries = np.searchsorted(self.user_id, self.user_id, side="left") * span + (
+            self.snapshot_id.astype(np.int64) + 1
+        )
+        key_q = lo * span + (snaps.astype(np.int64) + 1)
+        idx = np.searchsorted(key_entries, key_q, side="right") - 1
+        ok = (hi > lo) & (idx >= lo) & (idx < hi)
+        return np.where(ok, idx, -1)
+
+    def pointers(self, users: np.ndarray, snaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(head_len, head_checksum) at (user, snapshot) for each query; (0, 0) for no head."""
+        idx = self.lookup(users, snaps)
+        has = idx >= 0
+        hl = np.zeros(len(users), dtype=np.int64)
+        cs = np.zeros(len(users), dtype=np.int64)
+        hl[has] = self.head_len[idx[has]]
+        cs[has] = self.head_checksum[idx[has]]
+        return hl, cs
+
+    def cutoffs(self, users: np.ndarray, snaps: np.ndarray, max_len: int) -> np.ndarray:
+        """Earliest ``event_ts`` the last ``max_len`` head events can have (int64 min: all)."""
+        j = int(np.searchsorted(np.array(MARKER_LENGTHS), max_len, side="left"))
+        out = np.full(len(users), NO_MARKER, dtype=np.int64)
+        if j >= len(MARKER_LENGTHS) or len(self.user_id) == 0:
+            return out
+        idx = self.lookup(users, snaps)
+        has = idx >= 0
+        out[has] = self.markers[idx[has], j]
+        return out

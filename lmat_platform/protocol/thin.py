@@ -1,0 +1,217 @@
+"""Thin example tables: the streaming path (``log``) and the batch path (``examples``).
+
+A thin row is the request's own columns plus the versioned pointer, clustered by the user
+bucket of the UIH tier::
+
+    request_id | user_id | request_ts | bucket | snapshot_id | head_len | head_checksum | tail | ...
+    -----------+---------+------------+--------+-------------+----------+---------------+------+----
+    17         | 42      | T          | 3      | 5           | 1203     | 0x9c..        | [e1, e2]    streaming
+    18         | 42      | T'         | 3      | 5           | 1203     | 0x9c..        | null        batch
+
+On the streaming path ``tail`` is the physical copy of the events with ``W_S <= arrival_ts < T``
+that serving saw; on the batch path it is null and the tail is read from the raw log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
+
+from lmat_platform.exceptions import RequestError, ThinTableError
+from lmat_platform.hashing import bucket_of
+from lmat_platform.protocol.pointers import HeadIndex, expand_ranges
+from lmat_platform.schema import EVENT_COLUMNS, normalize_requests, read_parquet_file
+from lmat_platform.store.core import Store, as_store, storage_options
+from lmat_platform.store.deletion import register_thin_table
+from lmat_platform.store.snapshots import list_snapshots, resolve_snapshot, snapshot_arrays
+
+log = logging.getLogger(__name__)
+
+STORE_ID_KEY = "lmat.store_id"
+POINTER_COLUMNS = ("snapshot_id", "head_len", "head_checksum")
+_DROP_FROM_TAIL = ("bucket", "source", "batch_id")
+
+
+def tail_struct_type(store: Store) -> pa.StructType:
+    """The event struct held in tails: every stored event column and trait."""
+    raw = store.open_table("raw")
+    if raw is None:
+        return pa.struct([pa.field(c, t) for c, t in EVENT_COLUMNS.items()])
+    schema = pa.schema(raw.schema().to_arrow())  # type: ignore[arg-type]
+    return pa.struct([f for f in schema if f.name not in _DROP_FROM_TAIL])
+
+
+def read_raw_range(
+    store: Store,
+    users: np.ndarray,
+    lo: int | None,
+    hi: int,
+    *,
+    buckets: np.ndarray | None = None,
+    columns: list[str] | None = None,
+) -> pa.Table:
+    """Raw-log events of ``users`` with ``lo <= arrival_ts < hi``, sorted by (user, arrival)."""
+    raw = store.open_table("raw")
+    if raw is None or len(users) == 0:
+        return pa.table({c: pa.array([], t) for c, t in EVENT_COLUMNS.items()})
+    f = pads.field("arrival_ts") < hi
+    if lo is not None:
+        f &= pads.field("arrival_ts") >= lo
+    if buckets is not None:
+        f &= pads.field("bucket").isin(pa.array(np.unique(buckets)))
+    f &= pads.field("user_id").isin(pa.array(np.unique(users)))
+    t = raw.to_pyarrow_dataset().to_table(filter=f, columns=columns)
+    return t.sort_by([("user_id", "ascending"), ("arrival_ts", "ascending")])
+
+
+def tails_from_raw(
+    raw: pa.Table, users: np.ndarray, lo: np.ndarray, hi: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (request index, raw row) with the raw row of the request's user and
+    ``lo[i] <= arrival_ts < hi[i]``; ``raw`` sorted by (user_id, arrival_ts)."""
+    ru = raw.column("user_id").to_numpy()
+    ra = raw.column("arrival_ts").to_numpy()
+    s = np.searchsorted(ru, users, side="left")
+    e = np.searchsorted(ru, users, side="right")
+    owner, pos = expand_ranges(s, e)
+    keep = (ra[pos] >= lo[owner]) & (ra[pos] < hi[owner])
+    return owner[keep], pos[keep]
+
+
+def build_thin_rows(
+    store: Store | str, requests: pa.Table, *, path: Literal["log", "examples"], where: str
+) -> pa.Table:
+    """Thin rows for ``requests`` (already normalized): pointers, and tails on the log path."""
+    store = as_store(store)
+    snaps = list_snapshots(store)
+    pub, wm = snapshot_arrays(snaps)
+    users = requests.column("user_id").to_numpy()
+    ts = requests.column("request_ts").to_numpy()
+    s = resolve_snapshot(pub, ts)
+    buckets = bucket_of(users, store.n_buckets)
+    heads = HeadIndex.load(store, users, buckets)
+    hl, cs = heads.pointers(users, s)
+    if len(hl) and hl.max() > np.iinfo(np.int32).max:
+        raise RequestError(f"{where}: a head is longer than 2^31 events")
+    w_s = np.where(s >= 0, wm[np.maximum(s, 0)] if len(wm) else 0, np.iinfo(np.int64).min)
+    cols = {
+        **{c: requests.column(c) for c in ("request_id", "user_id", "request_ts")},
+        "bucket": pa.array(buckets),
+        "snapshot_id": pa.array(s.astype(np.int32)),
+        "head_len": pa.array(hl.astype(np.int32)),
+        "head_checksum": pa.array(cs),
+    }
+    stype = tail_struct_type(store)
+    if path == "log":
+        lo = int(w_s.min()) if len(w_s) and (s >= 0).all() else None
+        hi = int(ts.max()) if len(ts) else 0
+        raw = read_raw_range(store, users, lo, hi, buckets=buckets,
+                             columns=[f.name for f in stype])
+        owner, pos = tails_from_raw(raw, users, w_s, ts)
+        ev = raw.take(pa.array(pos))
+        # Order each tail by (event_ts, event_id), grouped by request.
+        order = np.lexsort((ev.column("event_id").to_numpy(), ev.column("event_ts").to_numpy(), owner))
+        ev = ev.take(pa.array(order))
+        owner = owner[order]
+        offsets = np.zeros(len(users) + 1, dtype=np.int32)
+        np.cumsum(np.bincount(owner, minlength=len(users)), out=offsets[1:])
+        struct = pa.StructArray.from_arrays(
+            [ev.column(f.name).combine_chunks().cast(f.type) if f.name in ev.column_names
+             else pa.nulls(ev.num_rows, f.type) for f in stype],
+            fields=list(stype),
+        )
+        cols["tail"] = pa.ListArray.from_arrays(pa.array(offsets), struct)
+    else:
+        cols["tail"] = pa.nulls(len(users), pa.list_(stype))
+    for c in requests.column_names:
+        if c not in cols:
+            cols[c] = requests.column(c)
+    out = pa.table(cols)
+    return out.sort_by([("bucket", "ascending"), ("user_id", "ascending"),
+                        ("request_ts", "ascending"), ("request_id", "ascending")])
+
+
+def thin_store_id(dt: DeltaTable) -> str | None:
+    """The store id a thin table was written for (kept in the table's description)."""
+    import json
+
+    try:
+        desc = json.loads(dt.metadata().description or "{}")
+    except ValueError:
+        return None
+    return desc.get(STORE_ID_KEY) if isinstance(desc, dict) else None
+
+
+def open_thin(store: Store, uri: str) -> DeltaTable:
+    """Open a thin table and check it belongs to ``store``."""
+    try:
+        dt = DeltaTable(uri, storage_options=storage_options())
+    except TableNotFoundError:
+        raise ThinTableError(f"{uri}: no thin table here") from None
+    sid = thin_store_id(dt)
+    if sid is None:
+        raise ThinTableError(f"{uri}: not an lmat thin table (no {STORE_ID_KEY})")
+    if sid != store.store_id:
+        raise ThinTableError(
+            f"{uri}: thin table belongs to store {sid}, not to {store.root} ({store.store_id})"
+        )
+    return dt
+
+
+def write_thin(
+    store: Store | str,
+    requests_path: str,
+    out: str,
+    *,
+    path: Literal["log", "examples"],
+) -> dict[str, object]:
+    """``lmat log`` / ``lmat examples``: read a request file, write (append) thin rows to ``out``."""
+    store = as_store(store)
+    req = normalize_requests(read_parquet_file(requests_path, what="request file"), where=requests_path)
+    existing = None
+    if DeltaTable.is_deltatable(out, storage_options=storage_options()):
+        existing = open_thin(store, out)
+        have = existing.to_pyarrow_dataset().to_table(columns=["request_id"]).column("request_id")
+        clash = np.intersect1d(have.to_numpy(), req.column("request_id").to_numpy())
+        if len(clash):
+            raise RequestError(
+                f"{requests_path}: request_id {int(clash[0])} is already in {out} "
+                f"({len(clash)} request(s) overlap)"
+            )
+    elif os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ThinTableError(f"{out}: exists and is not a thin table")
+    rows = build_thin_rows(store, req, path=path, where=requests_path)
+    from deltalake import CommitProperties, write_deltalake
+
+    write_deltalake(
+        existing if existing is not None else out,
+        rows,
+        mode="append",
+        partition_by=None if existing is not None else ["bucket"],
+        description=None if existing is not None else json.dumps(
+            {STORE_ID_KEY: store.store_id, "kind": "lmat thin examples"}
+        ),
+        schema_mode="merge" if existing is not None else None,
+        commit_properties=CommitProperties(custom_metadata={"lmat.op": path}),
+        storage_options=storage_options(),
+    )
+    if path == "log":
+        register_thin_table(store, out if "://" in out else os.path.abspath(out))
+    tails = rows.column("tail")
+    n_tail = int(pc.sum(pc.list_value_length(tails)).as_py() or 0) if path == "log" else 0
+    return {
+        "path": path,
+        "requests": rows.num_rows,
+        "tail_events": n_tail,
+        "out": out,
+        "version": DeltaTable(out, storage_options=storage_options()).version(),
+    }
