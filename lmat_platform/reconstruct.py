@@ -30,11 +30,11 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from lmat_platform.exceptions import O2OConsistencyError, ThinTableError
-from lmat_platform.protocol.pointers import HeadIndex, expand_ranges
-from lmat_platform.schema import EVENT_COLUMNS
+from lmat_platform.protocol.pointers import HeadIndex, expand_ranges, searchsorted2
 from lmat_platform.protocol.thin import open_thin, read_raw_range, tails_from_raw
+from lmat_platform.schema import EVENT_COLUMNS
 from lmat_platform.store import uih
-from lmat_platform.store.core import Store, as_store
+from lmat_platform.store.core import Store, as_store, delta_dataset
 from lmat_platform.store.deletion import forgotten_users
 from lmat_platform.store.snapshots import NO_MARKER, list_snapshots, resolve_snapshot
 from lmat_platform.tenants import Tenant
@@ -141,24 +141,6 @@ class ReadContext:
         )
 
 
-def _first_at_or_after(keys_u: np.ndarray, keys_t: np.ndarray, qu: np.ndarray, qt: np.ndarray) -> np.ndarray:
-    """Index of the first (u, t) >= (qu, qt) in arrays sorted by (u, t) (two-key searchsorted)."""
-    n, m = len(keys_u), len(qu)
-    if n == 0:
-        return np.zeros(m, dtype=np.int64)
-    u = np.concatenate([keys_u, qu])
-    t = np.concatenate([keys_t, qt])
-    flag = np.concatenate([np.ones(n, np.int8), np.zeros(m, np.int8)])  # queries sort first on ties
-    order = np.lexsort((flag, t, u))
-    is_q = order >= n
-    # Events before each query = position - queries before it.
-    pos = np.flatnonzero(is_q)
-    before = pos - np.arange(m)
-    out = np.empty(m, dtype=np.int64)
-    out[order[is_q] - n] = before
-    return out
-
-
 def _column(table: pa.Table, name: str) -> pa.Array:
     col = table.column(name)
     return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
@@ -175,14 +157,14 @@ def reconstruct_bucket(ctx: ReadContext, bucket: int, rows: pa.Table) -> Sequenc
     R = len(rid)
     n_snap = len(ctx.watermarks)
 
-    bad = np.flatnonzero((S >= n_snap) | (S < -1))
+    bad = np.flatnonzero((n_snap <= S) | (S < -1))
     if len(bad):
         i = bad[0]
         raise ThinTableError(
             f"request {rid[i]}: pointer names snapshot {S[i]}, which does not exist in "
             f"{ctx.store.root} ({n_snap} snapshots)"
         )
-    newer = np.flatnonzero(S > resolve_snapshot(ctx.published_at, T))
+    newer = np.flatnonzero(resolve_snapshot(ctx.published_at, T) < S)
     if len(newer):
         i = newer[0]
         raise ThinTableError(
@@ -198,8 +180,8 @@ def reconstruct_bucket(ctx: ReadContext, bucket: int, rows: pa.Table) -> Sequenc
             i = np.flatnonzero(mism)[0]
             raise O2OConsistencyError(
                 f"request {rid[i]}: O2O consistency error: user {users[i]}'s head at snapshot "
-                f"{S[i]} has length {exp_len[i]} and checksum {exp_cs[i] & 0xFFFFFFFFFFFFFFFF:#x}, "
-                f"but the pointer says {hl[i]} and {cs[i] & 0xFFFFFFFFFFFFFFFF:#x}"
+                f"{S[i]} has length {exp_len[i]} and checksum {int(exp_cs[i]) & 0xFFFFFFFFFFFFFFFF:#x}, "
+                f"but the pointer says {hl[i]} and {int(cs[i]) & 0xFFFFFFFFFFFFFFFF:#x}"
             )
     w = t.window_us
     lo_ts = T - w if w is not None else None
@@ -231,13 +213,13 @@ def reconstruct_bucket(ctx: ReadContext, bucket: int, rows: pa.Table) -> Sequenc
     esn = E.column("snapshot_id").to_numpy()
     e_end = np.searchsorted(eu, users, side="right")
     lo = (
-        _first_at_or_after(eu, ets, users, lo_ts)
+        searchsorted2(eu, ets, users, lo_ts)
         if lo_ts is not None
         else np.searchsorted(eu, users, side="left")
     )
     h_owner, h_pos = [], []
     for snap in np.unique(S[has_head]).tolist():
-        sel = np.flatnonzero(S == snap)
+        sel = np.flatnonzero(snap == S)
         m = esn <= snap
         if m.all():
             c_lo, c_hi, idx_s = lo[sel], e_end[sel], None
@@ -352,7 +334,7 @@ def iter_reconstruct(
     store = as_store(store)
     dt = open_thin(store, thin_uri)
     ctx = ReadContext.build(store, tenant, verify=verify)
-    ds = dt.to_pyarrow_dataset()
+    ds = delta_dataset(dt)
     for b in buckets if buckets is not None else thin_buckets(ds):
         rows = ds.to_table(filter=pads.field("bucket") == b)
         if rows.num_rows:

@@ -52,6 +52,27 @@ def expand_ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.
     return owner, pos
 
 
+def searchsorted2(
+    keys_u: np.ndarray, keys_t: np.ndarray, qu: np.ndarray, qt: np.ndarray
+) -> np.ndarray:
+    """Index of the first (u, t) >= (qu, qt) in arrays sorted by (u, t): a two-key
+    ``searchsorted(side="left")``, done as one merge of keys and queries (vectorized)."""
+    n, m = len(keys_u), len(qu)
+    if n == 0:
+        return np.zeros(m, dtype=np.int64)
+    u = np.concatenate([keys_u, qu])
+    t = np.concatenate([keys_t, qt])
+    flag = np.concatenate([np.ones(n, np.int8), np.zeros(m, np.int8)])  # queries sort first on ties
+    order = np.lexsort((flag, t, u))
+    is_q = order >= n
+    # Events before each query = position - queries before it.
+    pos = np.flatnonzero(is_q)
+    before = pos - np.arange(m)
+    out = np.empty(m, dtype=np.int64)
+    out[order[is_q] - n] = before
+    return out
+
+
 @dataclass
 class HeadIndex:
     """Head summaries of a set of users: the entry of (user, snapshot S) is the newest <= S."""

@@ -28,9 +28,9 @@ from deltalake.exceptions import TableNotFoundError
 
 from lmat_platform.exceptions import RequestError, ThinTableError
 from lmat_platform.hashing import bucket_of
-from lmat_platform.protocol.pointers import HeadIndex, expand_ranges
+from lmat_platform.protocol.pointers import HeadIndex, expand_ranges, searchsorted2
 from lmat_platform.schema import EVENT_COLUMNS, normalize_requests, read_parquet_file
-from lmat_platform.store.core import Store, as_store, storage_options
+from lmat_platform.store.core import Store, as_store, delta_dataset, storage_options
 from lmat_platform.store.deletion import register_thin_table
 from lmat_platform.store.snapshots import list_snapshots, resolve_snapshot, snapshot_arrays
 
@@ -69,7 +69,7 @@ def read_raw_range(
     if buckets is not None:
         f &= pads.field("bucket").isin(pa.array(np.unique(buckets)))
     f &= pads.field("user_id").isin(pa.array(np.unique(users)))
-    t = raw.to_pyarrow_dataset().to_table(filter=f, columns=columns)
+    t = delta_dataset(raw).to_table(filter=f, columns=columns)
     return t.sort_by([("user_id", "ascending"), ("arrival_ts", "ascending")])
 
 
@@ -80,11 +80,10 @@ def tails_from_raw(
     ``lo[i] <= arrival_ts < hi[i]``; ``raw`` sorted by (user_id, arrival_ts)."""
     ru = raw.column("user_id").to_numpy()
     ra = raw.column("arrival_ts").to_numpy()
-    s = np.searchsorted(ru, users, side="left")
-    e = np.searchsorted(ru, users, side="right")
-    owner, pos = expand_ranges(s, e)
-    keep = (ra[pos] >= lo[owner]) & (ra[pos] < hi[owner])
-    return owner[keep], pos[keep]
+    # Only the rows inside each request's arrival range are expanded.
+    s = searchsorted2(ru, ra, users, lo)
+    e = searchsorted2(ru, ra, users, hi)
+    return expand_ranges(s, e)
 
 
 def build_thin_rows(
@@ -180,7 +179,7 @@ def write_thin(
     existing = None
     if DeltaTable.is_deltatable(out, storage_options=storage_options()):
         existing = open_thin(store, out)
-        have = existing.to_pyarrow_dataset().to_table(columns=["request_id"]).column("request_id")
+        have = delta_dataset(existing).to_table(columns=["request_id"]).column("request_id")
         clash = np.intersect1d(have.to_numpy(), req.column("request_id").to_numpy())
         if len(clash):
             raise RequestError(

@@ -1,6 +1,14 @@
 """The tiers: raw log + quarantine, the immutable UIH tier, snapshots, deletion and retention."""
 
-from lmat_platform.store.core import Store, as_store, disk_bytes, init_store, open_store
+from lmat_platform.store.core import (
+    Store,
+    as_store,
+    delta_dataset,
+    disk_bytes,
+    init_store,
+    live_bytes,
+    open_store,
+)
 from lmat_platform.store.deletion import forget_users, forgotten_users, vacuum
 from lmat_platform.store.ingest import IngestResult, ingest_files
 from lmat_platform.store.snapshots import (
@@ -17,7 +25,9 @@ __all__ = [
     "Store",
     "as_store",
     "compact_buckets",
+    "delta_dataset",
     "disk_bytes",
+    "live_bytes",
     "forget_users",
     "forgotten_users",
     "ingest_files",

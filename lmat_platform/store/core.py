@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import TableNotFoundError
@@ -128,7 +130,7 @@ class Store:
         dt = self.open_table(name)
         if dt is None:
             return None
-        ds = dt.to_pyarrow_dataset()
+        ds = delta_dataset(dt)
         if columns is not None:
             columns = [c for c in columns if c in ds.schema.names]
         return ds.to_table(columns=columns, filter=filters)
@@ -204,6 +206,39 @@ class Store:
             yield
         finally:
             os.close(fd)
+
+
+def delta_dataset(dt: DeltaTable) -> pads.Dataset:
+    """A pyarrow dataset over the live files of a Delta table version.
+
+    Built on pyarrow's own filesystems rather than ``DeltaTable.to_pyarrow_dataset()``: reading
+    through delta-rs's filesystem handler (deltalake 1.6 with pyarrow 26) makes the interpreter
+    abort at exit about half the time ("terminate called without an active exception").
+    The table's schema is applied so files written before an additive schema change read with
+    nulls in the new columns. Tables with deletion vectors are not supported (lmat writes none).
+    """
+    schema = pa.schema(dt.schema().to_arrow())  # type: ignore[arg-type]
+    parts = list(dt.metadata().partition_columns)
+    uri = dt.table_uri.rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        fs, base = pafs.FileSystem.from_uri(uri)
+        files = [pafs.FileSystem.from_uri(f)[1] for f in dt.file_uris()]
+    else:
+        fs, base = pafs.LocalFileSystem(), uri.removeprefix("file://")
+        files = [f.removeprefix("file://") for f in dt.file_uris()]
+    partitioning = None
+    if parts:
+        partitioning = pads.partitioning(
+            pa.schema([schema.field(p) for p in parts]), flavor="hive"
+        )
+    return pads.dataset(
+        files,
+        schema=schema,
+        format="parquet",
+        filesystem=fs,
+        partitioning=partitioning,
+        partition_base_dir=base,
+    )
 
 
 def _read_meta(root: str) -> dict[str, Any] | None:
@@ -297,4 +332,17 @@ def disk_bytes(store: Store) -> dict[str, int]:
     for name in TABLES:
         sel = pafs.FileSelector(f"{root}/{name}", recursive=True, allow_not_found=True)
         out[name] = sum(i.size or 0 for i in fs.get_file_info(sel) if i.type == pafs.FileType.File)
+    return out
+
+
+def live_bytes(store: Store) -> dict[str, int]:
+    """Bytes of the files each table's latest version references (what a reader can touch)."""
+    out: dict[str, int] = {}
+    for name in TABLES:
+        dt = store.open_table(name)
+        if dt is None:
+            out[name] = 0
+            continue
+        t = pa.table(dt.get_add_actions(flatten=True))
+        out[name] = int(pa.compute.sum(t.column("size_bytes")).as_py() or 0) if t.num_rows else 0
     return out

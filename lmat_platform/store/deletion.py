@@ -19,7 +19,7 @@ from deltalake import CommitProperties
 
 from lmat_platform.exceptions import LmatError
 from lmat_platform.hashing import bucket_of
-from lmat_platform.store.core import Store, as_store, now_us, storage_options
+from lmat_platform.store.core import Store, as_store, delta_dataset, now_us, storage_options
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def _purge_tails(uri: str, users: np.ndarray, buckets: np.ndarray, props: Commit
     except TableNotFoundError:
         return 0
     f = pads.field("bucket").isin(pa.array(buckets)) & pads.field("user_id").isin(pa.array(users))
-    rows = dt.to_pyarrow_dataset().to_table(filter=f)
+    rows = delta_dataset(dt).to_table(filter=f)
     if rows.num_rows == 0:
         return 0
     tail = rows.column("tail")

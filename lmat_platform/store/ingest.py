@@ -28,7 +28,7 @@ from lmat_platform.schema import (
     normalize_events,
     read_parquet_file,
 )
-from lmat_platform.store.core import Store, as_store, now_us
+from lmat_platform.store.core import Store, as_store, delta_dataset, now_us
 from lmat_platform.store.snapshots import latest_snapshot
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def _already_accepted(store: Store, ids: np.ndarray, *, exclude_batch: str) -> n
     dt = store.open_table("raw")
     if dt is None or len(ids) == 0:
         return np.zeros(len(ids), dtype=bool)
-    ds = dt.to_pyarrow_dataset()
+    ds = delta_dataset(dt)
     lo, hi = int(ids.min()), int(ids.max())
     f = (
         (pads.field("event_id") >= lo)

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from lmat_platform.exceptions import WatermarkError
 from lmat_platform.hashing import as_signed, event_fingerprint
 from lmat_platform.store import uih
-from lmat_platform.store.core import Store, as_store, now_us
+from lmat_platform.store.core import Store, as_store, delta_dataset, now_us
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def _raw_range(store: Store, lo: int | None, hi: int) -> pa.Table:
     f = pads.field("arrival_ts") < hi
     if lo is not None:
         f &= pads.field("arrival_ts") >= lo
-    return raw.to_pyarrow_dataset().to_table(filter=f)
+    return delta_dataset(raw).to_table(filter=f)
 
 
 def _write_heads(store: Store, k: int, changed: pa.Table | None) -> None:
@@ -178,7 +178,7 @@ def _write_heads(store: Store, k: int, changed: pa.Table | None) -> None:
         # Resumed publish: recover the touched users from the tier rows of snapshot k.
         dt = store.open_table("uih")
         if dt is not None:
-            changed = dt.to_pyarrow_dataset().to_table(
+            changed = delta_dataset(dt).to_table(
                 columns=["bucket", "user_id"], filter=pads.field("snapshot_id") == k
             )
     if changed is not None and changed.num_rows:

@@ -126,9 +126,8 @@ def commit(
     )
     dt = store.open_table("uih")
     if dt is None:
-        from deltalake.transaction import create_table_with_add_actions
-
         from deltalake import Schema as DSchema
+        from deltalake.transaction import create_table_with_add_actions
 
         create_table_with_add_actions(
             store.table_uri("uih"),

@@ -1,0 +1,1 @@
+"""Jobs, schedules, sensors and the single Dagster entry point (``jobs.definitions``)."""

@@ -1,0 +1,303 @@
+"""The ``lmat`` command (spec section 8): argument parsing, progress, one-line errors.
+
+Every command prints a one-line JSON summary on stdout on success. On bad input it prints one
+line ``lmat: error: ...`` on stderr naming the file, row or argument at fault and exits 2,
+without a traceback (set ``LMAT_DEBUG=1`` to see one). Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"lmat: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _int_us(name: str):  # type: ignore[no-untyped-def]
+    def parse(v: str) -> int:
+        try:
+            return int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{name}: expected integer microseconds since the epoch, but got {v!r}"
+            ) from None
+
+    return parse
+
+
+def _progress(msg: str) -> None:
+    if os.environ.get("LMAT_QUIET") != "1":
+        print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj, default=str, separators=(",", ":")))
+
+
+def _tenant(path: str, name: str):  # type: ignore[no-untyped-def]
+    from lmat_platform.exceptions import TenantError
+    from lmat_platform.tenants import load_tenants
+
+    tenants = load_tenants(path)
+    if name not in tenants:
+        raise TenantError(f"--tenant: no tenant '{name}' in {path} (have: {', '.join(tenants)})")
+    return tenants[name], tenants
+
+
+def cmd_init(a: argparse.Namespace) -> dict[str, Any]:
+    from lmat_platform.store import init_store
+
+    st = init_store(a.store, n_buckets=a.buckets, row_group_rows=a.row_group_rows,
+                    retention_hours=a.retention_hours)
+    return {"store": st.root, "store_id": st.store_id, "n_buckets": st.n_buckets}
+
+
+def cmd_ingest(a: argparse.Namespace) -> dict[str, Any]:
+    from lmat_platform.store import ingest_files
+
+    return ingest_files(a.store, a.files, progress=_progress).as_dict()
+
+
+def cmd_snapshot(a: argparse.Namespace) -> dict[str, Any]:
+    from lmat_platform.store import publish_snapshot
+
+    return publish_snapshot(a.store, a.watermark, published_at=a.published_at).as_dict()
+
+
+def cmd_thin(a: argparse.Namespace) -> dict[str, Any]:
+    from lmat_platform.protocol import write_thin
+
+    return write_thin(a.store, a.requests, a.out, path=a.command)
+
+
+def cmd_materialize(a: argparse.Namespace) -> dict[str, Any]:
+    from lmat_platform.reconstruct import materialize
+    from lmat_platform.store import open_store
+
+    store = open_store(a.store)
+    tenant, _ = _tenant(a.tenants, a.tenant)
+    return materialize(store, a.thin, tenant, a.out, verify=not a.no_verify)
+
+
+def cmd_fat_rows(a: argparse.Namespace) -> dict[str, Any]:
+    from lmat_platform.fatrows import write_fat_rows
+    from lmat_platform.store import open_store
+
+    store = open_store(a.store)
+    if a.tenant:
+        tenant, _ = _tenant(a.tenants, a.tenant)
+        target: Any = tenant
+    else:
+        from lmat_platform.tenants import load_tenants
+
+        target = list(load_tenants(a.tenants).values())
+    return write_fat_rows(store, a.requests, target, a.out, progress=_progress)
+
+
+def cmd_forget(a: argparse.Namespace) -> dict[str, Any]:
+    from lmat_platform.store import forget_users, vacuum
+
+    removed = forget_users(a.store, a.user)
+    out: dict[str, Any] = {"users": len(set(a.user)), "removed": removed}
+    if a.vacuum:
+        out["vacuumed_files"] = sum(vacuum(a.store, retention_hours=0).values())
+    return out
+
+
+def cmd_vacuum(a: argparse.Namespace) -> dict[str, Any]:
+    from lmat_platform.store import vacuum
+
+    files = vacuum(a.store, retention_hours=a.retention_hours)
+    return {"vacuumed_files": sum(files.values()), "tables": files}
+
+
+def cmd_compact(a: argparse.Namespace) -> dict[str, Any]:
+    from lmat_platform.store import compact_buckets, open_store
+
+    return compact_buckets(open_store(a.store), min_files=a.min_files)
+
+
+def cmd_info(a: argparse.Namespace) -> dict[str, Any]:
+    from lmat_platform.store import disk_bytes, list_snapshots, open_store
+
+    st = open_store(a.store)
+    snaps = list_snapshots(st)
+    return {
+        "store": st.root,
+        "store_id": st.store_id,
+        "n_buckets": st.n_buckets,
+        "snapshots": len(snaps),
+        "latest_watermark": snaps[-1].watermark if snaps else None,
+        "bytes": disk_bytes(st),
+    }
+
+
+def cmd_validate(a: argparse.Namespace) -> dict[str, Any]:
+    from lmat_platform.exceptions import ImmutabilityError
+    from lmat_platform.store import open_store
+    from lmat_platform.validate import check_uih_commits, delta_log_entries, read_commits
+
+    st = open_store(a.store)
+    rep = check_uih_commits(read_commits(delta_log_entries(st.table_uri("uih"))))
+    if not rep.ok:
+        raise ImmutabilityError(f"{st.table_uri('uih')}: {rep.problems[0]}")
+    return rep.as_dict()
+
+
+def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
+    from lmat_platform.demo import format_summary, run_demo
+
+    s = run_demo(a.dir, scale=a.scale, days=a.days, seed=a.seed, progress=_progress)
+    print(format_summary(s), file=sys.stderr)
+    if not s["ok"]:
+        from lmat_platform.exceptions import LmatError
+
+        raise LmatError("demo: parity or leakage check failed (see summary above)")
+    return {k: v for k, v in s.items() if k not in ("parity",)} | {
+        "parity_ok": s["ok"]
+    }
+
+
+def cmd_ui(a: argparse.Namespace) -> dict[str, Any]:
+    from lmat_platform.ui import launch_ui
+
+    code = launch_ui(a.home, port=a.port)
+    return {"exit_code": code}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lmat", description="Versioned late materialization of user histories.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("init", help="create an empty store")
+    s.add_argument("store")
+    s.add_argument("--buckets", type=int, default=16, help="user buckets (default 16)")
+    s.add_argument("--row-group-rows", type=int, default=8192)
+    s.add_argument("--retention-hours", type=int, default=168)
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("ingest", help="ingest event Parquet files")
+    s.add_argument("store")
+    s.add_argument("files", nargs="+")
+    s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("snapshot", help="publish a snapshot")
+    s.add_argument("store")
+    s.add_argument("--watermark", required=True, type=_int_us("--watermark"))
+    s.add_argument("--published-at", type=_int_us("--published-at"), default=None)
+    s.set_defaults(func=cmd_snapshot)
+
+    for name, text in (("log", "streaming path: thin rows with pointer and tail"),
+                       ("examples", "batch path: thin rows with pointer only")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("store")
+        s.add_argument("requests")
+        s.add_argument("--out", required=True, help="thin Delta table (created or appended)")
+        s.set_defaults(func=cmd_thin)
+
+    s = sub.add_parser("materialize", help="rebuild a tenant's sequences")
+    s.add_argument("store")
+    s.add_argument("thin")
+    s.add_argument("--tenants", required=True)
+    s.add_argument("--tenant", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--no-verify", action="store_true", help="skip pointer checksum checks")
+    s.set_defaults(func=cmd_materialize)
+
+    s = sub.add_parser("fat-rows", help="write the fat-row baseline (one tenant or the union)")
+    s.add_argument("store")
+    s.add_argument("requests")
+    s.add_argument("--tenants", required=True)
+    s.add_argument("--tenant", default=None, help="one tenant; default: union of all")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_fat_rows)
+
+    s = sub.add_parser("forget", help="forget users everywhere")
+    s.add_argument("store")
+    s.add_argument("--user", type=int, action="append", required=True, help="user id (repeat)")
+    s.add_argument("--vacuum", action="store_true", help="also vacuum now (retention 0)")
+    s.set_defaults(func=cmd_forget)
+
+    s = sub.add_parser("vacuum", help="delete unreferenced files older than the retention")
+    s.add_argument("store")
+    s.add_argument("--retention-hours", type=int, default=None)
+    s.set_defaults(func=cmd_vacuum)
+
+    s = sub.add_parser("compact", help="merge each bucket's tier files (layout only)")
+    s.add_argument("store")
+    s.add_argument("--min-files", type=int, default=2)
+    s.set_defaults(func=cmd_compact)
+
+    s = sub.add_parser("info", help="describe a store")
+    s.add_argument("store")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("validate", help="check the UIH tier's history is appends and layout only")
+    s.add_argument("store")
+    s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("demo", help="run the whole flow on generated data")
+    s.add_argument("--dir", default="lmat-demo", help="demo folder (recreated; default lmat-demo)")
+    s.add_argument("--scale", default="small", help="tiny | small | medium (default small)")
+    s.add_argument("--days", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("ui", help="start the Dagster UI with the demo's data materialized")
+    s.add_argument("--home", default=None, help="folder for the UI's data (default ~/.lmat/ui)")
+    s.add_argument("--port", type=int, default=3000)
+    s.set_defaults(func=cmd_ui)
+    return p
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if len(msg) < 500 else msg[:497] + "..."
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from lmat_platform.exceptions import LmatError
+
+    try:
+        _emit(args.func(args))
+        return 0
+    except LmatError as e:
+        print(f"lmat: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (ValueError, OSError) as e:
+        if os.environ.get("LMAT_DEBUG"):
+            raise
+        print(f"lmat: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("lmat: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's last line of defence: one line, no trace
+        if os.environ.get("LMAT_DEBUG"):
+            raise
+        print(f"lmat: internal error: {type(e).__name__}: {_one_line(e)} "
+              "(set LMAT_DEBUG=1 for a traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

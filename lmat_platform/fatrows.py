@@ -1,0 +1,116 @@
+"""The industry baseline: fat rows, each request with its projected history copied in.
+
+Exists for parity checks and benchmarks. It is computed independently of the late-materializing
+kernel (a polars join of requests with the raw event log), so that agreement between the two is
+evidence, not tautology. A union dataset for several tenants is written at the widest projection
+(:func:`lmat_platform.tenants.union_tenant`): the longest ``max_len`` and every column.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lmat_platform.hashing import bucket_of
+from lmat_platform.schema import normalize_requests, read_parquet_file
+from lmat_platform.store.core import Store, as_store, delta_dataset
+from lmat_platform.store.uih import COMPRESSION
+from lmat_platform.tenants import Tenant, union_tenant
+
+log = logging.getLogger(__name__)
+
+
+def fat_rows_for(events: pl.DataFrame, requests: pl.DataFrame, tenant: Tenant) -> pl.DataFrame:
+    """Fat rows of ``requests`` from ``events`` (all accepted events of their users)."""
+    ev = events
+    if tenant.actions is not None:
+        ev = ev.filter(pl.col("action").is_in(list(tenant.actions)))
+    req = requests.select(["request_id", "user_id", "request_ts"])
+    # Events sorted once by (user, event_ts, event_id); the join keeps that order, so each
+    # request's group is already in history order and no sort of the joined rows is needed.
+    ev = ev.sort(["user_id", "event_ts", "event_id"])
+    j = ev.join(req, on="user_id", how="inner", maintain_order="left")
+    j = j.filter(pl.col("arrival_ts") < pl.col("request_ts"))
+    if tenant.window_us is not None:
+        j = j.filter(pl.col("event_ts") >= pl.col("request_ts") - tenant.window_us)
+    agg = j.group_by("request_id", maintain_order=True).agg(
+        [pl.col(c).tail(tenant.max_len) for c in tenant.columns]
+    )
+    out = requests.join(agg, on="request_id", how="left")
+    dtypes = dict(zip(events.columns, events.dtypes, strict=True))
+    out = out.with_columns(
+        [pl.col(c).fill_null(pl.lit([], dtype=pl.List(dtypes[c]))) for c in tenant.columns]
+    )
+    return out.with_columns(pl.col(tenant.columns[0]).list.len().cast(pl.Int32).alias("length"))
+
+
+def write_fat_rows(
+    store: Store | str,
+    requests: str | pa.Table,
+    tenants: Tenant | Sequence[Tenant],
+    out: str,
+    *,
+    progress: Callable[[str], None] | None = None,
+    row_group_rows: int = 1024,
+) -> dict[str, object]:
+    """Write fat rows for one tenant or the union of several to a Parquet file ``out``.
+
+    Works a user bucket at a time so that the join stays bounded.
+    """
+    store = as_store(store)
+    tenant = tenants if isinstance(tenants, Tenant) else union_tenant(tenants)
+    if isinstance(requests, str):
+        requests = normalize_requests(read_parquet_file(requests, what="request file"), where=requests)
+    raw = store.open_table("raw")
+    buckets = bucket_of(requests.column("user_id").to_numpy(), store.n_buckets)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    writer: pq.ParquetWriter | None = None
+    rows = 0
+    events_total = 0
+    try:
+        for i, b in enumerate(np.unique(buckets).tolist()):
+            req = requests.filter(pa.array(buckets == b))
+            users = np.unique(req.column("user_id").to_numpy())
+            if raw is not None:
+                import pyarrow.dataset as pads
+
+                ds = delta_dataset(raw)
+                cols = list(dict.fromkeys(["user_id", "event_id", "event_ts", "arrival_ts",
+                                           "action", *tenant.columns]))
+                ev = ds.to_table(
+                    columns=cols,
+                    filter=(pads.field("bucket") == b) & pads.field("user_id").isin(pa.array(users)),
+                )
+            else:
+                ev = pa.table({c: pa.array([], pa.int64()) for c in ("user_id", "event_id",
+                               "event_ts", "arrival_ts", "action", *tenant.columns)})
+            fat = fat_rows_for(pl.from_arrow(ev), pl.from_arrow(req), tenant)  # type: ignore[arg-type]
+            fat = fat.sort("request_id")
+            t = fat.to_arrow()
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, t.schema, compression=COMPRESSION)
+            writer.write_table(t.cast(writer.schema), row_group_size=row_group_rows)
+            rows += t.num_rows
+            events_total += int(fat["length"].sum())
+            if progress:
+                progress(f"fat rows: bucket {i + 1}, {rows} rows")
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise ValueError("no requests to write")
+    os.replace(tmp, out)
+    return {
+        "tenant": tenant.name,
+        "max_len": tenant.max_len,
+        "requests": rows,
+        "events": events_total,
+        "bytes": os.path.getsize(out),
+        "out": out,
+    }

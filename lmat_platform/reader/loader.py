@@ -1,0 +1,855 @@
+"""``SequenceLoader``: the late-materializing reader training jobs use (spec section 9).
+
+How a pass is scheduled::
+
+    thin table (pinned version)      work units                 consumers (rank x worker)
+    bucket 0: 9,000 rows   ------>   (b0, part 0 of 2) ----+    rank 0 / worker 0: u3 u0 ...
+                                     (b0, part 1 of 2)     +--> rank 0 / worker 1: u1 u4 ...
+    bucket 1: 2,000 rows   ------>   (b1, part 0 of 1)    ...   rank 1 / worker 0: ...
+
+* A **work unit** is a bucket, or a user-contiguous slice of one when the bucket holds more rows
+  than fit the unit's value budget. One unit is one call of
+  :func:`~lmat_platform.reconstruct.reconstruct_bucket`: one pruned read of the bucket's UIH
+  files serves every request of the unit (data affinity, no per-example lookups).
+* Units are planned from the Delta log alone (row counts per bucket; no data read), shuffled by
+  ``(seed, epoch)`` when ``shuffle``, and dealt greedily by row count to the
+  ``world_size x max(num_workers, 1)`` consumers, so every rank computes the same plan and every
+  request goes to exactly one consumer.
+* A consumer reads its units in order, a background thread one or more units ahead
+  (:mod:`~lmat_platform.reader.prefetch`). Consecutive units are grouped into **windows** of at
+  most ``shuffle_buffer`` rows; with ``shuffle`` the rows of a window are permuted by
+  ``(seed, epoch, consumer, window)`` (a bounded shuffle buffer). Batches are cut every
+  ``batch_size`` rows of the consumer's stream.
+* With ``num_workers > 0`` each consumer of the rank runs in its own process and the main
+  process takes batches from the workers round-robin, so the order of batches is a pure function
+  of the plan. That makes ``state_dict()`` small (rows consumed per consumer and whose turn it
+  is) and resuming exact: a worker restarts at the window holding its next row.
+
+Worker processes start with ``forkserver`` (``spawn`` where unavailable): ``fork`` is unsafe
+because the delta-rs runtime the parent has used does not survive a fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import torch
+from deltalake import DeltaTable
+from deltalake.exceptions import DeltaError
+
+from lmat_platform.exceptions import LmatError, ThinTableError
+from lmat_platform.protocol.thin import open_thin
+from lmat_platform.reader.batch import Batch
+from lmat_platform.reader.errors import ReaderTimeoutError, ReaderWorkerError, StoreUnreachableError
+from lmat_platform.reader.prefetch import POLL_S, Prefetcher
+from lmat_platform.reconstruct import THIN_KEYS, ReadContext, Sequences, reconstruct_bucket
+from lmat_platform.store.core import Store, as_store, storage_options
+from lmat_platform.tenants import Tenant
+
+log = logging.getLogger(__name__)
+
+#: Values (events x columns are not multiplied in) a work unit aims at: bounds the memory of one
+#: reconstructed unit to roughly ``UNIT_VALUES * 8 bytes`` per tenant column.
+UNIT_VALUES = 1 << 23
+
+STATE_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """A bucket, or slice ``part`` of ``parts`` of it (rows sorted by user, time, id)."""
+
+    bucket: int
+    part: int
+    parts: int
+    #: Rows of the unit.
+    rows: int
+    #: Rows of the whole bucket (the slice bounds are computed from it).
+    bucket_rows: int
+    #: Compressed bytes of the bucket's thin files (read once per unit).
+    thin_bytes: int
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        n, k = self.bucket_rows, self.parts
+        return self.part * n // k, (self.part + 1) * n // k
+
+
+def plan_units(
+    bucket_rows: dict[int, int],
+    bucket_bytes: dict[int, int],
+    *,
+    max_unit_rows: int,
+    min_units: int = 1,
+) -> list[WorkUnit]:
+    """Split buckets into units of at most ``max_unit_rows`` rows, and into at least
+    ``min_units`` units where rows allow (so that no consumer idles for want of a unit)."""
+    parts = {b: max(1, math.ceil(n / max_unit_rows)) for b, n in bucket_rows.items() if n > 0}
+    while sum(parts.values()) < min_units:
+        # Split the bucket with the largest slices further (ties: lowest bucket id).
+        b = max(parts, key=lambda k: (bucket_rows[k] / parts[k], -k))
+        if bucket_rows[b] // (parts[b] + 1) < 1:
+            break
+        parts[b] += 1
+    units = []
+    for b in sorted(parts):
+        n, k = bucket_rows[b], parts[b]
+        for i in range(k):
+            lo, hi = i * n // k, (i + 1) * n // k
+            units.append(WorkUnit(b, i, k, hi - lo, n, bucket_bytes.get(b, 0)))
+    return units
+
+
+def assign_units(
+    units: list[WorkUnit], n_consumers: int, *, seed: int, epoch: int, shuffle: bool
+) -> list[list[WorkUnit]]:
+    """Deal units to consumers: shuffled by ``(seed, epoch)`` if asked, then each unit to the
+    consumer with the fewest rows so far (ties: lowest index). Deterministic on every rank."""
+    order = list(range(len(units)))
+    if shuffle:
+        order = np.random.default_rng([seed, epoch]).permutation(len(units)).tolist()
+    loads = np.zeros(n_consumers, dtype=np.int64)
+    out: list[list[WorkUnit]] = [[] for _ in range(n_consumers)]
+    for i in order:
+        c = int(np.argmin(loads))
+        out[c].append(units[i])
+        loads[c] += units[i].rows
+    return out
+
+
+def windows_of(units: list[WorkUnit], shuffle_buffer: int) -> list[list[int]]:
+    """Group consecutive units into windows of at most ``shuffle_buffer`` rows (>= 1 unit)."""
+    out: list[list[int]] = []
+    rows = 0
+    for i, u in enumerate(units):
+        if out and rows + u.rows <= shuffle_buffer:
+            out[-1].append(i)
+            rows += u.rows
+        else:
+            out.append([i])
+            rows = u.rows
+    return out
+
+
+# ---------------------------------------------------------------------------------- consumer
+
+
+@dataclass
+class _Window:
+    """Reconstructed rows of one window, as numpy arrays ready to slice into batches."""
+
+    request_id: np.ndarray
+    user_id: np.ndarray
+    request_ts: np.ndarray
+    lengths: np.ndarray
+    offsets: np.ndarray
+    values: dict[str, np.ndarray]
+    context: dict[str, np.ndarray]
+    bytes_read: int
+    thin_bytes_read: int
+    perm: np.ndarray | None
+
+    @property
+    def n(self) -> int:
+        return len(self.request_id)
+
+
+def _to_numpy(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A numeric Arrow array as numpy; nulls become 0 (NaN for floats)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    t = arr.type
+    if pa.types.is_timestamp(t) or pa.types.is_duration(t) or pa.types.is_date64(t):
+        arr = arr.cast(pa.int64())
+    if arr.null_count and not pa.types.is_floating(arr.type):
+        arr = pc.fill_null(arr, pa.scalar(0, arr.type) if not pa.types.is_boolean(arr.type) else False)
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def tensorable(t: pa.DataType) -> bool:
+    """Types a column may have to become a tensor."""
+    return (
+        pa.types.is_integer(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_boolean(t)
+        or pa.types.is_timestamp(t)
+        or pa.types.is_duration(t)
+    )
+
+
+def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Flat positions of the ranges [starts[i], starts[i] + lens[i]), in order (vectorized)."""
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    out_start = np.cumsum(lens) - lens
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - out_start, lens)
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    # Arrow-backed arrays are read-only; torch wants writable memory it owns.
+    if not a.flags.writeable or not a.flags.c_contiguous:
+        a = np.array(a, copy=True)
+    return torch.from_numpy(a)
+
+
+@dataclass
+class ConsumerSpec:
+    """Everything one consumer needs; picklable (sent to worker processes)."""
+
+    ctx: ReadContext
+    thin_uri: str
+    thin_version: int
+    thin_columns: list[str]
+    context_columns: list[str]
+    units: list[WorkUnit]
+    consumer: int
+    batch_size: int
+    drop_last: bool
+    shuffle: bool
+    seed: int
+    epoch: int
+    shuffle_buffer: int
+    prefetch: int
+    timeout_s: float | None
+    #: Rows of this consumer's stream already consumed (a multiple of batch_size, or all).
+    start_row: int = 0
+
+    @property
+    def total_rows(self) -> int:
+        return sum(u.rows for u in self.units)
+
+
+class _UnitReader:
+    """Reads and reconstructs work units; opens the thin table lazily, once per process."""
+
+    def __init__(self, spec: ConsumerSpec):
+        self.spec = spec
+        self._ds: pads.Dataset | None = None
+
+    def _dataset(self) -> pads.Dataset:
+        if self._ds is None:
+            dt = DeltaTable(self.spec.thin_uri, version=self.spec.thin_version,
+                            storage_options=storage_options())
+            self._ds = dt.to_pyarrow_dataset()
+        return self._ds
+
+    def read(self, unit: WorkUnit) -> Sequences:
+        store = self.spec.ctx.store
+        try:
+            rows = self._dataset().to_table(
+                filter=pads.field("bucket") == unit.bucket, columns=self.spec.thin_columns
+            )
+            if rows.num_rows != unit.bucket_rows:
+                raise ThinTableError(
+                    f"{self.spec.thin_uri}: bucket {unit.bucket} has {rows.num_rows} rows at "
+                    f"version {self.spec.thin_version}, but its log says {unit.bucket_rows}"
+                )
+            if unit.parts > 1:
+                # A user-contiguous slice, so slices of a bucket read mostly disjoint row groups.
+                rows = rows.sort_by([("user_id", "ascending"), ("request_ts", "ascending"),
+                                     ("request_id", "ascending")])
+                lo, hi = unit.bounds
+                rows = rows.slice(lo, hi - lo)
+            seqs = reconstruct_bucket(self.spec.ctx, unit.bucket, rows)
+        except LmatError as e:
+            if not _reachable(store):
+                raise StoreUnreachableError(
+                    f"store {store.root} became unreachable while reading bucket {unit.bucket}: {e}"
+                ) from e
+            raise
+        except (OSError, DeltaError) as e:
+            raise StoreUnreachableError(
+                f"cannot read bucket {unit.bucket} of store {store.root} "
+                f"(thin table {self.spec.thin_uri}): {e}"
+            ) from e
+        seqs.bytes_read += unit.thin_bytes
+        seqs.stats["thin_bytes"] = unit.thin_bytes
+        return seqs
+
+
+def _reachable(store: Store) -> bool:
+    try:
+        fs, root = store.filesystem()
+        return all(
+            fs.get_file_info(f"{root}/{p}").type.name != "NotFound" for p in ("_lmat.json", "uih")
+        )
+    except OSError:
+        return False
+
+
+def _window(parts: list[Sequences], spec: ConsumerSpec, index: int) -> _Window:
+    cols = list(spec.ctx.tenant.columns)
+    rid = np.concatenate([p.request_id for p in parts])
+    lengths = np.concatenate([p.lengths for p in parts]).astype(np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = {
+        c: np.concatenate([_to_numpy(p.values[c]) for p in parts]) if len(parts) > 1
+        else _to_numpy(parts[0].values[c])
+        for c in cols
+    }
+    context = {
+        c: np.concatenate([_to_numpy(p.context.column(c)) for p in parts])
+        for c in spec.context_columns
+    }
+    perm = None
+    if spec.shuffle:
+        perm = np.random.default_rng([spec.seed, spec.epoch, spec.consumer, index]).permutation(
+            len(rid)
+        )
+    return _Window(
+        rid,
+        np.concatenate([p.user_id for p in parts]),
+        np.concatenate([p.request_ts for p in parts]),
+        lengths,
+        offsets,
+        values,
+        context,
+        sum(p.bytes_read for p in parts),
+        sum(p.stats.get("thin_bytes", 0) for p in parts),
+        perm,
+    )
+
+
+def _piece(w: _Window, a: int, b: int) -> dict[str, Any]:
+    """Rows a..b (in the window's stream order) as numpy arrays."""
+    # Each row carries an equal share of its window's bytes; integer shares that sum exactly.
+    n = max(w.n, 1)
+    share = w.bytes_read * b // n - w.bytes_read * a // n
+    thin_share = w.thin_bytes_read * b // n - w.thin_bytes_read * a // n
+    if w.perm is None:
+        sl = slice(a, b)
+        lo, hi = int(w.offsets[a]), int(w.offsets[b])
+        return {
+            "request_id": w.request_id[sl], "user_id": w.user_id[sl],
+            "request_ts": w.request_ts[sl], "lengths": w.lengths[sl],
+            "values": {c: v[lo:hi] for c, v in w.values.items()},
+            "context": {c: v[sl] for c, v in w.context.items()},
+            "bytes_read": share, "thin_bytes_read": thin_share,
+        }
+    idx = w.perm[a:b]
+    lens = w.lengths[idx]
+    flat = _ranges(w.offsets[idx], lens)
+    return {
+        "request_id": w.request_id[idx], "user_id": w.user_id[idx],
+        "request_ts": w.request_ts[idx], "lengths": lens,
+        "values": {c: v[flat] for c, v in w.values.items()},
+        "context": {c: v[idx] for c, v in w.context.items()},
+        "bytes_read": share, "thin_bytes_read": thin_share,
+    }
+
+
+def _batch(pieces: list[dict[str, Any]]) -> Batch:
+    if len(pieces) == 1:
+        p = pieces[0]
+    else:
+        p = {
+            k: np.concatenate([q[k] for q in pieces])
+            for k in ("request_id", "user_id", "request_ts", "lengths")
+        }
+        p["values"] = {c: np.concatenate([q["values"][c] for q in pieces])
+                       for c in pieces[0]["values"]}
+        p["context"] = {c: np.concatenate([q["context"][c] for q in pieces])
+                        for c in pieces[0]["context"]}
+        p["bytes_read"] = sum(q["bytes_read"] for q in pieces)
+        p["thin_bytes_read"] = sum(q["thin_bytes_read"] for q in pieces)
+    return Batch(
+        request_id=_tensor(p["request_id"].astype(np.int64, copy=False)),
+        lengths=_tensor(p["lengths"].astype(np.int64, copy=False)),
+        values={c: _tensor(v) for c, v in p["values"].items()},
+        context={c: _tensor(v) for c, v in p["context"].items()},
+        user_id=_tensor(p["user_id"].astype(np.int64, copy=False)),
+        request_ts=_tensor(p["request_ts"].astype(np.int64, copy=False)),
+        bytes_read=int(p["bytes_read"]),
+        thin_bytes_read=int(p["thin_bytes_read"]),
+    )
+
+
+def iter_consumer(spec: ConsumerSpec) -> Iterator[tuple[int, Batch]]:
+    """The batches of one consumer from row ``spec.start_row`` on, as (stream end row, batch)."""
+    B = spec.batch_size
+    total = spec.total_rows
+    wins = windows_of(spec.units, spec.shuffle_buffer)
+    starts = np.cumsum([0] + [sum(spec.units[i].rows for i in w) for w in wins])
+    # Resume at the window holding the next row; windows before it are never read.
+    first = int(np.searchsorted(starts, spec.start_row, side="right")) - 1
+    if spec.start_row >= total or first >= len(wins):
+        return
+    reader = _UnitReader(spec)
+    todo = [i for w in wins[first:] for i in w]
+
+    def produce() -> Iterator[Sequences]:
+        for i in todo:
+            yield reader.read(spec.units[i])
+
+    units = Prefetcher(produce, depth=spec.prefetch, timeout_s=spec.timeout_s,
+                       name=f"lmat-prefetch-{spec.consumer}")
+    pos = spec.start_row
+    pending: list[dict[str, Any]] = []
+    pending_rows = 0
+    try:
+        for wi in range(first, len(wins)):
+            parts = [next(units) for _ in wins[wi]]
+            n_expected = int(starts[wi + 1] - starts[wi])
+            if sum(len(p) for p in parts) != n_expected:
+                raise ThinTableError(
+                    f"{spec.thin_uri}: read {sum(len(p) for p in parts)} rows for window {wi}, "
+                    f"expected {n_expected}"
+                )
+            w = _window(parts, spec, wi)
+            del parts
+            a = pos - int(starts[wi])
+            while a < w.n:
+                b = min(w.n, a + B - pending_rows)
+                pending.append(_piece(w, a, b))
+                pending_rows += b - a
+                pos += b - a
+                a = b
+                if pending_rows == B:
+                    yield pos, _batch(pending)
+                    pending, pending_rows = [], 0
+        if pending_rows and not spec.drop_last:
+            yield pos, _batch(pending)
+    finally:
+        units.close()
+
+
+# ---------------------------------------------------------------------------------- workers
+
+
+def _worker_main(spec: ConsumerSpec, q: Any, stop: Any) -> None:
+    """Body of a worker process: stream the consumer's batches into ``q``."""
+    torch.set_num_threads(1)
+
+    def put(msg: tuple[Any, ...]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(msg, timeout=POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for end, batch in iter_consumer(spec):
+            if not put(("batch", end, batch)):
+                return
+        put(("done", None, None))
+    except BaseException as e:
+        tb = traceback.format_exc()
+        try:
+            import pickle
+
+            payload: Any = pickle.dumps(e)
+        except Exception:  # the exception itself may not pickle; its text always does
+            payload = None
+        put(("error", (payload, type(e).__name__, str(e), tb), None))
+    # Tensors travel as shared-memory handles served by this process: stay alive until the
+    # main process has taken everything and says stop.
+    while not stop.wait(POLL_S):
+        pass
+
+
+class _RemoteTraceback(Exception):
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f"\n\nTraceback in the reader worker:\n{self.tb}"
+
+
+def _raise_remote(info: tuple[bytes | None, str, str, str], worker: int) -> None:
+    import pickle
+
+    payload, name, msg, tb = info
+    exc: BaseException | None = None
+    if payload is not None:
+        try:
+            exc = pickle.loads(payload)
+        except Exception:
+            exc = None
+    if exc is None:
+        exc = ReaderWorkerError(f"reader worker {worker} failed: {name}: {msg}")
+    raise exc from _RemoteTraceback(tb)
+
+
+def _mp_context() -> Any:
+    import multiprocessing as mp
+
+    methods = mp.get_all_start_methods()
+    method = "forkserver" if "forkserver" in methods else "spawn"
+    ctx = torch.multiprocessing.get_context(method)
+    if method == "forkserver":
+        # Import the heavy modules once in the server; each worker then forks from it cheaply.
+        ctx.set_forkserver_preload(["lmat_platform.reader.loader"])
+    return ctx
+
+
+# ---------------------------------------------------------------------------------- loader
+
+
+@dataclass
+class _Progress:
+    epoch: int
+    rows_done: list[int]
+    next_consumer: int = 0
+    batches: int = 0
+    complete: bool = False
+
+
+@dataclass
+class _ThinInfo:
+    version: int
+    bucket_rows: dict[int, int]
+    bucket_bytes: dict[int, int]
+    schema: pa.Schema
+    snap_min: int | None
+    snap_max: int | None
+    files: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _thin_info(store: Store, uri: str) -> _ThinInfo:
+    dt = open_thin(store, uri)
+    t = pa.table(dt.get_add_actions(flatten=True))  # type: ignore[arg-type]
+    rows: dict[int, int] = {}
+    nbytes: dict[int, int] = {}
+    for b, n, s in zip(t.column("partition.bucket").to_pylist(), t.column("num_records").to_pylist(),
+                       t.column("size_bytes").to_pylist(), strict=True):
+        rows[int(b)] = rows.get(int(b), 0) + int(n or 0)
+        nbytes[int(b)] = nbytes.get(int(b), 0) + int(s or 0)
+    lo = hi = None
+    if t.num_rows and "min.snapshot_id" in t.column_names:
+        mins = t.column("min.snapshot_id")
+        maxs = t.column("max.snapshot_id")
+        if mins.null_count == 0 and maxs.null_count == 0:
+            lo, hi = pc.min(mins).as_py(), pc.max(maxs).as_py()
+    if t.num_rows and (lo is None or hi is None):
+        # No statistics in the log: read the one narrow column.
+        s = dt.to_pyarrow_dataset().to_table(columns=["snapshot_id"]).column("snapshot_id")
+        mm = pc.min_max(s)
+        lo, hi = mm["min"].as_py(), mm["max"].as_py()
+    schema = pa.schema(dt.schema().to_arrow())  # type: ignore[arg-type]
+    return _ThinInfo(dt.version(), rows, nbytes, schema, lo, hi, t.num_rows)
+
+
+class SequenceLoader(torch.utils.data.IterableDataset):
+    """Batches of a tenant's reconstructed sequences for every request of a thin table.
+
+    One pass yields every request exactly once across all workers and ranks, each sequence
+    equal to what ``lmat materialize`` writes for it. Iterate it directly (it runs its own
+    worker processes when ``num_workers > 0``), or hand it to a ``torch.utils.data.DataLoader``
+    with ``batch_size=None`` and ``multiprocessing_context="forkserver"`` (or ``"spawn"``), in
+    which case it shards by the DataLoader's worker info and ``num_workers`` here must be 0.
+
+    The thin table's version and the store's state are pinned when the loader is built, so every
+    worker and rank reads the same rows.
+
+    Args:
+        store: the store (root path or URI, or an opened :class:`Store`).
+        thin: the thin table (a Delta table path or URI).
+        tenant: the projection to reconstruct.
+        batch_size: requests per batch.
+        num_workers: worker processes of this rank (0: read in this process).
+        shuffle: shuffle unit order and rows within a window, by ``(seed, epoch)``.
+        seed: the shuffle seed; every rank must use the same.
+        rank, world_size: this trainer's rank among ``world_size``.
+        shuffle_buffer: rows per shuffle window (consecutive units mixed together); defaults to
+            one unit per window. Memory holds about one window plus ``prefetch`` units.
+        prefetch: units read ahead per consumer (bounded queue); also batches queued per worker.
+        drop_last: drop each consumer's last, partial batch (breaks exactly-once by design).
+        verify: check each pointer against the stored head (O2O consistency).
+        max_unit_rows: rows per work unit; defaults to a budget of about
+            :data:`UNIT_VALUES` events per unit (``UNIT_VALUES // max_len``, within 256..65536).
+        timeout_s: longest wait for one batch or unit before :class:`ReaderTimeoutError`.
+        pin_memory: return batches in page-locked memory (when an accelerator is present).
+    """
+
+    def __init__(
+        self,
+        store: Store | str,
+        thin: str,
+        *,
+        tenant: Tenant,
+        batch_size: int = 512,
+        num_workers: int = 0,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int | None = None,
+        prefetch: int = 2,
+        drop_last: bool = False,
+        verify: bool = True,
+        max_unit_rows: int | None = None,
+        timeout_s: float | None = 600.0,
+        pin_memory: bool = False,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, but got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, but got {num_workers}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size), but got {rank} and {world_size}")
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, but got {prefetch}")
+        self.store = as_store(store)
+        self.thin_uri = thin if "://" in thin else os.path.abspath(thin)
+        self.tenant = tenant
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.prefetch = prefetch
+        self.drop_last = drop_last
+        self.timeout_s = timeout_s
+        self.pin_memory = pin_memory
+        # Raises TenantError for a column the store does not have.
+        self.ctx = ReadContext.build(self.store, tenant, verify=verify)
+        for c in tenant.columns:
+            typ = self.ctx.schema.field(c).type
+            if not tensorable(typ):
+                raise LmatError(
+                    f"tenant '{tenant.name}': column '{c}' has type {typ}, which has no tensor "
+                    "form (SequenceLoader reads numeric, boolean and timestamp columns)"
+                )
+        self.info = _thin_info(self.store, self.thin_uri)
+        n_snap = len(self.ctx.watermarks)
+        if self.info.snap_max is not None and (
+            self.info.snap_max >= n_snap or (self.info.snap_min or 0) < -1
+        ):
+            bad = self.info.snap_max if self.info.snap_max >= n_snap else self.info.snap_min
+            raise ThinTableError(
+                f"{thin}: pointers name snapshot {bad}, which does not exist in "
+                f"{self.store.root} ({n_snap} snapshots)"
+            )
+        self.thin_columns = [c for c in THIN_KEYS if c in self.info.schema.names]
+        self.context_columns = [
+            f.name for f in self.info.schema
+            if f.name not in THIN_KEYS and tensorable(f.type)
+        ]
+        self.thin_columns += self.context_columns
+        budget = max(256, min(65536, UNIT_VALUES // max(tenant.max_len, 1)))
+        self.max_unit_rows = max_unit_rows or budget
+        self.shuffle_buffer = shuffle_buffer or 0
+        self.epoch = 0
+        self._resume: _Progress | None = None
+        self._progress: _Progress | None = None
+        #: Compressed bytes read by this loader over its lifetime (all passes).
+        self.bytes_read = 0
+        #: Of ``bytes_read``: bytes of thin rows (the rest is the UIH tier).
+        self.thin_bytes_read = 0
+
+    # ------------------------------------------------------------------ plan
+    def _consumers(self) -> tuple[int, int]:
+        """(consumers per rank, first consumer offset within the rank) for this process."""
+        info = torch.utils.data.get_worker_info()
+        if info is not None:
+            if self.num_workers:
+                raise ValueError(
+                    "SequenceLoader(num_workers>0) inside a DataLoader worker: use one or the other"
+                )
+            return info.num_workers, info.id
+        return max(self.num_workers, 1), 0
+
+    def plan(self, epoch: int | None = None, per_rank: int | None = None) -> list[list[WorkUnit]]:
+        """Units of every consumer of the world for ``epoch``, rank-major."""
+        per_rank = per_rank or self._consumers()[0]
+        n = self.world_size * per_rank
+        units = plan_units(self.info.bucket_rows, self.info.bucket_bytes,
+                           max_unit_rows=self.max_unit_rows, min_units=n)
+        return assign_units(units, n, seed=self.seed,
+                            epoch=self.epoch if epoch is None else epoch, shuffle=self.shuffle)
+
+    def _specs(self, per_rank: int, epoch: int, rows_done: list[int]) -> list[ConsumerSpec]:
+        plan = self.plan(epoch, per_rank)
+        mine = plan[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return [
+            ConsumerSpec(
+                ctx=self.ctx, thin_uri=self.thin_uri, thin_version=self.info.version,
+                thin_columns=self.thin_columns, context_columns=self.context_columns,
+                units=units, consumer=self.rank * per_rank + w, batch_size=self.batch_size,
+                drop_last=self.drop_last, shuffle=self.shuffle, seed=self.seed, epoch=epoch,
+                shuffle_buffer=self.shuffle_buffer, prefetch=self.prefetch,
+                timeout_s=self.timeout_s, start_row=rows_done[w],
+            )
+            for w, units in enumerate(mine)
+        ]
+
+    @property
+    def num_requests(self) -> int:
+        """Requests this rank yields per pass (all consumers of the rank)."""
+        per_rank = max(self.num_workers, 1)
+        plan = self.plan(self.epoch, per_rank)
+        return sum(u.rows for us in plan[self.rank * per_rank:(self.rank + 1) * per_rank]
+                   for u in us)
+
+    def __len__(self) -> int:
+        per_rank = max(self.num_workers, 1)
+        plan = self.plan(self.epoch, per_rank)
+        rnd = math.floor if self.drop_last else math.ceil
+        return sum(rnd(sum(u.rows for u in us) / self.batch_size)
+                   for us in plan[self.rank * per_rank:(self.rank + 1) * per_rank])
+
+    # ------------------------------------------------------------------ epochs and state
+    def set_epoch(self, epoch: int) -> None:
+        """Select the shuffle of pass ``epoch`` (call before each pass, like DistributedSampler)."""
+        self.epoch = int(epoch)
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed, "shuffle": self.shuffle, "rank": self.rank,
+            "world_size": self.world_size, "num_workers": self.num_workers,
+            "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer,
+            "max_unit_rows": self.max_unit_rows, "thin_version": self.info.version,
+            "tenant": self.tenant.name, "drop_last": self.drop_last,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this rank stands in the current pass; resuming from it yields the identical
+        rest of the pass. Every rank saves and loads its own."""
+        p = self._progress or _Progress(self.epoch, [0] * max(self.num_workers, 1))
+        return {
+            "version": STATE_VERSION,
+            "config": self._config(),
+            "epoch": p.epoch,
+            "rows_done": list(p.rows_done),
+            "next_consumer": p.next_consumer,
+            "batches": p.batches,
+            "complete": p.complete,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` on the next iteration (same configuration only)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"state version {state.get('version')} is not {STATE_VERSION}")
+        have = self._config()
+        diff = {k: (v, have.get(k)) for k, v in state["config"].items() if have.get(k) != v}
+        if diff:
+            raise ValueError(
+                "cannot resume: the loader's configuration differs from the saved state's "
+                + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            )
+        self.epoch = int(state["epoch"])
+        self._resume = _Progress(int(state["epoch"]), list(state["rows_done"]),
+                                 int(state["next_consumer"]), int(state["batches"]),
+                                 bool(state["complete"]))
+        self._progress = replace(self._resume, rows_done=list(self._resume.rows_done))
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[Batch]:
+        per_rank, offset = self._consumers()
+        if torch.utils.data.get_worker_info() is not None:
+            # Inside a user's DataLoader worker: this process is one consumer; no resume.
+            spec = self._specs(per_rank, self.epoch, [0] * per_rank)[offset]
+            for _, b in iter_consumer(spec):
+                yield b
+            return
+        resume, self._resume = self._resume, None
+        if resume is not None and resume.complete:
+            return
+        prog = resume or _Progress(self.epoch, [0] * per_rank)
+        self._progress = prog
+        specs = self._specs(per_rank, prog.epoch, prog.rows_done)
+        source = (self._iter_local(specs[0]) if self.num_workers == 0
+                  else self._iter_workers(specs, prog.next_consumer))
+        for w, end, batch in source:
+            prog.rows_done[w] = end
+            prog.next_consumer = (w + 1) % per_rank
+            prog.batches += 1
+            self.bytes_read += batch.bytes_read
+            self.thin_bytes_read += batch.thin_bytes_read
+            yield batch.pin_memory() if self.pin_memory else batch
+        prog.complete = True
+
+    def _iter_local(self, spec: ConsumerSpec) -> Iterator[tuple[int, int, Batch]]:
+        for end, b in iter_consumer(spec):
+            yield 0, end, b
+
+    def _iter_workers(
+        self, specs: list[ConsumerSpec], first: int
+    ) -> Iterator[tuple[int, int, Batch]]:
+        ctx = _mp_context()
+        n = len(specs)
+        stop = ctx.Event()
+        queues = [ctx.Queue(maxsize=self.prefetch) for _ in range(n)]
+        procs = [
+            ctx.Process(target=_worker_main, args=(s, q, stop), daemon=True,
+                        name=f"lmat-reader-{s.consumer}")
+            for s, q in zip(specs, queues, strict=True)
+        ]
+        for p in procs:
+            p.start()
+        try:
+            active = [True] * n
+            w = first % n
+            while any(active):
+                if not active[w]:
+                    w = (w + 1) % n
+                    continue
+                kind, a, b = self._get(queues[w], procs[w], w)
+                if kind == "batch":
+                    yield w, a, b
+                elif kind == "done":
+                    active[w] = False
+                else:
+                    _raise_remote(a, w)
+                w = (w + 1) % n
+        finally:
+            stop.set()
+            for q in queues:
+                while True:
+                    try:
+                        q.get_nowait()
+                    except (queue.Empty, OSError, ValueError):
+                        break
+            for p in procs:
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.terminate()
+                    p.join(timeout=5)
+            for q in queues:
+                q.close()
+                q.join_thread()
+
+    def _get(self, q: Any, proc: Any, w: int) -> tuple[str, Any, Any]:
+        t0 = time.monotonic()
+        while True:
+            try:
+                return q.get(timeout=POLL_S)  # type: ignore[no-any-return]
+            except queue.Empty:
+                if not proc.is_alive():
+                    # It may have put its last message just before exiting.
+                    try:
+                        return q.get(timeout=POLL_S)  # type: ignore[no-any-return]
+                    except queue.Empty:
+                        raise ReaderWorkerError(
+                            f"reader worker {w} (pid {proc.pid}) exited with code "
+                            f"{proc.exitcode} without reporting an error"
+                        ) from None
+                waited = time.monotonic() - t0
+                if self.timeout_s is not None and waited > self.timeout_s:
+                    raise ReaderTimeoutError(
+                        f"no batch from reader worker {w} in {waited:.0f} s "
+                        f"(timeout_s={self.timeout_s})"
+                    ) from None

@@ -1,0 +1,240 @@
+"""SequenceLoader and Batch (spec section 9, issue 4): exactly once, parity with materialize,
+resume, pushdown, bad input."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lmat_platform as lmat
+from lmat_platform import synth
+from lmat_platform.exceptions import TenantError, ThinTableError
+from lmat_platform.reader import Batch, SequenceLoader, StoreUnreachableError, plan_units
+from lmat_platform.reader.loader import assign_units
+from lmat_platform.reader.prefetch import Prefetcher
+from reader_fixtures import (
+    ReaderStore,
+    build_store,
+    collect,
+    copy_store,
+    materialized,
+    same,
+    write_bad_thin,
+)
+
+TENANT = lmat.Tenant("ranking", ("item_id", "action", "dwell_ms", "event_ts"), 300)
+ACTIONS = lmat.Tenant("retrieval", ("item_id",), 64, actions=(1, 2), window_days=1.5)
+
+
+@pytest.fixture(scope="module")
+def rs(tmp_path_factory: pytest.TempPathFactory) -> ReaderStore:
+    return build_store(tmp_path_factory.mktemp("reader"))
+
+
+@pytest.fixture(scope="module")
+def reference(rs: ReaderStore, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = {}
+    for t in (TENANT, ACTIONS):
+        path = str(tmp_path_factory.mktemp("mat") / f"{t.name}.parquet")
+        lmat.materialize(rs.store, rs.thin, t, path)
+        out[t.name] = materialized(path, t.columns)
+    return out
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_every_request_exactly_once(rs: ReaderStore, reference: dict, num_workers: int,
+                                    world_size: int) -> None:
+    got: dict = {}
+    for rank in range(world_size):
+        loader = SequenceLoader(rs.store, rs.thin, tenant=TENANT, batch_size=50,
+                                num_workers=num_workers, shuffle=True, seed=3, rank=rank,
+                                world_size=world_size, max_unit_rows=120)
+        part = collect(list(loader))
+        assert len(part) == loader.num_requests
+        assert not part.keys() & got.keys(), "a request was yielded by two ranks"
+        got.update(part)
+    assert same(got, reference[TENANT.name])
+
+
+@pytest.mark.parametrize("tenant", [TENANT, ACTIONS], ids=lambda t: t.name)
+def test_sequences_equal_materialize(rs: ReaderStore, reference: dict, tenant: lmat.Tenant) -> None:
+    loader = SequenceLoader(rs.store, rs.thin, tenant=tenant, batch_size=64, shuffle=False)
+    batches = list(loader)
+    assert same(collect(batches), reference[tenant.name])
+    assert all(b.values["item_id"].dtype == torch.int64 for b in batches)
+    assert set(batches[0].context) == {"label", "candidate_item_id", "position"}
+    assert loader.bytes_read == sum(b.bytes_read for b in batches) > 0
+    assert len(loader) == len(batches)
+
+
+def test_shuffle_is_deterministic_by_seed_and_epoch(rs: ReaderStore) -> None:
+    def order(seed: int, epoch: int) -> list[int]:
+        loader = SequenceLoader(rs.store, rs.thin, tenant=ACTIONS, batch_size=100, shuffle=True,
+                                seed=seed, max_unit_rows=200, shuffle_buffer=400)
+        loader.set_epoch(epoch)
+        return [r for b in loader for r in b.request_id.tolist()]
+
+    a = order(0, 0)
+    assert a == order(0, 0)
+    assert a != order(0, 1) and a != order(1, 0)
+    assert sorted(a) == sorted(order(0, 1))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_mid_epoch_gives_identical_remainder(rs: ReaderStore, num_workers: int) -> None:
+    kw = dict(tenant=ACTIONS, batch_size=40, num_workers=num_workers, shuffle=True, seed=7,
+              max_unit_rows=150, shuffle_buffer=300)
+    full = SequenceLoader(rs.store, rs.thin, **kw)  # type: ignore[arg-type]
+    full.set_epoch(2)
+    want = [(b.request_id.tolist(), b.values["item_id"].tolist()) for b in full]
+
+    first = SequenceLoader(rs.store, rs.thin, **kw)  # type: ignore[arg-type]
+    first.set_epoch(2)
+    it = iter(first)
+    k = 7
+    head = [next(it) for _ in range(k)]
+    state = first.state_dict()
+    del it
+    assert [b.request_id.tolist() for b in head] == [w[0] for w in want[:k]]
+
+    resumed = SequenceLoader(rs.store, rs.thin, **kw)  # type: ignore[arg-type]
+    resumed.load_state_dict(state)
+    rest = [(b.request_id.tolist(), b.values["item_id"].tolist()) for b in resumed]
+    assert rest == want[k:]
+
+    other = SequenceLoader(rs.store, rs.thin, **{**kw, "batch_size": 41})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="batch_size"):
+        other.load_state_dict(state)
+
+
+def test_bytes_read_fall_as_max_len_falls(tmp_path: Path) -> None:
+    # Few, heavy users (the heaviest with ~20,000 events) in row groups of 128 rows.
+    cfg = synth.WorkloadConfig(seed=2, n_users=12, days=2, events_per_day=30000,
+                               requests_per_day=60)
+    heavy = build_store(tmp_path, n_buckets=2, row_group_rows=128, cfg=cfg)
+    read = {}
+    for L in (64, 512, 4096, 16384):
+        t = lmat.Tenant(f"l{L}", ("item_id", "action"), L)
+        loader = SequenceLoader(heavy.store, heavy.thin, tenant=t, batch_size=512)
+        sum(len(b) for b in loader)
+        read[L] = loader.bytes_read - loader.thin_bytes_read  # the UIH tier's share
+    assert read[64] < read[512] < read[4096] < read[16384], read
+    assert read[64] < read[16384] / 4, read
+
+
+def test_unknown_tenant_column(rs: ReaderStore) -> None:
+    bad = lmat.Tenant("bad", ("item_id", "no_such_column"), 10)
+    with pytest.raises(TenantError, match="no_such_column"):
+        SequenceLoader(rs.store, rs.thin, tenant=bad)
+
+
+def test_thin_table_with_nonexistent_snapshots(rs: ReaderStore, tmp_path: Path) -> None:
+    out = str(tmp_path / "bad_thin")
+    write_bad_thin(rs, out)
+    with pytest.raises(ThinTableError, match="does not exist"):
+        SequenceLoader(rs.store, out, tenant=TENANT)
+
+
+def test_thin_table_of_another_store(rs: ReaderStore, tmp_path: Path) -> None:
+    other = lmat.init_store(str(tmp_path / "other"))
+    with pytest.raises(ThinTableError, match="belongs to store"):
+        SequenceLoader(other, rs.thin, tenant=lmat.Tenant("ids", ("item_id",), 8))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_store_removed_mid_epoch_raises_not_hangs(rs: ReaderStore, tmp_path: Path,
+                                                  num_workers: int) -> None:
+    cp = copy_store(rs, tmp_path)
+    loader = SequenceLoader(cp.store, cp.thin, tenant=TENANT, batch_size=20, prefetch=1,
+                            num_workers=num_workers, max_unit_rows=20, timeout_s=30)
+    it = iter(loader)
+    next(it)
+    shutil.rmtree(Path(cp.store) / "uih")
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnreachableError, match="store") as e:
+        for _ in it:
+            pass
+    assert isinstance(e.value, OSError) and isinstance(e.value, lmat.LmatError)
+    assert time.monotonic() - t0 < 30
+
+
+def test_plan_covers_every_row_once() -> None:
+    rows = {0: 1000, 1: 10, 2: 0, 5: 333}
+    units = plan_units(rows, {}, max_unit_rows=300, min_units=9)
+    assert len(units) >= 9
+    for b, n in rows.items():
+        us = [u for u in units if u.bucket == b]
+        assert sum(u.rows for u in us) == n
+        assert [u.bounds for u in us] == sorted(u.bounds for u in us)
+    dealt = assign_units(units, 4, seed=1, epoch=0, shuffle=True)
+    key = lambda u: (u.bucket, u.part)  # noqa: E731
+    assert sorted((u for c in dealt for u in c), key=key) == sorted(units, key=key)
+    loads = [sum(u.rows for u in c) for c in dealt]
+    assert max(loads) - min(loads) <= max(u.rows for u in units)
+
+
+def _batch() -> Batch:
+    return Batch(
+        request_id=torch.tensor([11, 12, 13]),
+        lengths=torch.tensor([2, 0, 3]),
+        values={"item": torch.tensor([7, 9, 4, 4, 8]), "w": torch.tensor([1.0, 2, 3, 4, 5])},
+        context={"label": torch.tensor([1, 0, 1])},
+    )
+
+
+def test_batch_views() -> None:
+    b = _batch()
+    b.validate()
+    assert b.offsets().tolist() == [0, 2, 2, 5]
+    assert b.padded("item").tolist() == [[7, 9, 0], [0, 0, 0], [4, 4, 8]]
+    assert b.padded("item", side="left").tolist() == [[0, 7, 9], [0, 0, 0], [4, 4, 8]]
+    # A cut keeps the newest events.
+    assert b.padded("item", max_len=2, pad_value=-1).tolist() == [[7, 9], [-1, -1], [4, 8]]
+    assert b.padded("item", max_len=2, side="left").tolist() == [[7, 9], [0, 0], [4, 8]]
+    moved = b.to("cpu", non_blocking=True)
+    assert torch.equal(moved.values["w"], b.values["w"])
+    assert b.pin_memory().lengths.tolist() == [2, 0, 3]
+    with pytest.raises(ValueError, match="Sum of lengths"):
+        Batch(b.request_id, torch.tensor([2, 0, 2]), b.values).validate()
+
+
+def test_to_kjt_without_torchrec_is_a_clear_import_error() -> None:
+    try:
+        import torchrec  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="torchrec"):
+            _batch().to_kjt()
+    else:
+        kjt = _batch().to_kjt()
+        assert kjt.keys() == ["item"]
+        assert kjt.values().tolist() == [7, 9, 4, 4, 8]
+
+
+def test_prefetcher_propagates_errors_and_stops() -> None:
+    def boom():
+        yield 1
+        raise KeyError("original message")
+
+    p = Prefetcher(boom, depth=1)
+    assert next(p) == 1
+    with pytest.raises(KeyError, match="original message"):
+        next(p)
+
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    q = Prefetcher(endless, depth=2)
+    assert [next(q) for _ in range(3)] == [0, 1, 2]
+    q.close()
+    assert not q._thread.is_alive()
+    with pytest.raises(StopIteration):
+        next(q)
