@@ -231,24 +231,25 @@ def reconstruct_bucket(ctx: ReadContext, bucket: int, rows: pa.Table) -> Sequenc
         h_owner.append(sel[own])
         h_pos.append(p if idx_s is None else idx_s[p])
 
-    # --- tails: stored (streaming) or from the raw log (batch)
+    # --- head candidates, grouped by request, each run ascending
     need = list(dict.fromkeys(["event_ts", "event_id", *t.columns,
                                *(["action"] if t.actions is not None else [])]))
-    sources: list[pa.Table] = [E.select([c for c in need if c in E.column_names])]
-    owners = [np.concatenate(h_owner) if h_owner else np.zeros(0, np.int64)]
-    positions = [np.concatenate(h_pos) if h_pos else np.zeros(0, np.int64)]
+    h_own = np.concatenate(h_owner) if h_owner else np.zeros(0, np.int64)
+    h_idx = np.concatenate(h_pos) if h_pos else np.zeros(0, np.int64)
+    if not _grouped(h_own):
+        o = np.argsort(h_own, kind="stable")
+        h_own, h_idx = h_own[o], h_idx[o]
+
+    # --- tails: stored (streaming) or from the raw log (batch), filtered like the head
+    tail_parts: list[pa.Table] = []
+    t_owners: list[np.ndarray] = []
     tail_col = _column(rows, "tail")
     streamed = np.asarray(tail_col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-    tail_events = 0
     if streamed.any():
         lens = pc.fill_null(pc.list_value_length(tail_col), 0).to_numpy()
         flat = tail_col.flatten() if tail_col.offset == 0 else pc.list_flatten(tail_col)
-        ev = pa.Table.from_struct_array(flat).select(need)
-        own = np.repeat(np.arange(R), lens)
-        sources.append(ev)
-        owners.append(own)
-        positions.append(np.arange(len(own), dtype=np.int64))
-        tail_events += len(own)
+        tail_parts.append(pa.Table.from_struct_array(flat).select(need))
+        t_owners.append(np.repeat(np.arange(R), lens))
     batch = np.flatnonzero(~streamed)
     if len(batch):
         wm = np.where(S >= 0, ctx.watermarks[np.maximum(S, 0)] if n_snap else 0,
@@ -259,44 +260,69 @@ def reconstruct_bucket(ctx: ReadContext, bucket: int, rows: pa.Table) -> Sequenc
             int(T[batch].max()), buckets=np.array([bucket]),
             columns=list(dict.fromkeys(["user_id", "arrival_ts", *need])),
         )
-        own, pos = tails_from_raw(raw, users[batch], wm[batch], T[batch])
-        sources.append(raw.select(need))
-        owners.append(batch[own])
-        positions.append(pos)
-        tail_events += len(own)
-
-    # --- filter the tails like the head, merge, keep the last L
-    offs = np.cumsum([0] + [s.num_rows for s in sources[:-1]])
-    own = np.concatenate(owners)
-    gpos = np.concatenate([p + o for p, o in zip(positions, offs, strict=True)])
-    cat = {c: pa.concat_arrays([_column(s, c).cast(ctx.schema.field(c).type) for s in sources])
-           for c in need}
-    cts = cat["event_ts"].to_numpy(zero_copy_only=False)[gpos]
-    cid = cat["event_id"].to_numpy(zero_copy_only=False)[gpos]
-    n_head = len(owners[0])
-    keep = np.ones(len(own), dtype=bool)
-    if n_head < len(own):
-        tail_part = slice(n_head, None)
-        k = np.ones(len(own) - n_head, dtype=bool)
+        own_b, pos_b = tails_from_raw(raw, users[batch], wm[batch], T[batch])
+        tail_parts.append(raw.select(need).take(pa.array(pos_b)))
+        t_owners.append(batch[own_b])
+    tails = (
+        pa.concat_tables([p.cast(pa.schema([ctx.schema.field(c) for c in need]))
+                          for p in tail_parts]).combine_chunks()
+        if tail_parts else None
+    )
+    t_own = np.concatenate(t_owners) if t_owners else np.zeros(0, np.int64)
+    tail_events = len(t_own)
+    t_idx = np.arange(len(t_own), dtype=np.int64)
+    if tails is not None and len(t_own):
+        tts = tails.column("event_ts").to_numpy()
+        tid = tails.column("event_id").to_numpy()
+        k = np.ones(len(t_own), dtype=bool)
         if t.actions is not None:
-            acts = cat["action"].to_numpy(zero_copy_only=False)[gpos[tail_part]]
-            k &= np.isin(acts, t.action_array)
+            k &= np.isin(tails.column("action").to_numpy(zero_copy_only=False), t.action_array)
         if lo_ts is not None:
-            k &= cts[tail_part] >= lo_ts[own[tail_part]]
-        keep[tail_part] = k
-    if n_head < len(own) or not _grouped(own):
-        order = np.lexsort((cid, cts, own))
-        order = order[keep[order]]
-    else:
-        order = np.arange(len(own))
-    own_s = own[order]
-    counts = np.bincount(own_s, minlength=R)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.arange(len(own_s)) - starts[own_s]
-    final = order[rank >= (counts - L)[own_s]]
-    lengths = np.minimum(counts, L).astype(np.int64)
-    take = pa.array(gpos[final])
-    values = {c: cat[c].take(take) for c in t.columns}
+            k &= tts >= lo_ts[t_own]
+        o = np.lexsort((tid[k], tts[k], t_own[k]))
+        t_idx = np.flatnonzero(k)[o]
+        t_own = t_own[t_idx]
+
+    # --- merge: head run then tail run per request; a real merge only where a tail event
+    # sorts before the head's last event (late arrivals), then keep the last L
+    n_h = np.bincount(h_own, minlength=R)
+    n_t = np.bincount(t_own, minlength=R)
+    tot = n_h + n_t
+    out_start = np.cumsum(tot) - tot
+    h_rank = np.arange(len(h_own)) - (np.cumsum(n_h) - n_h)[h_own]
+    t_rank = np.arange(len(t_own)) - (np.cumsum(n_t) - n_t)[t_own]
+    n = int(tot.sum())
+    src_tail = np.zeros(n, dtype=bool)
+    idx = np.empty(n, dtype=np.int64)
+    idx[out_start[h_own] + h_rank] = h_idx
+    tdest = out_start[t_own] + n_h[t_own] + t_rank
+    idx[tdest] = t_idx
+    src_tail[tdest] = True
+    if len(t_own) and len(h_own):
+        both = np.flatnonzero((n_h > 0) & (n_t > 0))
+        h_last = idx[out_start[both] + n_h[both] - 1]
+        t_first = idx[out_start[both] + n_h[both]]
+        hts, hid = ets[h_last], E.column("event_id").to_numpy()[h_last]
+        fts, fid = tts[t_first], tid[t_first]
+        late = both[(fts < hts) | ((fts == hts) & (fid < hid))]
+        if len(late):
+            own_l, slot = expand_ranges(out_start[late], out_start[late] + tot[late])
+            sl_tail = src_tail[slot]
+            e_id = E.column("event_id").to_numpy()
+            ts_l = np.where(sl_tail, tts[np.where(sl_tail, idx[slot], 0)],
+                            ets[np.where(sl_tail, 0, idx[slot])] if len(ets) else 0)
+            id_l = np.where(sl_tail, tid[np.where(sl_tail, idx[slot], 0)],
+                            e_id[np.where(sl_tail, 0, idx[slot])] if len(e_id) else 0)
+            o = np.lexsort((id_l, ts_l, own_l))
+            idx[slot] = idx[slot[o]]
+            src_tail[slot] = src_tail[slot[o]]
+    owner_all = np.repeat(np.arange(R), tot)
+    rank = np.arange(n) - out_start[owner_all]
+    keep = rank >= (tot - L)[owner_all]
+    idx, src_tail = idx[keep], src_tail[keep]
+    lengths = np.minimum(tot, L).astype(np.int64)
+    values = {c: _gather(E.column(c), tails.column(c) if tails is not None else None, idx, src_tail)
+              for c in t.columns}
     ctx_cols = [c for c in rows.column_names if c not in THIN_KEYS]
     return Sequences(
         rid, users, T, lengths, values, rows.select(ctx_cols),
@@ -308,6 +334,27 @@ def reconstruct_bucket(ctx: ReadContext, bucket: int, rows: pa.Table) -> Sequenc
             "tail_events": tail_events,
         },
     )
+
+
+def _gather(
+    head: pa.ChunkedArray | pa.Array, tail: pa.ChunkedArray | pa.Array | None,
+    idx: np.ndarray, src_tail: np.ndarray,
+) -> pa.Array:
+    """Values at ``idx`` of the head column (``src_tail`` false) or the tail column (true)."""
+    h = head.combine_chunks() if isinstance(head, pa.ChunkedArray) else head
+    if tail is None or not src_tail.any():
+        return h.take(pa.array(idx))
+    tl = tail.combine_chunks() if isinstance(tail, pa.ChunkedArray) else tail
+    fixed = pa.types.is_integer(h.type) or pa.types.is_floating(h.type)
+    if fixed and h.null_count == 0 and tl.null_count == 0:
+        hv, tv = h.to_numpy(), tl.to_numpy()
+        out = np.empty(len(idx), dtype=hv.dtype)
+        m = ~src_tail
+        out[m] = hv[idx[m]]
+        out[src_tail] = tv[idx[src_tail]]
+        return pa.array(out, type=h.type)
+    both = pa.concat_arrays([h, tl.cast(h.type)])
+    return both.take(pa.array(np.where(src_tail, idx + len(h), idx)))
 
 
 def _grouped(owner: np.ndarray) -> bool:
