@@ -117,8 +117,6 @@ def _prepare(paths: Sequence[str], store: Store) -> list[tuple[str, pa.Table]]:
     seen: dict[str, pa.DataType] = {}
     out = []
     for p in paths:
-        if not os.path.exists(p):
-            raise SchemaError(f"{p}: file does not exist")
         t = normalize_events(read_parquet_file(p, what="event file"), where=p)
         if stored is not None:
             check_trait_types(t.schema, stored, where=p)
