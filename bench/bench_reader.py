@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import resource
 import subprocess
 import sys
@@ -64,9 +63,10 @@ def build(work: Path, *, scale: float, smoke: bool, snapshot_hours: int) -> dict
     from lmat_platform.store import compact_buckets, ingest_files, init_store, publish_snapshot
 
     if smoke:
-        cfg = synth.WorkloadConfig(seed=0, n_users=30, days=2, events_per_day=6000,
-                                   requests_per_day=200, user_zipf=1.1)
+        cfg = synth.WorkloadConfig(seed=0, n_users=30, days=2, events_per_day=4000,
+                                   requests_per_day=150, user_zipf=1.1)
         n_buckets, rg = 2, 512
+        snapshot_hours = max(snapshot_hours, 12)
     else:
         # Few hundred users with Zipf activity: the heaviest have 10^4..10^5 events, so every
         # tenant's max_len binds for some users. Fat rows copy histories per request, so their

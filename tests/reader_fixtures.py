@@ -16,6 +16,7 @@ from lmat_platform import synth
 from lmat_platform.protocol.thin import write_thin
 from lmat_platform.reader import Batch
 from lmat_platform.store import compact_buckets, ingest_files, init_store, publish_snapshot
+from lmat_platform.store.core import delta_dataset
 
 
 @dataclass
@@ -58,7 +59,7 @@ def copy_store(rs: ReaderStore, dest: Path) -> ReaderStore:
 def write_bad_thin(rs: ReaderStore, out: str, *, bump: int = 100) -> None:
     """A copy of the thin table whose pointers name snapshots the store does not have."""
     dt = DeltaTable(rs.thin)
-    t = dt.to_pyarrow_dataset().to_table()
+    t = delta_dataset(dt).to_table()
     i = t.schema.get_field_index("snapshot_id")
     t = t.set_column(i, "snapshot_id",
                      pa.array(t.column("snapshot_id").to_numpy() + bump, pa.int32()))

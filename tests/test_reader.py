@@ -7,16 +7,8 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-
-import lmat_platform as lmat
-from lmat_platform import synth
-from lmat_platform.exceptions import TenantError, ThinTableError
-from lmat_platform.reader import Batch, SequenceLoader, StoreUnreachableError, plan_units
-from lmat_platform.reader.loader import assign_units
-from lmat_platform.reader.prefetch import Prefetcher
 from reader_fixtures import (
     ReaderStore,
     build_store,
@@ -26,6 +18,13 @@ from reader_fixtures import (
     same,
     write_bad_thin,
 )
+
+import lmat_platform as lmat
+from lmat_platform import synth
+from lmat_platform.exceptions import TenantError, ThinTableError
+from lmat_platform.reader import Batch, SequenceLoader, StoreUnreachableError, plan_units
+from lmat_platform.reader.loader import assign_units
+from lmat_platform.reader.prefetch import Prefetcher
 
 TENANT = lmat.Tenant("ranking", ("item_id", "action", "dwell_ms", "event_ts"), 300)
 ACTIONS = lmat.Tenant("retrieval", ("item_id",), 64, actions=(1, 2), window_days=1.5)

@@ -55,7 +55,7 @@ from lmat_platform.reader.batch import Batch
 from lmat_platform.reader.errors import ReaderTimeoutError, ReaderWorkerError, StoreUnreachableError
 from lmat_platform.reader.prefetch import POLL_S, Prefetcher
 from lmat_platform.reconstruct import THIN_KEYS, ReadContext, Sequences, reconstruct_bucket
-from lmat_platform.store.core import Store, as_store, storage_options
+from lmat_platform.store.core import Store, as_store, delta_dataset, storage_options
 from lmat_platform.tenants import Tenant
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ class _UnitReader:
         if self._ds is None:
             dt = DeltaTable(self.spec.thin_uri, version=self.spec.thin_version,
                             storage_options=storage_options())
-            self._ds = dt.to_pyarrow_dataset()
+            self._ds = delta_dataset(dt)
         return self._ds
 
     def read(self, unit: WorkUnit) -> Sequences:
@@ -528,7 +528,7 @@ class _ThinInfo:
 
 def _thin_info(store: Store, uri: str) -> _ThinInfo:
     dt = open_thin(store, uri)
-    t = pa.table(dt.get_add_actions(flatten=True))  # type: ignore[arg-type]
+    t = pa.table(dt.get_add_actions(flatten=True))
     rows: dict[int, int] = {}
     nbytes: dict[int, int] = {}
     for b, n, s in zip(t.column("partition.bucket").to_pylist(), t.column("num_records").to_pylist(),
@@ -543,10 +543,10 @@ def _thin_info(store: Store, uri: str) -> _ThinInfo:
             lo, hi = pc.min(mins).as_py(), pc.max(maxs).as_py()
     if t.num_rows and (lo is None or hi is None):
         # No statistics in the log: read the one narrow column.
-        s = dt.to_pyarrow_dataset().to_table(columns=["snapshot_id"]).column("snapshot_id")
+        s = delta_dataset(dt).to_table(columns=["snapshot_id"]).column("snapshot_id")
         mm = pc.min_max(s)
         lo, hi = mm["min"].as_py(), mm["max"].as_py()
-    schema = pa.schema(dt.schema().to_arrow())  # type: ignore[arg-type]
+    schema = pa.schema(dt.schema().to_arrow())
     return _ThinInfo(dt.version(), rows, nbytes, schema, lo, hi, t.num_rows)
 
 
@@ -836,12 +836,12 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         t0 = time.monotonic()
         while True:
             try:
-                return q.get(timeout=POLL_S)  # type: ignore[no-any-return]
+                return q.get(timeout=POLL_S)
             except queue.Empty:
                 if not proc.is_alive():
                     # It may have put its last message just before exiting.
                     try:
-                        return q.get(timeout=POLL_S)  # type: ignore[no-any-return]
+                        return q.get(timeout=POLL_S)
                     except queue.Empty:
                         raise ReaderWorkerError(
                             f"reader worker {w} (pid {proc.pid}) exited with code "

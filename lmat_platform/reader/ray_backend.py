@@ -133,10 +133,10 @@ def _ray_dataset(
 def _collate_class(columns: tuple[str, ...], context: list[str]) -> Any:
     from ray.data.collate_fn import ArrowBatchCollateFn
 
-    class JaggedCollate(ArrowBatchCollateFn):  # type: ignore[misc]
+    class JaggedCollate(ArrowBatchCollateFn):
         """Arrow rows (list columns) -> :class:`Batch` (values + lengths), no per-row Python."""
 
-        def __call__(self, batch: pa.Table) -> Batch:
+        def __call__(self, batch: pa.Table) -> Batch:  # type: ignore[override]
             return arrow_to_batch(batch, columns, context)
 
     return JaggedCollate()
