@@ -29,6 +29,7 @@ from lmat_platform import quality, validate
 from lmat_platform.protocol import open_thin
 from lmat_platform.reconstruct import concat_sequences
 from lmat_platform.store import SnapshotInfo, Store
+from lmat_platform.store.core import delta_dataset
 
 #: Buckets of a day's thin rows whose pointers are verified against the tier's checksums.
 POINTER_SAMPLE_BUCKETS = 4
@@ -80,7 +81,7 @@ def _partition(context: dg.AssetCheckExecutionContext) -> str | None:
 def _day_rows(
     store: Store, uri: str, partition: str | None, columns: list[str] | None = None
 ) -> pa.Table:
-    ds = open_thin(store, uri).to_pyarrow_dataset()
+    ds = delta_dataset(open_thin(store, uri))
     if partition is None:
         return ds.to_table(columns=columns)
     lo, hi = day_range_us(partition)
@@ -275,8 +276,7 @@ def build_tenant_checks(tenant: lmat.Tenant) -> list[dg.AssetChecksDefinition]:
         for kind in THIN_KINDS:
             uri = lmat_store.thin_uri(kind)
             keys = (
-                open_thin(store, uri)
-                .to_pyarrow_dataset()
+                delta_dataset(open_thin(store, uri))
                 .to_table(columns=["request_id", "user_id", "request_ts", "bucket"])
             )
             rng = np.random.default_rng(0)

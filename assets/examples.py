@@ -13,6 +13,7 @@ from assets.partitions import DAILY
 from assets.resources import LmatResource
 from lmat_platform.protocol import open_thin
 from lmat_platform.store import Store
+from lmat_platform.store.core import delta_dataset
 
 _DESCRIPTIONS = {
     "log": "Streaming path: the day's requests as thin rows with the head pointer (snapshot, "
@@ -29,8 +30,7 @@ def _already_written(store: Store, uri: str, files: list[str]) -> int | None:
         return None
     ids = pq.read_table(files, columns=["request_id"]).column("request_id")
     have = (
-        open_thin(store, uri)
-        .to_pyarrow_dataset()
+        delta_dataset(open_thin(store, uri))
         .to_table(columns=["request_id"], filter=pads.field("request_id").isin(ids))
     )
     return have.num_rows if have.num_rows == len(ids) else None

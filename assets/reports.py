@@ -6,23 +6,24 @@ import json
 import os
 
 import dagster as dg
-import pyarrow.fs as pafs
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import DeltaTable
 
 import lmat_platform as lmat
 from assets.resources import LmatResource
 from assets.tenants import tenant_key
 from lmat_platform.protocol import open_thin
+from lmat_platform.store import live_bytes
+from lmat_platform.store.core import delta_dataset
 
-_REQUEST_COLUMNS_DROPPED = ("bucket", "snapshot_id", "head_len", "head_checksum", "tail")
+_REQUEST_COLUMNS_DROPPED = ("bucket", "snapshot_id", "head_len", "head_checksum", "tail_len")
 
 
-def _dir_bytes(path: str) -> int:
-    sel = pafs.FileSelector(path, recursive=True, allow_not_found=True)
-    return sum(
-        i.size or 0
-        for i in pafs.LocalFileSystem().get_file_info(sel)
-        if i.type == pafs.FileType.File
-    )
+def _live_bytes(uri: str) -> int:
+    """Bytes of the files a Delta table's latest version references (not unvacuumed ones)."""
+    t = pa.table(DeltaTable(uri).get_add_actions(flatten=True))
+    return int(pc.sum(t.column("size_bytes")).as_py() or 0) if t.num_rows else 0
 
 
 def _plot_png(rows: list[dict[str, object]]) -> bytes:
@@ -57,18 +58,20 @@ def build_storage_report(tenants: dict[str, lmat.Tenant]) -> dg.AssetsDefinition
         kinds={"python"},
         description="Bytes on disk per tenant: thin example rows plus the shared UIH tier, against "
         "fat rows (the whole projected history copied into every example), with a plot. The "
-        "'all tenants' bar is one fat dataset at the union projection.",
+        "'all tenants' bar is one fat dataset at the union projection. Live bytes (files the "
+        "tables' latest versions reference), so compaction leftovers awaiting vacuum are not counted.",
     )
     def _report(lmat_store: LmatResource) -> dg.MaterializeResult:
         store = lmat_store.open()
         thin_uri = lmat_store.thin_uri("examples")
-        requests = open_thin(store, thin_uri).to_pyarrow_dataset().to_table()
+        requests = delta_dataset(open_thin(store, thin_uri)).to_table()
         requests = requests.drop_columns(
-            [c for c in _REQUEST_COLUMNS_DROPPED if c in requests.column_names]
+            [c for c in requests.column_names
+             if c in _REQUEST_COLUMNS_DROPPED or c.startswith("tail_")]
         )
-        sizes = lmat.disk_bytes(store)
+        sizes = live_bytes(store)
         uih_bytes = sizes["uih"] + sizes["heads"] + sizes["snapshots"]
-        thin_bytes = _dir_bytes(thin_uri)
+        thin_bytes = _live_bytes(thin_uri)
         rows: list[dict[str, object]] = []
         targets: list[tuple[str, lmat.Tenant | list[lmat.Tenant]]] = list(tenants.items())
         if len(tenants) > 1:

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from lmat_platform.exceptions import O2OConsistencyError, ThinTableError
 from lmat_platform.protocol.pointers import HeadIndex, expand_ranges, searchsorted2
-from lmat_platform.protocol.thin import open_thin, read_raw_range, tails_from_raw
+from lmat_platform.protocol.thin import TAIL_PREFIX, open_thin, read_raw_range, tails_from_raw
 from lmat_platform.schema import EVENT_COLUMNS
 from lmat_platform.store import uih
 from lmat_platform.store.core import Store, as_store, delta_dataset
@@ -42,7 +42,7 @@ from lmat_platform.tenants import Tenant
 log = logging.getLogger(__name__)
 
 THIN_KEYS = ("request_id", "user_id", "request_ts", "bucket", "snapshot_id", "head_len",
-             "head_checksum", "tail")
+             "head_checksum", "tail_len")
 INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -107,6 +107,8 @@ class ReadContext:
     forgotten: np.ndarray
     files: dict[int, list[uih.TierFile]]
     schema: pa.Schema
+    #: Data files of ``heads/`` per bucket, listed once per pass (pinned like the tier's files).
+    heads_files: dict[int, list[str]]
     verify: bool = True
 
     @classmethod
@@ -129,6 +131,15 @@ class ReadContext:
             if raw is not None:
                 schema = pa.schema(raw.schema().to_arrow())  # type: ignore[arg-type]
             tenant.check_columns(schema.names)
+        heads_files: dict[int, list[str]] = {}
+        hdt = store.open_table("heads")
+        if hdt is not None:
+            _, root = store.filesystem()
+            at = pa.table(hdt.get_add_actions(flatten=True))
+            if at.num_rows:
+                for p, b in zip(at.column("path").to_pylist(),
+                                at.column("partition.bucket").to_pylist(), strict=True):
+                    heads_files.setdefault(int(b), []).append(f"{root}/heads/{p}")
         return cls(
             store,
             tenant,
@@ -137,6 +148,7 @@ class ReadContext:
             forgotten_users(store),
             files,
             schema,
+            heads_files,
             verify,
         )
 
@@ -170,7 +182,9 @@ def reconstruct_bucket(ctx: ReadContext, bucket: int, rows: pa.Table) -> Sequenc
         raise ThinTableError(
             f"request {rid[i]}: pointer names snapshot {S[i]}, published after the request time {T[i]}"
         )
-    heads = HeadIndex.load(ctx.store, np.unique(users), np.array([bucket]))
+    heads = HeadIndex.from_files(
+        ctx.store.filesystem()[0], ctx.heads_files.get(bucket, []), users
+    )
     if ctx.verify:
         exp_len, exp_cs = heads.pointers(users, S)
         hl = rows.column("head_len").to_numpy().astype(np.int64)
@@ -217,38 +231,26 @@ def reconstruct_bucket(ctx: ReadContext, bucket: int, rows: pa.Table) -> Sequenc
         if lo_ts is not None
         else np.searchsorted(eu, users, side="left")
     )
-    h_owner, h_pos = [], []
-    for snap in np.unique(S[has_head]).tolist():
-        sel = np.flatnonzero(snap == S)
-        m = esn <= snap
-        if m.all():
-            c_lo, c_hi, idx_s = lo[sel], e_end[sel], None
-        else:
-            cum = np.concatenate([[0], np.cumsum(m)])
-            c_lo, c_hi, idx_s = cum[lo[sel]], cum[e_end[sel]], np.flatnonzero(m)
-        take = np.minimum(L, np.maximum(c_hi - c_lo, 0))
-        own, p = expand_ranges(c_hi - take, c_hi)
-        h_owner.append(sel[own])
-        h_pos.append(p if idx_s is None else idx_s[p])
+    h_own, h_idx = _select_heads(eu, esn, lo, e_end, S, has_head, L)
 
     # --- head candidates, grouped by request, each run ascending
     need = list(dict.fromkeys(["event_ts", "event_id", *t.columns,
                                *(["action"] if t.actions is not None else [])]))
-    h_own = np.concatenate(h_owner) if h_owner else np.zeros(0, np.int64)
-    h_idx = np.concatenate(h_pos) if h_pos else np.zeros(0, np.int64)
-    if not _grouped(h_own):
-        o = np.argsort(h_own, kind="stable")
-        h_own, h_idx = h_own[o], h_idx[o]
 
     # --- tails: stored (streaming) or from the raw log (batch), filtered like the head
     tail_parts: list[pa.Table] = []
     t_owners: list[np.ndarray] = []
-    tail_col = _column(rows, "tail")
-    streamed = np.asarray(tail_col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    tail_len = _column(rows, "tail_len")
+    streamed = np.asarray(tail_len.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
     if streamed.any():
-        lens = pc.fill_null(pc.list_value_length(tail_col), 0).to_numpy()
-        flat = tail_col.flatten() if tail_col.offset == 0 else pc.list_flatten(tail_col)
-        tail_parts.append(pa.Table.from_struct_array(flat).select(need))
+        lens = pc.fill_null(tail_len, 0).to_numpy()
+        n_ev = int(lens.sum())
+        tail_parts.append(pa.table({
+            c: (pc.list_flatten(_column(rows, TAIL_PREFIX + c))
+                if TAIL_PREFIX + c in rows.column_names
+                else pa.nulls(n_ev, ctx.schema.field(c).type))
+            for c in need
+        }))
         t_owners.append(np.repeat(np.arange(R), lens))
     batch = np.flatnonzero(~streamed)
     if len(batch):
@@ -323,7 +325,7 @@ def reconstruct_bucket(ctx: ReadContext, bucket: int, rows: pa.Table) -> Sequenc
     lengths = np.minimum(tot, L).astype(np.int64)
     values = {c: _gather(E.column(c), tails.column(c) if tails is not None else None, idx, src_tail)
               for c in t.columns}
-    ctx_cols = [c for c in rows.column_names if c not in THIN_KEYS]
+    ctx_cols = [c for c in rows.column_names if is_context_column(c)]
     return Sequences(
         rid, users, T, lengths, values, rows.select(ctx_cols),
         br.bytes_read,
@@ -334,6 +336,59 @@ def reconstruct_bucket(ctx: ReadContext, bucket: int, rows: pa.Table) -> Sequenc
             "tail_events": tail_events,
         },
     )
+
+
+def event_columns(tenant: Tenant) -> list[str]:
+    """Event columns the kernel needs for a tenant: ordering keys, its columns, its filter."""
+    return list(dict.fromkeys(["event_ts", "event_id", *tenant.columns,
+                               *(["action"] if tenant.actions is not None else [])]))
+
+
+def thin_columns(tenant: Tenant, names: list[str]) -> list[str]:
+    """Thin-table columns to read for a tenant: keys, pointer, and only its tail fields
+    (column pushdown into the thin rows); ride-along request columns are added by callers."""
+    want = [*THIN_KEYS, *(TAIL_PREFIX + c for c in event_columns(tenant))]
+    return [c for c in want if c in names]
+
+
+def is_context_column(name: str) -> bool:
+    """A ride-along request column (not a key, pointer or tail field)."""
+    return name not in THIN_KEYS and not name.startswith(TAIL_PREFIX)
+
+
+def _select_heads(
+    eu: np.ndarray, esn: np.ndarray, lo: np.ndarray, e_end: np.ndarray, S: np.ndarray,
+    has_head: np.ndarray, L: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(request, row) of the last ``L`` head rows of each request, grouped by request, ascending.
+
+    The head of a request is its user's rows in ``[lo, e_end)`` with ``snapshot_id <= S``. Rows
+    of later snapshots are excluded; there are ``excl`` of them in the user's slice, so the last
+    ``L`` qualifying rows lie in the window ``[e_end - L - excl, e_end)``: only windows are
+    expanded, never a whole bucket per snapshot.
+    """
+    R = len(S)
+    excl = np.zeros(R, dtype=np.int64)
+    if len(esn) and has_head.any() and esn.max() > S[has_head].min():
+        # Count rows with snapshot_id > S in each user's slice: search (user, snapshot) keys.
+        ui = np.concatenate([[0], np.cumsum(eu[1:] != eu[:-1])]).astype(np.int64)
+        K = int(esn.max()) + 2
+        keys = np.sort(ui * K + esn.astype(np.int64))
+        present = e_end > lo
+        base = np.where(present, ui[np.minimum(lo, len(ui) - 1)] * K, 0)
+        hi_k = np.searchsorted(keys, base + K, side="left")
+        lo_k = np.searchsorted(keys, base + np.maximum(S, -1) + 1, side="left")
+        excl = np.where(present, hi_k - lo_k, 0)
+    start = np.where(has_head, np.maximum(lo, e_end - L - excl), e_end)
+    own, pos = expand_ranges(start, e_end)
+    if not excl.any():
+        return own, pos
+    q = esn[pos] <= S[own]
+    own, pos = own[q], pos[q]
+    cq = np.bincount(own, minlength=R)
+    rank = np.arange(len(own)) - (np.cumsum(cq) - cq)[own]
+    keep = rank >= (cq - L)[own]
+    return own[keep], pos[keep]
 
 
 def _gather(
@@ -382,10 +437,25 @@ def iter_reconstruct(
     dt = open_thin(store, thin_uri)
     ctx = ReadContext.build(store, tenant, verify=verify)
     ds = delta_dataset(dt)
+    cols = thin_columns(tenant, ds.schema.names) + [
+        c for c in ds.schema.names if is_context_column(c)]
+    # Bound the memory of one call (about 2^23 output values), cutting at user boundaries so
+    # each chunk's users are contiguous in the tier's sort order.
+    chunk = max(256, (1 << 23) // tenant.max_len)
     for b in buckets if buckets is not None else thin_buckets(ds):
-        rows = ds.to_table(filter=pads.field("bucket") == b)
-        if rows.num_rows:
-            yield reconstruct_bucket(ctx, b, rows)
+        rows = ds.to_table(filter=pads.field("bucket") == b, columns=cols)
+        if not rows.num_rows:
+            continue
+        rows = rows.sort_by([("user_id", "ascending"), ("request_ts", "ascending")])
+        u = rows.column("user_id").to_numpy()
+        start = 0
+        while start < len(u):
+            end = min(start + chunk, len(u))
+            if end < len(u):
+                end = int(np.searchsorted(u, u[end], side="left")) or int(
+                    np.searchsorted(u, u[end], side="right"))
+            yield reconstruct_bucket(ctx, b, rows.slice(start, end - start))
+            start = end
 
 
 def materialize(

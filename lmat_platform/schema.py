@@ -31,8 +31,11 @@ REQUEST_COLUMNS: dict[str, pa.DataType] = {
 
 #: Columns the platform adds to stored tables; input may not use these names.
 RESERVED_COLUMNS = frozenset(
-    {"bucket", "snapshot_id", "head_len", "head_checksum", "tail", "reason", "source", "batch_id"}
+    {"bucket", "snapshot_id", "head_len", "head_checksum", "tail_len", "reason", "source",
+     "batch_id"}
 )
+#: Request columns may not start with this (the streaming tail's columns do).
+RESERVED_PREFIX = "tail_"
 
 MICROS_PER_DAY = 86_400 * 1_000_000
 
@@ -132,7 +135,7 @@ def normalize_requests(table: pa.Table, *, where: str) -> pa.Table:
     for c in REQUEST_COLUMNS:
         if c not in names:
             raise RequestError(f"{where}: missing required column '{c}'")
-    reserved = sorted(names & RESERVED_COLUMNS)
+    reserved = sorted((names & RESERVED_COLUMNS) | {n for n in names if n.startswith(RESERVED_PREFIX)})
     if reserved:
         raise RequestError(f"{where}: column '{reserved[0]}' is reserved by lmat")
     cols = {}

@@ -18,6 +18,7 @@ its own process group, which is stopped as a whole when the launcher is interrup
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -171,16 +172,19 @@ def launch_ui(
             _stop_group(proc)
 
 
-def _stop_group(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
-    """SIGTERM the process group of ``proc``, then SIGKILL it if it lingers."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=timeout_s)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
+def _stop_group(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
+    """Stop the process group of ``proc``: SIGINT (dagster dev's graceful shutdown), then
+    SIGTERM, then SIGKILL, each after ``timeout_s`` without an exit."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
-        proc.wait()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader exited; take down whatever it left behind in its group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return

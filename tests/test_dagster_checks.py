@@ -20,6 +20,7 @@ from jobs.bootstrap import DAILY_ASSETS
 from jobs.definitions import build_defs
 from lmat_platform import quality
 from lmat_platform.store import SnapshotInfo
+from lmat_platform.store.core import delta_dataset
 from lmat_platform.synth import WorkloadConfig
 from lmat_platform.ui import land_workload
 
@@ -124,18 +125,25 @@ def test_injected_leakage_fails_blocking_check_and_stops_downstream(
     res, _ = deployment
     # A buggy streaming logger: one logged tail holds an event that arrived after the request.
     uri = res.thin_uri("log")
-    thin = DeltaTable(uri).to_pyarrow_table()
-    raw = DeltaTable(str(Path(res.store) / "raw")).to_pyarrow_table()
+    thin = delta_dataset(DeltaTable(uri)).to_table()
+    raw = delta_dataset(DeltaTable(str(Path(res.store) / "raw"))).to_table()
     users = thin.column("user_id").to_numpy()
     ts = thin.column("request_ts").to_numpy()
     ru, ra = raw.column("user_id").to_numpy(), raw.column("arrival_ts").to_numpy()
     row = next(i for i in range(thin.num_rows) if ((ru == users[i]) & (ra >= ts[i])).any())
     j = int(np.flatnonzero((ru == users[row]) & (ra >= ts[row]))[0])
-    tail_type = thin.schema.field("tail").type
-    future = {f.name: raw.column(f.name)[j].as_py() for f in tail_type.value_type}
-    tails = thin.column("tail").to_pylist()
-    tails[row] = [*(tails[row] or []), future]
-    thin = thin.set_column(thin.schema.get_field_index("tail"), "tail", pa.array(tails, tail_type))
+    for name in thin.column_names:
+        if not name.startswith("tail_"):
+            continue
+        if name == "tail_len":
+            lens = thin.column(name).to_pylist()
+            lens[row] = (lens[row] or 0) + 1
+            new = pa.array(lens, thin.schema.field(name).type)
+        else:
+            vals = thin.column(name).to_pylist()
+            vals[row] = [*(vals[row] or []), raw.column(name.removeprefix("tail_"))[j].as_py()]
+            new = pa.array(vals, thin.schema.field(name).type)
+        thin = thin.set_column(thin.schema.get_field_index(name), name, new)
     write_deltalake(DeltaTable(uri), thin, mode="overwrite")
 
     r = _run(build_defs(res), dg.AssetSelection.assets(*DOWNSTREAM))
@@ -155,7 +163,7 @@ def test_rewritten_uih_fails_immutability_and_stops_thin_rows(
     res, days = deployment
     # Someone deletes events from the published tier outside of `lmat forget`.
     uih = DeltaTable(str(Path(res.store) / "uih"))
-    victim = int(pc.min(uih.to_pyarrow_table(columns=["user_id"]).column("user_id")).as_py())
+    victim = int(pc.min(delta_dataset(uih).to_table(columns=["user_id"]).column("user_id")).as_py())
     uih.delete(f"user_id = {victim}")
     r = _run(
         build_defs(res),

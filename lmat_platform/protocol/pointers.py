@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -94,6 +95,21 @@ class HeadIndex:
             columns=["user_id", "snapshot_id", "head_len", "head_checksum", "markers"],
             filters=f,
         )
+        return cls._from_table(t)
+
+    @classmethod
+    def from_files(cls, fs: Any, paths: list[str], users: np.ndarray) -> HeadIndex:
+        """Head summaries of ``users`` from the given ``heads/`` data files (one bucket's)."""
+        if not paths or len(users) == 0:
+            return cls.empty()
+        ds = pads.dataset(paths, format="parquet", filesystem=fs)
+        cols = [c for c in ("user_id", "snapshot_id", "head_len", "head_checksum", "markers")
+                if c in ds.schema.names]
+        t = ds.to_table(columns=cols, filter=pads.field("user_id").isin(pa.array(np.unique(users))))
+        return cls._from_table(t)
+
+    @classmethod
+    def _from_table(cls, t: pa.Table | None) -> HeadIndex:
         if t is None or t.num_rows == 0:
             return cls.empty()
         t = t.sort_by([("user_id", "ascending"), ("snapshot_id", "ascending")])

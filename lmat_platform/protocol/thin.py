@@ -3,13 +3,15 @@
 A thin row is the request's own columns plus the versioned pointer, clustered by the user
 bucket of the UIH tier::
 
-    request_id | user_id | request_ts | bucket | snapshot_id | head_len | head_checksum | tail | ...
-    -----------+---------+------------+--------+-------------+----------+---------------+------+----
-    17         | 42      | T          | 3      | 5           | 1203     | 0x9c..        | [e1, e2]    streaming
-    18         | 42      | T'         | 3      | 5           | 1203     | 0x9c..        | null        batch
+    request_id | user_id | request_ts | bucket | snapshot_id | head_len | head_checksum | tail_len | tail_item_id | ...
+    -----------+---------+------------+--------+-------------+----------+---------------+----------+--------------+----
+    17         | 42      | T          | 3      | 5           | 1203     | 0x9c..        | 2        | [i1, i2]     |    streaming
+    18         | 42      | T'         | 3      | 5           | 1203     | 0x9c..        | null     | null         |    batch
 
 On the streaming path ``tail`` is the physical copy of the events with ``W_S <= arrival_ts < T``
-that serving saw; on the batch path it is null and the tail is read from the raw log.
+that serving saw, stored as one list column per event field (``tail_item_id``, ...) with its
+length in ``tail_len``; on the batch path ``tail_len`` is null and the tail is read from the
+raw log.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ log = logging.getLogger(__name__)
 
 STORE_ID_KEY = "lmat.store_id"
 POINTER_COLUMNS = ("snapshot_id", "head_len", "head_checksum")
+#: The streaming tail is stored column by column (``tail_item_id``, ``tail_event_ts``, ...: one
+#: list column per event field) so that a reader decodes only the fields its tenant needs;
+#: ``tail_len`` is its length, null on the batch path.
+TAIL_PREFIX = "tail_"
 _DROP_FROM_TAIL = ("bucket", "source", "batch_id")
 
 
@@ -123,14 +129,16 @@ def build_thin_rows(
         owner = owner[order]
         offsets = np.zeros(len(users) + 1, dtype=np.int32)
         np.cumsum(np.bincount(owner, minlength=len(users)), out=offsets[1:])
-        struct = pa.StructArray.from_arrays(
-            [ev.column(f.name).combine_chunks().cast(f.type) if f.name in ev.column_names
-             else pa.nulls(ev.num_rows, f.type) for f in stype],
-            fields=list(stype),
-        )
-        cols["tail"] = pa.ListArray.from_arrays(pa.array(offsets), struct)
+        off = pa.array(offsets)
+        cols["tail_len"] = pa.array(np.diff(offsets).astype(np.int32))
+        for f in stype:
+            vals = (ev.column(f.name).combine_chunks().cast(f.type) if f.name in ev.column_names
+                    else pa.nulls(ev.num_rows, f.type))
+            cols[TAIL_PREFIX + f.name] = pa.ListArray.from_arrays(off, vals)
     else:
-        cols["tail"] = pa.nulls(len(users), pa.list_(stype))
+        cols["tail_len"] = pa.nulls(len(users), pa.int32())
+        for f in stype:
+            cols[TAIL_PREFIX + f.name] = pa.nulls(len(users), pa.list_(f.type))
     for c in requests.column_names:
         if c not in cols:
             cols[c] = requests.column(c)
@@ -205,8 +213,7 @@ def write_thin(
     )
     if path == "log":
         register_thin_table(store, out if "://" in out else os.path.abspath(out))
-    tails = rows.column("tail")
-    n_tail = int(pc.sum(pc.list_value_length(tails)).as_py() or 0) if path == "log" else 0
+    n_tail = int(pc.sum(rows.column("tail_len")).as_py() or 0) if path == "log" else 0
     return {
         "path": path,
         "requests": rows.num_rows,

@@ -54,7 +54,13 @@ from lmat_platform.protocol.thin import open_thin
 from lmat_platform.reader.batch import Batch
 from lmat_platform.reader.errors import ReaderTimeoutError, ReaderWorkerError, StoreUnreachableError
 from lmat_platform.reader.prefetch import POLL_S, Prefetcher
-from lmat_platform.reconstruct import THIN_KEYS, ReadContext, Sequences, reconstruct_bucket
+from lmat_platform.reconstruct import (
+    ReadContext,
+    Sequences,
+    is_context_column,
+    reconstruct_bucket,
+    thin_columns,
+)
 from lmat_platform.store.core import Store, as_store, delta_dataset, storage_options
 from lmat_platform.tenants import Tenant
 
@@ -643,10 +649,10 @@ class SequenceLoader(torch.utils.data.IterableDataset):
                 f"{thin}: pointers name snapshot {bad}, which does not exist in "
                 f"{self.store.root} ({n_snap} snapshots)"
             )
-        self.thin_columns = [c for c in THIN_KEYS if c in self.info.schema.names]
+        self.thin_columns = thin_columns(tenant, self.info.schema.names)
         self.context_columns = [
             f.name for f in self.info.schema
-            if f.name not in THIN_KEYS and tensorable(f.type)
+            if is_context_column(f.name) and tensorable(f.type)
         ]
         self.thin_columns += self.context_columns
         budget = max(256, min(65536, UNIT_VALUES // max(tenant.max_len, 1)))

@@ -14,11 +14,15 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 from deltalake import CommitProperties
+from deltalake.transaction import AddAction, RemoveAction
 
 from lmat_platform.exceptions import LmatError
 from lmat_platform.hashing import bucket_of
+from lmat_platform.store import uih
 from lmat_platform.store.core import Store, as_store, delta_dataset, now_us, storage_options
 
 log = logging.getLogger(__name__)
@@ -45,11 +49,14 @@ def forget_users(store: Store | str, user_ids: Sequence[int]) -> dict[str, int]:
     removed: dict[str, int] = {}
     with store.write_lock():
         for name in DATA_TABLES:
+            if name == "uih":
+                removed[name] = _forget_in_tier(store, users, buckets)
+                continue
             dt = store.open_table(name)
             if dt is None:
                 removed[name] = 0
                 continue
-            pred = f"{pred_bucket} AND {pred_user}" if name in ("uih", "heads") else pred_user
+            pred = f"{pred_bucket} AND {pred_user}" if name == "heads" else pred_user
             metrics = dt.delete(pred, commit_properties=props)
             removed[name] = int(metrics.get("num_deleted_rows", 0))
         for uri in registered_thin_tables(store):
@@ -68,6 +75,43 @@ def forget_users(store: Store | str, user_ids: Sequence[int]) -> dict[str, int]:
     return removed
 
 
+def _forget_in_tier(store: Store, users: np.ndarray, buckets: np.ndarray) -> int:
+    """Remove the users' rows from the UIH tier in one commit tagged ``forget``, keeping its
+    layout: each touched file is rewritten sorted, in row groups, by :func:`uih.write_files`.
+
+    (A plain Delta delete would concatenate a bucket's files into one unsorted file, which
+    breaks the sort order that :func:`uih.read_bucket` and its row-group pruning rely on.)
+    """
+    dt = store.open_table("uih")
+    if dt is None:
+        return 0
+    fs, root = store.filesystem()
+    actions: list[AddAction | RemoveAction] = []
+    removed = 0
+    ts = now_us() // 1000
+    for f in uih.list_files(dt):
+        if f.bucket not in buckets:
+            continue
+        if not uih.row_groups_for_users(uih.file_metadata(store, f.path), users):
+            continue
+        with fs.open_input_file(f"{root}/uih/{f.path}") as fh:
+            t = pq.read_table(fh)
+        gone = np.isin(t.column("user_id").to_numpy(), users)
+        if not gone.any():
+            continue
+        removed += int(gone.sum())
+        t = t.filter(pa.array(~gone))
+        if t.num_rows:
+            t = t.append_column("bucket", pa.array(np.full(t.num_rows, f.bucket, np.int32)))
+            actions += uih.write_files(store, t, prefix=f"f-{f.max_snapshot or 0:06d}",
+                                       data_change=True)
+        actions.append(RemoveAction(f.path, True, ts, f.size, {"bucket": str(f.bucket)}))
+    if actions:
+        uih.commit(store, actions, pa.schema(dt.schema().to_arrow()),  # type: ignore[arg-type]
+                   op="forget", metadata={"users": len(users)})
+    return removed
+
+
 def _purge_tails(uri: str, users: np.ndarray, buckets: np.ndarray, props: CommitProperties) -> int:
     """Empty the tails of the users' rows in one thin table (one replace-where commit)."""
     from deltalake import DeltaTable, write_deltalake
@@ -81,12 +125,17 @@ def _purge_tails(uri: str, users: np.ndarray, buckets: np.ndarray, props: Commit
     rows = delta_dataset(dt).to_table(filter=f)
     if rows.num_rows == 0:
         return 0
-    tail = rows.column("tail")
-    n_events = int(sum(len(x) for x in tail.to_pylist() if x is not None))
-    empty = pa.array(
-        [[] if x is not None else None for x in tail.to_pylist()], type=tail.type
+    streamed = pc.is_valid(rows.column("tail_len"))
+    n_events = int(pc.sum(rows.column("tail_len")).as_py() or 0)
+    rows = rows.set_column(
+        rows.column_names.index("tail_len"), "tail_len",
+        pc.if_else(streamed, pa.scalar(0, pa.int32()), rows.column("tail_len")),
     )
-    rows = rows.set_column(rows.column_names.index("tail"), "tail", empty)
+    for i, name in enumerate(rows.column_names):
+        if name.startswith("tail_") and name != "tail_len":
+            typ = rows.schema.field(name).type
+            empty = pa.array([[] if v else None for v in streamed.to_pylist()], type=typ)
+            rows = rows.set_column(i, name, empty)
     write_deltalake(
         dt,
         rows,

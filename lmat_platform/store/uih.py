@@ -393,7 +393,9 @@ def read_bucket(
         keep &= np.isin(t.column("action").to_numpy(zero_copy_only=False), actions)
     if not keep.all():
         t = t.filter(pa.array(keep))
-    if len(chunks) > 1 and not _is_sorted(t):
+    # Library-written files are sorted, but a file rewritten by another Delta writer may not be:
+    # the per-user ranges below need the sort, so check it rather than trust it.
+    if not _is_sorted(t):
         t = sort_events(t)
     return BucketRead(t, nbytes, n_read, n_skip)
 
