@@ -58,6 +58,7 @@ def write_fat_rows(
     *,
     progress: Callable[[str], None] | None = None,
     row_group_rows: int = 1024,
+    join_rows: int = 4_000_000,
 ) -> dict[str, object]:
     """Write fat rows for one tenant or the union of several to a Parquet file ``out``.
 
@@ -90,14 +91,35 @@ def write_fat_rows(
             else:
                 ev = pa.table({c: pa.array([], pa.int64()) for c in ("user_id", "event_id",
                                "event_ts", "arrival_ts", "action", *tenant.columns)})
-            fat = fat_rows_for(pl.from_arrow(ev), pl.from_arrow(req), tenant)  # type: ignore[arg-type]
-            fat = fat.sort("request_id")
-            t = fat.to_arrow()
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, t.schema, compression=COMPRESSION)
-            writer.write_table(t.cast(writer.schema), row_group_size=row_group_rows)
-            rows += t.num_rows
-            events_total += int(fat["length"].sum())
+            ev_pl = pl.from_arrow(ev)
+            assert isinstance(ev_pl, pl.DataFrame)
+            # The join holds (requests x history) rows: cut the bucket's requests into chunks
+            # of bounded joined size so memory stays bounded for heavy users.
+            ev_users = ev.column("user_id").to_numpy()
+            eu, ec = np.unique(ev_users, return_counts=True)
+            req = req.sort_by("user_id")
+            ru = req.column("user_id").to_numpy()
+            if len(eu):
+                pos = np.minimum(np.searchsorted(eu, ru), len(eu) - 1)
+                cost = np.where(eu[pos] == ru, ec[pos], 0) + 1
+            else:  # none of the bucket's requesting users has history
+                cost = np.ones(len(ru), dtype=np.int64)
+            bounds = np.searchsorted(np.cumsum(cost), np.arange(1, cost.sum() // join_rows + 2)
+                                     * join_rows, side="right")
+            start = 0
+            for end in [*bounds.tolist(), req.num_rows]:
+                end = min(max(end, start + 1), req.num_rows)
+                if end <= start:
+                    continue
+                part = req.slice(start, end - start)
+                start = end
+                fat = fat_rows_for(ev_pl, pl.from_arrow(part), tenant)  # type: ignore[arg-type]
+                t = fat.sort("request_id").to_arrow()
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, t.schema, compression=COMPRESSION)
+                writer.write_table(t.cast(writer.schema), row_group_size=row_group_rows)
+                rows += t.num_rows
+                events_total += int(fat["length"].sum())
             if progress:
                 progress(f"fat rows: bucket {i + 1}, {rows} rows")
     finally:

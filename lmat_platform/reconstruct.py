@@ -120,17 +120,21 @@ class ReadContext:
         schema = pa.schema([pa.field(c, t) for c, t in EVENT_COLUMNS.items()])
         if dt is not None:
             schema = pa.schema(dt.schema().to_arrow())  # type: ignore[arg-type]
-            tenant.check_columns(schema.names)
             for f in uih.list_files(dt):
                 files.setdefault(f.bucket, []).append(f)
             for fl in files.values():
                 # Newest data first helps nothing for correctness; keep a stable order.
                 fl.sort(key=lambda f: f.path)
-        else:
-            raw = store.open_table("raw")
-            if raw is not None:
-                schema = pa.schema(raw.schema().to_arrow())  # type: ignore[arg-type]
-            tenant.check_columns(schema.names)
+        # A trait added by a file ingested after the newest snapshot is in the raw log (and so
+        # in tails) but not yet in the tier: it is a stored column all the same.
+        raw = store.open_table("raw")
+        if raw is not None:
+            have = set(schema.names)
+            schema = pa.schema([*schema, *(
+                f for f in pa.schema(raw.schema().to_arrow())
+                if f.name not in have and f.name not in ("source", "batch_id")
+            )])
+        tenant.check_columns(schema.names)
         heads_files: dict[int, list[str]] = {}
         hdt = store.open_table("heads")
         if hdt is not None:
@@ -206,6 +210,10 @@ def reconstruct_bucket(ctx: ReadContext, bucket: int, rows: pa.Table) -> Sequenc
         cut_r = heads.cutoffs(users, S, L)
     else:
         cut_r = np.full(R, NO_MARKER, dtype=np.int64)
+    if lo_ts is not None:
+        # The window is a per-request lower bound too: push it down per user, not only as the
+        # bucket-wide minimum (requests of one bucket span days; a user's do not, as much).
+        cut_r = np.maximum(cut_r, lo_ts)
     cut_r = np.where(S >= 0, cut_r, INT64_MAX)
     cut_u = np.full(len(uniq), INT64_MAX, dtype=np.int64)
     np.minimum.at(cut_u, inv, cut_r)
@@ -246,7 +254,7 @@ def reconstruct_bucket(ctx: ReadContext, bucket: int, rows: pa.Table) -> Sequenc
         lens = pc.fill_null(tail_len, 0).to_numpy()
         n_ev = int(lens.sum())
         tail_parts.append(pa.table({
-            c: (pc.list_flatten(_column(rows, TAIL_PREFIX + c))
+            c: (_tail_values(_column(rows, TAIL_PREFIX + c), lens, rid)
                 if TAIL_PREFIX + c in rows.column_names
                 else pa.nulls(n_ev, ctx.schema.field(c).type))
             for c in need
@@ -285,44 +293,41 @@ def reconstruct_bucket(ctx: ReadContext, bucket: int, rows: pa.Table) -> Sequenc
         t_idx = np.flatnonzero(k)[o]
         t_own = t_own[t_idx]
 
-    # --- merge: head run then tail run per request; a real merge only where a tail event
-    # sorts before the head's last event (late arrivals), then keep the last L
+    # --- merge: each tail event is inserted into its request's head run by binary search
+    # (tails are short, heads long: no sort of the candidates), then the last L are kept
     n_h = np.bincount(h_own, minlength=R)
     n_t = np.bincount(t_own, minlength=R)
     tot = n_h + n_t
-    out_start = np.cumsum(tot) - tot
-    h_rank = np.arange(len(h_own)) - (np.cumsum(n_h) - n_h)[h_own]
-    t_rank = np.arange(len(t_own)) - (np.cumsum(n_t) - n_t)[t_own]
-    n = int(tot.sum())
-    src_tail = np.zeros(n, dtype=bool)
-    idx = np.empty(n, dtype=np.int64)
-    idx[out_start[h_own] + h_rank] = h_idx
-    tdest = out_start[t_own] + n_h[t_own] + t_rank
-    idx[tdest] = t_idx
-    src_tail[tdest] = True
+    h_start = np.cumsum(n_h) - n_h
+    t_start = np.cumsum(n_t) - n_t
+    h_rank = np.arange(len(h_own)) - h_start[h_own]
+    t_rank = np.arange(len(t_own)) - t_start[t_own]
     if len(t_own) and len(h_own):
-        both = np.flatnonzero((n_h > 0) & (n_t > 0))
-        h_last = idx[out_start[both] + n_h[both] - 1]
-        t_first = idx[out_start[both] + n_h[both]]
-        hts, hid = ets[h_last], E.column("event_id").to_numpy()[h_last]
-        fts, fid = tts[t_first], tid[t_first]
-        late = both[(fts < hts) | ((fts == hts) & (fid < hid))]
-        if len(late):
-            own_l, slot = expand_ranges(out_start[late], out_start[late] + tot[late])
-            sl_tail = src_tail[slot]
-            e_id = E.column("event_id").to_numpy()
-            ts_l = np.where(sl_tail, tts[np.where(sl_tail, idx[slot], 0)],
-                            ets[np.where(sl_tail, 0, idx[slot])] if len(ets) else 0)
-            id_l = np.where(sl_tail, tid[np.where(sl_tail, idx[slot], 0)],
-                            e_id[np.where(sl_tail, 0, idx[slot])] if len(e_id) else 0)
-            o = np.lexsort((id_l, ts_l, own_l))
-            idx[slot] = idx[slot[o]]
-            src_tail[slot] = src_tail[slot[o]]
-    owner_all = np.repeat(np.arange(R), tot)
-    rank = np.arange(n) - out_start[owner_all]
-    keep = rank >= (tot - L)[owner_all]
-    idx, src_tail = idx[keep], src_tail[keep]
+        eid = E.column("event_id").to_numpy()
+        p_t = _insertion_points(eu, ets, eid, users[t_own], tts[t_idx], tid[t_idx])
+        nn = np.int64(len(eu) + 1)
+        cnt_less = np.searchsorted(h_own * nn + h_idx, t_own * nn + p_t, side="left")
+        cnt_less = cnt_less - h_start[t_own]
+        lb = np.int64(n_h.max() + 2)
+        h_shift = np.searchsorted(t_own * lb + cnt_less, h_own * lb + h_rank, side="right")
+        h_shift = h_shift - t_start[h_own]
+    else:
+        cnt_less = n_h[t_own]
+        h_shift = np.zeros(len(h_own), dtype=np.int64)
+    h_dest = h_rank + h_shift
+    t_dest = cnt_less + t_rank
+    drop = np.maximum(tot - L, 0)
     lengths = np.minimum(tot, L).astype(np.int64)
+    new_start = np.cumsum(lengths) - lengths
+    hk = h_dest >= drop[h_own]
+    tk = t_dest >= drop[t_own]
+    n_out = int(lengths.sum())
+    idx = np.empty(n_out, dtype=np.int64)
+    src_tail = np.zeros(n_out, dtype=bool)
+    idx[(new_start - drop)[h_own[hk]] + h_dest[hk]] = h_idx[hk]
+    t_slots = (new_start - drop)[t_own[tk]] + t_dest[tk]
+    idx[t_slots] = t_idx[tk]
+    src_tail[t_slots] = True
     values = {c: _gather(E.column(c), tails.column(c) if tails is not None else None, idx, src_tail)
               for c in t.columns}
     ctx_cols = [c for c in rows.column_names if is_context_column(c)]
@@ -362,33 +367,116 @@ def _select_heads(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(request, row) of the last ``L`` head rows of each request, grouped by request, ascending.
 
-    The head of a request is its user's rows in ``[lo, e_end)`` with ``snapshot_id <= S``. Rows
-    of later snapshots are excluded; there are ``excl`` of them in the user's slice, so the last
-    ``L`` qualifying rows lie in the window ``[e_end - L - excl, e_end)``: only windows are
-    expanded, never a whole bucket per snapshot.
+    The head of a request is its user's rows in ``[lo, e_end)`` (rows sorted by user, then
+    time) with ``snapshot_id <= S``. A row is *regular* if no later row of its user has a
+    smaller ``snapshot_id``; along a user's regular rows ``snapshot_id`` never decreases, so the
+    qualifying regular rows are a prefix and their last ``L`` one contiguous window, found by
+    binary search. The other rows (events that arrived late, after newer ones) are few: only
+    those after the window's start can be among the last ``L``, and only those are looked at.
+    Work is proportional to the output, whatever the number of snapshots.
     """
     R = len(S)
-    excl = np.zeros(R, dtype=np.int64)
-    if len(esn) and has_head.any() and esn.max() > S[has_head].min():
-        # Count rows with snapshot_id > S in each user's slice: search (user, snapshot) keys.
-        ui = np.concatenate([[0], np.cumsum(eu[1:] != eu[:-1])]).astype(np.int64)
-        K = int(esn.max()) + 2
-        keys = np.sort(ui * K + esn.astype(np.int64))
-        present = e_end > lo
-        base = np.where(present, ui[np.minimum(lo, len(ui) - 1)] * K, 0)
-        hi_k = np.searchsorted(keys, base + K, side="left")
-        lo_k = np.searchsorted(keys, base + np.maximum(S, -1) + 1, side="left")
-        excl = np.where(present, hi_k - lo_k, 0)
-    start = np.where(has_head, np.maximum(lo, e_end - L - excl), e_end)
-    own, pos = expand_ranges(start, e_end)
-    if not excl.any():
+    n = len(eu)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    if n == 0 or not has_head.any():
+        return empty
+    ui = np.concatenate([[0], np.cumsum(eu[1:] != eu[:-1])]).astype(np.int64)
+    big = int(esn.max()) + 2
+    key = ui * big + esn.astype(np.int64)
+    # Suffix minimum per user: later users have larger keys, so one reversed scan suffices.
+    regular = key <= np.minimum.accumulate(key[::-1])[::-1]
+    reg = np.flatnonzero(regular)
+    present = has_head & (e_end > lo)
+    u_r = np.where(present, ui[np.minimum(lo, n - 1)], 0)
+    # Regular rows of the user with snapshot_id <= S end at the first regular key > (u, S).
+    reg_key = key[reg]
+    reg_end = np.searchsorted(reg_key, u_r * big + S + 1, side="left")
+    cum_reg = np.concatenate([[0], np.cumsum(regular)])
+    reg_lo = cum_reg[lo]
+    reg_start = np.maximum(reg_lo, reg_end - L)
+    reg_start = np.where(present, np.minimum(reg_start, reg_end), reg_end)
+    own, rpos = expand_ranges(reg_start, np.where(present, reg_end, reg_start))
+    pos = reg[rpos]
+    irr = np.flatnonzero(~regular)
+    if len(irr) == 0:
         return own, pos
-    q = esn[pos] <= S[own]
-    own, pos = own[q], pos[q]
-    cq = np.bincount(own, minlength=R)
-    rank = np.arange(len(own)) - (np.cumsum(cq) - cq)[own]
-    keep = rank >= (cq - L)[own]
+    # Late rows that can still be among the last L: from the window's first row on.
+    # When fewer than L regular rows qualify, late rows anywhere from ``lo`` on may count.
+    cut = reg_start > reg_lo
+    first = np.where(cut, reg[np.minimum(reg_start, len(reg) - 1)], lo)
+    first = np.maximum(first, lo)
+    i0 = np.searchsorted(irr, first, side="left")
+    i1 = np.searchsorted(irr, e_end, side="left")
+    i1 = np.where(present, i1, i0)
+    io, ip = expand_ranges(i0, i1)
+    ip = irr[ip]
+    q = esn[ip] <= S[io]
+    io, ip = io[q], ip[q]
+    if len(io) == 0:
+        return own, pos
+    own = np.concatenate([own, io])
+    pos = np.concatenate([pos, ip])
+    order = np.argsort(own * np.int64(n) + pos, kind="stable")
+    own, pos = own[order], pos[order]
+    cnt = np.bincount(own, minlength=R)
+    rank = np.arange(len(own)) - (np.cumsum(cnt) - cnt)[own]
+    keep = rank >= (cnt - L)[own]
     return own[keep], pos[keep]
+
+
+def _insertion_points(
+    eu: np.ndarray, ets: np.ndarray, eid: np.ndarray,
+    qu: np.ndarray, qts: np.ndarray, qid: np.ndarray,
+) -> np.ndarray:
+    """First row index with (user, ts, id) >= each query, in rows sorted by (user, ts, id)."""
+    n = len(eu)
+    if n == 0:
+        return np.zeros(len(qu), dtype=np.int64)
+    ui = np.concatenate([[0], np.cumsum(eu[1:] != eu[:-1])]).astype(np.int64)
+    s_u = np.searchsorted(eu, qu, side="left")
+    present = (s_u < n) & (eu[np.minimum(s_u, n - 1)] == qu)
+    tmin = min(int(ets.min()), int(qts.min()))
+    span = max(int(ets.max()), int(qts.max())) - tmin + 2
+    if (int(ui[-1]) + 2) * span < (1 << 62):
+        key = ui * np.int64(span) + (ets - tmin)
+        qk = np.where(present, ui[np.minimum(s_u, n - 1)], 0) * np.int64(span) + (qts - tmin)
+        p = np.searchsorted(key, qk, side="left")
+        q_end = np.searchsorted(key, qk + 1, side="left")
+    else:
+        p = searchsorted2(eu, ets, qu, qts)
+        q_end = searchsorted2(eu, ets, qu, qts + 1)
+    p = np.where(present, p, s_u)
+    q_end = np.where(present, q_end, s_u)
+    ties = np.flatnonzero(q_end > p)
+    if len(ties):
+        # Same user and event_ts: order by event_id.
+        own, pos = expand_ranges(p[ties], q_end[ties])
+        less = np.bincount(own, weights=(eid[pos] < qid[ties][own]), minlength=len(ties))
+        p[ties] += less.astype(np.int64)
+    return p
+
+
+def _tail_values(col: pa.Array, lens: np.ndarray, rid: np.ndarray) -> pa.Array:
+    """Flattened values of one tail column; each row's list must hold ``tail_len`` values.
+
+    A row logged before a trait column existed has a null list in that column (the thin table's
+    schema grew later): its tail events get nulls there, as they have in the raw log.
+    """
+    got = pc.fill_null(pc.list_value_length(col), -1).to_numpy(zero_copy_only=False)
+    missing = got < 0
+    bad = np.flatnonzero(~missing & (got != lens))
+    if len(bad):
+        i = bad[0]
+        raise ThinTableError(
+            f"request {rid[i]}: tail column holds {got[i]} events but tail_len says {lens[i]}"
+        )
+    flat = pc.list_flatten(col)
+    if not (missing & (lens > 0)).any():
+        return flat
+    idx = np.full(int(lens.sum()), -1, dtype=np.int64)
+    present = np.repeat(~missing, lens)
+    idx[present] = np.arange(int(present.sum()))
+    return flat.take(pa.array(idx, mask=idx < 0))
 
 
 def _gather(
@@ -452,8 +540,9 @@ def iter_reconstruct(
         while start < len(u):
             end = min(start + chunk, len(u))
             if end < len(u):
-                end = int(np.searchsorted(u, u[end], side="left")) or int(
-                    np.searchsorted(u, u[end], side="right"))
+                # Cut before the user at ``end``; a user bigger than a chunk goes whole.
+                cut = int(np.searchsorted(u, u[end], side="left"))
+                end = cut if cut > start else int(np.searchsorted(u, u[end], side="right"))
             yield reconstruct_bucket(ctx, b, rows.slice(start, end - start))
             start = end
 

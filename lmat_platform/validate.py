@@ -134,7 +134,9 @@ def check_leakage(
                 f"column '{c}' lengths differ from 'length'")
     if "event_id" not in output.column_names:
         return rep
-    owner = np.repeat(np.arange(output.num_rows), lengths)
+    # Owners from the event_id lists themselves: a length mismatch is reported above, not a crash.
+    id_lens = pc.fill_null(pc.list_value_length(output.column("event_id")), 0)
+    owner = np.repeat(np.arange(output.num_rows), id_lens.to_numpy(zero_copy_only=False))
     ids = pc.list_flatten(output.column("event_id")).to_numpy()
     T = output.column("request_ts").to_numpy()[owner]
     ev_ids = events.column("event_id").to_numpy()

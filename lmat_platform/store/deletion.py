@@ -107,7 +107,7 @@ def _forget_in_tier(store: Store, users: np.ndarray, buckets: np.ndarray) -> int
                                        data_change=True)
         actions.append(RemoveAction(f.path, True, ts, f.size, {"bucket": str(f.bucket)}))
     if actions:
-        uih.commit(store, actions, pa.schema(dt.schema().to_arrow()),  # type: ignore[arg-type]
+        uih.commit(store, actions, pa.schema(dt.schema().to_arrow()),
                    op="forget", metadata={"users": len(users)})
     return removed
 

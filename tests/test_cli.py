@@ -1,0 +1,207 @@
+"""The ``lmat`` command (spec section 8): one-line JSON on success; on bad input a non-zero exit,
+exactly one line on stderr naming the file, column or argument, no traceback, store unchanged."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lmat_platform.cli import main
+from lmat_platform.store import open_store
+from tests.helpers import (
+    events_table,
+    one_line_error,
+    run_lmat,
+    run_main,
+    table_versions,
+    tree,
+    write_events,
+)
+
+
+def _ev(eid: int, arr: int = 20, **kw: object) -> dict[str, object]:
+    return {
+        "user_id": 1,
+        "event_id": eid,
+        "event_ts": arr - 5,
+        "arrival_ts": arr,
+        "item_id": 3,
+        "action": 1,
+        **kw,
+    }
+
+
+@pytest.fixture
+def cli_store(tmp_path: Path) -> str:
+    """A store with one ingested file (with a float32 trait) and one snapshot at 100."""
+    root = str(tmp_path / "store")
+    assert main(["init", root, "--buckets", "2", "--row-group-rows", "64"]) == 0
+    f = write_events(
+        tmp_path / "day0.parquet", [_ev(1, dwell_ms=1.5), _ev(2, arr=150)], traits=["dwell_ms"]
+    )
+    assert main(["ingest", root, f]) == 0
+    assert main(["snapshot", root, "--watermark", "100", "--published-at", "110"]) == 0
+    return root
+
+
+def run(capsys: pytest.CaptureFixture[str], args: list[str]) -> tuple[int, str, str]:
+    return run_main(capsys, args)
+
+
+def test_success_prints_one_json_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LMAT_QUIET", "1")
+    root = str(tmp_path / "s")
+    code, out, _ = run(capsys, ["init", root, "--buckets", "2"])
+    assert code == 0 and json.loads(out)["n_buckets"] == 2 and len(out.splitlines()) == 1
+    f = write_events(
+        tmp_path / "a.parquet",
+        [_ev(1), _ev(1), {**_ev(2), "event_ts": 30}, {**_ev(3), "item_id": None}],
+    )
+    code, out, _ = run(capsys, ["ingest", root, f])
+    assert code == 0 and len(out.splitlines()) == 1
+    res = json.loads(out)
+    assert (res["accepted"], res["duplicates"], res["quarantined_total"]) == (1, 1, 2)
+    assert res["quarantined"] == {
+        "null_required_column": 1,
+        "event_ts_after_arrival_ts": 1,
+        "behind_watermark": 0,
+    }
+    assert res["version"] == open_store(root).open_table("raw").version()
+    code, out, _ = run(capsys, ["snapshot", root, "--watermark", "50"])
+    assert code == 0 and json.loads(out) | {"created_at": 0} == {
+        "snapshot_id": 0,
+        "watermark": 50,
+        "published_at": 50,
+        "uih_version": 0,
+        "events": 1,
+        "created_at": 0,
+    }
+    code, out, _ = run(capsys, ["info", root])
+    assert code == 0 and json.loads(out)["snapshots"] == 1
+    code, out, _ = run(capsys, ["validate", root])
+    assert code == 0 and json.loads(out)["ok"] is True
+
+
+def _not_parquet(tmp: Path) -> str:
+    p = tmp / "notes.parquet"
+    p.write_text("user_id,event_id\n1,2\n")
+    return str(p)
+
+
+def _missing_column(tmp: Path) -> str:
+    t = events_table([_ev(10, arr=200)]).drop_columns(["action"])
+    pq.write_table(t, tmp / "no-action.parquet")
+    return str(tmp / "no-action.parquet")
+
+
+def _changed_trait(tmp: Path) -> str:
+    t = events_table([_ev(10, arr=200, dwell_ms=2.0)], traits=["dwell_ms"])
+    t = t.set_column(6, "dwell_ms", t.column("dwell_ms").cast(pa.float64()))
+    pq.write_table(t, tmp / "dwell64.parquet")
+    return str(tmp / "dwell64.parquet")
+
+
+def _changed_required(tmp: Path) -> str:
+    t = events_table([_ev(10, arr=200)])
+    t = t.set_column(4, "item_id", t.column("item_id").cast(pa.string()))
+    pq.write_table(t, tmp / "item-str.parquet")
+    return str(tmp / "item-str.parquet")
+
+
+BAD_INGESTS: dict[str, tuple[Callable[[Path], str], tuple[str, ...]]] = {
+    "missing_required_column": (_missing_column, ("no-action.parquet", "'action'")),
+    "trait_type_changed": (_changed_trait, ("dwell64.parquet", "'dwell_ms'", "float")),
+    "required_type_changed": (_changed_required, ("item-str.parquet", "'item_id'")),
+    "not_parquet": (_not_parquet, ("notes.parquet", "Parquet")),
+    "missing_file": (lambda tmp: str(tmp / "nope.parquet"), ("nope.parquet", "does not exist")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INGESTS))
+def test_bad_ingest_input(
+    case: str, cli_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make, names = BAD_INGESTS[case]
+    bad = make(tmp_path)
+    good = write_events(tmp_path / "good.parquet", [_ev(50, arr=300)])
+    st = open_store(cli_store)
+    versions, files = table_versions(st), tree(cli_store)
+    code, out, err = run(capsys, ["ingest", cli_store, good, bad])
+    assert code != 0 and out == ""
+    line = one_line_error(err)
+    for n in names:
+        assert n in line, (n, line)
+    assert table_versions(st) == versions
+    assert tree(cli_store) == files
+
+
+def test_bad_snapshot_arguments(cli_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    st = open_store(cli_store)
+    versions, files = table_versions(st), tree(cli_store)
+    cases = [
+        (["--watermark", "100"], ("--watermark", "100", "does not increase")),
+        (["--watermark", "99"], ("--watermark", "99")),
+        (["--watermark", "200", "--published-at", "150"], ("--published-at", "150")),
+        (["--watermark", "200", "--published-at", "105"], ("--published-at", "105")),
+        (["--watermark", "soon"], ("--watermark", "soon")),
+        ([], ("--watermark",)),
+    ]
+    for extra, names in cases:
+        code, out, err = run(capsys, ["snapshot", cli_store, *extra])
+        assert code != 0 and out == ""
+        line = one_line_error(err)
+        for n in names:
+            assert n in line, (extra, line)
+    assert table_versions(st) == versions and tree(cli_store) == files
+
+
+def test_store_that_does_not_exist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = str(tmp_path / "no-store")
+    f = write_events(tmp_path / "a.parquet", [_ev(1)])
+    for args in (
+        ["ingest", missing, f],
+        ["snapshot", missing, "--watermark", "5"],
+        ["forget", missing, "--user", "1"],
+        ["info", missing],
+        ["vacuum", missing],
+        ["log", missing, f, "--out", str(tmp_path / "thin")],
+    ):
+        code, out, err = run(capsys, args)
+        assert code != 0 and out == ""
+        assert missing in one_line_error(err), args
+    assert not Path(missing).exists()
+    assert not (tmp_path / "thin").exists()
+
+
+def test_init_over_an_existing_store_is_refused(
+    cli_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = tree(cli_store)
+    code, _, err = run(capsys, ["init", cli_store])
+    assert code != 0 and cli_store in one_line_error(err)
+    assert tree(cli_store) == files
+
+
+def test_bad_input_in_a_real_process(cli_store: str, tmp_path: Path) -> None:
+    """The installed command: exit code 2, one line, no traceback, store unchanged."""
+    st = open_store(cli_store)
+    versions, files = table_versions(st), tree(cli_store)
+    bad = _changed_trait(tmp_path)
+    for args, name in (
+        (["ingest", cli_store, bad], "dwell64.parquet"),
+        (["ingest", cli_store, _not_parquet(tmp_path)], "notes.parquet"),
+        (["snapshot", cli_store, "--watermark", "7"], "--watermark"),
+        (["ingest", str(tmp_path / "nowhere"), bad], "nowhere"),
+    ):
+        r = run_lmat(*args)
+        assert r.returncode == 2, r
+        assert r.stdout == ""
+        assert name in one_line_error(r.stderr)
+    assert table_versions(st) == versions and tree(cli_store) == files
