@@ -308,9 +308,21 @@ def reconstruct_bucket(ctx: ReadContext, bucket: int, rows: pa.Table) -> Sequenc
         nn = np.int64(len(eu) + 1)
         cnt_less = np.searchsorted(h_own * nn + h_idx, t_own * nn + p_t, side="left")
         cnt_less = cnt_less - h_start[t_own]
-        lb = np.int64(n_h.max() + 2)
-        h_shift = np.searchsorted(t_own * lb + cnt_less, h_own * lb + h_rank, side="right")
-        h_shift = h_shift - t_start[h_own]
+        # Only requests with a tail event before their head's end (late arrivals) need their
+        # head shifted; for the rest the tail simply follows the head.
+        inter = np.zeros(R, dtype=bool)
+        inter[t_own[cnt_less < n_h[t_own]]] = True
+        h_shift = np.zeros(len(h_own), dtype=np.int64)
+        if inter.any():
+            sel_r = np.flatnonzero(inter)
+            o_h, p_h = expand_ranges(h_start[sel_r], h_start[sel_r] + n_h[sel_r])
+            t_sel = inter[t_own]
+            sub_n = n_h[sel_r]
+            remap = np.full(R, -1, dtype=np.int64)
+            remap[sel_r] = np.arange(len(sel_r))
+            h_shift[p_h] = _insert_shift(
+                sub_n, o_h, h_rank[p_h], remap[t_own[t_sel]], cnt_less[t_sel]
+            )
     else:
         cnt_less = n_h[t_own]
         h_shift = np.zeros(len(h_own), dtype=np.int64)
@@ -395,33 +407,57 @@ def _select_heads(
     reg_lo = cum_reg[lo]
     reg_start = np.maximum(reg_lo, reg_end - L)
     reg_start = np.where(present, np.minimum(reg_start, reg_end), reg_end)
-    own, rpos = expand_ranges(reg_start, np.where(present, reg_end, reg_start))
-    pos = reg[rpos]
     irr = np.flatnonzero(~regular)
     if len(irr) == 0:
-        return own, pos
-    # Late rows that can still be among the last L: from the window's first row on.
-    # When fewer than L regular rows qualify, late rows anywhere from ``lo`` on may count.
+        own, rpos = expand_ranges(reg_start, np.where(present, reg_end, reg_start))
+        return own, reg[rpos]
+    # With late rows the head is every qualifying row of one contiguous row range: no regular
+    # row with snapshot_id > S can come before a qualifying row (it would not be regular), so
+    # the range [first, end) holds the window's regular rows, the qualifying late rows, and
+    # only late rows of later snapshots besides, which a mask removes. Late rows before the
+    # window's first row cannot be among the last L when the window was cut at L.
     cut = reg_start > reg_lo
-    first = np.where(cut, reg[np.minimum(reg_start, len(reg) - 1)], lo)
+    has_reg = reg_end > reg_start
+    first = np.where(cut & has_reg, reg[np.minimum(reg_start, len(reg) - 1)], lo)
     first = np.maximum(first, lo)
+    end = np.where(has_reg, reg[np.maximum(reg_end - 1, 0)] + 1, first)
     i0 = np.searchsorted(irr, first, side="left")
-    i1 = np.searchsorted(irr, e_end, side="left")
-    i1 = np.where(present, i1, i0)
+    i1 = np.where(present, np.searchsorted(irr, e_end, side="left"), i0)
     io, ip = expand_ranges(i0, i1)
     ip = irr[ip]
     q = esn[ip] <= S[io]
-    io, ip = io[q], ip[q]
-    if len(io) == 0:
-        return own, pos
-    own = np.concatenate([own, io])
-    pos = np.concatenate([pos, ip])
-    order = np.argsort(own * np.int64(n) + pos, kind="stable")
-    own, pos = own[order], pos[order]
+    if q.any():
+        last = np.zeros(R, dtype=np.int64)
+        np.maximum.at(last, io[q], ip[q] + 1)
+        end = np.maximum(end, last)
+    end = np.where(present, np.maximum(end, first), first)
+    own, pos = expand_ranges(first, end)
+    m = esn[pos] <= S[own]
+    if not m.all():
+        own, pos = own[m], pos[m]
     cnt = np.bincount(own, minlength=R)
-    rank = np.arange(len(own)) - (np.cumsum(cnt) - cnt)[own]
-    keep = rank >= (cnt - L)[own]
-    return own[keep], pos[keep]
+    if (cnt <= L).all():
+        return own, pos
+    seg_end = np.cumsum(cnt)
+    keep_n = np.minimum(cnt, L)
+    o2, p2 = expand_ranges(seg_end - keep_n, seg_end)
+    return o2, pos[p2]
+
+
+def _insert_shift(
+    n_run: np.ndarray, own: np.ndarray, rank: np.ndarray, ins_own: np.ndarray,
+    ins_before: np.ndarray,
+) -> np.ndarray:
+    """For each run element (request ``own``, rank ``rank`` in its run), how many inserted
+    elements of the same request go before it: those with ``ins_before <= rank``.
+
+    One histogram and one running sum over the runs (no search, no sort)."""
+    size = n_run + 1
+    seg = np.cumsum(size) - size
+    counts = np.bincount(seg[ins_own] + ins_before, minlength=int(size.sum()))
+    cs = np.cumsum(counts)
+    base = np.where(seg > 0, cs[np.maximum(seg - 1, 0)], 0)
+    return cs[seg[own] + rank] - base[own]
 
 
 def _insertion_points(

@@ -247,6 +247,27 @@ class _UnitReader:
     def __init__(self, spec: ConsumerSpec):
         self.spec = spec
         self._ds: pads.Dataset | None = None
+        # The last bucket's thin rows: the units of a split bucket are dealt out together, so
+        # one read of the bucket serves all of this process's slices of it.
+        self._cached: tuple[int, pa.Table] | None = None
+
+    def _bucket_rows(self, bucket: int) -> tuple[pa.Table, int]:
+        """The bucket's thin rows (projected) and the compressed bytes this call read."""
+        if self._cached is not None and self._cached[0] == bucket:
+            return self._cached[1], 0
+        ds = self._dataset()
+        filt = pads.field("bucket") == bucket
+        cols = set(self.spec.thin_columns)
+        nbytes = 0
+        for frag in ds.get_fragments(filter=filt):
+            md = frag.metadata
+            leaf = [md.schema.column(i).path.split(".")[0] for i in range(md.num_columns)]
+            want = [i for i, n in enumerate(leaf) if n in cols]
+            nbytes += sum(md.row_group(g).column(i).total_compressed_size
+                          for g in range(md.num_row_groups) for i in want)
+        rows = ds.to_table(filter=filt, columns=self.spec.thin_columns)
+        self._cached = (bucket, rows)
+        return rows, nbytes
 
     def _dataset(self) -> pads.Dataset:
         if self._ds is None:
@@ -258,9 +279,7 @@ class _UnitReader:
     def read(self, unit: WorkUnit) -> Sequences:
         store = self.spec.ctx.store
         try:
-            rows = self._dataset().to_table(
-                filter=pads.field("bucket") == unit.bucket, columns=self.spec.thin_columns
-            )
+            rows, thin_bytes = self._bucket_rows(unit.bucket)
             if rows.num_rows != unit.bucket_rows:
                 raise ThinTableError(
                     f"{self.spec.thin_uri}: bucket {unit.bucket} has {rows.num_rows} rows at "
@@ -284,8 +303,8 @@ class _UnitReader:
                 f"cannot read bucket {unit.bucket} of store {store.root} "
                 f"(thin table {self.spec.thin_uri}): {e}"
             ) from e
-        seqs.bytes_read += unit.thin_bytes
-        seqs.stats["thin_bytes"] = unit.thin_bytes
+        seqs.bytes_read += thin_bytes
+        seqs.stats["thin_bytes"] = thin_bytes
         return seqs
 
 
