@@ -139,6 +139,14 @@ def test_vacuum_after_forget_removes_the_bytes_from_disk(synth_store: SynthStore
     assert not ids & _scan(files(), ev_cols)
     assert u not in _scan([p for p in files() if "/thin/" not in p], user_cols, exclude="forgotten")
     assert u not in _scan(files(), ("tail_user_id",))
+    # Nor does the Delta log: old commits' file statistics (min/max event_id) are expired too.
+    logs = [p for t in ("raw", "quarantine", "uih", "heads")
+            for p in (Path(s.store_path) / t / "_delta_log").glob("*") if p.is_file()]
+    blob = b"".join(p.read_bytes() for p in logs)
+    # (Only ids long enough not to occur by chance in other numbers are searched for.)
+    long_ids = [i for i in ids if i >= 10**9]
+    assert logs and long_ids
+    assert not [i for i in long_ids if str(i).encode() in blob]
     # The store still works after vacuum.
     assert read(st, "raw").num_rows > 0
 

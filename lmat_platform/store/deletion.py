@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from deltalake import CommitProperties
+from deltalake import CommitProperties, DeltaTable
 from deltalake.transaction import AddAction, RemoveAction
 
 from lmat_platform.exceptions import LmatError
@@ -189,4 +189,27 @@ def vacuum(store: Store | str, *, retention_hours: int | None = None) -> dict[st
                 retention_hours=hours, dry_run=False, enforce_retention_duration=False
             )
             out[uri] = len(files)
+            _expire_log(dt, uri, hours)
     return out
+
+
+def _expire_log(dt: DeltaTable, uri: str, hours: int) -> None:
+    """Drop Delta log entries older than the retention, after a checkpoint.
+
+    Old commits carry the statistics (user_id min/max) of files that held a forgotten user;
+    removing the data files alone would leave those ids on disk. The table keeps the store's
+    retention as its log and tombstone retention, so time travel reaches back that far.
+    """
+    from deltalake import DeltaTable
+
+    want = f"interval {hours} hours"
+    conf = dt.metadata().configuration
+    if (conf.get("delta.logRetentionDuration") != want
+            or conf.get("delta.deletedFileRetentionDuration") != want):
+        dt.alter.set_table_properties({
+            "delta.logRetentionDuration": want,
+            "delta.deletedFileRetentionDuration": want,
+        })
+    dt = DeltaTable(uri, storage_options=storage_options())
+    dt.create_checkpoint()
+    dt.cleanup_metadata()
