@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
-def _int_us(name: str):  # type: ignore[no-untyped-def]
+def _int_us(name: str):
     def parse(v: str) -> int:
         try:
             return int(v)
@@ -46,7 +46,7 @@ def _emit(obj: dict[str, Any]) -> None:
     print(json.dumps(obj, default=str, separators=(",", ":")))
 
 
-def _tenant(path: str, name: str):  # type: ignore[no-untyped-def]
+def _tenant(path: str, name: str):
     from lmat_platform.exceptions import TenantError
     from lmat_platform.tenants import load_tenants
 

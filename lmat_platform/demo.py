@@ -175,7 +175,7 @@ def run_demo(
         "thin_bytes_streaming": thin_bytes[thin_log],
         "thin_bytes_batch": thin_bytes[thin_batch],
         "fat_union_bytes": fat["bytes"],
-        "fat_over_thin_plus_uih": round(fat["bytes"] / max(1, thin_bytes[thin_batch] + sizes["uih"]), 2),
+        "fat_over_thin_plus_uih": round(int(str(fat["bytes"])) / max(1, thin_bytes[thin_batch] + sizes["uih"]), 2),
         "parity": parity,
         "ok": all(p["ok"] for p in parity.values()),
         "tenants_file": tenants_path,

@@ -119,7 +119,7 @@ class ReadContext:
         files: dict[int, list[uih.TierFile]] = {}
         schema = pa.schema([pa.field(c, t) for c, t in EVENT_COLUMNS.items()])
         if dt is not None:
-            schema = pa.schema(dt.schema().to_arrow())  # type: ignore[arg-type]
+            schema = pa.schema(dt.schema().to_arrow())
             for f in uih.list_files(dt):
                 files.setdefault(f.bucket, []).append(f)
             for fl in files.values():
@@ -286,7 +286,7 @@ def reconstruct_bucket(ctx: ReadContext, bucket: int, rows: pa.Table) -> Sequenc
         tid = tails.column("event_id").to_numpy()
         k = np.ones(len(t_own), dtype=bool)
         if t.actions is not None:
-            k &= np.isin(tails.column("action").to_numpy(zero_copy_only=False), t.action_array)
+            k &= np.isin(tails.column("action").to_numpy(zero_copy_only=False), t.action_array)  # type: ignore[arg-type]
         if lo_ts is not None:
             k &= tts >= lo_ts[t_own]
         o = np.lexsort((tid[k], tts[k], t_own[k]))

@@ -63,7 +63,7 @@ def reference_sequences(events: pa.Table, requests: pa.Table, tenant: Tenant) ->
         idx = np.arange(s, e)
         idx = idx[ea[idx] < T]
         if tenant.actions is not None:
-            idx = idx[np.isin(act[idx], tenant.action_array)]
+            idx = idx[np.isin(act[idx], tenant.action_array)]  # type: ignore[arg-type]
         if w is not None:
             idx = idx[ets[idx] >= T - w]
         idx = idx[max(0, len(idx) - tenant.max_len):]
@@ -155,7 +155,7 @@ def check_leakage(
             f"event {ids[leak][:1].tolist()} arrived at or after request time")
     if tenant.actions is not None:
         act = events.column("action").to_numpy()[row]
-        bad = known & ~np.isin(act, tenant.action_array)
+        bad = known & ~np.isin(act, tenant.action_array)  # type: ignore[arg-type]
         rep.add("action_filter", int(bad.sum()), "an event's action is outside the tenant's actions")
     if tenant.window_us is not None:
         bad = known & (ets < T - tenant.window_us)

@@ -52,7 +52,7 @@ def tail_struct_type(store: Store) -> pa.StructType:
     raw = store.open_table("raw")
     if raw is None:
         return pa.struct([pa.field(c, t) for c, t in EVENT_COLUMNS.items()])
-    schema = pa.schema(raw.schema().to_arrow())  # type: ignore[arg-type]
+    schema = pa.schema(raw.schema().to_arrow())
     return pa.struct([f for f in schema if f.name not in _DROP_FROM_TAIL])
 
 

@@ -158,10 +158,10 @@ class Store:
             app_transactions=[Transaction(app_id=txn[0], version=txn[1])] if txn else None,
         )
         existing = self.open_table(name)
-        write_deltalake(
+        write_deltalake(  # type: ignore[call-overload, misc]
             existing if existing is not None else self.table_uri(name),
             data,
-            mode=mode,  # type: ignore[arg-type]
+            mode=mode,
             partition_by=partition_by if existing is None else None,
             schema_mode="merge" if existing is not None and mode == "append" else None,
             predicate=predicate,
@@ -217,7 +217,7 @@ def delta_dataset(dt: DeltaTable) -> pads.Dataset:
     The table's schema is applied so files written before an additive schema change read with
     nulls in the new columns. Tables with deletion vectors are not supported (lmat writes none).
     """
-    schema = pa.schema(dt.schema().to_arrow())  # type: ignore[arg-type]
+    schema = pa.schema(dt.schema().to_arrow())
     parts = list(dt.metadata().partition_columns)
     uri = dt.table_uri.rstrip("/")
     if "://" in uri and not uri.startswith("file://"):

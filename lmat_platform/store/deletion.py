@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 DATA_TABLES = ("raw", "quarantine", "uih", "heads")
 
 
-def _in_list(values: Sequence[int]) -> str:
+def _in_list(values: Sequence[int] | np.ndarray) -> str:
     return ", ".join(str(int(v)) for v in values)
 
 

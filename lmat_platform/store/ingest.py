@@ -113,7 +113,7 @@ def _already_accepted(store: Store, ids: np.ndarray, *, exclude_batch: str) -> n
 def _prepare(paths: Sequence[str], store: Store) -> list[tuple[str, pa.Table]]:
     """Read and check every file before anything is written (a bad file changes nothing)."""
     raw = store.open_table("raw")
-    stored = pa.schema(raw.schema().to_arrow()) if raw is not None else None  # type: ignore[arg-type]
+    stored = pa.schema(raw.schema().to_arrow()) if raw is not None else None
     seen: dict[str, pa.DataType] = {}
     out = []
     for p in paths:

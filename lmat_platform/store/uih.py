@@ -131,14 +131,14 @@ def commit(
 
         create_table_with_add_actions(
             store.table_uri("uih"),
-            DSchema.from_arrow(schema),  # type: ignore[arg-type]
+            DSchema.from_arrow(schema),
             list(actions),  # type: ignore[arg-type]
             mode="error",
             partition_by=["bucket"],
             commit_properties=props,
         )
     else:
-        have = pa.schema(dt.schema().to_arrow())  # type: ignore[arg-type]
+        have = pa.schema(dt.schema().to_arrow())
         new = [f for f in schema if f.name not in have.names]
         if new:
             from deltalake.schema import Field as DField
@@ -147,9 +147,9 @@ def commit(
             dt = store.open_table("uih")
             assert dt is not None
         dt.create_write_transaction(
-            list(actions),  # type: ignore[arg-type]
+            list(actions),
             "append",
-            pa.schema(dt.schema().to_arrow()),  # type: ignore[arg-type]
+            pa.schema(dt.schema().to_arrow()),
             partition_by=["bucket"],
             commit_properties=props,
         )
@@ -250,7 +250,7 @@ def compact_buckets(
     version = commit(
         store,
         actions,
-        pa.schema(dt.schema().to_arrow()),  # type: ignore[arg-type]
+        pa.schema(dt.schema().to_arrow()),
         op="compact",
         metadata={"files_in": files_in, "files_out": n_out},
     )
