@@ -239,9 +239,8 @@ def reconstruct_bucket(ctx: ReadContext, bucket: int, rows: pa.Table) -> Sequenc
         if lo_ts is not None
         else np.searchsorted(eu, users, side="left")
     )
-    h_own, h_idx = _select_heads(eu, esn, lo, e_end, S, has_head, L)
+    first, end, hole_own, hole_pos = _head_ranges(eu, esn, lo, e_end, S, has_head, L)
 
-    # --- head candidates, grouped by request, each run ascending
     need = list(dict.fromkeys(["event_ts", "event_id", *t.columns,
                                *(["action"] if t.actions is not None else [])]))
 
@@ -293,55 +292,29 @@ def reconstruct_bucket(ctx: ReadContext, bucket: int, rows: pa.Table) -> Sequenc
         t_idx = np.flatnonzero(k)[o]
         t_own = t_own[t_idx]
 
-    # --- merge: each tail event is inserted into its request's head run by binary search
-    # (tails are short, heads long: no sort of the candidates), then the last L are kept
-    n_h = np.bincount(h_own, minlength=R)
+    # --- merge: a tail event that sorts inside its request's head range is inserted before
+    # the row found by binary search; the rest of the tail follows the head. Then the last L.
+    n_e = len(eu)
     n_t = np.bincount(t_own, minlength=R)
-    tot = n_h + n_t
-    h_start = np.cumsum(n_h) - n_h
     t_start = np.cumsum(n_t) - n_t
-    h_rank = np.arange(len(h_own)) - h_start[h_own]
-    t_rank = np.arange(len(t_own)) - t_start[t_own]
-    if len(t_own) and len(h_own):
-        eid = E.column("event_id").to_numpy()
-        p_t = _insertion_points(eu, ets, eid, users[t_own], tts[t_idx], tid[t_idx])
-        nn = np.int64(len(eu) + 1)
-        cnt_less = np.searchsorted(h_own * nn + h_idx, t_own * nn + p_t, side="left")
-        cnt_less = cnt_less - h_start[t_own]
-        # Only requests with a tail event before their head's end (late arrivals) need their
-        # head shifted; for the rest the tail simply follows the head.
-        inter = np.zeros(R, dtype=bool)
-        inter[t_own[cnt_less < n_h[t_own]]] = True
-        h_shift = np.zeros(len(h_own), dtype=np.int64)
-        if inter.any():
-            sel_r = np.flatnonzero(inter)
-            o_h, p_h = expand_ranges(h_start[sel_r], h_start[sel_r] + n_h[sel_r])
-            t_sel = inter[t_own]
-            sub_n = n_h[sel_r]
-            remap = np.full(R, -1, dtype=np.int64)
-            remap[sel_r] = np.arange(len(sel_r))
-            h_shift[p_h] = _insert_shift(
-                sub_n, o_h, h_rank[p_h], remap[t_own[t_sel]], cnt_less[t_sel]
-            )
+    if len(t_own):
+        assert tails is not None
+        p_t = _insertion_points(eu, ets, E.column("event_id").to_numpy(), users[t_own],
+                                tts[t_idx], tid[t_idx])
+        inside = p_t < end[t_own]
     else:
-        cnt_less = n_h[t_own]
-        h_shift = np.zeros(len(h_own), dtype=np.int64)
-    h_dest = h_rank + h_shift
-    t_dest = cnt_less + t_rank
-    drop = np.maximum(tot - L, 0)
-    lengths = np.minimum(tot, L).astype(np.int64)
-    new_start = np.cumsum(lengths) - lengths
-    hk = h_dest >= drop[h_own]
-    tk = t_dest >= drop[t_own]
-    n_out = int(lengths.sum())
-    idx = np.empty(n_out, dtype=np.int64)
-    src_tail = np.zeros(n_out, dtype=bool)
-    idx[(new_start - drop)[h_own[hk]] + h_dest[hk]] = h_idx[hk]
-    t_slots = (new_start - drop)[t_own[tk]] + t_dest[tk]
-    idx[t_slots] = t_idx[tk]
-    src_tail[t_slots] = True
-    values = {c: _gather(E.column(c), tails.column(c) if tails is not None else None, idx, src_tail)
-              for c in t.columns}
+        p_t = np.zeros(0, np.int64)
+        inside = np.zeros(0, dtype=bool)
+    n_in = np.bincount(t_own[inside], minlength=R)
+    # Virtual positions: the bucket's rows, then the tail events in sorted order.
+    lengths, vpos = _segments(
+        first, end, hole_own, hole_pos,
+        t_own[inside], p_t[inside], n_e + np.flatnonzero(inside),
+        n_e + t_start + n_in, n_e + t_start + n_t, L,
+    )
+    sorted_tails = tails.take(pa.array(t_idx)) if tails is not None and len(t_idx) else None
+    values = {c: _gather_virtual(E.column(c), sorted_tails.column(c) if sorted_tails is not None
+                                 else None, vpos) for c in t.columns}
     ctx_cols = [c for c in rows.column_names if is_context_column(c)]
     return Sequences(
         rid, users, T, lengths, values, rows.select(ctx_cols),
@@ -373,25 +346,28 @@ def is_context_column(name: str) -> bool:
     return name not in THIN_KEYS and not name.startswith(TAIL_PREFIX)
 
 
-def _select_heads(
+def _head_ranges(
     eu: np.ndarray, esn: np.ndarray, lo: np.ndarray, e_end: np.ndarray, S: np.ndarray,
     has_head: np.ndarray, L: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(request, row) of the last ``L`` head rows of each request, grouped by request, ascending.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each request's head as one row range ``[first, end)`` minus a few *holes*.
 
     The head of a request is its user's rows in ``[lo, e_end)`` (rows sorted by user, then
     time) with ``snapshot_id <= S``. A row is *regular* if no later row of its user has a
     smaller ``snapshot_id``; along a user's regular rows ``snapshot_id`` never decreases, so the
-    qualifying regular rows are a prefix and their last ``L`` one contiguous window, found by
-    binary search. The other rows (events that arrived late, after newer ones) are few: only
-    those after the window's start can be among the last ``L``, and only those are looked at.
-    Work is proportional to the output, whatever the number of snapshots.
+    qualifying regular rows are a prefix, and their last ``L`` a window found by binary search.
+    No regular row of a later snapshot can come before a qualifying row (it would not be
+    regular), so the head's last ``L`` rows lie in ``[first, end)``, where the only rows to leave
+    out are late rows of later snapshots: the holes, returned as (request, row), grouped by
+    request and ascending. The range may hold a few more than ``L`` rows (late rows inside the
+    window); the caller keeps the last ``L``. Work is proportional to the number of late rows,
+    not to the output, whatever the number of snapshots.
     """
     R = len(S)
     n = len(eu)
-    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    none = np.zeros(0, np.int64)
     if n == 0 or not has_head.any():
-        return empty
+        return e_end.copy(), e_end.copy(), none, none
     ui = np.concatenate([[0], np.cumsum(eu[1:] != eu[:-1])]).astype(np.int64)
     big = int(esn.max()) + 2
     key = ui * big + esn.astype(np.int64)
@@ -401,26 +377,20 @@ def _select_heads(
     present = has_head & (e_end > lo)
     u_r = np.where(present, ui[np.minimum(lo, n - 1)], 0)
     # Regular rows of the user with snapshot_id <= S end at the first regular key > (u, S).
-    reg_key = key[reg]
-    reg_end = np.searchsorted(reg_key, u_r * big + S + 1, side="left")
+    reg_end = np.searchsorted(key[reg], u_r * big + S + 1, side="left")
     cum_reg = np.concatenate([[0], np.cumsum(regular)])
     reg_lo = cum_reg[lo]
     reg_start = np.maximum(reg_lo, reg_end - L)
     reg_start = np.where(present, np.minimum(reg_start, reg_end), reg_end)
-    irr = np.flatnonzero(~regular)
-    if len(irr) == 0:
-        own, rpos = expand_ranges(reg_start, np.where(present, reg_end, reg_start))
-        return own, reg[rpos]
-    # With late rows the head is every qualifying row of one contiguous row range: no regular
-    # row with snapshot_id > S can come before a qualifying row (it would not be regular), so
-    # the range [first, end) holds the window's regular rows, the qualifying late rows, and
-    # only late rows of later snapshots besides, which a mask removes. Late rows before the
-    # window's first row cannot be among the last L when the window was cut at L.
     cut = reg_start > reg_lo
     has_reg = reg_end > reg_start
-    first = np.where(cut & has_reg, reg[np.minimum(reg_start, len(reg) - 1)], lo)
-    first = np.maximum(first, lo)
-    end = np.where(has_reg, reg[np.maximum(reg_end - 1, 0)] + 1, first)
+    # Late rows before the window's first row cannot be among the last L when it was cut at L.
+    first = np.where(cut & has_reg, reg[np.minimum(reg_start, max(len(reg) - 1, 0))], lo)
+    first = np.where(present, np.maximum(first, lo), e_end)
+    end = np.where(present & has_reg, reg[np.maximum(reg_end - 1, 0)] + 1, first)
+    irr = np.flatnonzero(~regular)
+    if len(irr) == 0:
+        return first, end, none, none
     i0 = np.searchsorted(irr, first, side="left")
     i1 = np.where(present, np.searchsorted(irr, e_end, side="left"), i0)
     io, ip = expand_ranges(i0, i1)
@@ -429,35 +399,75 @@ def _select_heads(
     if q.any():
         last = np.zeros(R, dtype=np.int64)
         np.maximum.at(last, io[q], ip[q] + 1)
-        end = np.maximum(end, last)
-    end = np.where(present, np.maximum(end, first), first)
-    own, pos = expand_ranges(first, end)
-    m = esn[pos] <= S[own]
-    if not m.all():
-        own, pos = own[m], pos[m]
-    cnt = np.bincount(own, minlength=R)
-    if (cnt <= L).all():
-        return own, pos
-    seg_end = np.cumsum(cnt)
-    keep_n = np.minimum(cnt, L)
-    o2, p2 = expand_ranges(seg_end - keep_n, seg_end)
-    return o2, pos[p2]
+        end = np.where(present, np.maximum(end, last), end)
+    hole = ~q & (ip < end[io])
+    return first, end, io[hole], ip[hole]
 
 
-def _insert_shift(
-    n_run: np.ndarray, own: np.ndarray, rank: np.ndarray, ins_own: np.ndarray,
-    ins_before: np.ndarray,
-) -> np.ndarray:
-    """For each run element (request ``own``, rank ``rank`` in its run), how many inserted
-    elements of the same request go before it: those with ``ins_before <= rank``.
+def _segments(
+    first: np.ndarray, end: np.ndarray, hole_own: np.ndarray, hole_pos: np.ndarray,
+    ins_own: np.ndarray, ins_pos: np.ndarray, ins_item: np.ndarray,
+    app_start: np.ndarray, app_end: np.ndarray, L: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions, in request order, of each request's last ``L`` events, as segment copies.
 
-    One histogram and one running sum over the runs (no search, no sort)."""
-    size = n_run + 1
-    seg = np.cumsum(size) - size
-    counts = np.bincount(seg[ins_own] + ins_before, minlength=int(size.sum()))
-    cs = np.cumsum(counts)
-    base = np.where(seg > 0, cs[np.maximum(seg - 1, 0)], 0)
-    return cs[seg[own] + rank] - base[own]
+    A request's sequence is its head range ``[first, end)`` of the bucket's rows, less the
+    holes, with single tail events inserted before row ``ins_pos`` (tail events that sort inside
+    the head) and its remaining tail ``[app_start, app_end)`` appended; tail items and the
+    appended block are given in *virtual* positions (rows of the bucket first, then tail
+    events). Everything is cut into contiguous segments, the first ``total - L`` elements
+    dropped, and the segments expanded once: the output costs one pass, not one per step.
+    Returns (lengths per request, virtual positions).
+    """
+    R = len(first)
+    # Cut points: holes (skip row p) and insertions (item before row p), ordered per request.
+    c_own = np.concatenate([hole_own, ins_own])
+    c_pos = np.concatenate([hole_pos, np.clip(ins_pos, first[ins_own], end[ins_own])])
+    c_kind = np.concatenate([np.ones(len(hole_own), np.int8), np.zeros(len(ins_own), np.int8)])
+    c_item = np.concatenate([np.zeros(len(hole_own), np.int64), ins_item])
+    c_seq = np.concatenate([np.zeros(len(hole_own), np.int64), np.arange(len(ins_own))])
+    order = np.lexsort((c_seq, c_kind, c_pos, c_own))
+    c_own, c_pos, c_kind, c_item = c_own[order], c_pos[order], c_kind[order], c_item[order]
+    k = np.bincount(c_own, minlength=R)
+    per = 2 * k + 2
+    off = np.cumsum(per) - per
+    rank = np.arange(len(c_own)) - (np.cumsum(k) - k)[c_own]
+    n_seg = int(per.sum())
+    s0 = np.zeros(n_seg, dtype=np.int64)
+    s1 = np.zeros(n_seg, dtype=np.int64)
+    # Row segment before each cut point starts where the previous cut left off.
+    resume = c_pos + c_kind  # after a hole skip the row; after an insertion keep it
+    prev = np.empty(len(c_own), dtype=np.int64)
+    if len(c_own):
+        prev[1:] = resume[:-1]
+        prev[rank == 0] = first[c_own[rank == 0]]
+    seg = off[c_own] + 2 * rank
+    s0[seg] = prev
+    s1[seg] = np.maximum(c_pos, prev)
+    ins = c_kind == 0
+    s0[seg[ins] + 1] = c_item[ins]
+    s1[seg[ins] + 1] = c_item[ins] + 1
+    # Last row segment and the appended tail block.
+    last_resume = first.copy()
+    if len(c_own):
+        is_last = rank == k[c_own] - 1
+        last_resume[c_own[is_last]] = resume[is_last]
+    tail_seg = off + 2 * k
+    s0[tail_seg] = last_resume
+    s1[tail_seg] = np.maximum(end, last_resume)
+    s0[tail_seg + 1] = app_start
+    s1[tail_seg + 1] = app_end
+    # Drop the first (total - L) elements of each request.
+    seg_len = s1 - s0
+    seg_own = np.repeat(np.arange(R), per)
+    total = np.bincount(seg_own, weights=seg_len, minlength=R).astype(np.int64)
+    drop = np.maximum(total - L, 0)
+    if drop.any():
+        cum_before = np.cumsum(seg_len) - seg_len - (np.cumsum(seg_len) - seg_len)[off][seg_own]
+        cut = np.clip(drop[seg_own] - cum_before, 0, seg_len)
+        s0 = s0 + cut
+    _, pos = expand_ranges(s0, s1)
+    return np.minimum(total, L), pos
 
 
 def _insertion_points(
@@ -515,29 +525,19 @@ def _tail_values(col: pa.Array, lens: np.ndarray, rid: np.ndarray) -> pa.Array:
     return flat.take(pa.array(idx, mask=idx < 0))
 
 
-def _gather(
-    head: pa.ChunkedArray | pa.Array, tail: pa.ChunkedArray | pa.Array | None,
-    idx: np.ndarray, src_tail: np.ndarray,
+def _gather_virtual(
+    head: pa.ChunkedArray | pa.Array, tail: pa.ChunkedArray | pa.Array | None, vpos: np.ndarray,
 ) -> pa.Array:
-    """Values at ``idx`` of the head column (``src_tail`` false) or the tail column (true)."""
+    """Values at virtual positions: the head column's rows, then the tail column's."""
     h = head.combine_chunks() if isinstance(head, pa.ChunkedArray) else head
-    if tail is None or not src_tail.any():
-        return h.take(pa.array(idx))
+    if tail is None or len(tail) == 0:
+        return h.take(pa.array(vpos))
     tl = tail.combine_chunks() if isinstance(tail, pa.ChunkedArray) else tail
     fixed = pa.types.is_integer(h.type) or pa.types.is_floating(h.type)
     if fixed and h.null_count == 0 and tl.null_count == 0:
-        hv, tv = h.to_numpy(), tl.to_numpy()
-        out = np.empty(len(idx), dtype=hv.dtype)
-        m = ~src_tail
-        out[m] = hv[idx[m]]
-        out[src_tail] = tv[idx[src_tail]]
-        return pa.array(out, type=h.type)
-    both = pa.concat_arrays([h, tl.cast(h.type)])
-    return both.take(pa.array(np.where(src_tail, idx + len(h), idx)))
-
-
-def _grouped(owner: np.ndarray) -> bool:
-    return bool(len(owner) < 2 or (np.diff(owner) >= 0).all())
+        both = np.concatenate([h.to_numpy(), tl.cast(h.type).to_numpy()])
+        return pa.array(both[vpos], type=h.type)
+    return pa.concat_arrays([h, tl.cast(h.type)]).take(pa.array(vpos))
 
 
 def thin_buckets(thin: pads.Dataset) -> list[int]:

@@ -11,6 +11,7 @@ head-length markers (64, 128) that the reader uses to skip old row groups.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -209,7 +210,7 @@ def build(root: Path, sc: dict) -> tuple[str, str, str, list[dict]]:
 
 
 @settings(
-    max_examples=25,
+    max_examples=int(os.environ.get("LMAT_PROPERTY_EXAMPLES", "25")),
     deadline=None,
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
