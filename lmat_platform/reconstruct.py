@@ -30,7 +30,12 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from lmat_platform.exceptions import O2OConsistencyError, ThinTableError
-from lmat_platform.protocol.pointers import HeadIndex, expand_ranges, searchsorted2
+from lmat_platform.protocol.pointers import (
+    HeadIndex,
+    expand_positions,
+    expand_ranges,
+    searchsorted2,
+)
 from lmat_platform.protocol.thin import TAIL_PREFIX, open_thin, read_raw_range, tails_from_raw
 from lmat_platform.schema import EVENT_COLUMNS
 from lmat_platform.store import uih
@@ -466,8 +471,7 @@ def _segments(
         cum_before = np.cumsum(seg_len) - seg_len - (np.cumsum(seg_len) - seg_len)[off][seg_own]
         cut = np.clip(drop[seg_own] - cum_before, 0, seg_len)
         s0 = s0 + cut
-    _, pos = expand_ranges(s0, s1)
-    return np.minimum(total, L), pos
+    return np.minimum(total, L), expand_positions(s0, s1)
 
 
 def _insertion_points(

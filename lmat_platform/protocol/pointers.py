@@ -74,6 +74,24 @@ def searchsorted2(
     return out
 
 
+def expand_positions(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The positions of ranges [starts[i], ends[i]) concatenated: one fill and one running sum
+    (cheaper than :func:`expand_ranges` when the owners are not needed). int32 when every
+    position fits, which halves the memory traffic of the output-sized arrays."""
+    counts = ends - starts
+    nz = counts > 0
+    s, c = starts[nz], counts[nz]
+    total = int(c.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    dtype = np.int32 if int(ends.max()) < np.iinfo(np.int32).max else np.int64
+    delta = np.ones(total, dtype=dtype)
+    offs = np.cumsum(c) - c
+    delta[0] = s[0]
+    delta[offs[1:]] = s[1:] - (s[:-1] + c[:-1] - 1)
+    return np.cumsum(delta, dtype=dtype)
+
+
 @dataclass
 class HeadIndex:
     """Head summaries of a set of users: the entry of (user, snapshot S) is the newest <= S."""
