@@ -12,7 +12,8 @@ and one fat-row file per tenant with :func:`lmat_platform.write_fat_rows`, check
 readers produce the same sequences on a sample, and then measures each (tenant, reader) pair in
 its own subprocess so that peak RSS (``getrusage`` max RSS) is the reader's alone:
 
-* examples/s over a full pass (batches of ``--batch-size``, tensors built as training gets them);
+* examples/s over a full pass after one warm-up pass (batches of ``--batch-size``, tensors
+  built as training gets them; opening and planning the reader included);
 * bytes read per example: compressed bytes of the Parquet column chunks read (fat), or of the UIH
   row groups read plus the thin files read (SequenceLoader);
 * p50 / p99 latency between consecutive batches; peak RSS.
@@ -182,11 +183,18 @@ def measure(reader: str, setup: dict[str, Any], tenant_d: dict[str, Any], batch_
             num_workers: int) -> dict[str, Any]:
     """One full pass of one reader over one tenant; run in a fresh subprocess."""
     tenant = _tenant(tenant_d)
+
+    def make() -> Any:
+        if reader == "fat":
+            return fat_batches(setup["fat"][tenant.name], list(tenant.columns), batch_size)
+        return seq_batches(setup["store"], setup["thin"], tenant, batch_size, num_workers)
+
+    # One untimed warm-up pass (imports, footers, page cache), the same for both readers; the
+    # timed pass includes opening and planning the reader.
+    for _ in make():
+        pass
     t0 = time.perf_counter()
-    if reader == "fat":
-        it = fat_batches(setup["fat"][tenant.name], list(tenant.columns), batch_size)
-    else:
-        it = seq_batches(setup["store"], setup["thin"], tenant, batch_size, num_workers)
+    it = make()
     lat = []
     n = events = nbytes = 0
     last = time.perf_counter()
