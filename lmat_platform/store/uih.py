@@ -208,11 +208,25 @@ def file_metadata(store: Store, rel: str) -> pq.FileMetaData:
 def compact_buckets(
     store: Store, *, buckets: Sequence[int] | None = None, min_files: int = 2
 ) -> dict[str, int]:
-    """Merge each bucket's files into one sorted file (a layout-only rewrite).
+    """Merge each bucket's tier files into one sorted file (a layout-only rewrite), and bin-pack
+    the head summaries (one small file per bucket and snapshot otherwise, which readers open
+    once per bucket and pass).
 
-    Every add and remove is committed with ``dataChange = false`` and the row counts in and out
-    must match, which :func:`lmat_platform.validate.check_uih_commits` verifies from the log.
+    Every add and remove of the tier is committed with ``dataChange = false`` and the row counts
+    in and out must match, which :func:`lmat_platform.validate.check_uih_commits` verifies.
     """
+    with store.write_lock():
+        out = _compact_tier(store, buckets=buckets, min_files=min_files)
+        heads = store.open_table("heads")
+        if heads is not None:
+            metrics = heads.optimize.compact()
+            out["heads_files_removed"] = int(metrics.get("numFilesRemoved", 0))
+    return out
+
+
+def _compact_tier(
+    store: Store, *, buckets: Sequence[int] | None, min_files: int
+) -> dict[str, int]:
     dt = store.open_table("uih")
     if dt is None:
         return {"buckets": 0, "files_in": 0, "files_out": 0}
