@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from lmat_platform.protocol.pointers import expand_positions
 from lmat_platform.reader import Batch
 from lmat_platform.tenants import Tenant
 
@@ -40,15 +41,6 @@ Seqs = dict[int, dict[str, np.ndarray]]
 
 
 # ------------------------------------------------------------------------------ list -> tensors
-
-
-def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Flat positions of the ranges ``[starts[i], starts[i] + lens[i])``, in order."""
-    total = int(lens.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    out_start = np.cumsum(lens) - lens
-    return np.arange(total, dtype=np.int64) + np.repeat(starts - out_start, lens)
 
 
 def _np(a: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -73,7 +65,7 @@ def batch_from_lists(
         full = np.where(first.is_valid().to_numpy(zero_copy_only=False), full, 0)
     keep = np.minimum(full, max_len)
     cut = bool((keep < full).any())
-    idx = _ranges(off[1:] - keep, keep) if cut or first.null_count else None
+    idx = expand_positions(off[1:] - keep, off[1:]) if cut or first.null_count else None
     values: dict[str, torch.Tensor] = {}
     for c in columns:
         a = rb.column(c)

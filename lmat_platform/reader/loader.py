@@ -50,6 +50,7 @@ from deltalake import DeltaTable
 from deltalake.exceptions import DeltaError
 
 from lmat_platform.exceptions import LmatError, ThinTableError
+from lmat_platform.protocol.pointers import expand_positions
 from lmat_platform.protocol.thin import open_thin
 from lmat_platform.reader.batch import Batch
 from lmat_platform.reader.errors import ReaderTimeoutError, ReaderWorkerError, StoreUnreachableError
@@ -196,15 +197,6 @@ def tensorable(t: pa.DataType) -> bool:
         or pa.types.is_timestamp(t)
         or pa.types.is_duration(t)
     )
-
-
-def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Flat positions of the ranges [starts[i], starts[i] + lens[i]), in order (vectorized)."""
-    total = int(lens.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    out_start = np.cumsum(lens) - lens
-    return np.arange(total, dtype=np.int64) + np.repeat(starts - out_start, lens)
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
@@ -370,7 +362,7 @@ def _piece(w: _Window, a: int, b: int) -> dict[str, Any]:
         }
     idx = w.perm[a:b]
     lens = w.lengths[idx]
-    flat = _ranges(w.offsets[idx], lens)
+    flat = expand_positions(w.offsets[idx], w.offsets[idx] + lens)
     return {
         "request_id": w.request_id[idx], "user_id": w.user_id[idx],
         "request_ts": w.request_ts[idx], "lengths": lens,
