@@ -160,19 +160,19 @@ def launch_ui(
     # Its own session and process group: `dagster dev` spawns the webserver, the daemon and code
     # servers, and started without a terminal it ignores SIGINT; stopping the group stops all.
     proc = subprocess.Popen(cmd, cwd=project_root(), env=ui_env(h), start_new_session=True)
-    previous = signal.signal(signal.SIGTERM, lambda *_: _stop_group(proc))
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop_process_group(proc))
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        _stop_group(proc)
+        stop_process_group(proc)
         return proc.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
         if proc.poll() is None:
-            _stop_group(proc)
+            stop_process_group(proc)
 
 
-def _stop_group(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
+def stop_process_group(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
     """Stop the process group of ``proc``: SIGINT (dagster dev's graceful shutdown), then
     SIGTERM, then SIGKILL, each after ``timeout_s`` without an exit."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):

@@ -165,7 +165,7 @@ def test_store_removed_mid_epoch_raises_not_hangs(rs: ReaderStore, tmp_path: Pat
 
 def test_plan_covers_every_row_once() -> None:
     rows = {0: 1000, 1: 10, 2: 0, 5: 333}
-    units = plan_units(rows, {}, max_unit_rows=300, min_units=9)
+    units = plan_units(rows, max_unit_rows=300, min_units=9)
     assert len(units) >= 9
     for b, n in rows.items():
         us = [u for u in units if u.bucket == b]

@@ -8,11 +8,9 @@ under the test's tmp folder, and reads the checks off each asset's Checks tab.
 
 import asyncio
 import base64
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from lmat_platform.ui import stop_process_group
 from tests.test_dagster_defs import ASSETS, CHECKS
 
 pytestmark = pytest.mark.browser
@@ -47,21 +46,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _stop_group(proc: subprocess.Popen[Any]) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=10)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -107,7 +91,7 @@ def dagster_dev(tmp_path: Path) -> Iterator[str]:
             time.sleep(0.5)
         yield url
     finally:
-        _stop_group(proc)
+        stop_process_group(proc)
         log.close()
 
 
@@ -227,7 +211,7 @@ async def _drive(url: str, profile: Path, out: Path) -> dict[str, str]:
                 pages[asset] = await b.wait_for(names, timeout_s=20)
         return pages
     finally:
-        _stop_group(proc)
+        stop_process_group(proc)
 
 
 @pytest.mark.skipif(

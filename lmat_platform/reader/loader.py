@@ -88,8 +88,6 @@ class WorkUnit:
     rows: int
     #: Rows of the whole bucket (the slice bounds are computed from it).
     bucket_rows: int
-    #: Compressed bytes of the bucket's thin files (read once per unit).
-    thin_bytes: int
 
     @property
     def bounds(self) -> tuple[int, int]:
@@ -99,7 +97,6 @@ class WorkUnit:
 
 def plan_units(
     bucket_rows: dict[int, int],
-    bucket_bytes: dict[int, int],
     *,
     max_unit_rows: int,
     min_units: int = 1,
@@ -118,7 +115,7 @@ def plan_units(
         n, k = bucket_rows[b], parts[b]
         for i in range(k):
             lo, hi = i * n // k, (i + 1) * n // k
-            units.append(WorkUnit(b, i, k, hi - lo, n, bucket_bytes.get(b, 0)))
+            units.append(WorkUnit(b, i, k, hi - lo, n))
     return units
 
 
@@ -535,7 +532,6 @@ class _Progress:
 class _ThinInfo:
     version: int
     bucket_rows: dict[int, int]
-    bucket_bytes: dict[int, int]
     schema: pa.Schema
     snap_min: int | None
     snap_max: int | None
@@ -547,11 +543,9 @@ def _thin_info(store: Store, uri: str) -> _ThinInfo:
     dt = open_thin(store, uri)
     t = pa.table(dt.get_add_actions(flatten=True))
     rows: dict[int, int] = {}
-    nbytes: dict[int, int] = {}
-    for b, n, s in zip(t.column("partition.bucket").to_pylist(), t.column("num_records").to_pylist(),
-                       t.column("size_bytes").to_pylist(), strict=True):
+    for b, n in zip(t.column("partition.bucket").to_pylist(), t.column("num_records").to_pylist(),
+                    strict=True):
         rows[int(b)] = rows.get(int(b), 0) + int(n or 0)
-        nbytes[int(b)] = nbytes.get(int(b), 0) + int(s or 0)
     lo = hi = None
     if t.num_rows and "min.snapshot_id" in t.column_names:
         mins = t.column("min.snapshot_id")
@@ -564,7 +558,7 @@ def _thin_info(store: Store, uri: str) -> _ThinInfo:
         mm = pc.min_max(s)
         lo, hi = mm["min"].as_py(), mm["max"].as_py()
     schema = pa.schema(dt.schema().to_arrow())
-    return _ThinInfo(dt.version(), rows, nbytes, schema, lo, hi, t.num_rows)
+    return _ThinInfo(dt.version(), rows, schema, lo, hi, t.num_rows)
 
 
 class SequenceLoader(torch.utils.data.IterableDataset):
@@ -693,7 +687,7 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         """Units of every consumer of the world for ``epoch``, rank-major."""
         per_rank = per_rank or self._consumers()[0]
         n = self.world_size * per_rank
-        units = plan_units(self.info.bucket_rows, self.info.bucket_bytes,
+        units = plan_units(self.info.bucket_rows,
                            max_unit_rows=self.max_unit_rows, min_units=n)
         return assign_units(units, n, seed=self.seed,
                             epoch=self.epoch if epoch is None else epoch, shuffle=self.shuffle)

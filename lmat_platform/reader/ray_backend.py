@@ -111,12 +111,12 @@ def _ray_dataset(
     ensure_ray()
     loader = SequenceLoader(store, thin, tenant=tenant, verify=verify,
                             max_unit_rows=max_unit_rows)
-    units = plan_units(loader.info.bucket_rows, loader.info.bucket_bytes,
+    units = plan_units(loader.info.bucket_rows,
                        max_unit_rows=loader.max_unit_rows)
     spec = loader._specs(1, 0, [0])[0]
     items = [
         {"bucket": u.bucket, "part": u.part, "parts": u.parts, "rows": u.rows,
-         "bucket_rows": u.bucket_rows, "thin_bytes": u.thin_bytes}
+         "bucket_rows": u.bucket_rows}
         for u in units
     ]
     ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
