@@ -30,6 +30,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from lmat_platform.exceptions import O2OConsistencyError, ThinTableError
+from lmat_platform.kernels import copy_segments, is_sorted3
 from lmat_platform.protocol.pointers import (
     HeadIndex,
     expand_positions,
@@ -51,6 +52,74 @@ THIN_KEYS = ("request_id", "user_id", "request_ts", "bucket", "snapshot_id", "he
 INT64_MAX = np.iinfo(np.int64).max
 
 
+def tensor_numpy(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A numeric, boolean or temporal Arrow array as numpy, as a tensor takes it: nulls become 0
+    (NaN for floats), timestamps and durations int64."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    t = arr.type
+    if pa.types.is_timestamp(t) or pa.types.is_duration(t) or pa.types.is_date64(t):
+        arr = arr.cast(pa.int64())
+    if arr.null_count and not pa.types.is_floating(arr.type):
+        arr = pc.fill_null(arr, pa.scalar(0, arr.type) if not pa.types.is_boolean(arr.type) else False)
+    return arr.to_numpy(zero_copy_only=False)
+
+
+@dataclass
+class SegmentPlan:
+    """Sequences planned but not yet copied: every request's events as segments over two
+    sources per column, the bucket's head rows then its sorted tail events (virtual positions;
+    see :mod:`lmat_platform.kernels`). Request ``r``'s segments are
+    ``s0/s1[seg_off[r]:seg_off[r + 1]]``. A reader copies any subset of requests straight into
+    its batch buffers, so each output value is written once."""
+
+    seg_off: np.ndarray
+    s0: np.ndarray
+    s1: np.ndarray
+    head: dict[str, np.ndarray]
+    tail: dict[str, np.ndarray]
+
+    def segments(self, rows: slice | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(s0, s1) of a contiguous row slice (views) or of the given rows, in that order."""
+        if isinstance(rows, slice):
+            a, b = self.seg_off[rows.start], self.seg_off[rows.stop]
+            return self.s0[a:b], self.s1[a:b]
+        pos = expand_positions(self.seg_off[rows], self.seg_off[rows + 1])
+        return self.s0[pos], self.s1[pos]
+
+    def copy(self, column: str, s0: np.ndarray, s1: np.ndarray,
+             out: np.ndarray | None = None) -> np.ndarray:
+        return copy_segments(self.head[column], self.tail[column], s0, s1, out)
+
+    @classmethod
+    def concat(cls, plans: list[SegmentPlan]) -> SegmentPlan:
+        """One plan for the requests of several, in order (sources concatenated)."""
+        if len(plans) == 1:
+            return plans[0]
+        cols = list(plans[0].head)
+        nh = np.array([len(next(iter(p.head.values()), np.zeros(0))) for p in plans])
+        nt = np.array([len(next(iter(p.tail.values()), np.zeros(0))) for p in plans])
+        H = int(nh.sum())
+        h_off = np.cumsum(nh) - nh
+        t_off = np.cumsum(nt) - nt
+        s0s, s1s, offs = [], [], []
+        base = 0
+        for p, n_h, ho, to in zip(plans, nh, h_off, t_off, strict=True):
+            in_head = p.s0 < n_h
+            shift = np.where(in_head, ho, H + to - n_h)
+            empty = p.s1 <= p.s0
+            s0s.append(np.where(empty, 0, p.s0 + shift))
+            s1s.append(np.where(empty, 0, p.s1 + shift))
+            offs.append(p.seg_off[:-1] + base)
+            base += len(p.s0)
+        return cls(
+            np.concatenate([*offs, [base]]).astype(np.int64),
+            np.concatenate(s0s), np.concatenate(s1s),
+            {c: np.concatenate([p.head[c] for p in plans]) for c in cols},
+            {c: np.concatenate([p.tail[c] for p in plans]) for c in cols},
+        )
+
+
 @dataclass
 class Sequences:
     """Reconstructed sequences of a set of requests, jagged (values + lengths per column)."""
@@ -63,6 +132,8 @@ class Sequences:
     context: pa.Table
     bytes_read: int = 0
     stats: dict[str, int] = field(default_factory=dict)
+    #: With ``plan_only``: the tenant's columns as a copy plan instead of ``values``.
+    plan: SegmentPlan | None = None
 
     def __len__(self) -> int:
         return len(self.request_id)
@@ -167,8 +238,14 @@ def _column(table: pa.Table, name: str) -> pa.Array:
     return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
 
 
-def reconstruct_bucket(ctx: ReadContext, bucket: int, rows: pa.Table) -> Sequences:
-    """Rebuild the tenant's sequences for thin ``rows`` that all lie in ``bucket``."""
+def reconstruct_bucket(
+    ctx: ReadContext, bucket: int, rows: pa.Table, *, plan_only: bool = False
+) -> Sequences:
+    """Rebuild the tenant's sequences for thin ``rows`` that all lie in ``bucket``.
+
+    With ``plan_only`` the sequences come back as a :class:`SegmentPlan` over numpy sources
+    (nulls as :func:`tensor_numpy` makes them) and ``values`` is empty: the loader copies them
+    into its batches."""
     t = ctx.tenant
     L = t.max_len
     rid = rows.column("request_id").to_numpy()
@@ -249,16 +326,18 @@ def reconstruct_bucket(ctx: ReadContext, bucket: int, rows: pa.Table) -> Sequenc
     need = list(dict.fromkeys(["event_ts", "event_id", *t.columns,
                                *(["action"] if t.actions is not None else [])]))
 
-    # --- tails: stored (streaming) or from the raw log (batch), filtered like the head
+    # --- tails: stored (streaming) or from the raw log (batch)
     tail_parts: list[pa.Table] = []
     t_owners: list[np.ndarray] = []
     tail_len = _column(rows, "tail_len")
     streamed = np.asarray(tail_len.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    tail_events = 0
     if streamed.any():
         lens = pc.fill_null(tail_len, 0).to_numpy()
         n_ev = int(lens.sum())
+        tail_events += n_ev
         tail_parts.append(pa.table({
-            c: (_tail_values(_column(rows, TAIL_PREFIX + c), lens, rid)
+            c: (_tail_values(rows.column(TAIL_PREFIX + c), lens, rid)
                 if TAIL_PREFIX + c in rows.column_names
                 else pa.nulls(n_ev, ctx.schema.field(c).type))
             for c in need
@@ -277,49 +356,87 @@ def reconstruct_bucket(ctx: ReadContext, bucket: int, rows: pa.Table) -> Sequenc
         own_b, pos_b = tails_from_raw(raw, users[batch], wm[batch], T[batch])
         tail_parts.append(raw.select(need).take(pa.array(pos_b)))
         t_owners.append(batch[own_b])
+        tail_events += len(own_b)
+    tail_schema = pa.schema([ctx.schema.field(c) for c in need])
     tails = (
-        pa.concat_tables([p.cast(pa.schema([ctx.schema.field(c) for c in need]))
-                          for p in tail_parts]).combine_chunks()
-        if tail_parts else None
+        pa.concat_tables([p.cast(tail_schema) for p in tail_parts]) if tail_parts else None
     )
     t_own = np.concatenate(t_owners) if t_owners else np.zeros(0, np.int64)
-    tail_events = len(t_own)
-    t_idx = np.arange(len(t_own), dtype=np.int64)
+    tts = tid = np.zeros(0, np.int64)
     if tails is not None and len(t_own):
-        tts = tails.column("event_ts").to_numpy()
-        tid = tails.column("event_id").to_numpy()
+        # Filtered like the head and in (request, event_ts, event_id) order: in place when the
+        # stored tails already are (the streaming path writes them so), else taken in order.
+        tts = _numpy_flat(tails.column("event_ts"))
+        tid = _numpy_flat(tails.column("event_id"))
         k = np.ones(len(t_own), dtype=bool)
         if t.actions is not None:
-            k &= np.isin(tails.column("action").to_numpy(zero_copy_only=False), t.action_array)  # type: ignore[arg-type]
+            k &= np.isin(tails.column("action").to_numpy(), t.action_array)  # type: ignore[arg-type]
         if lo_ts is not None:
             k &= tts >= lo_ts[t_own]
-        o = np.lexsort((tid[k], tts[k], t_own[k]))
-        t_idx = np.flatnonzero(k)[o]
-        t_own = t_own[t_idx]
+        if not (k.all() and is_sorted3(t_own, tts, tid)):
+            o = np.flatnonzero(k)[np.lexsort((tid[k], tts[k], t_own[k]))]
+            tails = tails.take(pa.array(o))
+            t_own, tts, tid = t_own[o], tts[o], tid[o]
+    # Tail rows 0..n-1: request r's events are [t_start[r], t_end[r]). Only the last L of them
+    # can be among the sequence's last L, so only those take part in the merge.
+    n_t = np.bincount(t_own, minlength=R)
+    t_end = np.cumsum(n_t)
+    t_lo = np.maximum(t_end - n_t, t_end - L)
+    kpos = expand_positions(t_lo, t_end).astype(np.int64, copy=False)
+    k_own = np.repeat(np.arange(R), t_end - t_lo)
 
     # --- merge: a tail event that sorts inside its request's head range is inserted before
     # the row found by binary search; the rest of the tail follows the head. Then the last L.
     n_e = len(eu)
-    n_t = np.bincount(t_own, minlength=R)
-    t_start = np.cumsum(n_t) - n_t
-    if len(t_own):
-        assert tails is not None
-        p_t = _insertion_points(eu, ets, E.column("event_id").to_numpy(), users[t_own],
-                                tts[t_idx], tid[t_idx])
-        inside = p_t < end[t_own]
+    if len(kpos):
+        eid = E.column("event_id").to_numpy()
+        q_ts, q_id = tts[kpos], tid[kpos]
+        # Most tail events sort after their request's last head row (they arrived after the
+        # snapshot's watermark): only the others need a search for their insertion point.
+        last = np.maximum(end - 1, 0)
+        has_rows = end > first
+        if n_e:
+            l_ts, l_id = ets[last][k_own], eid[last][k_own]
+            maybe = has_rows[k_own] & ((q_ts < l_ts) | ((q_ts == l_ts) & (q_id < l_id)))
+        else:
+            maybe = np.zeros(len(kpos), dtype=bool)
+        p_t = np.full(len(kpos), n_e, dtype=np.int64)
+        sel = np.flatnonzero(maybe)
+        if len(sel):
+            p_t[sel] = _insertion_points(eu, ets, eid, users[k_own[sel]], q_ts[sel], q_id[sel])
+        inside = p_t < end[k_own]
     else:
         p_t = np.zeros(0, np.int64)
         inside = np.zeros(0, dtype=bool)
-    n_in = np.bincount(t_own[inside], minlength=R)
-    # Virtual positions: the bucket's rows, then the tail events in sorted order.
-    lengths, vpos = _segments(
+    # Inserted events are a prefix of each request's (ordered) kept tail; the rest is appended.
+    n_in = np.bincount(k_own[inside], minlength=R)
+    # Virtual positions: the bucket's rows, then the tail rows.
+    lengths, seg_off, s0, s1 = _segments(
         first, end, hole_own, hole_pos,
-        t_own[inside], p_t[inside], n_e + np.flatnonzero(inside),
-        n_e + t_start + n_in, n_e + t_start + n_t, L,
+        k_own[inside], p_t[inside], n_e + kpos[inside],
+        n_e + t_lo + n_in, n_e + t_end, L,
     )
-    sorted_tails = tails.take(pa.array(t_idx)) if tails is not None and len(t_idx) else None
-    values = {c: _gather_virtual(E.column(c), sorted_tails.column(c) if sorted_tails is not None
-                                 else None, vpos) for c in t.columns}
+    sorted_tails = tails if tails is not None and len(t_own) else None
+    values: dict[str, pa.Array] = {}
+    plan = None
+    if plan_only:
+        def tail_np(c: str) -> np.ndarray:
+            if sorted_tails is None:
+                return tensor_numpy(E.column(c).slice(0, 0))
+            h_type = E.schema.field(c).type
+            col = sorted_tails.column(c)
+            return tensor_numpy(col if col.type == h_type else col.cast(h_type))
+
+        plan = SegmentPlan(seg_off, s0, s1, {c: tensor_numpy(E.column(c)) for c in t.columns},
+                           {c: tail_np(c) for c in t.columns})
+        for c in t.columns:  # one dtype per column, whatever the source's Arrow type
+            if plan.tail[c].dtype != plan.head[c].dtype:
+                plan.tail[c] = plan.tail[c].astype(plan.head[c].dtype)
+    else:
+        for c in t.columns:
+            values[c] = _gather_segments(
+                E.column(c), sorted_tails.column(c) if sorted_tails is not None else None, s0, s1
+            )
     ctx_cols = [c for c in rows.column_names if is_context_column(c)]
     return Sequences(
         rid, users, T, lengths, values, rows.select(ctx_cols),
@@ -330,6 +447,7 @@ def reconstruct_bucket(ctx: ReadContext, bucket: int, rows: pa.Table) -> Sequenc
             "head_rows_decoded": E.num_rows,
             "tail_events": tail_events,
         },
+        plan,
     )
 
 
@@ -413,16 +531,17 @@ def _segments(
     first: np.ndarray, end: np.ndarray, hole_own: np.ndarray, hole_pos: np.ndarray,
     ins_own: np.ndarray, ins_pos: np.ndarray, ins_item: np.ndarray,
     app_start: np.ndarray, app_end: np.ndarray, L: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Positions, in request order, of each request's last ``L`` events, as segment copies.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each request's last ``L`` events, in request order, as segment copies.
 
     A request's sequence is its head range ``[first, end)`` of the bucket's rows, less the
     holes, with single tail events inserted before row ``ins_pos`` (tail events that sort inside
     the head) and its remaining tail ``[app_start, app_end)`` appended; tail items and the
     appended block are given in *virtual* positions (rows of the bucket first, then tail
     events). Everything is cut into contiguous segments, the first ``total - L`` elements
-    dropped, and the segments expanded once: the output costs one pass, not one per step.
-    Returns (lengths per request, virtual positions).
+    dropped; copying the segments (:func:`lmat_platform.kernels.copy_segments`) is then the
+    only output-sized pass. Returns (lengths per request, each request's first segment (and the
+    total), segment starts, segment ends).
     """
     R = len(first)
     # Cut points: holes (skip row p) and insertions (item before row p), ordered per request.
@@ -471,7 +590,8 @@ def _segments(
         cum_before = np.cumsum(seg_len) - seg_len - (np.cumsum(seg_len) - seg_len)[off][seg_own]
         cut = np.clip(drop[seg_own] - cum_before, 0, seg_len)
         s0 = s0 + cut
-    return np.minimum(total, L), expand_positions(s0, s1)
+    seg_off = np.concatenate([off, [n_seg]]).astype(np.int64)
+    return np.minimum(total, L), seg_off, s0, s1
 
 
 def _insertion_points(
@@ -506,13 +626,13 @@ def _insertion_points(
     return p
 
 
-def _tail_values(col: pa.Array, lens: np.ndarray, rid: np.ndarray) -> pa.Array:
+def _tail_values(col: pa.ChunkedArray, lens: np.ndarray, rid: np.ndarray) -> pa.ChunkedArray:
     """Flattened values of one tail column; each row's list must hold ``tail_len`` values.
 
     A row logged before a trait column existed has a null list in that column (the thin table's
     schema grew later): its tail events get nulls there, as they have in the raw log.
     """
-    got = pc.fill_null(pc.list_value_length(col), -1).to_numpy(zero_copy_only=False)
+    got = pc.fill_null(pc.list_value_length(col), -1).to_numpy()
     missing = got < 0
     bad = np.flatnonzero(~missing & (got != lens))
     if len(bad):
@@ -529,19 +649,54 @@ def _tail_values(col: pa.Array, lens: np.ndarray, rid: np.ndarray) -> pa.Array:
     return flat.take(pa.array(idx, mask=idx < 0))
 
 
-def _gather_virtual(
-    head: pa.ChunkedArray | pa.Array, tail: pa.ChunkedArray | pa.Array | None, vpos: np.ndarray,
+def _numpy_flat(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A null-free numeric (chunked) array as one numpy array."""
+    if isinstance(arr, pa.ChunkedArray):
+        if arr.num_chunks == 1:
+            return arr.chunk(0).to_numpy()
+        return np.concatenate([ch.to_numpy() for ch in arr.chunks]) if arr.num_chunks else \
+            np.zeros(0, arr.type.to_pandas_dtype())
+    return arr.to_numpy()
+
+
+def _fixed_numpy(arr: pa.Array) -> np.ndarray | None:
+    """A null-free fixed-width array as numpy (timestamps and durations as int64), or None."""
+    t = arr.type
+    if arr.null_count:
+        return None
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        return arr.to_numpy()
+    if pa.types.is_boolean(t):
+        return arr.to_numpy(zero_copy_only=False)
+    if pa.types.is_timestamp(t) or pa.types.is_duration(t):
+        return arr.view(pa.int64()).to_numpy()
+    return None
+
+
+def _gather_segments(
+    head: pa.ChunkedArray | pa.Array, tail: pa.ChunkedArray | pa.Array | None,
+    s0: np.ndarray, s1: np.ndarray,
 ) -> pa.Array:
-    """Values at virtual positions: the head column's rows, then the tail column's."""
+    """The values of segments ``[s0, s1)`` over the head column's rows, then the tail's.
+
+    Fixed-width columns without nulls go through the compiled slice copy (the Arrow array wraps
+    its output); other columns through Arrow take."""
     h = head.combine_chunks() if isinstance(head, pa.ChunkedArray) else head
-    if tail is None or len(tail) == 0:
-        return h.take(pa.array(vpos))
-    tl = tail.combine_chunks() if isinstance(tail, pa.ChunkedArray) else tail
-    fixed = pa.types.is_integer(h.type) or pa.types.is_floating(h.type)
-    if fixed and h.null_count == 0 and tl.null_count == 0:
-        both = np.concatenate([h.to_numpy(), tl.cast(h.type).to_numpy()])
-        return pa.array(both[vpos], type=h.type)
-    return pa.concat_arrays([h, tl.cast(h.type)]).take(pa.array(vpos))
+    tl = None
+    if tail is not None and len(tail):
+        tl = tail.combine_chunks() if isinstance(tail, pa.ChunkedArray) else tail
+        if tl.type != h.type:
+            tl = tl.cast(h.type)
+    hn = _fixed_numpy(h)
+    tn = _fixed_numpy(tl) if tl is not None else None
+    if hn is not None and (tl is None or tn is not None):
+        out = copy_segments(hn, tn, s0, s1)
+        if pa.types.is_boolean(h.type):
+            return pa.array(out, type=h.type)
+        return pa.Array.from_buffers(h.type, len(out), [None, pa.py_buffer(out)])
+    vpos = expand_positions(s0, s1)
+    src = h if tl is None else pa.concat_arrays([h, tl])
+    return src.take(pa.array(vpos))
 
 
 def thin_buckets(thin: pads.Dataset) -> list[int]:

@@ -50,16 +50,18 @@ from deltalake import DeltaTable
 from deltalake.exceptions import DeltaError
 
 from lmat_platform.exceptions import LmatError, ThinTableError
-from lmat_platform.protocol.pointers import expand_positions
 from lmat_platform.protocol.thin import open_thin
 from lmat_platform.reader.batch import Batch
+from lmat_platform.reader.buffers import BufferPool
 from lmat_platform.reader.errors import ReaderTimeoutError, ReaderWorkerError, StoreUnreachableError
 from lmat_platform.reader.prefetch import POLL_S, Prefetcher
 from lmat_platform.reconstruct import (
     ReadContext,
+    SegmentPlan,
     Sequences,
     is_context_column,
     reconstruct_bucket,
+    tensor_numpy,
     thin_columns,
 )
 from lmat_platform.store.core import Store, as_store, delta_dataset, storage_options
@@ -155,14 +157,14 @@ def windows_of(units: list[WorkUnit], shuffle_buffer: int) -> list[list[int]]:
 
 @dataclass
 class _Window:
-    """Reconstructed rows of one window, as numpy arrays ready to slice into batches."""
+    """Reconstructed rows of one window, ready to cut into batches: ids and lengths as numpy,
+    the sequences as a copy plan (each batch copies its rows' segments once)."""
 
     request_id: np.ndarray
     user_id: np.ndarray
     request_ts: np.ndarray
     lengths: np.ndarray
-    offsets: np.ndarray
-    values: dict[str, np.ndarray]
+    plan: SegmentPlan
     context: dict[str, np.ndarray]
     bytes_read: int
     thin_bytes_read: int
@@ -173,16 +175,7 @@ class _Window:
         return len(self.request_id)
 
 
-def _to_numpy(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A numeric Arrow array as numpy; nulls become 0 (NaN for floats)."""
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    t = arr.type
-    if pa.types.is_timestamp(t) or pa.types.is_duration(t) or pa.types.is_date64(t):
-        arr = arr.cast(pa.int64())
-    if arr.null_count and not pa.types.is_floating(arr.type):
-        arr = pc.fill_null(arr, pa.scalar(0, arr.type) if not pa.types.is_boolean(arr.type) else False)
-    return arr.to_numpy(zero_copy_only=False)
+_to_numpy = tensor_numpy
 
 
 def tensorable(t: pa.DataType) -> bool:
@@ -239,6 +232,7 @@ class _UnitReader:
         # The last bucket's thin rows: the units of a split bucket are dealt out together, so
         # one read of the bucket serves all of this process's slices of it.
         self._cached: tuple[int, pa.Table] | None = None
+        self._sorted: tuple[int, pa.Table] | None = None
 
     def _bucket_rows(self, bucket: int) -> tuple[pa.Table, int]:
         """The bucket's thin rows (projected) and the compressed bytes this call read."""
@@ -258,6 +252,17 @@ class _UnitReader:
         self._cached = (bucket, rows)
         return rows, nbytes
 
+    def _sorted_rows(self, bucket: int, rows: pa.Table) -> pa.Table:
+        """A split bucket's rows by (user, request time, request id), sorted once per bucket."""
+        if self._sorted is not None and self._sorted[0] == bucket:
+            return self._sorted[1]
+        keys = [rows.column(k).to_numpy() for k in ("request_id", "request_ts", "user_id")]
+        order = np.lexsort(keys)
+        if not (order[1:] > order[:-1]).all():
+            rows = rows.take(pa.array(order))
+        self._sorted = (bucket, rows)
+        return rows
+
     def _dataset(self) -> pads.Dataset:
         if self._ds is None:
             dt = DeltaTable(self.spec.thin_uri, version=self.spec.thin_version,
@@ -265,7 +270,8 @@ class _UnitReader:
             self._ds = delta_dataset(dt)
         return self._ds
 
-    def read(self, unit: WorkUnit) -> Sequences:
+    def read(self, unit: WorkUnit, *, plan_only: bool = True) -> Sequences:
+        """Reconstruct one unit: as a copy plan (batches copy from it), or as Arrow values."""
         store = self.spec.ctx.store
         try:
             rows, thin_bytes = self._bucket_rows(unit.bucket)
@@ -276,11 +282,10 @@ class _UnitReader:
                 )
             if unit.parts > 1:
                 # A user-contiguous slice, so slices of a bucket read mostly disjoint row groups.
-                rows = rows.sort_by([("user_id", "ascending"), ("request_ts", "ascending"),
-                                     ("request_id", "ascending")])
+                rows = self._sorted_rows(unit.bucket, rows)
                 lo, hi = unit.bounds
                 rows = rows.slice(lo, hi - lo)
-            seqs = reconstruct_bucket(self.spec.ctx, unit.bucket, rows)
+            seqs = reconstruct_bucket(self.spec.ctx, unit.bucket, rows, plan_only=plan_only)
         except LmatError as e:
             if not _reachable(store):
                 raise StoreUnreachableError(
@@ -308,16 +313,10 @@ def _reachable(store: Store) -> bool:
 
 
 def _window(parts: list[Sequences], spec: ConsumerSpec, index: int) -> _Window:
-    cols = list(spec.ctx.tenant.columns)
     rid = np.concatenate([p.request_id for p in parts])
     lengths = np.concatenate([p.lengths for p in parts]).astype(np.int64)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    values = {
-        c: np.concatenate([_to_numpy(p.values[c]) for p in parts]) if len(parts) > 1
-        else _to_numpy(parts[0].values[c])
-        for c in cols
-    }
+    plans = [p.plan for p in parts]
+    assert all(pl is not None for pl in plans), "units are reconstructed with plan_only"
     context = {
         c: np.concatenate([_to_numpy(p.context.column(c)) for p in parts])
         for c in spec.context_columns
@@ -332,8 +331,7 @@ def _window(parts: list[Sequences], spec: ConsumerSpec, index: int) -> _Window:
         np.concatenate([p.user_id for p in parts]),
         np.concatenate([p.request_ts for p in parts]),
         lengths,
-        offsets,
-        values,
+        SegmentPlan.concat([pl for pl in plans if pl is not None]),
         context,
         sum(p.bytes_read for p in parts),
         sum(p.stats.get("thin_bytes", 0) for p in parts),
@@ -342,34 +340,42 @@ def _window(parts: list[Sequences], spec: ConsumerSpec, index: int) -> _Window:
 
 
 def _piece(w: _Window, a: int, b: int) -> dict[str, Any]:
-    """Rows a..b (in the window's stream order) as numpy arrays."""
+    """Rows a..b (in the window's stream order): ids as numpy, sequences as plan segments."""
     # Each row carries an equal share of its window's bytes; integer shares that sum exactly.
     n = max(w.n, 1)
     share = w.bytes_read * b // n - w.bytes_read * a // n
     thin_share = w.thin_bytes_read * b // n - w.thin_bytes_read * a // n
-    if w.perm is None:
-        sl = slice(a, b)
-        lo, hi = int(w.offsets[a]), int(w.offsets[b])
-        return {
-            "request_id": w.request_id[sl], "user_id": w.user_id[sl],
-            "request_ts": w.request_ts[sl], "lengths": w.lengths[sl],
-            "values": {c: v[lo:hi] for c, v in w.values.items()},
-            "context": {c: v[sl] for c, v in w.context.items()},
-            "bytes_read": share, "thin_bytes_read": thin_share,
-        }
-    idx = w.perm[a:b]
-    lens = w.lengths[idx]
-    flat = expand_positions(w.offsets[idx], w.offsets[idx] + lens)
+    rows: slice | np.ndarray = slice(a, b) if w.perm is None else w.perm[a:b]
+    lens = w.lengths[rows]
+    s0, s1 = w.plan.segments(rows)
     return {
-        "request_id": w.request_id[idx], "user_id": w.user_id[idx],
-        "request_ts": w.request_ts[idx], "lengths": lens,
-        "values": {c: v[flat] for c, v in w.values.items()},
-        "context": {c: v[idx] for c, v in w.context.items()},
+        "request_id": w.request_id[rows], "user_id": w.user_id[rows],
+        "request_ts": w.request_ts[rows], "lengths": lens,
+        "plan": w.plan, "s0": s0, "s1": s1, "n": int(lens.sum()),
+        "context": {c: v[rows] for c, v in w.context.items()},
         "bytes_read": share, "thin_bytes_read": thin_share,
     }
 
 
-def _batch(pieces: list[dict[str, Any]]) -> Batch:
+def _batch(pieces: list[dict[str, Any]], columns: tuple[str, ...], pool: BufferPool) -> Batch:
+    """One batch from pieces of one or more windows: every column's values are copied from
+    the plans' sources straight into the batch's own buffer (one write per value), taken from
+    ``pool`` (memory already touched, once the consumer has dropped an earlier batch)."""
+    total = sum(q["n"] for q in pieces)
+    values: dict[str, torch.Tensor] = {}
+    for c in columns:
+        dtype = np.result_type(*(q["plan"].head[c].dtype for q in pieces))
+        out = pool.empty(total, dtype)
+        o = 0
+        for q in pieces:
+            pl: SegmentPlan = q["plan"]
+            dst = out[o:o + q["n"]]
+            if pl.head[c].dtype == dtype:
+                pl.copy(c, q["s0"], q["s1"], dst)
+            else:  # a bucket whose column has another width: copy, then widen
+                dst[:] = pl.copy(c, q["s0"], q["s1"])
+            o += q["n"]
+        values[c] = torch.from_numpy(out)
     if len(pieces) == 1:
         p = pieces[0]
     else:
@@ -377,8 +383,6 @@ def _batch(pieces: list[dict[str, Any]]) -> Batch:
             k: np.concatenate([q[k] for q in pieces])
             for k in ("request_id", "user_id", "request_ts", "lengths")
         }
-        p["values"] = {c: np.concatenate([q["values"][c] for q in pieces])
-                       for c in pieces[0]["values"]}
         p["context"] = {c: np.concatenate([q["context"][c] for q in pieces])
                         for c in pieces[0]["context"]}
         p["bytes_read"] = sum(q["bytes_read"] for q in pieces)
@@ -386,7 +390,7 @@ def _batch(pieces: list[dict[str, Any]]) -> Batch:
     return Batch(
         request_id=_tensor(p["request_id"].astype(np.int64, copy=False)),
         lengths=_tensor(p["lengths"].astype(np.int64, copy=False)),
-        values={c: _tensor(v) for c, v in p["values"].items()},
+        values=values,
         context={c: _tensor(v) for c, v in p["context"].items()},
         user_id=_tensor(p["user_id"].astype(np.int64, copy=False)),
         request_ts=_tensor(p["request_ts"].astype(np.int64, copy=False)),
@@ -406,6 +410,7 @@ def iter_consumer(spec: ConsumerSpec) -> Iterator[tuple[int, Batch]]:
     if spec.start_row >= total or first >= len(wins):
         return
     reader = _UnitReader(spec)
+    pool = BufferPool()
     todo = [i for w in wins[first:] for i in w]
 
     def produce() -> Iterator[Sequences]:
@@ -436,10 +441,10 @@ def iter_consumer(spec: ConsumerSpec) -> Iterator[tuple[int, Batch]]:
                 pos += b - a
                 a = b
                 if pending_rows == B:
-                    yield pos, _batch(pending)
+                    yield pos, _batch(pending, spec.ctx.tenant.columns, pool)
                     pending, pending_rows = [], 0
         if pending_rows and not spec.drop_last:
-            yield pos, _batch(pending)
+            yield pos, _batch(pending, spec.ctx.tenant.columns, pool)
     finally:
         units.close()
 

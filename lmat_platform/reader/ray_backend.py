@@ -75,7 +75,7 @@ class _Reconstruct:
     def __call__(self, units: pa.Table) -> pa.Table:
         parts = []
         for u in units.to_pylist():
-            seqs = self.reader.read(WorkUnit(**u))
+            seqs = self.reader.read(WorkUnit(**u), plan_only=False)
             t = seqs.to_table()
             for c in self.spec.context_columns:
                 t = t.append_column(c, seqs.context.column(c))
