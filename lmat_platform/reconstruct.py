@@ -268,9 +268,7 @@ def reconstruct_bucket(
         raise ThinTableError(
             f"request {rid[i]}: pointer names snapshot {S[i]}, published after the request time {T[i]}"
         )
-    heads = HeadIndex.from_files(
-        ctx.store.filesystem()[0], ctx.heads_files.get(bucket, []), users
-    )
+    heads = HeadIndex.of_files(ctx.store, ctx.heads_files.get(bucket, []))
     if ctx.verify:
         exp_len, exp_cs = heads.pointers(users, S)
         hl = rows.column("head_len").to_numpy().astype(np.int64)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -116,15 +115,30 @@ class HeadIndex:
         return cls._from_table(t)
 
     @classmethod
-    def from_files(cls, fs: Any, paths: list[str], users: np.ndarray) -> HeadIndex:
-        """Head summaries of ``users`` from the given ``heads/`` data files (one bucket's)."""
-        if not paths or len(users) == 0:
+    def of_files(cls, store: Store, paths: list[str]) -> HeadIndex:
+        """Every head summary in the given ``heads/`` data files (a bucket's), decoded once per
+        process: the files are immutable, so the index is kept in the decoded cache."""
+        from lmat_platform.store.cache import cache
+
+        if not paths:
             return cls.empty()
-        ds = pads.dataset(paths, format="parquet", filesystem=fs)
+        dc = cache()
+        key = ("heads", store.store_id, tuple(sorted(paths)))
+        hit = dc.get(key) if dc.max_bytes else None
+        if hit is not None:
+            return hit
+        ds = pads.dataset(paths, format="parquet", filesystem=store.filesystem()[0])
         cols = [c for c in ("user_id", "snapshot_id", "head_len", "head_checksum", "markers")
                 if c in ds.schema.names]
-        t = ds.to_table(columns=cols, filter=pads.field("user_id").isin(pa.array(np.unique(users))))
-        return cls._from_table(t)
+        idx = cls._from_table(ds.to_table(columns=cols))
+        if dc.max_bytes:
+            dc.put(key, idx, idx.nbytes)
+        return idx
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.user_id, self.snapshot_id, self.head_len,
+                                       self.head_checksum, self.markers))
 
     @classmethod
     def _from_table(cls, t: pa.Table | None) -> HeadIndex:

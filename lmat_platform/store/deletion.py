@@ -23,6 +23,7 @@ from deltalake.transaction import AddAction, RemoveAction
 from lmat_platform.exceptions import LmatError
 from lmat_platform.hashing import bucket_of
 from lmat_platform.store import uih
+from lmat_platform.store.cache import cache
 from lmat_platform.store.core import Store, as_store, delta_dataset, now_us, storage_options
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ def forget_users(store: Store | str, user_ids: Sequence[int]) -> dict[str, int]:
         custom_metadata={"lmat.op": "forget", "lmat.users": str(len(users))}
     )
     removed: dict[str, int] = {}
+    # Decoded tier data of this process may hold the users' events: drop it (the files that
+    # held them are replaced below, so no later read would be served from it anyway).
+    cache().clear()
     with store.write_lock():
         for name in DATA_TABLES:
             if name == "uih":

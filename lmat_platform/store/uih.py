@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction
 from deltalake.transaction import AddAction, RemoveAction
 
+from lmat_platform.store.cache import cache
 from lmat_platform.store.core import Store, now_us
 
 log = logging.getLogger(__name__)
@@ -379,8 +380,7 @@ def read_bucket(
             rg = md.row_group(g)
             nbytes += sum(rg.column(j).total_compressed_size for j in idx)
         n_read += len(want)
-        with fs.open_input_file(f"{root}/uih/{f.path}") as fh:
-            t = pq.ParquetFile(fh).read_row_groups(want, columns=present)
+        t = _read_row_groups(store, f, want, present, md)
         for c in cols:
             if c not in present:
                 typ = schema.field(c).type if schema is not None and c in schema.names else None
@@ -415,13 +415,36 @@ def read_bucket(
 
 
 def _is_sorted(t: pa.Table) -> bool:
-    u = t.column("user_id").to_numpy()
-    ts = t.column("event_ts").to_numpy()
-    eid = t.column("event_id").to_numpy()
-    if len(u) < 2:
-        return True
-    du = np.diff(u)
-    dt = np.diff(ts)
-    de = np.diff(eid)
-    ok = (du > 0) | ((du == 0) & ((dt > 0) | ((dt == 0) & (de > 0))))
-    return bool(ok.all())
+    from lmat_platform.kernels import is_sorted3
+
+    return is_sorted3(*(t.column(c).to_numpy() for c in SORT_KEYS))
+
+
+def _read_row_groups(
+    store: Store, f: TierFile, groups: list[int], columns: list[str], md: pq.FileMetaData
+) -> pa.Table:
+    """Row groups of a tier file, decoded once per process: each (row group, column) is served
+    from the decoded cache when it is there, and what is missing is decoded and cached."""
+    dc = cache()
+    base = (store.store_id, f.path, f.size)
+    got: dict[tuple[int, str], pa.Array] = {}
+    missing: dict[int, list[str]] = {}
+    for g in groups:
+        for c in columns:
+            a = dc.get((*base, g, c)) if dc.max_bytes else None
+            if a is None:
+                missing.setdefault(g, []).append(c)
+            else:
+                got[(g, c)] = a
+    if missing:
+        fs, root = store.filesystem()
+        with fs.open_input_file(f"{root}/uih/{f.path}") as fh:
+            pf = pq.ParquetFile(fh, metadata=md)
+            for g, cols in missing.items():
+                t = pf.read_row_group(g, columns=cols)
+                for c in cols:
+                    a = t.column(c).combine_chunks()
+                    got[(g, c)] = a
+                    if dc.max_bytes:
+                        dc.put((*base, g, c), a, a.nbytes)
+    return pa.table({c: pa.chunked_array([got[(g, c)] for g in groups]) for c in columns})
