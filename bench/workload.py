@@ -79,7 +79,7 @@ class Scale:
     #: Random requests the slow peers (DuckDB, polars, Lance) are timed on.
     peer_sample: int = 1000
     #: Repetitions of each timed pass (median reported), after one warm-up pass.
-    reps: int = 3
+    reps: int = 5
 
 
 SCALES: dict[str, Scale] = {

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from lmat_platform.fatrows import write_fat_rows
 from lmat_platform.protocol.thin import write_thin
+from lmat_platform.reader import Batch, SequenceLoader
 from lmat_platform.reconstruct import materialize
 from lmat_platform.store import (
     compact_buckets,
@@ -256,7 +257,50 @@ def test_all_paths_agree_with_the_naive_history(tmp_path_factory, sc: dict) -> N
         outs["reference"] = reference_sequences(raw, requests, t)
         for name, got in outs.items():
             assert_matches(got, want, label=f"tenant {t.name}, {name}")
+        for name, thin in (("streaming", thin_log), ("batch", thin_batch)):
+            # The loader copies from a plan (shuffled windows of several units, so plans are
+            # concatenated and cut by permutation): the same sequences, nulls as 0.
+            loader = SequenceLoader(st_, thin, tenant=t, batch_size=7, shuffle=True, seed=1,
+                                    max_unit_rows=4, shuffle_buffer=9)
+            assert loader_sequences(list(loader), t.columns) == table_sequences(outs[name],
+                                                                                t.columns)
         for name in ("streaming", "batch"):
             assert outs[name].schema.field("length").type == pa.int32()
             leak = check_leakage(outs[name], raw, t)
             assert leak.ok, leak.problems
+
+
+def loader_sequences(batches: list[Batch], columns: tuple[str, ...]) -> dict:
+    """request_id -> (column -> values) from the loader's batches."""
+    out: dict = {}
+    for b in batches:
+        off = np.concatenate([[0], np.cumsum(b.lengths.numpy())])
+        for i, r in enumerate(b.request_id.tolist()):
+            out[r] = {c: _nan_safe(b.values[c][off[i]:off[i + 1]].tolist()) for c in columns}
+    return out
+
+
+def _nan_safe(vals: list) -> list:
+    """NaN as a string, so that equal sequences compare equal."""
+    return ["nan" if isinstance(v, float) and v != v else v for v in vals]
+
+
+def table_sequences(table: pa.Table, columns: tuple[str, ...]) -> dict:
+    """The same from a materialized table, with the loader's conversions (nulls as 0, NaN for
+    floats; timestamps as int64 microseconds)."""
+    import pyarrow.compute as pc
+
+    out: dict = {}
+    ids = table.column("request_id").to_pylist()
+    for c in columns:
+        col = table.column(c).combine_chunks()
+        lens = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+        vals = pc.list_flatten(col)
+        if pa.types.is_timestamp(vals.type):
+            vals = vals.cast(pa.int64())
+        fill = float("nan") if pa.types.is_floating(vals.type) else 0
+        vals = _nan_safe(pc.fill_null(vals, pa.scalar(fill, vals.type)).to_pylist())
+        off = np.concatenate([[0], np.cumsum(lens)])
+        for i, r in enumerate(ids):
+            out.setdefault(r, {})[c] = vals[off[i]:off[i + 1]]
+    return out

@@ -69,9 +69,14 @@ from lmat_platform.tenants import Tenant
 
 log = logging.getLogger(__name__)
 
-#: Values (events x columns are not multiplied in) a work unit aims at: bounds the memory of one
-#: reconstructed unit to roughly ``UNIT_VALUES * 8 bytes`` per tenant column.
+#: Values (events x columns are not multiplied in) a work unit aims at where a unit's sequences
+#: are materialized (the Ray backend): bounds one unit to roughly ``UNIT_VALUES * 8 bytes`` per
+#: tenant column.
 UNIT_VALUES = 1 << 23
+#: Rows of a work unit of the loader. Its units are copy plans (head rows, tail events and a
+#: few segments per request, whatever max_len), the values being copied per batch, so a unit can
+#: be a whole bucket: one pruned read and no split.
+UNIT_ROWS = 2048
 
 STATE_VERSION = 1
 
@@ -592,8 +597,7 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         prefetch: units read ahead per consumer (bounded queue); also batches queued per worker.
         drop_last: drop each consumer's last, partial batch (breaks exactly-once by design).
         verify: check each pointer against the stored head (O2O consistency).
-        max_unit_rows: rows per work unit; defaults to a budget of about
-            :data:`UNIT_VALUES` events per unit (``UNIT_VALUES // max_len``, within 256..65536).
+        max_unit_rows: rows per work unit (default :data:`UNIT_ROWS`).
         timeout_s: longest wait for one batch or unit before :class:`ReaderTimeoutError`.
         pin_memory: return batches in page-locked memory (when an accelerator is present).
     """
@@ -665,8 +669,7 @@ class SequenceLoader(torch.utils.data.IterableDataset):
             if is_context_column(f.name) and tensorable(f.type)
         ]
         self.thin_columns += self.context_columns
-        budget = max(256, min(65536, UNIT_VALUES // max(tenant.max_len, 1)))
-        self.max_unit_rows = max_unit_rows or budget
+        self.max_unit_rows = max_unit_rows or UNIT_ROWS
         self.shuffle_buffer = shuffle_buffer or 0
         self.epoch = 0
         self._resume: _Progress | None = None

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 
 from lmat_platform.reader.batch import Batch
 from lmat_platform.reader.loader import (
+    UNIT_VALUES,
     ConsumerSpec,
     SequenceLoader,
     WorkUnit,
@@ -109,8 +110,10 @@ def _ray_dataset(
 ) -> tuple[Any, list[str]]:
     ray = _ray()
     ensure_ray()
+    # Ray's units are materialized (Arrow rows), so their size follows a value budget.
+    budget = max(256, min(65536, UNIT_VALUES // max(tenant.max_len, 1)))
     loader = SequenceLoader(store, thin, tenant=tenant, verify=verify,
-                            max_unit_rows=max_unit_rows)
+                            max_unit_rows=max_unit_rows or budget)
     units = plan_units(loader.info.bucket_rows,
                        max_unit_rows=loader.max_unit_rows)
     spec = loader._specs(1, 0, [0])[0]

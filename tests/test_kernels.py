@@ -1,0 +1,177 @@
+"""The compiled copy kernel, copy plans, batch buffers and the decoded cache (issue 6)."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+from lmat_platform.kernels import copy_segments, is_sorted3
+from lmat_platform.protocol.pointers import expand_positions
+from lmat_platform.reader.buffers import MIN_BYTES, BufferPool
+from lmat_platform.reconstruct import SegmentPlan
+from lmat_platform.store.cache import DecodedCache, configure
+
+
+def random_segments(rng: np.random.Generator, n_head: int, n_tail: int, k: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """k segments, each inside the head or inside the tail (some empty)."""
+    in_tail = rng.random(k) < 0.4
+    size = np.where(in_tail, n_tail, n_head)
+    a = rng.integers(0, size + 1)
+    b = np.minimum(a + rng.integers(0, 30, k), size)
+    b = np.where(rng.random(k) < 0.1, a, b)  # empty segments
+    off = np.where(in_tail, n_head, 0)
+    return (a + off).astype(np.int64), (b + off).astype(np.int64)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint64,
+                                   np.float32, np.float64, np.bool_])
+def test_copy_segments_equals_a_gather(dtype: type) -> None:
+    rng = np.random.default_rng(0)
+    head = (rng.integers(0, 100, 500) % 2 if dtype is np.bool_
+            else rng.integers(-50, 100, 500)).astype(dtype)
+    tail = (rng.integers(0, 100, 80) % 2 if dtype is np.bool_
+            else rng.integers(-50, 100, 80)).astype(dtype)
+    s0, s1 = random_segments(rng, len(head), len(tail), 200)
+    want = np.concatenate([head, tail])[expand_positions(s0, s1)]
+    got = copy_segments(head, tail, s0, s1)
+    assert got.dtype == head.dtype and got.flags.writeable
+    np.testing.assert_array_equal(got, want)
+    out = np.full(len(want), 7, dtype=dtype)
+    assert copy_segments(head, tail, s0, s1, out) is out
+    np.testing.assert_array_equal(out, want)
+
+
+def test_copy_segments_rejects_bad_input() -> None:
+    head = np.arange(10, dtype=np.int64)
+    tail = np.arange(5, dtype=np.int64)
+    with pytest.raises(IndexError, match=r"segment \[8, 12\) is outside head \(10\) and tail"):
+        copy_segments(head, tail, np.array([8]), np.array([12]))  # straddles the two sources
+    with pytest.raises(IndexError, match="outside"):
+        copy_segments(head, tail, np.array([12]), np.array([16]))
+    with pytest.raises(IndexError, match="outside"):
+        copy_segments(head, tail, np.array([-1]), np.array([2]))
+    with pytest.raises(TypeError, match="head is int64 but tail is int32"):
+        copy_segments(head, tail.astype(np.int32), np.array([0]), np.array([1]))
+    with pytest.raises(ValueError, match=r"out must be contiguous int64\[3\]"):
+        copy_segments(head, tail, np.array([0]), np.array([3]), np.empty(4, np.int64))
+    with pytest.raises(TypeError, match="no raw copy"):
+        copy_segments(np.zeros(4, dtype="S3"), None, np.array([0]), np.array([1]))
+
+
+def test_is_sorted3_matches_numpy() -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        n = int(rng.integers(0, 40))
+        a, b, c = (rng.integers(0, 3, n) for _ in range(3))
+        o = np.lexsort((c, b, a))
+        a2, b2, c2 = a[o], b[o], c[o]
+        assert is_sorted3(a2, b2, c2)
+        rows = list(zip(a.tolist(), b.tolist(), c.tolist(), strict=True))
+        assert is_sorted3(a, b, c) == (rows == sorted(rows))
+    with pytest.raises(ValueError, match="lengths differ"):
+        is_sorted3(np.zeros(2), np.zeros(2), np.zeros(3))
+
+
+def test_plans_concatenate_and_cut_by_rows() -> None:
+    rng = np.random.default_rng(2)
+    plans, want = [], []
+    for _ in range(3):
+        head = {"x": rng.integers(0, 1000, 60)}
+        tail = {"x": rng.integers(0, 1000, 20)}
+        per = rng.integers(0, 4, 5)  # segments of each of 5 requests
+        s0, s1 = random_segments(rng, 60, 20, int(per.sum()))
+        off = np.concatenate([[0], np.cumsum(per)])
+        p = SegmentPlan(off, s0, s1, head, tail)
+        plans.append(p)
+        both = np.concatenate([head["x"], tail["x"]])
+        want += [both[expand_positions(s0[off[r]:off[r + 1]], s1[off[r]:off[r + 1]])]
+                 for r in range(5)]
+    plan = SegmentPlan.concat(plans)
+    for rows in (slice(0, 15), slice(4, 11), np.array([14, 0, 7, 7, 3])):
+        idx = np.arange(15)[rows]
+        s0, s1 = plan.segments(rows)
+        np.testing.assert_array_equal(plan.copy("x", s0, s1),
+                                      np.concatenate([want[i] for i in idx]))
+
+
+def test_buffer_pool_reuses_only_buffers_no_tensor_holds() -> None:
+    pool = BufferPool()
+    n = MIN_BYTES // 8
+    a = pool.empty(n, np.int64)
+    t = torch.from_numpy(a)
+    del a
+    b = pool.empty(n, np.int64)  # the first buffer is still behind t
+    assert pool.allocated == 2 and pool.reused == 0
+    view = t[3:9]
+    del t, b
+    gc.collect()
+    c = pool.empty(n, np.float64)  # b's buffer is free; view still holds the first
+    assert pool.allocated == 2 and pool.reused == 1
+    c[:] = 1.5
+    view_before = view.clone()
+    d = pool.empty(n, np.int64)  # nothing free: a new buffer, the view's data untouched
+    assert pool.allocated == 3
+    d[:] = -1
+    assert torch.equal(view, view_before)
+    small = pool.empty(10, np.int64)
+    assert small.nbytes == 80 and pool.allocated == 3
+
+
+def test_decoded_cache_is_an_lru_bounded_in_bytes() -> None:
+    dc = DecodedCache(max_bytes=100)
+    dc.put("a", "A", 40)
+    dc.put("b", "B", 40)
+    assert dc.get("a") == "A"  # a is now the most recent
+    dc.put("c", "C", 40)  # over budget: b goes
+    assert dc.get("b") is None and dc.get("a") == "A" and dc.get("c") == "C"
+    dc.put("huge", "H", 101)  # bigger than the budget: not kept
+    assert dc.get("huge") is None
+    s = dc.stats()
+    assert s["bytes"] == 80 and s["entries"] == 2 and s["hits"] == 3 and s["misses"] == 2
+    dc.clear()
+    assert dc.get("a") is None and dc.stats()["bytes"] == 0
+
+
+def test_decoded_cache_budget_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmat_platform.store.cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "_CACHE", None)
+    monkeypatch.setenv("LMAT_DECODE_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="LMAT_DECODE_CACHE_MB must be a number of MB, but got 'lots'"):
+        cache_mod.cache()
+    monkeypatch.setenv("LMAT_DECODE_CACHE_MB", "1.5")
+    assert cache_mod.cache().max_bytes == int(1.5 * (1 << 20))
+    with pytest.raises(ValueError, match=">= 0"):
+        configure(-1)
+    monkeypatch.setattr(cache_mod, "_CACHE", None)
+
+
+def test_reads_with_and_without_the_cache_agree(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import lmat_platform as lmat
+    from lmat_platform.reader import SequenceLoader
+    from lmat_platform.store.cache import cache
+    from tests.reader_fixtures import build_store
+
+    rs = build_store(tmp_path)
+    tenant = lmat.Tenant("t", ("item_id", "action", "dwell_ms", "event_ts"), 300)
+
+    def run() -> list[tuple[list[int], list[int]]]:
+        return [(b.request_id.tolist(), b.values["dwell_ms"].tolist())
+                for b in SequenceLoader(rs.store, rs.thin, tenant=tenant, batch_size=64)]
+
+    import lmat_platform.store.cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "_CACHE", None)  # restored after the test
+    configure(0)
+    cold = run()
+    dc = configure(64)
+    first = run()
+    hits = dc.stats()["hits"]
+    second = run()
+    assert cold == first == second
+    assert dc.stats()["hits"] > hits and dc.stats()["entries"] > 0
+    assert cache() is dc
