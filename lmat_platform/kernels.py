@@ -99,3 +99,15 @@ def is_sorted3(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> bool:
     if not len(a) == len(b) == len(c):
         raise ValueError(f"lengths differ: {len(a)}, {len(b)}, {len(c)}")
     return bool(_sorted3(a, b, c))
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's on-disk cache) every kernel variant now.
+
+    The loader calls this before it starts worker processes, so that workers only ever read
+    the compiled cache and never race each other writing it."""
+    for raw in _RAW.values():
+        a = np.zeros(2, dtype=raw)
+        copy_segments(a, a, np.array([0, 2]), np.array([1, 3]))
+    z = np.zeros(2, dtype=np.int64)
+    is_sorted3(z, z, z)

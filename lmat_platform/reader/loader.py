@@ -50,6 +50,7 @@ from deltalake import DeltaTable
 from deltalake.exceptions import DeltaError
 
 from lmat_platform.exceptions import LmatError, ThinTableError
+from lmat_platform.kernels import warm_up
 from lmat_platform.protocol.thin import open_thin
 from lmat_platform.reader.batch import Batch
 from lmat_platform.reader.buffers import BufferPool
@@ -646,6 +647,7 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         self.pin_memory = pin_memory
         # Raises TenantError for a column the store does not have.
         self.ctx = ReadContext.build(self.store, tenant, verify=verify)
+        warm_up()  # compiled kernels ready before any worker starts
         for c in tenant.columns:
             typ = self.ctx.schema.field(c).type
             if not tensorable(typ):
@@ -837,11 +839,17 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         finally:
             stop.set()
             for q in queues:
-                while True:
+                # Drop what is queued so the workers' feeder threads can exit. A dropped batch
+                # can fail to unpickle (its worker may already be gone with the shared memory
+                # it served): nothing is lost, so any error just moves on, and at most the
+                # queue's capacity plus the message in flight is read.
+                for _ in range(self.prefetch + 2):
                     try:
                         q.get_nowait()
-                    except (queue.Empty, OSError, ValueError):
+                    except queue.Empty:
                         break
+                    except Exception:  # noqa: BLE001 - discarded message, see above
+                        continue
             for p in procs:
                 p.join(timeout=5)
                 if p.is_alive():
@@ -856,6 +864,13 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         while True:
             try:
                 return q.get(timeout=POLL_S)
+            except (EOFError, ConnectionError) as e:
+                # The worker's end of the queue, or the shared memory of a batch, is gone.
+                proc.join(timeout=POLL_S)
+                raise ReaderWorkerError(
+                    f"reader worker {w} (pid {proc.pid}) stopped mid-message "
+                    f"(exit code {proc.exitcode}): {type(e).__name__}: {e}"
+                ) from e
             except queue.Empty:
                 if not proc.is_alive():
                     # It may have put its last message just before exiting.
