@@ -175,3 +175,31 @@ def test_reads_with_and_without_the_cache_agree(tmp_path, monkeypatch) -> None: 
     assert cold == first == second
     assert dc.stats()["hits"] > hits and dc.stats()["entries"] > 0
     assert cache() is dc
+
+
+def test_buffer_pool_keeps_at_most_its_budget() -> None:
+    n = MIN_BYTES // 8
+    pool = BufferPool(max_bytes=3 * MIN_BYTES)  # room for two buffers (each 1.25x the ask)
+    held = [pool.empty(n, np.int64) for _ in range(4)]
+    assert pool.allocated == 2 and pool.nbytes <= 3 * MIN_BYTES
+    del held
+    again = [pool.empty(n, np.int64) for _ in range(2)]
+    assert pool.reused == 2 and pool.allocated == 2
+    del again
+    big = pool.empty(2 * n, np.int64)  # evicts free buffers to make room
+    assert pool.allocated == 3 and pool.nbytes <= 3 * MIN_BYTES and big.shape == (2 * n,)
+
+
+def test_shared_pool_budget_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmat_platform.reader.buffers as buffers
+
+    monkeypatch.setattr(buffers, "_SHARED", None)
+    monkeypatch.setenv("LMAT_BATCH_POOL_MB", "-3")
+    with pytest.raises(ValueError, match="LMAT_BATCH_POOL_MB must be >= 0, but got '-3'"):
+        buffers.shared_pool()
+    monkeypatch.setenv("LMAT_BATCH_POOL_MB", "0")
+    off = buffers.shared_pool()
+    a = off.empty(MIN_BYTES, np.uint8)
+    assert off.allocated == 0 and a.nbytes == MIN_BYTES
+    assert buffers.shared_pool() is off
+    monkeypatch.setattr(buffers, "_SHARED", None)

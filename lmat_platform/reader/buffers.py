@@ -7,6 +7,10 @@ consumer has dropped every tensor made from them, which CPython's reference coun
 exactly: a tensor made by ``torch.from_numpy`` holds a reference to its array, and that array
 (a view) to the pool's buffer. A buffer some tensor still uses is never handed out.
 
+One pool serves the whole process (every loader and epoch; thread-safe). It keeps at most
+``LMAT_BATCH_POOL_MB`` (default 1024) of buffers; past that, batches get ordinary allocations
+that are freed with them. 0 turns pooling off.
+
 ::
 
     get(n) -> view of a free buffer   --torch.from_numpy-->  batch tensor (holds the view)
@@ -15,7 +19,9 @@ exactly: a tensor made by ``torch.from_numpy`` holds a reference to its array, a
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 
 import numpy as np
 
@@ -26,13 +32,19 @@ MIN_BYTES = 1 << 20
 
 
 class BufferPool:
-    """Buffers for batch values, reused once no tensor refers to them (one consumer thread)."""
+    """Buffers for batch values, reused once no tensor refers to them."""
 
-    def __init__(self, max_buffers: int = MAX_BUFFERS):
+    def __init__(self, max_buffers: int = MAX_BUFFERS, max_bytes: int = 1 << 62):
         self._bufs: list[np.ndarray] = []
         self.max_buffers = max_buffers
+        self.max_bytes = max_bytes
         self.reused = 0
         self.allocated = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self._bufs)
 
     def _free(self, i: int) -> bool:
         # The only references: the pool's list and getrefcount's own argument.
@@ -42,8 +54,12 @@ class BufferPool:
         """An uninitialized, writable array of ``n`` values of ``dtype``."""
         dtype = np.dtype(dtype)
         nbytes = n * dtype.itemsize
-        if nbytes < MIN_BYTES:
+        if nbytes < MIN_BYTES or self.max_buffers == 0:
             return np.empty(n, dtype=dtype)
+        with self._lock:
+            return self._empty(n, dtype, nbytes)
+
+    def _empty(self, n: int, dtype: np.dtype, nbytes: int) -> np.ndarray:
         best = -1
         for i in range(len(self._bufs)):
             size = self._bufs[i].nbytes
@@ -53,7 +69,16 @@ class BufferPool:
             self.reused += 1
             return self._bufs[best][:nbytes].view(dtype)
         # Room to grow: later batches of a pass vary in size around the same mean.
-        buf = np.empty(nbytes + nbytes // 4, dtype=np.uint8)
+        size = nbytes + nbytes // 4
+        total = self.nbytes
+        while total + size > self.max_bytes:
+            free = [i for i in range(len(self._bufs)) if self._free(i)]
+            if not free:
+                break
+            total -= self._bufs.pop(min(free, key=lambda i: self._bufs[i].nbytes)).nbytes
+        if total + size > self.max_bytes:
+            return np.empty(n, dtype=dtype)  # over budget: not pooled, freed with its batch
+        buf = np.empty(size, dtype=np.uint8)
         self.allocated += 1
         self._bufs.append(buf)
         if len(self._bufs) > self.max_buffers:
@@ -64,3 +89,26 @@ class BufferPool:
             else:
                 del self._bufs[0]
         return buf[:nbytes].view(dtype)
+
+
+_SHARED: BufferPool | None = None
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_pool() -> BufferPool:
+    """The process's pool, sized by ``LMAT_BATCH_POOL_MB`` (read once)."""
+    global _SHARED
+    if _SHARED is None:
+        with _SHARED_LOCK:
+            if _SHARED is None:
+                raw = os.environ.get("LMAT_BATCH_POOL_MB", "1024")
+                try:
+                    mb = float(raw)
+                except ValueError:
+                    raise ValueError(
+                        f"LMAT_BATCH_POOL_MB must be a number of MB, but got {raw!r}"
+                    ) from None
+                if mb < 0:
+                    raise ValueError(f"LMAT_BATCH_POOL_MB must be >= 0, but got {raw!r}")
+                _SHARED = BufferPool(MAX_BUFFERS if mb else 0, int(mb * (1 << 20)))
+    return _SHARED

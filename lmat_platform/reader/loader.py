@@ -53,7 +53,7 @@ from lmat_platform.exceptions import LmatError, ThinTableError
 from lmat_platform.kernels import warm_up
 from lmat_platform.protocol.thin import open_thin
 from lmat_platform.reader.batch import Batch
-from lmat_platform.reader.buffers import BufferPool
+from lmat_platform.reader.buffers import BufferPool, shared_pool
 from lmat_platform.reader.errors import ReaderTimeoutError, ReaderWorkerError, StoreUnreachableError
 from lmat_platform.reader.prefetch import POLL_S, Prefetcher
 from lmat_platform.reconstruct import (
@@ -416,7 +416,7 @@ def iter_consumer(spec: ConsumerSpec) -> Iterator[tuple[int, Batch]]:
     if spec.start_row >= total or first >= len(wins):
         return
     reader = _UnitReader(spec)
-    pool = BufferPool()
+    pool = shared_pool()
     todo = [i for w in wins[first:] for i in w]
 
     def produce() -> Iterator[Sequences]:
