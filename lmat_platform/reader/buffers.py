@@ -19,16 +19,19 @@ that are freed with them. 0 turns pooling off.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 
 import numpy as np
 
+from lmat_platform.store.cache import env_megabytes
+
 #: Free buffers kept at most; more are released to the allocator.
 MAX_BUFFERS = 16
 #: Buffers smaller than this are allocated normally (small allocations are cheap and reused).
 MIN_BYTES = 1 << 20
+#: Default of ``LMAT_BATCH_POOL_MB``.
+DEFAULT_MB = 1024
 
 
 class BufferPool:
@@ -101,14 +104,6 @@ def shared_pool() -> BufferPool:
     if _SHARED is None:
         with _SHARED_LOCK:
             if _SHARED is None:
-                raw = os.environ.get("LMAT_BATCH_POOL_MB", "1024")
-                try:
-                    mb = float(raw)
-                except ValueError:
-                    raise ValueError(
-                        f"LMAT_BATCH_POOL_MB must be a number of MB, but got {raw!r}"
-                    ) from None
-                if mb < 0:
-                    raise ValueError(f"LMAT_BATCH_POOL_MB must be >= 0, but got {raw!r}")
-                _SHARED = BufferPool(MAX_BUFFERS if mb else 0, int(mb * (1 << 20)))
+                budget = env_megabytes("LMAT_BATCH_POOL_MB", DEFAULT_MB)
+                _SHARED = BufferPool(MAX_BUFFERS if budget else 0, budget)
     return _SHARED

@@ -28,14 +28,15 @@ from typing import Any
 DEFAULT_MB = 512
 
 
-def _env_budget() -> int:
-    raw = os.environ.get("LMAT_DECODE_CACHE_MB", str(DEFAULT_MB))
+def env_megabytes(var: str, default_mb: float) -> int:
+    """A memory budget in bytes from environment variable ``var`` (in MB; >= 0)."""
+    raw = os.environ.get(var, str(default_mb))
     try:
         mb = float(raw)
     except ValueError:
-        raise ValueError(f"LMAT_DECODE_CACHE_MB must be a number of MB, but got {raw!r}") from None
+        raise ValueError(f"{var} must be a number of MB, but got {raw!r}") from None
     if mb < 0:
-        raise ValueError(f"LMAT_DECODE_CACHE_MB must be >= 0, but got {raw!r}")
+        raise ValueError(f"{var} must be >= 0, but got {raw!r}")
     return int(mb * (1 << 20))
 
 
@@ -96,7 +97,7 @@ def cache() -> DecodedCache:
     if _CACHE is None:
         with _INIT:
             if _CACHE is None:
-                _CACHE = DecodedCache(_env_budget())
+                _CACHE = DecodedCache(env_megabytes("LMAT_DECODE_CACHE_MB", DEFAULT_MB))
     return _CACHE
 
 
