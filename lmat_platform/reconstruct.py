@@ -59,7 +59,7 @@ def tensor_numpy(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
         arr = arr.combine_chunks()
     t = arr.type
     if pa.types.is_timestamp(t) or pa.types.is_duration(t) or pa.types.is_date64(t):
-        arr = arr.cast(pa.int64())
+        arr = arr.view(pa.int64())
     if arr.null_count and not pa.types.is_floating(arr.type):
         arr = pc.fill_null(arr, pa.scalar(0, arr.type) if not pa.types.is_boolean(arr.type) else False)
     return arr.to_numpy(zero_copy_only=False)
@@ -97,8 +97,8 @@ class SegmentPlan:
         if len(plans) == 1:
             return plans[0]
         cols = list(plans[0].head)
-        nh = np.array([len(next(iter(p.head.values()), np.zeros(0))) for p in plans])
-        nt = np.array([len(next(iter(p.tail.values()), np.zeros(0))) for p in plans])
+        nh = np.array([len(p.head[cols[0]]) for p in plans])
+        nt = np.array([len(p.tail[cols[0]]) for p in plans])
         H = int(nh.sum())
         h_off = np.cumsum(nh) - nh
         t_off = np.cumsum(nt) - nt
@@ -364,8 +364,8 @@ def reconstruct_bucket(
     if tails is not None and len(t_own):
         # Filtered like the head and in (request, event_ts, event_id) order: in place when the
         # stored tails already are (the streaming path writes them so), else taken in order.
-        tts = _numpy_flat(tails.column("event_ts"))
-        tid = _numpy_flat(tails.column("event_id"))
+        tts = tensor_numpy(tails.column("event_ts"))
+        tid = tensor_numpy(tails.column("event_id"))
         k = np.ones(len(t_own), dtype=bool)
         if t.actions is not None:
             k &= np.isin(tails.column("action").to_numpy(), t.action_array)  # type: ignore[arg-type]
@@ -425,11 +425,9 @@ def reconstruct_bucket(
             col = sorted_tails.column(c)
             return tensor_numpy(col if col.type == h_type else col.cast(h_type))
 
+        # Tails are cast to the head's Arrow type, so both sources have one dtype per column.
         plan = SegmentPlan(seg_off, s0, s1, {c: tensor_numpy(E.column(c)) for c in t.columns},
                            {c: tail_np(c) for c in t.columns})
-        for c in t.columns:  # one dtype per column, whatever the source's Arrow type
-            if plan.tail[c].dtype != plan.head[c].dtype:
-                plan.tail[c] = plan.tail[c].astype(plan.head[c].dtype)
     else:
         for c in t.columns:
             values[c] = _gather_segments(
@@ -647,28 +645,12 @@ def _tail_values(col: pa.ChunkedArray, lens: np.ndarray, rid: np.ndarray) -> pa.
     return flat.take(pa.array(idx, mask=idx < 0))
 
 
-def _numpy_flat(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A null-free numeric (chunked) array as one numpy array."""
-    if isinstance(arr, pa.ChunkedArray):
-        if arr.num_chunks == 1:
-            return arr.chunk(0).to_numpy()
-        return np.concatenate([ch.to_numpy() for ch in arr.chunks]) if arr.num_chunks else \
-            np.zeros(0, arr.type.to_pandas_dtype())
-    return arr.to_numpy()
-
-
 def _fixed_numpy(arr: pa.Array) -> np.ndarray | None:
-    """A null-free fixed-width array as numpy (timestamps and durations as int64), or None."""
+    """A null-free fixed-width array as numpy (temporal types as int64), or None."""
     t = arr.type
-    if arr.null_count:
-        return None
-    if pa.types.is_integer(t) or pa.types.is_floating(t):
-        return arr.to_numpy()
-    if pa.types.is_boolean(t):
-        return arr.to_numpy(zero_copy_only=False)
-    if pa.types.is_timestamp(t) or pa.types.is_duration(t):
-        return arr.view(pa.int64()).to_numpy()
-    return None
+    fixed = (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+             or pa.types.is_timestamp(t) or pa.types.is_duration(t) or pa.types.is_date64(t))
+    return tensor_numpy(arr) if fixed and not arr.null_count else None
 
 
 def _gather_segments(

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+from lmat_platform.store.cache import cache
 from lmat_platform.store.core import Store
 from lmat_platform.store.snapshots import MARKER_LENGTHS, NO_MARKER
 
@@ -118,21 +119,18 @@ class HeadIndex:
     def of_files(cls, store: Store, paths: list[str]) -> HeadIndex:
         """Every head summary in the given ``heads/`` data files (a bucket's), decoded once per
         process: the files are immutable, so the index is kept in the decoded cache."""
-        from lmat_platform.store.cache import cache
-
         if not paths:
             return cls.empty()
         dc = cache()
         key = ("heads", store.store_id, tuple(sorted(paths)))
-        hit = dc.get(key) if dc.max_bytes else None
+        hit = dc.get(key)
         if hit is not None:
             return hit
         ds = pads.dataset(paths, format="parquet", filesystem=store.filesystem()[0])
         cols = [c for c in ("user_id", "snapshot_id", "head_len", "head_checksum", "markers")
                 if c in ds.schema.names]
         idx = cls._from_table(ds.to_table(columns=cols))
-        if dc.max_bytes:
-            dc.put(key, idx, idx.nbytes)
+        dc.put(key, idx, idx.nbytes)
         return idx
 
     @property

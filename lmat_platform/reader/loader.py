@@ -181,9 +181,6 @@ class _Window:
         return len(self.request_id)
 
 
-_to_numpy = tensor_numpy
-
-
 def tensorable(t: pa.DataType) -> bool:
     """Types a column may have to become a tensor."""
     return (
@@ -324,7 +321,7 @@ def _window(parts: list[Sequences], spec: ConsumerSpec, index: int) -> _Window:
     plans = [p.plan for p in parts]
     assert all(pl is not None for pl in plans), "units are reconstructed with plan_only"
     context = {
-        c: np.concatenate([_to_numpy(p.context.column(c)) for p in parts])
+        c: np.concatenate([tensor_numpy(p.context.column(c)) for p in parts])
         for c in spec.context_columns
     }
     perm = None
@@ -370,16 +367,11 @@ def _batch(pieces: list[dict[str, Any]], columns: tuple[str, ...], pool: BufferP
     total = sum(q["n"] for q in pieces)
     values: dict[str, torch.Tensor] = {}
     for c in columns:
-        dtype = np.result_type(*(q["plan"].head[c].dtype for q in pieces))
-        out = pool.empty(total, dtype)
+        # Every plan's sources of a column have the store schema's type, so one dtype.
+        out = pool.empty(total, pieces[0]["plan"].head[c].dtype)
         o = 0
         for q in pieces:
-            pl: SegmentPlan = q["plan"]
-            dst = out[o:o + q["n"]]
-            if pl.head[c].dtype == dtype:
-                pl.copy(c, q["s0"], q["s1"], dst)
-            else:  # a bucket whose column has another width: copy, then widen
-                dst[:] = pl.copy(c, q["s0"], q["s1"])
+            q["plan"].copy(c, q["s0"], q["s1"], out[o:o + q["n"]])
             o += q["n"]
         values[c] = torch.from_numpy(out)
     if len(pieces) == 1:

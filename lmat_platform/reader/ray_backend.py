@@ -32,10 +32,10 @@ from lmat_platform.reader.loader import (
     ConsumerSpec,
     SequenceLoader,
     WorkUnit,
-    _to_numpy,
     _UnitReader,
     plan_units,
 )
+from lmat_platform.reconstruct import tensor_numpy
 from lmat_platform.store.core import Store
 from lmat_platform.tenants import Tenant
 
@@ -157,12 +157,12 @@ def arrow_to_batch(table: pa.Table, columns: tuple[str, ...], context: list[str]
         return torch.from_numpy(np.array(a, copy=True))
 
     lengths = pc.fill_null(pc.list_value_length(arr(columns[0])), 0).to_numpy().astype(np.int64)
-    values = {c: t(_to_numpy(arr(c).flatten())) for c in columns}
+    values = {c: t(tensor_numpy(arr(c).flatten())) for c in columns}
     return Batch(
         request_id=t(arr("request_id").to_numpy()),
         lengths=t(lengths),
         values=values,
-        context={c: t(_to_numpy(arr(c))) for c in context if c in table.column_names},
+        context={c: t(tensor_numpy(arr(c))) for c in context if c in table.column_names},
         user_id=t(arr("user_id").to_numpy()),
         request_ts=t(arr("request_ts").to_numpy()),
         bytes_read=int(pc.sum(arr("bytes_read")).as_py() or 0)

@@ -64,7 +64,7 @@ class DecodedCache:
             return item[0]
 
     def put(self, key: Hashable, value: Any, nbytes: int) -> None:
-        if nbytes > self.max_bytes:
+        if nbytes > self.max_bytes or not self.max_bytes:
             return
         with self._lock:
             old = self._d.pop(key, None)

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction
 from deltalake.transaction import AddAction, RemoveAction
 
+from lmat_platform.kernels import is_sorted3
 from lmat_platform.store.cache import cache
 from lmat_platform.store.core import Store, now_us
 
@@ -415,8 +416,6 @@ def read_bucket(
 
 
 def _is_sorted(t: pa.Table) -> bool:
-    from lmat_platform.kernels import is_sorted3
-
     return is_sorted3(*(t.column(c).to_numpy() for c in SORT_KEYS))
 
 
@@ -428,23 +427,25 @@ def _read_row_groups(
     dc = cache()
     base = (store.store_id, f.path, f.size)
     got: dict[tuple[int, str], pa.Array] = {}
-    missing: dict[int, list[str]] = {}
     for g in groups:
         for c in columns:
-            a = dc.get((*base, g, c)) if dc.max_bytes else None
-            if a is None:
-                missing.setdefault(g, []).append(c)
-            else:
+            a = dc.get((*base, g, c))
+            if a is not None:
                 got[(g, c)] = a
-    if missing:
+    miss_g = [g for g in groups if any((g, c) not in got for c in columns)]
+    if miss_g:
+        # One read of every row group with a missing column, then cut per row group.
+        miss_c = [c for c in columns if any((g, c) not in got for g in miss_g)]
         fs, root = store.filesystem()
         with fs.open_input_file(f"{root}/uih/{f.path}") as fh:
-            pf = pq.ParquetFile(fh, metadata=md)
-            for g, cols in missing.items():
-                t = pf.read_row_group(g, columns=cols)
-                for c in cols:
-                    a = t.column(c).combine_chunks()
+            t = pq.ParquetFile(fh, metadata=md).read_row_groups(miss_g, columns=miss_c)
+        start = 0
+        for g in miss_g:
+            n = md.row_group(g).num_rows
+            for c in miss_c:
+                a = t.column(c).slice(start, n).combine_chunks()
+                if (g, c) not in got:
                     got[(g, c)] = a
-                    if dc.max_bytes:
-                        dc.put((*base, g, c), a, a.nbytes)
+                    dc.put((*base, g, c), a, a.nbytes)
+            start += n
     return pa.table({c: pa.chunked_array([got[(g, c)] for g in groups]) for c in columns})
