@@ -191,7 +191,7 @@ class ReadContext:
     def build(cls, store: Store | str, tenant: Tenant, *, verify: bool = True) -> ReadContext:
         store = as_store(store)
         snaps = list_snapshots(store)
-        dt = store.open_table("uih")
+        dt = store.shared_table("uih")
         files: dict[int, list[uih.TierFile]] = {}
         schema = pa.schema([pa.field(c, t) for c, t in EVENT_COLUMNS.items()])
         if dt is not None:
@@ -203,7 +203,7 @@ class ReadContext:
                 fl.sort(key=lambda f: f.path)
         # A trait added by a file ingested after the newest snapshot is in the raw log (and so
         # in tails) but not yet in the tier: it is a stored column all the same.
-        raw = store.open_table("raw")
+        raw = store.shared_table("raw")
         if raw is not None:
             have = set(schema.names)
             schema = pa.schema([*schema, *(
@@ -212,7 +212,7 @@ class ReadContext:
             )])
         tenant.check_columns(schema.names)
         heads_files: dict[int, list[str]] = {}
-        hdt = store.open_table("heads")
+        hdt = store.shared_table("heads")
         if hdt is not None:
             _, root = store.filesystem()
             at = pa.table(hdt.get_add_actions(flatten=True))

@@ -32,7 +32,14 @@ from lmat_platform.exceptions import RequestError, ThinTableError
 from lmat_platform.hashing import bucket_of
 from lmat_platform.protocol.pointers import HeadIndex, expand_ranges, searchsorted2
 from lmat_platform.schema import EVENT_COLUMNS, normalize_requests, read_parquet_file
-from lmat_platform.store.core import Store, as_store, delta_dataset, storage_options
+from lmat_platform.store.core import (
+    Store,
+    as_store,
+    checkpoint_if_due,
+    delta_dataset,
+    shared_delta_table,
+    storage_options,
+)
 from lmat_platform.store.deletion import register_thin_table
 from lmat_platform.store.snapshots import list_snapshots, resolve_snapshot, snapshot_arrays
 
@@ -158,12 +165,16 @@ def thin_store_id(dt: DeltaTable) -> str | None:
     return desc.get(STORE_ID_KEY) if isinstance(desc, dict) else None
 
 
-def open_thin(store: Store, uri: str) -> DeltaTable:
-    """Open a thin table and check it belongs to ``store``."""
+def open_thin(store: Store, uri: str, *, shared: bool = False) -> DeltaTable:
+    """Open a thin table and check it belongs to ``store``; ``shared``: the process's read-only
+    view of its latest version (:func:`~lmat_platform.store.core.shared_delta_table`)."""
     try:
-        dt = DeltaTable(uri, storage_options=storage_options())
+        dt = (shared_delta_table(uri) if shared
+              else DeltaTable(uri, storage_options=storage_options()))
     except TableNotFoundError:
-        raise ThinTableError(f"{uri}: no thin table here") from None
+        dt = None
+    if dt is None:
+        raise ThinTableError(f"{uri}: no thin table here")
     sid = thin_store_id(dt)
     if sid is None:
         raise ThinTableError(f"{uri}: not an lmat thin table (no {STORE_ID_KEY})")
@@ -211,6 +222,8 @@ def write_thin(
         commit_properties=CommitProperties(custom_metadata={"lmat.op": path}),
         storage_options=storage_options(),
     )
+    checkpoint_if_due(existing if existing is not None
+                      else DeltaTable(out, storage_options=storage_options()))
     if path == "log":
         register_thin_table(store, out if "://" in out else os.path.abspath(out))
     n_tail = int(pc.sum(rows.column("tail_len")).as_py() or 0) if path == "log" else 0

@@ -46,7 +46,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import torch
-from deltalake import DeltaTable
 from deltalake.exceptions import DeltaError
 
 from lmat_platform.exceptions import LmatError, ThinTableError
@@ -65,7 +64,7 @@ from lmat_platform.reconstruct import (
     tensor_numpy,
     thin_columns,
 )
-from lmat_platform.store.core import Store, as_store, delta_dataset, storage_options
+from lmat_platform.store.core import Store, as_store, delta_dataset, shared_delta_table
 from lmat_platform.tenants import Tenant
 
 log = logging.getLogger(__name__)
@@ -268,8 +267,9 @@ class _UnitReader:
 
     def _dataset(self) -> pads.Dataset:
         if self._ds is None:
-            dt = DeltaTable(self.spec.thin_uri, version=self.spec.thin_version,
-                            storage_options=storage_options())
+            dt = shared_delta_table(self.spec.thin_uri, self.spec.thin_version)
+            if dt is None:
+                raise ThinTableError(f"{self.spec.thin_uri}: the thin table is gone")
             self._ds = delta_dataset(dt)
         return self._ds
 
@@ -543,7 +543,7 @@ class _ThinInfo:
 
 
 def _thin_info(store: Store, uri: str) -> _ThinInfo:
-    dt = open_thin(store, uri)
+    dt = open_thin(store, uri, shared=True)
     t = pa.table(dt.get_add_actions(flatten=True))
     rows: dict[int, int] = {}
     for b, n in zip(t.column("partition.bucket").to_pylist(), t.column("num_records").to_pylist(),

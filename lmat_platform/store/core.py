@@ -23,8 +23,11 @@ import fcntl
 import json
 import logging
 import os
+import re
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +55,13 @@ TABLES = (
     "forgotten",
     "thin_tables",
 )
+#: A commit whose version is a multiple of this also writes a Delta checkpoint, so opening a
+#: table replays at most this many JSON commits (opening the tier's table: 8 ms -> 3 ms).
+CHECKPOINT_INTERVAL = 10
+#: Small tables (the snapshot registry, forgotten users, ...) whose whole reads are remembered
+#: per version by :meth:`Store.read_table`.
+_MEMO_MAX_BYTES = 8 << 20
+_COMMIT_FILE = re.compile(r"^(\d{20})\.json$")
 
 
 def _is_uri(path: str) -> bool:
@@ -116,7 +126,9 @@ class Store:
 
     # ---------------------------------------------------------------- tables
     def open_table(self, name: str, *, version: int | None = None) -> DeltaTable | None:
-        """The Delta table ``name`` at ``version`` (latest if None); None if never written."""
+        """The Delta table ``name`` at ``version`` (latest if None); None if never written.
+
+        A fresh object the caller may write through; readers use :meth:`shared_table`."""
         try:
             return DeltaTable(
                 self.table_uri(name), version=version, storage_options=storage_options()
@@ -124,16 +136,35 @@ class Store:
         except TableNotFoundError:
             return None
 
+    def shared_table(self, name: str, *, version: int | None = None) -> DeltaTable | None:
+        """Read-only view of table ``name`` at ``version`` (latest if None), shared by the
+        process; None if never written. See :func:`shared_delta_table`."""
+        return shared_delta_table(self.table_uri(name), version)
+
     def read_table(
         self, name: str, *, columns: list[str] | None = None, filters: Any = None
     ) -> pa.Table | None:
-        dt = self.open_table(name)
+        """Rows of table ``name``'s latest version; whole small tables are remembered per
+        version (Arrow tables are immutable), so re-reading an unchanged registry is free."""
+        dt = self.shared_table(name)
         if dt is None:
             return None
+        key = (dt.table_uri, dt.version(), tuple(columns) if columns is not None else None)
+        if filters is None:
+            with _LOCK:
+                hit = _READS.get(key)
+            if hit is not None:
+                return hit
         ds = delta_dataset(dt)
         if columns is not None:
             columns = [c for c in columns if c in ds.schema.names]
-        return ds.to_table(columns=columns, filter=filters)
+        t = ds.to_table(columns=columns, filter=filters)
+        if filters is None and t.nbytes <= _MEMO_MAX_BYTES:
+            with _LOCK:
+                _READS[key] = t
+                while len(_READS) > _SHARED_MAX:
+                    _READS.popitem(last=False)
+        return t
 
     def append(
         self,
@@ -170,6 +201,7 @@ class Store:
         )
         dt = self.open_table(name)
         assert dt is not None
+        checkpoint_if_due(dt)
         return dt.version()
 
     def txn_version(self, name: str, app_id: str) -> int | None:
@@ -206,6 +238,61 @@ class Store:
             yield
         finally:
             os.close(fd)
+
+
+_LOCK = threading.Lock()
+_SHARED_MAX = 64
+_SHARED: OrderedDict[tuple[str, int], DeltaTable] = OrderedDict()
+_READS: OrderedDict[tuple[str, int, tuple[str, ...] | None], pa.Table] = OrderedDict()
+
+
+def latest_version(uri: str) -> int | None:
+    """The newest committed version of the Delta table at ``uri`` from one listing of its log
+    (a commit file appears whole, or not at all); None if it has none."""
+    if _is_uri(uri):
+        fs, path = pafs.FileSystem.from_uri(uri)
+    else:
+        fs, path = pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
+    sel = pafs.FileSelector(f"{path.rstrip('/')}/_delta_log", allow_not_found=True)
+    versions = [int(m.group(1)) for i in fs.get_file_info(sel)
+                if (m := _COMMIT_FILE.match(i.base_name))]
+    return max(versions) if versions else None
+
+
+def shared_delta_table(uri: str, version: int | None = None) -> DeltaTable | None:
+    """A Delta table version opened once per process and shared: never write through it, nor
+    move it to another version (writers use :meth:`Store.open_table`). The latest version is
+    found by listing the log, so a new commit is seen at once. None if the table has no log."""
+    if version is None:
+        version = latest_version(uri)
+        if version is None:
+            return None
+    key = (uri.rstrip("/"), int(version))
+    with _LOCK:
+        dt = _SHARED.get(key)
+        if dt is not None:
+            _SHARED.move_to_end(key)
+            return dt
+    try:
+        dt = DeltaTable(uri, version=version, storage_options=storage_options())
+    except TableNotFoundError:
+        return None
+    with _LOCK:
+        _SHARED[key] = dt
+        while len(_SHARED) > _SHARED_MAX:
+            _SHARED.popitem(last=False)
+    return dt
+
+
+def checkpoint_if_due(dt: DeltaTable) -> None:
+    """Write a checkpoint after every :data:`CHECKPOINT_INTERVAL`-th commit (a failure is only
+    logged: the commit is in, and a checkpoint only speeds up later opens)."""
+    v = dt.version()
+    if v > 0 and v % CHECKPOINT_INTERVAL == 0:
+        try:
+            dt.create_checkpoint()
+        except Exception as e:  # noqa: BLE001 - see docstring
+            log.warning("checkpoint of %s at version %d failed: %s", dt.table_uri, v, e)
 
 
 def delta_dataset(dt: DeltaTable) -> pads.Dataset:
