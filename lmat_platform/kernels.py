@@ -101,6 +101,43 @@ def is_sorted3(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> bool:
     return bool(_sorted3(a, b, c))
 
 
+@njit(cache=True, nogil=True)
+def _tails_before(t_lo, t_end, tts, tid, last_ts, last_id, has_rows):  # type: ignore[no-untyped-def,unused-ignore]
+    m = np.zeros(len(t_lo), dtype=np.int64)
+    for r in range(len(t_lo)):
+        if not has_rows[r]:
+            continue
+        lt = last_ts[r]
+        li = last_id[r]
+        j = t_lo[r]
+        while j < t_end[r] and (tts[j] < lt or (tts[j] == lt and tid[j] < li)):
+            j += 1
+        m[r] = j - t_lo[r]
+    return m
+
+
+def tails_before(
+    t_lo: np.ndarray, t_end: np.ndarray, tts: np.ndarray, tid: np.ndarray,
+    last_ts: np.ndarray, last_id: np.ndarray, has_rows: np.ndarray,
+) -> np.ndarray:
+    """Per request ``r``: how many of its tail events ``[t_lo[r], t_end[r])``, ordered by
+    ``(tts, tid)``, sort before ``(last_ts[r], last_id[r])`` (its last head row); 0 where
+    ``has_rows[r]`` is False. Those events are a prefix, so the work is the prefixes' length
+    plus one step per request, not the number of tail events."""
+    R = len(t_lo)
+    if not (len(t_end) == len(last_ts) == len(last_id) == len(has_rows) == R):
+        raise ValueError("per-request arrays differ in length")
+    if len(tts) != len(tid):
+        raise ValueError(f"tail arrays differ in length: {len(tts)}, {len(tid)}")
+    if R and ((t_lo < 0).any() or (t_end > len(tts)).any() or (t_lo > t_end).any()):
+        raise IndexError(f"tail ranges outside the {len(tts)} tail events")
+    return np.asarray(_tails_before(
+        t_lo.astype(np.int64, copy=False), t_end.astype(np.int64, copy=False),
+        tts.astype(np.int64, copy=False), tid.astype(np.int64, copy=False),
+        last_ts.astype(np.int64, copy=False), last_id.astype(np.int64, copy=False),
+        has_rows.astype(np.bool_, copy=False)))
+
+
 def warm_up() -> None:
     """Compile (or load from numba's on-disk cache) every kernel variant now.
 
@@ -111,3 +148,4 @@ def warm_up() -> None:
         copy_segments(a, a, np.array([0, 2]), np.array([1, 3]))
     z = np.zeros(2, dtype=np.int64)
     is_sorted3(z, z, z)
+    tails_before(z, z, z, z, z, z, np.ones(2, dtype=np.bool_))

@@ -30,7 +30,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from lmat_platform.exceptions import O2OConsistencyError, ThinTableError
-from lmat_platform.kernels import copy_segments, is_sorted3
+from lmat_platform.kernels import copy_segments, is_sorted3, tails_before
 from lmat_platform.protocol.pointers import (
     HeadIndex,
     expand_positions,
@@ -380,38 +380,30 @@ def reconstruct_bucket(
     n_t = np.bincount(t_own, minlength=R)
     t_end = np.cumsum(n_t)
     t_lo = np.maximum(t_end - n_t, t_end - L)
-    kpos = expand_positions(t_lo, t_end).astype(np.int64, copy=False)
-    k_own = np.repeat(np.arange(R), t_end - t_lo)
 
-    # --- merge: a tail event that sorts inside its request's head range is inserted before
-    # the row found by binary search; the rest of the tail follows the head. Then the last L.
+    # --- merge: a tail event that sorts before its request's last head row is inserted before
+    # the row found by binary search; the rest of the tail follows the head. Most tail events
+    # arrived after the snapshot's watermark and sort after the head, and a request's tail is
+    # ordered, so the events to insert are a prefix of it: counted per request, compiled.
     n_e = len(eu)
-    if len(kpos):
-        eid = E.column("event_id").to_numpy()
-        q_ts, q_id = tts[kpos], tid[kpos]
-        # Most tail events sort after their request's last head row (they arrived after the
-        # snapshot's watermark): only the others need a search for their insertion point.
+    has_rows = end > first
+    if n_e and R:
         last = np.maximum(end - 1, 0)
-        has_rows = end > first
-        if n_e:
-            l_ts, l_id = ets[last][k_own], eid[last][k_own]
-            maybe = has_rows[k_own] & ((q_ts < l_ts) | ((q_ts == l_ts) & (q_id < l_id)))
-        else:
-            maybe = np.zeros(len(kpos), dtype=bool)
-        p_t = np.full(len(kpos), n_e, dtype=np.int64)
-        sel = np.flatnonzero(maybe)
-        if len(sel):
-            p_t[sel] = _insertion_points(eu, ets, eid, users[k_own[sel]], q_ts[sel], q_id[sel])
-        inside = p_t < end[k_own]
+        eid = E.column("event_id").to_numpy()
+        n_pre = tails_before(t_lo, t_end, tts, tid, ets[last], eid[last], has_rows)
     else:
-        p_t = np.zeros(0, np.int64)
-        inside = np.zeros(0, dtype=bool)
+        eid = np.zeros(0, np.int64)
+        n_pre = np.zeros(R, dtype=np.int64)
+    ins_own, ins_t = expand_ranges(t_lo, t_lo + n_pre)
+    p_t = (_insertion_points(eu, ets, eid, users[ins_own], tts[ins_t], tid[ins_t])
+           if len(ins_t) else np.zeros(0, np.int64))
+    inside = p_t < end[ins_own]
     # Inserted events are a prefix of each request's (ordered) kept tail; the rest is appended.
-    n_in = np.bincount(k_own[inside], minlength=R)
+    n_in = np.bincount(ins_own[inside], minlength=R)
     # Virtual positions: the bucket's rows, then the tail rows.
     lengths, seg_off, s0, s1 = _segments(
         first, end, hole_own, hole_pos,
-        k_own[inside], p_t[inside], n_e + kpos[inside],
+        ins_own[inside], p_t[inside], n_e + ins_t[inside],
         n_e + t_lo + n_in, n_e + t_end, L,
     )
     sorted_tails = tails if tails is not None and len(t_own) else None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmat_platform.kernels import copy_segments, is_sorted3
+from lmat_platform.kernels import copy_segments, is_sorted3, tails_before
 from lmat_platform.protocol.pointers import expand_positions
 from lmat_platform.reader.buffers import MIN_BYTES, BufferPool
 from lmat_platform.reconstruct import SegmentPlan
@@ -74,6 +74,37 @@ def test_is_sorted3_matches_numpy() -> None:
         assert is_sorted3(a, b, c) == (rows == sorted(rows))
     with pytest.raises(ValueError, match="lengths differ"):
         is_sorted3(np.zeros(2), np.zeros(2), np.zeros(3))
+
+
+def test_tails_before_counts_the_prefix_that_sorts_before_the_head() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        R = int(rng.integers(1, 20))
+        n = rng.integers(0, 12, R)
+        t_end = np.cumsum(n)
+        t_lo = t_end - n + rng.integers(0, 3, R).clip(max=n)
+        own = np.repeat(np.arange(R), n)
+        ts = rng.integers(0, 6, len(own))
+        tid = rng.integers(0, 6, len(own))
+        o = np.lexsort((tid, ts, own))
+        ts, tid = ts[o], tid[o]
+        last_ts, last_id = rng.integers(0, 6, R), rng.integers(0, 6, R)
+        has = rng.random(R) < 0.8
+        got = tails_before(t_lo, t_end, ts, tid, last_ts, last_id, has)
+        want = [
+            int(sum((ts[j], tid[j]) < (last_ts[r], last_id[r]) for j in range(t_lo[r], t_end[r])))
+            if has[r] else 0
+            for r in range(R)
+        ]
+        assert got.tolist() == want
+
+
+def test_tails_before_rejects_bad_ranges() -> None:
+    z = np.zeros(1, np.int64)
+    with pytest.raises(IndexError, match="outside the 0 tail events"):
+        tails_before(z, z + 1, z[:0], z[:0], z, z, np.ones(1, bool))
+    with pytest.raises(ValueError, match="differ in length"):
+        tails_before(z, z, z, z, z[:0], z, np.ones(1, bool))
 
 
 def test_plans_concatenate_and_cut_by_rows() -> None:

@@ -49,7 +49,7 @@ import torch
 from deltalake.exceptions import DeltaError
 
 from lmat_platform.exceptions import LmatError, ThinTableError
-from lmat_platform.kernels import warm_up
+from lmat_platform.kernels import is_sorted3, warm_up
 from lmat_platform.protocol.thin import open_thin
 from lmat_platform.reader.batch import Batch
 from lmat_platform.reader.buffers import BufferPool, shared_pool
@@ -231,39 +231,53 @@ class _UnitReader:
     def __init__(self, spec: ConsumerSpec):
         self.spec = spec
         self._ds: pads.Dataset | None = None
-        # The last bucket's thin rows: the units of a split bucket are dealt out together, so
-        # one read of the bucket serves all of this process's slices of it.
-        self._cached: tuple[int, pa.Table] | None = None
-        self._sorted: tuple[int, pa.Table] | None = None
+        # The last bucket's thin rows, one table per file: the units of a split bucket are
+        # dealt out together, so one read of the bucket serves all of this process's slices.
+        self._cached: tuple[int, list[pa.Table]] | None = None
+        # The last split bucket's files in (user, request time, request id) order.
+        self._order: tuple[int, np.ndarray] | None = None
 
-    def _bucket_rows(self, bucket: int) -> tuple[pa.Table, int]:
-        """The bucket's thin rows (projected) and the compressed bytes this call read."""
+    def _bucket_rows(self, bucket: int) -> tuple[list[pa.Table], int]:
+        """The bucket's thin rows (projected), one table per file, each in (user, request
+        time, request id) order, and the compressed bytes this call read."""
         if self._cached is not None and self._cached[0] == bucket:
             return self._cached[1], 0
         ds = self._dataset()
-        filt = pads.field("bucket") == bucket
         cols = set(self.spec.thin_columns)
         nbytes = 0
-        for frag in ds.get_fragments(filter=filt):
+        parts = []
+        for frag in ds.get_fragments(filter=pads.field("bucket") == bucket):
             md = frag.metadata
             leaf = [md.schema.column(i).path.split(".")[0] for i in range(md.num_columns)]
             want = [i for i, n in enumerate(leaf) if n in cols]
             nbytes += sum(md.row_group(g).column(i).total_compressed_size
                           for g in range(md.num_row_groups) for i in want)
-        rows = ds.to_table(filter=filt, columns=self.spec.thin_columns)
-        self._cached = (bucket, rows)
-        return rows, nbytes
+            t = frag.to_table(schema=ds.schema, columns=self.spec.thin_columns)
+            if not t.num_rows:
+                continue
+            keys = [t.column(k).to_numpy() for k in ("user_id", "request_ts", "request_id")]
+            if not is_sorted3(*keys):
+                # lmat writes each file in this order; a file from elsewhere is sorted here.
+                t = t.take(pa.array(np.lexsort(keys[::-1])))
+            parts.append(t)
+        self._cached = (bucket, parts)
+        return parts, nbytes
 
-    def _sorted_rows(self, bucket: int, rows: pa.Table) -> pa.Table:
-        """A split bucket's rows by (user, request time, request id), sorted once per bucket."""
-        if self._sorted is not None and self._sorted[0] == bucket:
-            return self._sorted[1]
-        keys = [rows.column(k).to_numpy() for k in ("request_id", "request_ts", "user_id")]
-        order = np.lexsort(keys)
-        if not (order[1:] > order[:-1]).all():
-            rows = rows.take(pa.array(order))
-        self._sorted = (bucket, rows)
-        return rows
+    def _slice(self, bucket: int, parts: list[pa.Table], lo: int, hi: int) -> pa.Table:
+        """Rows ``[lo, hi)`` of a bucket in (user, request time, request id) order, as
+        zero-copy slices of its files: each file is in that order, so the rows of file ``j``
+        among the bucket's first ``p`` are the first ``count_j(p)`` rows of file ``j``."""
+        if self._order is None or self._order[0] != bucket:
+            cat = {k: np.concatenate([t.column(k).to_numpy() for t in parts])
+                   for k in ("user_id", "request_ts", "request_id")}
+            file_of = np.repeat(np.arange(len(parts)), [t.num_rows for t in parts])
+            order = np.lexsort((cat["request_id"], cat["request_ts"], cat["user_id"]))
+            self._order = (bucket, file_of[order])
+        file_of = self._order[1]
+        a = np.bincount(file_of[:lo], minlength=len(parts))
+        b = np.bincount(file_of[:hi], minlength=len(parts))
+        return pa.concat_tables([t.slice(int(x), int(y - x))
+                                 for t, x, y in zip(parts, a, b, strict=True)])
 
     def _dataset(self) -> pads.Dataset:
         if self._ds is None:
@@ -277,17 +291,18 @@ class _UnitReader:
         """Reconstruct one unit: as a copy plan (batches copy from it), or as Arrow values."""
         store = self.spec.ctx.store
         try:
-            rows, thin_bytes = self._bucket_rows(unit.bucket)
-            if rows.num_rows != unit.bucket_rows:
+            parts, thin_bytes = self._bucket_rows(unit.bucket)
+            n = sum(t.num_rows for t in parts)
+            if n != unit.bucket_rows or not parts:
                 raise ThinTableError(
-                    f"{self.spec.thin_uri}: bucket {unit.bucket} has {rows.num_rows} rows at "
+                    f"{self.spec.thin_uri}: bucket {unit.bucket} has {n} rows at "
                     f"version {self.spec.thin_version}, but its log says {unit.bucket_rows}"
                 )
             if unit.parts > 1:
                 # A user-contiguous slice, so slices of a bucket read mostly disjoint row groups.
-                rows = self._sorted_rows(unit.bucket, rows)
-                lo, hi = unit.bounds
-                rows = rows.slice(lo, hi - lo)
+                rows = self._slice(unit.bucket, parts, *unit.bounds)
+            else:
+                rows = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
             seqs = reconstruct_bucket(self.spec.ctx, unit.bucket, rows, plan_only=plan_only)
         except LmatError as e:
             if not _reachable(store):
