@@ -138,6 +138,222 @@ def tails_before(
         has_rows.astype(np.bool_, copy=False)))
 
 
+@njit(cache=True, nogil=True)
+def _head_ranges(eu, esn, lo, e_end, S, has_head, L):  # type: ignore[no-untyped-def,unused-ignore]
+    n = len(eu)
+    R = len(S)
+    # Regular rows: no later row of the same user has a smaller snapshot id (one reverse scan).
+    regular = np.empty(n, dtype=np.bool_)
+    m = np.iinfo(np.int64).max
+    for i in range(n - 1, -1, -1):
+        if i == n - 1 or eu[i] != eu[i + 1]:
+            m = np.iinfo(np.int64).max
+        regular[i] = esn[i] <= m
+        if esn[i] < m:
+            m = esn[i]
+    cum_reg = np.zeros(n + 1, dtype=np.int64)
+    n_irr = 0
+    for i in range(n):
+        cum_reg[i + 1] = cum_reg[i] + regular[i]
+        n_irr += not regular[i]
+    reg = np.empty(cum_reg[n], dtype=np.int64)
+    irr = np.empty(n_irr, dtype=np.int64)
+    a = 0
+    b = 0
+    for i in range(n):
+        if regular[i]:
+            reg[a] = i
+            a += 1
+        else:
+            irr[b] = i
+            b += 1
+    first = np.empty(R, dtype=np.int64)
+    end = np.empty(R, dtype=np.int64)
+    n_holes = np.zeros(R, dtype=np.int64)
+    for r in range(R):
+        if not (has_head[r] and e_end[r] > lo[r]):
+            first[r] = e_end[r]
+            end[r] = e_end[r]
+            continue
+        # Along the user's regular rows snapshot ids never decrease: binary search for the end
+        # of those with snapshot_id <= S (searching from lo is enough, see the docstring).
+        reg_lo = cum_reg[lo[r]]
+        x = reg_lo
+        y = cum_reg[e_end[r]]
+        while x < y:
+            mid = (x + y) // 2
+            if esn[reg[mid]] <= S[r]:
+                x = mid + 1
+            else:
+                y = mid
+        reg_end = x
+        reg_start = max(reg_lo, reg_end - L)
+        f = reg[reg_start] if reg_end > reg_start and reg_start > reg_lo else lo[r]
+        f = max(f, lo[r])
+        e = reg[reg_end - 1] + 1 if reg_end > reg_start else f
+        # Late (irregular) rows inside the range whose snapshot is newer than S are holes. A
+        # late row that qualifies never lies past ``e``: the smallest snapshot after it is on
+        # a regular row, which qualifies too.
+        x = 0
+        y = n_irr
+        while x < y:
+            mid = (x + y) // 2
+            if irr[mid] < f:
+                x = mid + 1
+            else:
+                y = mid
+        k = x
+        while k < n_irr and irr[k] < e:
+            n_holes[r] += esn[irr[k]] > S[r]
+            k += 1
+        first[r] = f
+        end[r] = e
+    hole_off = np.zeros(R + 1, dtype=np.int64)
+    for r in range(R):
+        hole_off[r + 1] = hole_off[r] + n_holes[r]
+    hole_own = np.empty(hole_off[R], dtype=np.int64)
+    hole_pos = np.empty(hole_off[R], dtype=np.int64)
+    for r in range(R):
+        if n_holes[r] == 0:
+            continue
+        x = 0
+        y = n_irr
+        while x < y:
+            mid = (x + y) // 2
+            if irr[mid] < first[r]:
+                x = mid + 1
+            else:
+                y = mid
+        o = hole_off[r]
+        k = x
+        while k < n_irr and irr[k] < end[r]:
+            if esn[irr[k]] > S[r]:
+                hole_own[o] = r
+                hole_pos[o] = irr[k]
+                o += 1
+            k += 1
+    return first, end, hole_own, hole_pos
+
+
+def head_ranges(
+    eu: np.ndarray, esn: np.ndarray, lo: np.ndarray, e_end: np.ndarray, S: np.ndarray,
+    has_head: np.ndarray, L: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each request's head as one row range ``[first, end)`` minus a few *holes*.
+
+    The head of a request is its user's rows in ``[lo, e_end)`` (rows sorted by user, then
+    time) with ``snapshot_id <= S``. A row is *regular* if no later row of its user has a
+    smaller ``snapshot_id``; along a user's regular rows ``snapshot_id`` never decreases, so the
+    qualifying regular rows are a prefix, and their last ``L`` a window found by binary search.
+    No regular row of a later snapshot can come before a qualifying row (it would not be
+    regular), so the head's last ``L`` rows lie in ``[first, end)``, where the only rows to leave
+    out are late rows of later snapshots: the holes, returned as (request, row), grouped by
+    request and ascending. The range may hold a few more than ``L`` rows (late rows inside the
+    window); the caller keeps the last ``L``. One pass over the rows, then work per request
+    proportional to its late rows, not to its output, whatever the number of snapshots.
+    """
+    R = len(S)
+    if not (len(lo) == len(e_end) == len(has_head) == R) or len(esn) != len(eu):
+        raise ValueError("head_ranges: array lengths differ")
+    if R and ((lo < 0).any() or (e_end > len(eu)).any()):
+        raise IndexError(f"head ranges outside the {len(eu)} rows")
+    i64 = np.int64
+    out = _head_ranges(
+        eu.astype(i64, copy=False), esn.astype(i64, copy=False), lo.astype(i64, copy=False),
+        e_end.astype(i64, copy=False), S.astype(i64, copy=False),
+        has_head.astype(np.bool_, copy=False), int(L))
+    return out[0], out[1], out[2], out[3]
+
+
+@njit(cache=True, nogil=True)
+def _segments(first, end, hole_off, hole_pos, ins_off, ins_pos, ins_item, app_start, app_end, L):  # type: ignore[no-untyped-def,unused-ignore]
+    R = len(first)
+    seg_off = np.zeros(R + 1, dtype=np.int64)
+    for r in range(R):
+        k = (hole_off[r + 1] - hole_off[r]) + (ins_off[r + 1] - ins_off[r])
+        seg_off[r + 1] = seg_off[r] + 2 * k + 2
+    s0 = np.zeros(seg_off[R], dtype=np.int64)
+    s1 = np.zeros(seg_off[R], dtype=np.int64)
+    lengths = np.zeros(R, dtype=np.int64)
+    for r in range(R):
+        o = seg_off[r]
+        prev = first[r]
+        i = hole_off[r]
+        j = ins_off[r]
+        while i < hole_off[r + 1] or j < ins_off[r + 1]:
+            p = 0
+            if j < ins_off[r + 1]:
+                p = min(max(ins_pos[j], first[r]), end[r])
+            if j < ins_off[r + 1] and (i >= hole_off[r + 1] or p <= hole_pos[i]):
+                # An insertion before row p (before a hole at the same row).
+                s0[o] = prev
+                s1[o] = max(p, prev)
+                s0[o + 1] = ins_item[j]
+                s1[o + 1] = ins_item[j] + 1
+                prev = p
+                j += 1
+            else:
+                p = hole_pos[i]
+                s0[o] = prev
+                s1[o] = max(p, prev)
+                prev = p + 1
+                i += 1
+            o += 2
+        s0[o] = prev
+        s1[o] = max(end[r], prev)
+        s0[o + 1] = app_start[r]
+        s1[o + 1] = app_end[r]
+        total = 0
+        for q in range(seg_off[r], seg_off[r + 1]):
+            if s1[q] > s0[q]:
+                total += s1[q] - s0[q]
+        drop = total - L
+        q = seg_off[r]
+        while drop > 0 and q < seg_off[r + 1]:
+            n = s1[q] - s0[q]
+            if n > 0:
+                c = min(drop, n)
+                s0[q] += c
+                drop -= c
+            q += 1
+        lengths[r] = min(total, L)
+    return lengths, seg_off, s0, s1
+
+
+def segments(
+    first: np.ndarray, end: np.ndarray, hole_own: np.ndarray, hole_pos: np.ndarray,
+    ins_own: np.ndarray, ins_pos: np.ndarray, ins_item: np.ndarray,
+    app_start: np.ndarray, app_end: np.ndarray, L: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each request's last ``L`` events, in request order, as segment copies.
+
+    A request's sequence is its head range ``[first, end)`` of the bucket's rows, less the
+    holes, with single tail events inserted before row ``ins_pos`` (tail events that sort inside
+    the head) and its remaining tail ``[app_start, app_end)`` appended; tail items and the
+    appended block are given in *virtual* positions (rows of the bucket first, then tail
+    events). Holes and insertions come grouped by request, each in order (holes ascending,
+    insertions in sequence order, so non-decreasing ``ins_pos``); at one row an insertion goes
+    before a hole. Everything is cut into contiguous segments, the first ``total - L`` elements
+    dropped; copying the segments (:func:`copy_segments`) is then the only output-sized pass.
+    Returns (lengths per request, each request's first segment (and the total), segment
+    starts, segment ends).
+    """
+    R = len(first)
+    if (np.diff(hole_own) < 0).any() or (np.diff(ins_own) < 0).any():
+        raise ValueError("segments: holes and insertions must be grouped by request")
+    i64 = np.int64
+    hole_off = np.concatenate([[0], np.cumsum(np.bincount(hole_own, minlength=R))]).astype(i64)
+    ins_off = np.concatenate([[0], np.cumsum(np.bincount(ins_own, minlength=R))]).astype(i64)
+    if len(hole_off) != R + 1 or len(ins_off) != R + 1:
+        raise IndexError(f"segments: a hole or insertion names a request outside 0..{R - 1}")
+    out = _segments(
+        first.astype(i64, copy=False), end.astype(i64, copy=False), hole_off,
+        hole_pos.astype(i64, copy=False), ins_off, ins_pos.astype(i64, copy=False),
+        ins_item.astype(i64, copy=False), app_start.astype(i64, copy=False),
+        app_end.astype(i64, copy=False), int(L))
+    return out[0], out[1], out[2], out[3]
+
+
 def warm_up() -> None:
     """Compile (or load from numba's on-disk cache) every kernel variant now.
 
@@ -149,3 +365,5 @@ def warm_up() -> None:
     z = np.zeros(2, dtype=np.int64)
     is_sorted3(z, z, z)
     tails_before(z, z, z, z, z, z, np.ones(2, dtype=np.bool_))
+    head_ranges(z, z, z, z, z, np.ones(2, dtype=np.bool_), 1)
+    segments(z, z, z[:0], z[:0], z[:0], z[:0], z[:0], z, z, 1)

@@ -30,7 +30,13 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from lmat_platform.exceptions import O2OConsistencyError, ThinTableError
-from lmat_platform.kernels import copy_segments, is_sorted3, tails_before
+from lmat_platform.kernels import (
+    copy_segments,
+    head_ranges,
+    is_sorted3,
+    segments,
+    tails_before,
+)
 from lmat_platform.protocol.pointers import (
     HeadIndex,
     expand_positions,
@@ -319,7 +325,7 @@ def reconstruct_bucket(
         if lo_ts is not None
         else np.searchsorted(eu, users, side="left")
     )
-    first, end, hole_own, hole_pos = _head_ranges(eu, esn, lo, e_end, S, has_head, L)
+    first, end, hole_own, hole_pos = head_ranges(eu, esn, lo, e_end, S, has_head, L)
 
     need = list(dict.fromkeys(["event_ts", "event_id", *t.columns,
                                *(["action"] if t.actions is not None else [])]))
@@ -401,7 +407,7 @@ def reconstruct_bucket(
     # Inserted events are a prefix of each request's (ordered) kept tail; the rest is appended.
     n_in = np.bincount(ins_own[inside], minlength=R)
     # Virtual positions: the bucket's rows, then the tail rows.
-    lengths, seg_off, s0, s1 = _segments(
+    lengths, seg_off, s0, s1 = segments(
         first, end, hole_own, hole_pos,
         ins_own[inside], p_t[inside], n_e + ins_t[inside],
         n_e + t_lo + n_in, n_e + t_end, L,
@@ -455,131 +461,6 @@ def thin_columns(tenant: Tenant, names: list[str]) -> list[str]:
 def is_context_column(name: str) -> bool:
     """A ride-along request column (not a key, pointer or tail field)."""
     return name not in THIN_KEYS and not name.startswith(TAIL_PREFIX)
-
-
-def _head_ranges(
-    eu: np.ndarray, esn: np.ndarray, lo: np.ndarray, e_end: np.ndarray, S: np.ndarray,
-    has_head: np.ndarray, L: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Each request's head as one row range ``[first, end)`` minus a few *holes*.
-
-    The head of a request is its user's rows in ``[lo, e_end)`` (rows sorted by user, then
-    time) with ``snapshot_id <= S``. A row is *regular* if no later row of its user has a
-    smaller ``snapshot_id``; along a user's regular rows ``snapshot_id`` never decreases, so the
-    qualifying regular rows are a prefix, and their last ``L`` a window found by binary search.
-    No regular row of a later snapshot can come before a qualifying row (it would not be
-    regular), so the head's last ``L`` rows lie in ``[first, end)``, where the only rows to leave
-    out are late rows of later snapshots: the holes, returned as (request, row), grouped by
-    request and ascending. The range may hold a few more than ``L`` rows (late rows inside the
-    window); the caller keeps the last ``L``. Work is proportional to the number of late rows,
-    not to the output, whatever the number of snapshots.
-    """
-    R = len(S)
-    n = len(eu)
-    none = np.zeros(0, np.int64)
-    if n == 0 or not has_head.any():
-        return e_end.copy(), e_end.copy(), none, none
-    ui = np.concatenate([[0], np.cumsum(eu[1:] != eu[:-1])]).astype(np.int64)
-    big = int(esn.max()) + 2
-    key = ui * big + esn.astype(np.int64)
-    # Suffix minimum per user: later users have larger keys, so one reversed scan suffices.
-    regular = key <= np.minimum.accumulate(key[::-1])[::-1]
-    reg = np.flatnonzero(regular)
-    present = has_head & (e_end > lo)
-    u_r = np.where(present, ui[np.minimum(lo, n - 1)], 0)
-    # Regular rows of the user with snapshot_id <= S end at the first regular key > (u, S).
-    reg_end = np.searchsorted(key[reg], u_r * big + S + 1, side="left")
-    cum_reg = np.concatenate([[0], np.cumsum(regular)])
-    reg_lo = cum_reg[lo]
-    reg_start = np.maximum(reg_lo, reg_end - L)
-    reg_start = np.where(present, np.minimum(reg_start, reg_end), reg_end)
-    cut = reg_start > reg_lo
-    has_reg = reg_end > reg_start
-    # Late rows before the window's first row cannot be among the last L when it was cut at L.
-    first = np.where(cut & has_reg, reg[np.minimum(reg_start, max(len(reg) - 1, 0))], lo)
-    first = np.where(present, np.maximum(first, lo), e_end)
-    end = np.where(present & has_reg, reg[np.maximum(reg_end - 1, 0)] + 1, first)
-    irr = np.flatnonzero(~regular)
-    if len(irr) == 0:
-        return first, end, none, none
-    i0 = np.searchsorted(irr, first, side="left")
-    i1 = np.where(present, np.searchsorted(irr, e_end, side="left"), i0)
-    io, ip = expand_ranges(i0, i1)
-    ip = irr[ip]
-    q = esn[ip] <= S[io]
-    if q.any():
-        last = np.zeros(R, dtype=np.int64)
-        np.maximum.at(last, io[q], ip[q] + 1)
-        end = np.where(present, np.maximum(end, last), end)
-    hole = ~q & (ip < end[io])
-    return first, end, io[hole], ip[hole]
-
-
-def _segments(
-    first: np.ndarray, end: np.ndarray, hole_own: np.ndarray, hole_pos: np.ndarray,
-    ins_own: np.ndarray, ins_pos: np.ndarray, ins_item: np.ndarray,
-    app_start: np.ndarray, app_end: np.ndarray, L: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Each request's last ``L`` events, in request order, as segment copies.
-
-    A request's sequence is its head range ``[first, end)`` of the bucket's rows, less the
-    holes, with single tail events inserted before row ``ins_pos`` (tail events that sort inside
-    the head) and its remaining tail ``[app_start, app_end)`` appended; tail items and the
-    appended block are given in *virtual* positions (rows of the bucket first, then tail
-    events). Everything is cut into contiguous segments, the first ``total - L`` elements
-    dropped; copying the segments (:func:`lmat_platform.kernels.copy_segments`) is then the
-    only output-sized pass. Returns (lengths per request, each request's first segment (and the
-    total), segment starts, segment ends).
-    """
-    R = len(first)
-    # Cut points: holes (skip row p) and insertions (item before row p), ordered per request.
-    c_own = np.concatenate([hole_own, ins_own])
-    c_pos = np.concatenate([hole_pos, np.clip(ins_pos, first[ins_own], end[ins_own])])
-    c_kind = np.concatenate([np.ones(len(hole_own), np.int8), np.zeros(len(ins_own), np.int8)])
-    c_item = np.concatenate([np.zeros(len(hole_own), np.int64), ins_item])
-    c_seq = np.concatenate([np.zeros(len(hole_own), np.int64), np.arange(len(ins_own))])
-    order = np.lexsort((c_seq, c_kind, c_pos, c_own))
-    c_own, c_pos, c_kind, c_item = c_own[order], c_pos[order], c_kind[order], c_item[order]
-    k = np.bincount(c_own, minlength=R)
-    per = 2 * k + 2
-    off = np.cumsum(per) - per
-    rank = np.arange(len(c_own)) - (np.cumsum(k) - k)[c_own]
-    n_seg = int(per.sum())
-    s0 = np.zeros(n_seg, dtype=np.int64)
-    s1 = np.zeros(n_seg, dtype=np.int64)
-    # Row segment before each cut point starts where the previous cut left off.
-    resume = c_pos + c_kind  # after a hole skip the row; after an insertion keep it
-    prev = np.empty(len(c_own), dtype=np.int64)
-    if len(c_own):
-        prev[1:] = resume[:-1]
-        prev[rank == 0] = first[c_own[rank == 0]]
-    seg = off[c_own] + 2 * rank
-    s0[seg] = prev
-    s1[seg] = np.maximum(c_pos, prev)
-    ins = c_kind == 0
-    s0[seg[ins] + 1] = c_item[ins]
-    s1[seg[ins] + 1] = c_item[ins] + 1
-    # Last row segment and the appended tail block.
-    last_resume = first.copy()
-    if len(c_own):
-        is_last = rank == k[c_own] - 1
-        last_resume[c_own[is_last]] = resume[is_last]
-    tail_seg = off + 2 * k
-    s0[tail_seg] = last_resume
-    s1[tail_seg] = np.maximum(end, last_resume)
-    s0[tail_seg + 1] = app_start
-    s1[tail_seg + 1] = app_end
-    # Drop the first (total - L) elements of each request.
-    seg_len = s1 - s0
-    seg_own = np.repeat(np.arange(R), per)
-    total = np.bincount(seg_own, weights=seg_len, minlength=R).astype(np.int64)
-    drop = np.maximum(total - L, 0)
-    if drop.any():
-        cum_before = np.cumsum(seg_len) - seg_len - (np.cumsum(seg_len) - seg_len)[off][seg_own]
-        cut = np.clip(drop[seg_own] - cum_before, 0, seg_len)
-        s0 = s0 + cut
-    seg_off = np.concatenate([off, [n_seg]]).astype(np.int64)
-    return np.minimum(total, L), seg_off, s0, s1
 
 
 def _insertion_points(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmat_platform.kernels import copy_segments, is_sorted3, tails_before
+from lmat_platform.kernels import copy_segments, head_ranges, is_sorted3, segments, tails_before
 from lmat_platform.protocol.pointers import expand_positions
 from lmat_platform.reader.buffers import MIN_BYTES, BufferPool
 from lmat_platform.reconstruct import SegmentPlan
@@ -105,6 +105,54 @@ def test_tails_before_rejects_bad_ranges() -> None:
         tails_before(z, z + 1, z[:0], z[:0], z, z, np.ones(1, bool))
     with pytest.raises(ValueError, match="differ in length"):
         tails_before(z, z, z, z, z[:0], z, np.ones(1, bool))
+
+
+def test_head_ranges_match_a_row_by_row_scan() -> None:
+    """Rows sorted by user then time, late rows of any snapshot anywhere: the range less its
+    holes, cut to its last L rows, is exactly the user's rows with snapshot_id <= S."""
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        n_users = int(rng.integers(1, 4))
+        sizes = rng.integers(0, 15, n_users)
+        eu = np.repeat(np.arange(n_users) * 7, sizes)
+        esn = np.concatenate([np.sort(rng.integers(0, 5, k)) for k in sizes]).astype(np.int64)
+        late = rng.random(len(esn)) < 0.2  # late rows: any snapshot at any place
+        esn[late] = rng.integers(0, 5, int(late.sum()))
+        R = int(rng.integers(1, 8))
+        u = rng.integers(0, n_users, R) * 7
+        e_end = np.searchsorted(eu, u, side="right")
+        start = np.searchsorted(eu, u, side="left")
+        lo = start + rng.integers(0, 4, R).clip(max=e_end - start)
+        S = rng.integers(-1, 5, R)
+        has = S >= 0
+        L = int(rng.integers(1, 10))
+        first, end, h_own, h_pos = head_ranges(eu, esn, lo, e_end, S, has, L)
+        for r in range(R):
+            want = [i for i in range(lo[r], e_end[r]) if has[r] and esn[i] <= S[r]][-L:]
+            holes = set(h_pos[h_own == r].tolist())
+            got = [i for i in range(first[r], end[r]) if i not in holes][-L:]
+            assert got == want, (r, got, want)
+
+
+def test_segments_put_an_insertion_before_a_hole_at_the_same_row() -> None:
+    # Head rows 0..5, hole at row 3, a tail event (virtual 10) inserted before row 3, then the
+    # appended tail [11, 13): rows 0 1 2, event 10, rows 4 5, events 11 12.
+    lengths, off, s0, s1 = segments(
+        np.array([0]), np.array([6]), np.array([0]), np.array([3]),
+        np.array([0]), np.array([3]), np.array([10]), np.array([11]), np.array([13]), 100)
+    assert lengths.tolist() == [8] and off.tolist() == [0, len(s0)]
+    vals = np.arange(20)
+    assert copy_segments(vals[:10], vals[10:], s0, s1).tolist() == [0, 1, 2, 10, 4, 5, 11, 12]
+    # The same, keeping the last 4: the first 4 elements are dropped.
+    lengths, _, s0, s1 = segments(
+        np.array([0]), np.array([6]), np.array([0]), np.array([3]),
+        np.array([0]), np.array([3]), np.array([10]), np.array([11]), np.array([13]), 4)
+    assert lengths.tolist() == [4]
+    assert copy_segments(vals[:10], vals[10:], s0, s1).tolist() == [4, 5, 11, 12]
+    with pytest.raises(ValueError, match="grouped by request"):
+        segments(np.zeros(2, np.int64), np.ones(2, np.int64), np.array([1, 0]), np.array([0, 0]),
+                 np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                 np.ones(2, np.int64), np.ones(2, np.int64), 3)
 
 
 def test_plans_concatenate_and_cut_by_rows() -> None:
