@@ -50,7 +50,7 @@ from deltalake.exceptions import DeltaError
 
 from lmat_platform.exceptions import LmatError, ThinTableError
 from lmat_platform.kernels import is_sorted3, warm_up
-from lmat_platform.protocol.thin import open_thin
+from lmat_platform.protocol.thin import ROW_ORDER, open_thin
 from lmat_platform.reader.batch import Batch
 from lmat_platform.reader.buffers import BufferPool, shared_pool
 from lmat_platform.reader.errors import ReaderTimeoutError, ReaderWorkerError, StoreUnreachableError
@@ -255,7 +255,7 @@ class _UnitReader:
             t = frag.to_table(schema=ds.schema, columns=self.spec.thin_columns)
             if not t.num_rows:
                 continue
-            keys = [t.column(k).to_numpy() for k in ("user_id", "request_ts", "request_id")]
+            keys = [t.column(k).to_numpy() for k in ROW_ORDER]
             if not is_sorted3(*keys):
                 # lmat writes each file in this order; a file from elsewhere is sorted here.
                 t = t.take(pa.array(np.lexsort(keys[::-1])))
@@ -268,10 +268,9 @@ class _UnitReader:
         zero-copy slices of its files: each file is in that order, so the rows of file ``j``
         among the bucket's first ``p`` are the first ``count_j(p)`` rows of file ``j``."""
         if self._order is None or self._order[0] != bucket:
-            cat = {k: np.concatenate([t.column(k).to_numpy() for t in parts])
-                   for k in ("user_id", "request_ts", "request_id")}
+            keys = [np.concatenate([t.column(k).to_numpy() for t in parts]) for k in ROW_ORDER]
             file_of = np.repeat(np.arange(len(parts)), [t.num_rows for t in parts])
-            order = np.lexsort((cat["request_id"], cat["request_ts"], cat["user_id"]))
+            order = np.lexsort(keys[::-1])
             self._order = (bucket, file_of[order])
         file_of = self._order[1]
         a = np.bincount(file_of[:lo], minlength=len(parts))

@@ -140,12 +140,15 @@ def _purge_tails(uri: str, users: np.ndarray, buckets: np.ndarray, props: Commit
             typ = rows.schema.field(name).type
             empty = pa.array([[] if v else None for v in streamed.to_pylist()], type=typ)
             rows = rows.set_column(i, name, empty)
+    from lmat_platform.protocol.thin import ROW_ORDER, thin_writer_properties
+
     write_deltalake(
         dt,
-        rows,
+        rows.sort_by([(c, "ascending") for c in ROW_ORDER]),
         mode="overwrite",
         predicate=f"bucket IN ({_in_list(buckets)}) AND user_id IN ({_in_list(users)})",
         commit_properties=props,
+        writer_properties=thin_writer_properties(),
         storage_options=storage_options(),
     )
     return n_events
