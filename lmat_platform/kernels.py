@@ -26,12 +26,12 @@ _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 @intrinsic
-def _memcpy(typingctx, dst, src, nbytes):  # type: ignore[no-untyped-def]
+def _memcpy(typingctx, dst, src, nbytes):  # type: ignore[no-untyped-def,unused-ignore]
     """``memcpy(dst, src, nbytes)`` on raw addresses (LLVM's memcpy intrinsic: the C library's
     vectorized copy, whatever the element width; no address is baked into cached code)."""
     sig = types.void(types.intp, types.intp, types.intp)
 
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def,unused-ignore]
         d, s_, n = args
         cgutils.raw_memcpy(builder, builder.inttoptr(d, cgutils.voidptr_t),
                            builder.inttoptr(s_, cgutils.voidptr_t), n, 1)
@@ -54,9 +54,9 @@ def _copy_segments(head, tail, n_head, s0, s1, out):  # type: ignore[no-untyped-
         if n <= 0:
             continue
         if a >= n_head:
-            _memcpy(op + o * w, tp + (a - n_head) * w, n * w)
+            _memcpy(op + o * w, tp + (a - n_head) * w, n * w)  # type: ignore[call-arg,unused-ignore]
         else:
-            _memcpy(op + o * w, hp + a * w, n * w)
+            _memcpy(op + o * w, hp + a * w, n * w)  # type: ignore[call-arg,unused-ignore]
         o += n
     return o
 
