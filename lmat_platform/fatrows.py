@@ -11,10 +11,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -24,11 +23,15 @@ from lmat_platform.store.core import Store, as_store, delta_dataset
 from lmat_platform.store.uih import COMPRESSION
 from lmat_platform.tenants import Tenant, union_tenant
 
+if TYPE_CHECKING:
+    import polars as pl
+
 log = logging.getLogger(__name__)
 
 
 def fat_rows_for(events: pl.DataFrame, requests: pl.DataFrame, tenant: Tenant) -> pl.DataFrame:
     """Fat rows of ``requests`` from ``events`` (all accepted events of their users)."""
+    import polars as pl  # the baseline only: readers and training do not import polars
     ev = events
     if tenant.actions is not None:
         ev = ev.filter(pl.col("action").is_in(list(tenant.actions)))
@@ -70,6 +73,8 @@ def write_fat_rows(
     compresses far better (a user's consecutive rows repeat most of their history) but is not
     how a training log is laid out.
     """
+    import polars as pl
+
     if order not in ("request_ts", "user"):
         raise ValueError(f"order must be 'request_ts' or 'user', but got {order!r}")
     store = as_store(store)

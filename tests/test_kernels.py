@@ -215,6 +215,16 @@ def test_decoded_cache_is_an_lru_bounded_in_bytes() -> None:
     assert dc.get("a") is None and dc.stats()["bytes"] == 0
 
 
+def test_decoded_cache_admits_scan_data_only_into_free_room() -> None:
+    dc = DecodedCache(max_bytes=100)
+    dc.put("tier", "T", 50)
+    dc.put("scan1", "S1", 40, evict=False)
+    dc.put("scan2", "S2", 40, evict=False)  # would evict: not kept, nothing else goes
+    assert dc.get("tier") == "T" and dc.get("scan1") == "S1" and dc.get("scan2") is None
+    dc.put("tier2", "T2", 40)  # evicting puts still make room as an LRU
+    assert dc.get("tier2") == "T2" and dc.stats()["bytes"] <= 100
+
+
 def test_decoded_cache_budget_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     import lmat_platform.store.cache as cache_mod
 
@@ -250,10 +260,15 @@ def test_reads_with_and_without_the_cache_agree(tmp_path, monkeypatch) -> None: 
     dc = configure(64)
     first = run()
     hits = dc.stats()["hits"]
+    thin = [k for k in list(dc._d) if k[0] == "thin"]
+    assert thin, "a pass keeps its thin files' decoded columns"
     second = run()
     assert cold == first == second
     assert dc.stats()["hits"] > hits and dc.stats()["entries"] > 0
     assert cache() is dc
+    # A budget that holds no thin file: the same sequences, nothing of the thin files kept.
+    dc = configure(0.001)
+    assert run() == cold and not [k for k in list(dc._d) if k[0] == "thin"]
 
 
 def test_buffer_pool_keeps_at_most_its_budget() -> None:

@@ -64,6 +64,7 @@ from lmat_platform.reconstruct import (
     tensor_numpy,
     thin_columns,
 )
+from lmat_platform.store.cache import cache
 from lmat_platform.store.core import Store, as_store, delta_dataset, shared_delta_table
 from lmat_platform.tenants import Tenant
 
@@ -243,16 +244,11 @@ class _UnitReader:
         if self._cached is not None and self._cached[0] == bucket:
             return self._cached[1], 0
         ds = self._dataset()
-        cols = set(self.spec.thin_columns)
         nbytes = 0
         parts = []
         for frag in ds.get_fragments(filter=pads.field("bucket") == bucket):
-            md = frag.metadata
-            leaf = [md.schema.column(i).path.split(".")[0] for i in range(md.num_columns)]
-            want = [i for i, n in enumerate(leaf) if n in cols]
-            nbytes += sum(md.row_group(g).column(i).total_compressed_size
-                          for g in range(md.num_row_groups) for i in want)
-            t = frag.to_table(schema=ds.schema, columns=self.spec.thin_columns)
+            t, nb = _thin_file(frag, ds.schema, self.spec.thin_columns)
+            nbytes += nb
             if not t.num_rows:
                 continue
             keys = [t.column(k).to_numpy() for k in ROW_ORDER]
@@ -317,6 +313,34 @@ class _UnitReader:
         seqs.bytes_read += thin_bytes
         seqs.stats["thin_bytes"] = thin_bytes
         return seqs
+
+
+def _thin_file(frag: pads.Fragment, schema: pa.Schema, columns: list[str]) -> tuple[pa.Table, int]:
+    """One thin file's ``columns`` in file order, and the compressed bytes of those columns.
+
+    Decoded once per process: the file is immutable, so the decoded cache
+    (:mod:`lmat_platform.store.cache`) serves later passes and other tenants' loaders, column
+    by column, while it has room. Its bytes count as read whether or not they were cached."""
+    dc = cache()
+    path = frag.path
+    got = {c: dc.get(("thin", path, c)) for c in columns}
+    nbytes = dc.get(("thin-bytes", path, tuple(columns)))
+    if nbytes is None:
+        md = frag.metadata
+        want = set(columns)
+        idx = [i for i in range(md.num_columns)
+               if md.schema.column(i).path.split(".")[0] in want]
+        nbytes = sum(md.row_group(g).column(i).total_compressed_size
+                     for g in range(md.num_row_groups) for i in idx)
+        dc.put(("thin-bytes", path, tuple(columns)), nbytes, 64, evict=False)
+    miss = [c for c, a in got.items() if a is None]
+    if miss:
+        t = frag.to_table(schema=schema, columns=miss)
+        for c in miss:
+            a = t.column(c)
+            got[c] = a
+            dc.put(("thin", path, c), a, a.nbytes, evict=False)
+    return pa.table({c: got[c] for c in columns}), int(nbytes)
 
 
 def _reachable(store: Store) -> bool:

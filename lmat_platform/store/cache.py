@@ -4,11 +4,16 @@ Every file of the UIH tier and of the head summaries is immutable: a file's path
 random id), together with its store and size, names its content for good. So a reader can keep
 what it decoded and serve the next pass, or the next tenant, from memory instead of decoding the
 same pages again. Entries are Arrow arrays (one row group's column) or whole head indexes.
+Thin-table files are immutable too (Delta never rewrites a data file in place; a new version
+names new files), so a training job's later passes over the same thin table read its decoded
+columns from memory; they are admitted only while they fit without evicting anything (a pass
+is a scan: see :meth:`DecodedCache.put`).
 
 ::
 
     key (store_id, path, size, row group, column)  ->  decoded pa.Array
     key ("heads", store_id, paths)                  ->  HeadIndex of a bucket
+    key ("thin", file path, column)                 ->  a thin file's decoded column
 
 The budget is ``LMAT_DECODE_CACHE_MB`` (default 512; 0 turns the cache off), or
 :func:`configure`. Bytes read are still counted as read from the tier (they are what the pass
@@ -63,13 +68,18 @@ class DecodedCache:
             self.hit_bytes += item[1]
             return item[0]
 
-    def put(self, key: Hashable, value: Any, nbytes: int) -> None:
+    def put(self, key: Hashable, value: Any, nbytes: int, *, evict: bool = True) -> None:
+        """Keep ``value``; with ``evict=False`` only if it fits without evicting anything
+        (scan data: a pass over more than the budget keeps what came first instead of
+        flushing everything, itself included, before it is read again)."""
         if nbytes > self.max_bytes or not self.max_bytes:
             return
         with self._lock:
             old = self._d.pop(key, None)
             if old is not None:
                 self._bytes -= old[1]
+            if not evict and self._bytes + nbytes > self.max_bytes:
+                return
             self._d[key] = (value, nbytes)
             self._bytes += nbytes
             while self._bytes > self.max_bytes and self._d:
