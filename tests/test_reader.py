@@ -201,6 +201,14 @@ def test_plan_covers_every_row_once() -> None:
     assert sorted((u for c in dealt for u in c), key=key) == sorted(units, key=key)
     loads = [sum(u.rows for u in c) for c in dealt]
     assert max(loads) - min(loads) <= max(u.rows for u in units)
+    # Shuffled, a consumer still meets each bucket's slices one after another (one decode).
+    for c in dealt:
+        runs = [u.bucket for k, u in enumerate(c) if k == 0 or u.bucket != c[k - 1].bucket]
+        assert len(runs) == len(set(runs)), runs
+    orders = {tuple((u.bucket, u.part) for u in assign_units(units, 1, seed=1, epoch=e,
+                                                              shuffle=True)[0])
+              for e in range(10)}
+    assert len(orders) > 1, "epochs shuffle differently"
 
 
 def _batch() -> Batch:

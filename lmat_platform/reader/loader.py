@@ -130,11 +130,20 @@ def plan_units(
 def assign_units(
     units: list[WorkUnit], n_consumers: int, *, seed: int, epoch: int, shuffle: bool
 ) -> list[list[WorkUnit]]:
-    """Deal units to consumers: shuffled by ``(seed, epoch)`` if asked, then each unit to the
-    consumer with the fewest rows so far (ties: lowest index). Deterministic on every rank."""
+    """Deal units to consumers: each unit to the consumer with the fewest rows so far (ties:
+    lowest index), in bucket order, or with ``shuffle`` in an order drawn from
+    ``(seed, epoch)``: buckets in random order, the slices of one bucket together (in random
+    order). Every consumer then meets a bucket's slices one after another, so it decodes the
+    bucket's thin rows once per pass, not once per slice. Deterministic on every rank."""
     order = list(range(len(units)))
     if shuffle:
-        order = np.random.default_rng([seed, epoch]).permutation(len(units)).tolist()
+        rng = np.random.default_rng([seed, epoch])
+        groups: dict[int, list[int]] = {}
+        for i, u in enumerate(units):
+            groups.setdefault(u.bucket, []).append(i)
+        keys = sorted(groups)
+        order = [i for g in rng.permutation(len(keys))
+                 for i in rng.permutation(groups[keys[g]]).tolist()]
     loads = np.zeros(n_consumers, dtype=np.int64)
     out: list[list[WorkUnit]] = [[] for _ in range(n_consumers)]
     for i in order:
