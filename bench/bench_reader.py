@@ -103,9 +103,10 @@ def build(work: Path, *, scale: float, smoke: bool, snapshot_hours: int,
     requests = pa.concat_tables([pq.read_table(str(f)) for f in train_files])
     fat: dict[str, str] = {}
     t1 = time.perf_counter()
-    for d in TENANTS:
-        fat[d["name"]] = str(work / f"fat-{d['name']}.parquet")
-        write_fat_rows(st, requests, _tenant(d), fat[d["name"]])
+    for spec in TENANTS:
+        name = str(spec["name"])
+        fat[name] = str(work / f"fat-{name}.parquet")
+        write_fat_rows(st, requests, _tenant(spec), fat[name])
     return {
         "store": str(work / "store"),
         "thin": thin,
@@ -293,7 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for d in TENANTS:
         for reader in ("seq", "fat"):
             cmd = [sys.executable, "-m", "bench.bench_reader", "--child-setup", str(setup_file),
-                   "--child-tenant", d["name"], "--child-reader", reader,
+                   "--child-tenant", str(d["name"]), "--child-reader", reader,
                    "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False,
                                  cwd=Path(__file__).resolve().parent.parent)

@@ -20,19 +20,34 @@ import pyarrow.parquet as pq
 MAX_COPY = 1 << 30
 
 
+class MemcpyProbe:
+    """``np.copyto`` over ``nbytes`` (at least 1 MiB), timed one copy at a time so that its
+    copies can interleave with the passes it is compared with (same minutes, same noise)."""
+
+    def __init__(self, nbytes: int):
+        n = int(min(max(nbytes, 1 << 20), MAX_COPY))
+        self.src = np.ones(n, dtype=np.uint8)
+        self.dst = np.empty_like(self.src)
+        np.copyto(self.dst, self.src)  # warm-up: pages touched, caches primed
+        self.secs: list[float] = []
+
+    def once(self) -> None:
+        t0 = time.perf_counter()
+        np.copyto(self.dst, self.src)
+        self.secs.append(time.perf_counter() - t0)
+
+    def result(self) -> dict[str, float]:
+        med = statistics.median(self.secs)
+        n = len(self.src)
+        return {"bytes": n, "seconds": med, "gb_per_s": n / med / 1e9, "reps": len(self.secs)}
+
+
 def memcpy_bandwidth(nbytes: int, reps: int = 5) -> dict[str, float]:
     """Median GB/s of ``np.copyto`` over ``nbytes`` (at least 1 MiB) after a warm-up copy."""
-    n = int(min(max(nbytes, 1 << 20), MAX_COPY))
-    src = np.ones(n, dtype=np.uint8)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)  # warm-up: pages touched, caches primed
-    secs = []
+    probe = MemcpyProbe(nbytes)
     for _ in range(reps):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        secs.append(time.perf_counter() - t0)
-    med = statistics.median(secs)
-    return {"bytes": n, "seconds": med, "gb_per_s": n / med / 1e9}
+        probe.once()
+    return probe.result()
 
 
 def parquet_decode_rate(
