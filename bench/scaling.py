@@ -112,32 +112,46 @@ def thin_with_requests(store: str, work: Path, n: int, users: int, after: int) -
     return thin
 
 
-def cost_per_example(
-    store: str, thin: str, tenant: Tenant, *, batch_size: int, reps: int, warmup: int = 1
-) -> dict[str, Any]:
-    """Median seconds per example of full loader passes (loader built outside the timing, so a
-    constant per-pass open cost does not blur the per-example cost), plus bytes per example."""
+def _pass(store: str, thin: str, tenant: Tenant, batch_size: int) -> tuple[float, int, int, int]:
+    """One full loader pass (loader built outside the timing, so a constant per-pass open cost
+    does not blur the per-example cost): (seconds, examples, events, UIH bytes)."""
     from lmat_platform.reader import SequenceLoader
 
-    secs: list[float] = []
+    loader = SequenceLoader(store, thin, tenant=tenant, batch_size=batch_size)
+    t0 = time.perf_counter()
     n = nbytes = events = 0
+    for b in loader:
+        n += len(b)
+        events += int(b.lengths.sum())
+        nbytes += b.bytes_read - b.thin_bytes_read
+    return time.perf_counter() - t0, n, events, nbytes
+
+
+def costs_per_example(
+    cases: dict[Any, tuple[str, str]], tenant: Tenant, *, batch_size: int, reps: int,
+    warmup: int = 1,
+) -> dict[Any, dict[str, Any]]:
+    """Median seconds per example of full loader passes over each case's (store, thin table),
+    plus bytes per example. The cases' passes are interleaved, one pass of each per round, so
+    that a noisy minute on a shared machine hits every case alike."""
+    secs: dict[Any, list[float]] = {k: [] for k in cases}
+    last: dict[Any, tuple[float, int, int, int]] = {}
     for i in range(warmup + reps):
-        loader = SequenceLoader(store, thin, tenant=tenant, batch_size=batch_size)
-        t0 = time.perf_counter()
-        n = nbytes = events = 0
-        for b in loader:
-            n += len(b)
-            events += int(b.lengths.sum())
-            nbytes += b.bytes_read - b.thin_bytes_read
-        if i >= warmup:
-            secs.append(time.perf_counter() - t0)
-    med = statistics.median(secs)
-    return {
-        "examples": n,
-        "events": events,
-        "seconds": med,
-        "all_seconds": secs,
-        "us_per_example": med / max(n, 1) * 1e6,
-        "examples_per_s": n / med,
-        "uih_bytes_per_example": nbytes / max(n, 1),
-    }
+        for k, (store, thin) in cases.items():
+            last[k] = _pass(store, thin, tenant, batch_size)
+            if i >= warmup:
+                secs[k].append(last[k][0])
+    out = {}
+    for k in cases:
+        _, n, events, nbytes = last[k]
+        med = statistics.median(secs[k])
+        out[k] = {
+            "examples": n,
+            "events": events,
+            "seconds": med,
+            "all_seconds": secs[k],
+            "us_per_example": med / max(n, 1) * 1e6,
+            "examples_per_s": n / med,
+            "uih_bytes_per_example": nbytes / max(n, 1),
+        }
+    return out

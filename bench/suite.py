@@ -566,44 +566,44 @@ def scaling_section(work: Path, scale: Scale, b: Built) -> dict[str, Any]:
     from lmat_platform.reader import SequenceLoader
 
     tenant = TENANTS[0]
-    hist: list[dict[str, Any]] = []
     stores: dict[int, dict[str, Any]] = {}
     for h in scale.scaling_histories:
         log.info("scaling: history %d", h)
-        s = scaling.build_history_store(
+        stores[h] = scaling.build_history_store(
             work / f"hist-{h}",
             history=h,
             users=scale.scaling_users,
             requests_per_user=scale.scaling_requests_per_user,
             row_group_rows=scale.row_group_rows,
         )
-        stores[h] = s
-        c = scaling.cost_per_example(
-            s["store"], s["thin"], tenant, batch_size=BATCH, reps=max(3 * scale.reps, 3)
-        )
-        hist.append(
-            {
-                "history": h,
-                **{k: v for k, v in s.items() if k in ("users", "requests", "events")},
-                **c,
-            }
-        )
+    # Every store built first, then their passes interleaved (scaling.costs_per_example).
+    reps = max(3 * scale.reps, 3)
+    costs = scaling.costs_per_example(
+        {h: (s["store"], s["thin"]) for h, s in stores.items()}, tenant,
+        batch_size=BATCH, reps=reps)
+    hist: list[dict[str, Any]] = [
+        {"history": h, **{k: v for k, v in s.items() if k in ("users", "requests", "events")},
+         **costs[h]}
+        for h, s in stores.items()
+    ]
     base = hist[0]["us_per_example"]
     for r in hist:
         r["relative_to_smallest"] = r["us_per_example"] / base
     mid = scale.scaling_histories[len(scale.scaling_histories) // 2]
     s = stores[mid]
     after = int(pq.read_table(s["requests_file"]).column("request_ts").to_numpy().max()) + 1
-    reqs: list[dict[str, Any]] = []
+    thins: dict[int, str] = {}
     for n in scale.scaling_request_counts:
         log.info("scaling: %d requests", n)
-        thin = scaling.thin_with_requests(
+        thins[n] = scaling.thin_with_requests(
             s["store"], work / f"hist-{mid}", n, scale.scaling_users, after
         )
-        c = scaling.cost_per_example(
-            s["store"], thin, tenant, batch_size=BATCH, reps=max(3 * scale.reps, 3)
-        )
-        reqs.append({"requests": c["examples"], "history": mid, **c})
+    costs_r = scaling.costs_per_example(
+        {n: (s["store"], thin) for n, thin in thins.items()}, tenant, batch_size=BATCH,
+        reps=reps)
+    reqs: list[dict[str, Any]] = [
+        {"requests": c["examples"], "history": mid, **c} for c in costs_r.values()
+    ]
     base_r = reqs[0]["us_per_example"]
     for r in reqs:
         r["relative_to_smallest"] = r["us_per_example"] / base_r
