@@ -134,3 +134,29 @@ def test_read_bucket_prunes_row_groups_by_user_and_time(synth_store: SynthStore)
     assert recent.row_groups_read < allh.row_groups_read
     _sorted = recent.table.select(uih.SORT_KEYS)
     assert_sorted(_sorted)
+
+
+def test_row_group_pruning_matches_a_per_row_group_check() -> None:
+    import numpy as np
+
+    from lmat_platform.store.uih import RowGroupStats, _row_groups_wanted
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        G, U = int(rng.integers(1, 12)), int(rng.integers(0, 15))
+        users = np.sort(rng.choice(100, U, replace=False)).astype(np.int64)
+        cut = rng.integers(0, 50, U).astype(np.int64)
+        umin = np.sort(rng.integers(0, 100, G))
+        st = RowGroupStats(rows=np.ones(G), umin=umin, umax=umin + rng.integers(0, 20, G),
+                           tmax=rng.integers(0, 60, G), smin=rng.integers(0, 4, G))
+        max_snap = int(rng.integers(0, 4))
+        min_ts = None if rng.random() < 0.5 else int(rng.integers(0, 60))
+        want = []
+        for g in range(G):
+            mine = (users >= st.umin[g]) & (users <= st.umax[g])
+            if not mine.any() or st.smin[g] > max_snap:
+                continue  # none of the users, or only newer snapshots
+            if st.tmax[g] < cut[mine].min() or (min_ts is not None and st.tmax[g] < min_ts):
+                continue  # older than everything the users need
+            want.append(g)
+        assert _row_groups_wanted(st, users, cut, max_snap, min_ts) == want

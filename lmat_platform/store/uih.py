@@ -315,6 +315,30 @@ def row_groups_for_users(md: pq.FileMetaData, users: np.ndarray) -> list[int]:
     return np.flatnonzero(i1 > i0).tolist()
 
 
+def _row_groups_wanted(
+    st: RowGroupStats, users: np.ndarray, cutoffs: np.ndarray, max_snapshot: int,
+    min_ts: int | None,
+) -> list[int]:
+    """Row groups holding one of ``users`` (sorted) with a row the read can need: not every
+    row of a newer snapshot than ``max_snapshot``, nor older than every cutoff of the users it
+    holds (nor than ``min_ts``). Vectorized: no Python step per row group."""
+    i0 = np.searchsorted(users, st.umin, side="left")
+    i1 = np.searchsorted(users, st.umax, side="right")
+    ok = (i1 > i0) & (np.asarray(st.smin) <= max_snapshot)
+    tmax = np.asarray(st.tmax)
+    if min_ts is not None:
+        ok &= tmax >= min_ts
+    idx = np.flatnonzero(ok)
+    if len(idx):
+        # Range minima of cutoffs over [i0, i1): reduceat over interleaved (start, end) bounds
+        # (a sentinel keeps every bound a valid index); the even results are the ranges'.
+        c = np.append(cutoffs, np.iinfo(np.int64).max)
+        bounds = np.stack([i0[idx], i1[idx]], axis=1).ravel()
+        mins = np.minimum.reduceat(c, bounds)[::2]
+        idx = idx[tmax[idx] >= mins]
+    return idx.tolist()
+
+
 @dataclass
 class BucketRead:
     """Rows of one bucket a tenant needs, sorted by (user_id, event_ts, event_id)."""
@@ -360,18 +384,8 @@ def read_bucket(
             continue
         md = file_metadata(store, f.path)
         st = row_group_stats(md)
-        i0 = np.searchsorted(users, st.umin, side="left")
-        i1 = np.searchsorted(users, st.umax, side="right")
-        want = []
-        for g in range(len(st.rows)):
-            a, b = int(i0[g]), int(i1[g])
-            if a >= b or st.smin[g] > max_snapshot:
-                n_skip += 1
-                continue
-            if st.tmax[g] < cutoffs[a:b].min() or (min_ts is not None and st.tmax[g] < min_ts):
-                n_skip += 1
-                continue
-            want.append(g)
+        want = _row_groups_wanted(st, users, cutoffs, max_snapshot, min_ts)
+        n_skip += len(st.rows) - len(want)
         if not want:
             continue
         schema_names = md.schema.to_arrow_schema().names
