@@ -700,7 +700,7 @@ def ablations_section(b: Built, scale: Scale, rp: dict[str, Any]) -> dict[str, A
         res: dict[str, Any] = {"simulated_step_ms": step * 1e3}
         for label, st_s in (("no_step", 0.0), ("with_step", step)):
             runs: dict[str, list[float]] = {"off": [], "on": []}
-            for _ in range(2):  # interleaved, so drift on a noisy machine hits both alike
+            for _ in range(max(2, scale.reps)):  # interleaved: drift hits both alike
                 with prefetch_off():
                     r_off = time_pass(
                         partial(lmat_batches, b.store, b.thin, t), reps=1, warmup=0, step_s=st_s
