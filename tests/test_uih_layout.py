@@ -160,3 +160,26 @@ def test_row_group_pruning_matches_a_per_row_group_check() -> None:
                 continue  # older than everything the users need
             want.append(g)
         assert _row_groups_wanted(st, users, cut, max_snap, min_ts) == want
+
+
+def test_shared_table_state_sees_a_table_written_again_at_the_same_path(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The read path shares opened table versions and remembers small reads per version; a
+    table deleted and written again at the same path (version 0 again) is read afresh."""
+    import shutil
+
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from lmat_platform.store.core import Store, StoreConfig, shared_delta_table
+
+    st = Store(str(tmp_path), StoreConfig("s", 2, 1024, 1))
+    path = str(tmp_path / "snapshots")
+    write_deltalake(path, pa.table({"x": [1]}))
+    assert st.read_table("snapshots").column("x").to_pylist() == [1]
+    assert st.read_table("snapshots") is st.read_table("snapshots")  # remembered per version
+    shutil.rmtree(path)
+    write_deltalake(path, pa.table({"x": list(range(10, 20))}))
+    assert shared_delta_table(path).version() == 0
+    assert st.read_table("snapshots").column("x").to_pylist() == list(range(10, 20))
+    write_deltalake(path, pa.table({"x": [99]}), mode="append")
+    assert len(st.read_table("snapshots")) == 11  # a new commit is seen at once

@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,11 +146,11 @@ class Store:
     ) -> pa.Table | None:
         """Rows of table ``name``'s latest version; whole small tables are remembered per
         version (Arrow tables are immutable), so re-reading an unchanged registry is free."""
-        dt = self.shared_table(name)
+        dt, shared = _shared(self.table_uri(name), None)
         if dt is None:
             return None
-        key = (dt.table_uri, dt.version(), tuple(columns) if columns is not None else None)
-        if filters is None:
+        key = (shared, tuple(columns) if columns is not None else None)
+        if filters is None and shared is not None:
             with _LOCK:
                 hit = _READS.get(key)
             if hit is not None:
@@ -159,7 +159,7 @@ class Store:
         if columns is not None:
             columns = [c for c in columns if c in ds.schema.names]
         t = ds.to_table(columns=columns, filter=filters)
-        if filters is None and t.nbytes <= _MEMO_MAX_BYTES:
+        if filters is None and shared is not None and t.nbytes <= _MEMO_MAX_BYTES:
             with _LOCK:
                 _READS[key] = t
                 while len(_READS) > _SHARED_MAX:
@@ -242,46 +242,65 @@ class Store:
 
 _LOCK = threading.Lock()
 _SHARED_MAX = 64
-_SHARED: OrderedDict[tuple[str, int], DeltaTable] = OrderedDict()
-_READS: OrderedDict[tuple[str, int, tuple[str, ...] | None], pa.Table] = OrderedDict()
+_SHARED: OrderedDict[Hashable, DeltaTable] = OrderedDict()
+_READS: OrderedDict[tuple[Hashable, tuple[str, ...] | None], pa.Table] = OrderedDict()
 
 
-def latest_version(uri: str) -> int | None:
-    """The newest committed version of the Delta table at ``uri`` from one listing of its log
-    (a commit file appears whole, or not at all); None if it has none."""
+def _commits(uri: str) -> dict[int, tuple[int, int]]:
+    """Commit files of the Delta table at ``uri``, from one listing of its log: version ->
+    (modification time in ns, size). A commit file appears whole, or not at all."""
     if _is_uri(uri):
         fs, path = pafs.FileSystem.from_uri(uri)
     else:
         fs, path = pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
     sel = pafs.FileSelector(f"{path.rstrip('/')}/_delta_log", allow_not_found=True)
-    versions = [int(m.group(1)) for i in fs.get_file_info(sel)
-                if (m := _COMMIT_FILE.match(i.base_name))]
-    return max(versions) if versions else None
+    return {int(m.group(1)): (i.mtime_ns or 0, i.size or 0) for i in fs.get_file_info(sel)
+            if (m := _COMMIT_FILE.match(i.base_name))}
+
+
+def latest_version(uri: str) -> int | None:
+    """The newest committed version of the Delta table at ``uri``; None if it has none."""
+    commits = _commits(uri)
+    return max(commits) if commits else None
+
+
+def _shared(uri: str, version: int | None) -> tuple[DeltaTable | None, Hashable | None]:
+    """:func:`shared_delta_table` and the key its reads are remembered under (None: not
+    shared). The key holds the commit file's time and size, so a table deleted and written
+    again at the same path (version 0 again) is not mistaken for the old one."""
+    commits = _commits(uri)
+    if version is None:
+        if not commits:
+            return None, None
+        version = max(commits)
+    stamp = commits.get(int(version))
+    if stamp is None:  # the commit file was cleaned up after a checkpoint: open, do not share
+        try:
+            return DeltaTable(uri, version=version, storage_options=storage_options()), None
+        except TableNotFoundError:
+            return None, None
+    key = (uri.rstrip("/"), int(version), stamp)
+    with _LOCK:
+        dt = _SHARED.get(key)
+        if dt is not None:
+            _SHARED.move_to_end(key)
+            return dt, key
+    try:
+        dt = DeltaTable(uri, version=version, storage_options=storage_options())
+    except TableNotFoundError:
+        return None, None
+    with _LOCK:
+        _SHARED[key] = dt
+        while len(_SHARED) > _SHARED_MAX:
+            _SHARED.popitem(last=False)
+    return dt, key
 
 
 def shared_delta_table(uri: str, version: int | None = None) -> DeltaTable | None:
     """A Delta table version opened once per process and shared: never write through it, nor
     move it to another version (writers use :meth:`Store.open_table`). The latest version is
     found by listing the log, so a new commit is seen at once. None if the table has no log."""
-    if version is None:
-        version = latest_version(uri)
-        if version is None:
-            return None
-    key = (uri.rstrip("/"), int(version))
-    with _LOCK:
-        dt = _SHARED.get(key)
-        if dt is not None:
-            _SHARED.move_to_end(key)
-            return dt
-    try:
-        dt = DeltaTable(uri, version=version, storage_options=storage_options())
-    except TableNotFoundError:
-        return None
-    with _LOCK:
-        _SHARED[key] = dt
-        while len(_SHARED) > _SHARED_MAX:
-            _SHARED.popitem(last=False)
-    return dt
+    return _shared(uri, version)[0]
 
 
 def checkpoint_if_due(dt: DeltaTable) -> None:
