@@ -10,8 +10,9 @@ of *segments*: contiguous runs of the bucket's head rows or of its sorted tail e
     request 0: head[10:14] + tail[0:2]    ->  s0 = [10, n_head+0]   s1 = [14, n_head+2]
 
 A segment never straddles the two sources. Copying them is the only output-sized work of a
-read, so it is one pass of slice copies at memory bandwidth (no index arrays, no gathers), on
-the values' raw bytes: one compiled loop per element width serves every fixed-width type.
+read, so it is one pass of slice copies at memory bandwidth (no index arrays, no gathers): one
+memcpy per segment on the values' raw bytes, whatever the element width, every column of a
+plan in one compiled call.
 """
 
 from __future__ import annotations
@@ -41,24 +42,82 @@ def _memcpy(typingctx, dst, src, nbytes):  # type: ignore[no-untyped-def,unused-
 
 
 @njit(cache=True, nogil=True)
-def _copy_segments(head, tail, n_head, s0, s1, out):  # type: ignore[no-untyped-def,unused-ignore]
-    w = out.itemsize
-    hp = head.ctypes.data
-    tp = tail.ctypes.data
-    op = out.ctypes.data
-    o = 0
-    for i in range(len(s0)):
-        a = s0[i]
-        b = s1[i]
-        n = b - a
-        if n <= 0:
-            continue
-        if a >= n_head:
-            _memcpy(op + o * w, tp + (a - n_head) * w, n * w)  # type: ignore[call-arg,unused-ignore]
-        else:
-            _memcpy(op + o * w, hp + a * w, n * w)  # type: ignore[call-arg,unused-ignore]
-        o += n
-    return o
+def _copy_columns(hp, tp, op, widths, n_head, s0, s1):  # type: ignore[no-untyped-def,unused-ignore]
+    done = 0
+    for c in range(len(hp)):
+        w = widths[c]
+        o = 0
+        for i in range(len(s0)):
+            a = s0[i]
+            n = s1[i] - a
+            if n <= 0:
+                continue
+            if a >= n_head:
+                _memcpy(op[c] + o * w, tp[c] + (a - n_head) * w, n * w)  # type: ignore[call-arg,unused-ignore]
+            else:
+                _memcpy(op[c] + o * w, hp[c] + a * w, n * w)  # type: ignore[call-arg,unused-ignore]
+            o += n
+        done = o
+    return done
+
+
+def _fixed_width(a: np.ndarray, what: str) -> None:
+    if a.ndim != 1 or a.dtype.hasobject or a.dtype.itemsize not in _RAW:
+        raise TypeError(f"no raw copy for {what} {a.dtype}{list(a.shape)} (1-D fixed-width "
+                        "numeric, boolean or temporal values only)")
+
+
+def copy_columns(
+    heads: list[np.ndarray], tails: list[np.ndarray | None], s0: np.ndarray, s1: np.ndarray,
+    outs: list[np.ndarray], offset: int = 0,
+) -> int:
+    """Copy virtual segments ``[s0[i], s1[i])`` of several columns of one plan at once: column
+    ``c``'s segments over ``heads[c]`` then ``tails[c]`` go to ``outs[c][offset:]``. Returns
+    the values copied per column.
+
+    Every column of a plan has the same head and tail lengths, so the segments are checked once
+    for all; then one compiled call (GIL released) copies every column with the C library's
+    memcpy, whatever its element width."""
+    if not (len(heads) == len(tails) == len(outs)) or not heads:
+        raise ValueError(f"one head, tail and output per column: got {len(heads)}, "
+                         f"{len(tails)} and {len(outs)}")
+    nh = len(heads[0])
+    ts = [t if t is not None else h[:0] for h, t in zip(heads, tails, strict=True)]
+    nt = len(ts[0])
+    n = np.maximum(s1 - s0, 0)
+    total = int(n.sum())
+    for h, t, o in zip(heads, ts, outs, strict=True):
+        _fixed_width(h, "head")
+        if t.dtype != h.dtype:
+            raise TypeError(f"head is {h.dtype} but tail is {t.dtype}")
+        if len(h) != nh or len(t) != nt:
+            raise ValueError("the columns of one plan must have equal head and tail lengths")
+        if o.dtype != h.dtype or o.ndim != 1 or not o.flags.c_contiguous or not o.flags.writeable:
+            raise ValueError(f"out must be writable contiguous {h.dtype}[>= {offset + total}], "
+                             f"got {o.dtype}{list(o.shape)}")
+        if offset < 0 or len(o) < offset + total:
+            raise ValueError(f"out must be contiguous {h.dtype}[{offset + total}], got "
+                             f"{o.dtype}{list(o.shape)} from offset {offset}")
+    if total == 0:
+        return 0
+    # The compiled loop does not check bounds: check every segment lies in one source.
+    ok = (n == 0) | ((s0 >= 0) & (s1 <= nh)) | ((s0 >= nh) & (s1 <= nh + nt))
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        raise IndexError(f"segment [{s0[i]}, {s1[i]}) is outside head ({nh}) and tail ({nt})")
+    # Contiguous sources, kept alive (by these lists) for the whole call.
+    hs = [np.ascontiguousarray(h) for h in heads]
+    tcs = [np.ascontiguousarray(t) for t in ts]
+    addr = lambda a: a.__array_interface__["data"][0]  # noqa: E731
+    done = _copy_columns(
+        np.array([addr(h) for h in hs], dtype=np.int64),
+        np.array([addr(t) for t in tcs], dtype=np.int64),
+        np.array([addr(o) + offset * o.itemsize for o in outs], dtype=np.int64),
+        np.array([o.itemsize for o in outs], dtype=np.int64),
+        nh, s0.astype(np.int64, copy=False), s1.astype(np.int64, copy=False))
+    if done != total:  # pragma: no cover - the loop copies exactly the planned lengths
+        raise RuntimeError(f"copied {done} values, planned {total}")
+    return total
 
 
 def copy_segments(
@@ -69,34 +128,14 @@ def copy_segments(
 
     ``head`` and ``tail`` are 1-D arrays of one fixed-width dtype; the result is written to
     ``out`` (contiguous, that dtype, exactly the total length) or to a new array."""
-    if tail is None:
-        tail = head[:0]
-    if tail.dtype != head.dtype:
-        raise TypeError(f"head is {head.dtype} but tail is {tail.dtype}")
-    n = np.maximum(s1 - s0, 0)
-    total = int(n.sum())
+    _fixed_width(head, "head")
+    total = int(np.maximum(s1 - s0, 0).sum())
     if out is None:
         out = np.empty(total, dtype=head.dtype)
     elif out.shape != (total,) or out.dtype != head.dtype or not out.flags.c_contiguous:
         raise ValueError(f"out must be contiguous {head.dtype}[{total}], got "
                          f"{out.dtype}{list(out.shape)}")
-    if total == 0:
-        return out
-    # The compiled loop does not check bounds: check every segment lies in one source.
-    nh, nt = len(head), len(tail)
-    ok = (n == 0) | ((s0 >= 0) & (s1 <= nh)) | ((s0 >= nh) & (s1 <= nh + nt))
-    if not ok.all():
-        i = int(np.flatnonzero(~ok)[0])
-        raise IndexError(f"segment [{s0[i]}, {s1[i]}) is outside head ({nh}) and tail ({nt})")
-    raw = _RAW.get(head.dtype.itemsize)
-    if raw is None:
-        raise TypeError(f"no raw copy for {head.dtype} ({head.dtype.itemsize} bytes)")
-    h = np.ascontiguousarray(head).view(raw)
-    t = np.ascontiguousarray(tail).view(raw)
-    done = _copy_segments(h, t, len(head), s0.astype(np.int64, copy=False),
-                          s1.astype(np.int64, copy=False), out.view(raw))
-    if done != total:  # pragma: no cover - the loop copies exactly the planned lengths
-        raise RuntimeError(f"copied {done} values, planned {total}")
+    copy_columns([head], [tail], s0, s1, [out])
     return out
 
 
@@ -380,9 +419,8 @@ def warm_up() -> None:
 
     The loader calls this before it starts worker processes, so that workers only ever read
     the compiled cache and never race each other writing it."""
-    for raw in _RAW.values():
-        a = np.zeros(2, dtype=raw)
-        copy_segments(a, a, np.array([0, 2]), np.array([1, 3]))
+    a = np.zeros(2, dtype=np.int64)
+    copy_segments(a, a, np.array([0, 2]), np.array([1, 3]))
     z = np.zeros(2, dtype=np.int64)
     is_sorted3(z, z, z)
     tails_before(z, z, z, z, z, z, np.ones(2, dtype=np.bool_))

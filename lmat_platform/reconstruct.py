@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from lmat_platform.exceptions import O2OConsistencyError, ThinTableError
 from lmat_platform.kernels import (
+    copy_columns,
     copy_segments,
     head_ranges,
     is_sorted3,
@@ -96,6 +97,12 @@ class SegmentPlan:
     def copy(self, column: str, s0: np.ndarray, s1: np.ndarray,
              out: np.ndarray | None = None) -> np.ndarray:
         return copy_segments(self.head[column], self.tail[column], s0, s1, out)
+
+    def copy_all(self, columns: tuple[str, ...] | list[str], s0: np.ndarray, s1: np.ndarray,
+                 outs: list[np.ndarray], offset: int) -> int:
+        """Segments ``s0/s1`` of every column at once, into ``outs[i][offset:]``."""
+        return copy_columns([self.head[c] for c in columns], [self.tail[c] for c in columns],
+                            s0, s1, outs, offset)
 
     @classmethod
     def concat(cls, plans: list[SegmentPlan]) -> SegmentPlan:

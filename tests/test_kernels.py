@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from lmat_platform.kernels import copy_segments, head_ranges, is_sorted3, segments, tails_before
+from lmat_platform.kernels import (
+    copy_columns,
+    copy_segments,
+    head_ranges,
+    is_sorted3,
+    segments,
+    tails_before,
+)
 from lmat_platform.protocol.pointers import expand_positions
 from lmat_platform.reader.buffers import MIN_BYTES, BufferPool
 from lmat_platform.reconstruct import SegmentPlan
@@ -60,6 +67,39 @@ def test_copy_segments_rejects_bad_input() -> None:
         copy_segments(head, tail, np.array([0]), np.array([3]), np.empty(4, np.int64))
     with pytest.raises(TypeError, match="no raw copy"):
         copy_segments(np.zeros(4, dtype="S3"), None, np.array([0]), np.array([1]))
+
+
+def test_copy_columns_copies_every_column_of_a_plan_at_an_offset() -> None:
+    rng = np.random.default_rng(4)
+    dtypes = (np.int64, np.int16, np.float32, np.bool_, np.uint8)
+    heads = [rng.integers(0, 100, 50).astype(d) for d in dtypes]
+    tails = [rng.integers(0, 100, 20).astype(d) for d in dtypes]
+    s0, s1 = random_segments(rng, 50, 20, 40)
+    pos = expand_positions(s0, s1)
+    total = len(pos)
+    outs = [np.full(total + 7, 1, dtype=d) for d in dtypes]
+    assert copy_columns(heads, tails, s0, s1, outs, 5) == total
+    for h, t, o in zip(heads, tails, outs, strict=True):
+        want = np.concatenate([h, t])[pos]
+        assert np.array_equal(o[5:5 + total], want) and (o[:5] == 1).all() and (o[5 + total:] == 1).all()
+
+
+def test_copy_columns_rejects_bad_input() -> None:
+    h = np.arange(10, dtype=np.int64)
+    s0, s1 = np.array([0]), np.array([4])
+    with pytest.raises(TypeError, match="no raw copy for head object"):
+        copy_columns([h.astype(object)], [None], s0, s1, [np.empty(4, object)])
+    with pytest.raises(ValueError, match="one head, tail and output per column"):
+        copy_columns([h, h], [None], s0, s1, [np.empty(4, np.int64)])
+    with pytest.raises(ValueError, match="equal head and tail lengths"):
+        copy_columns([h, h[:5]], [None, None], s0, s1, [np.empty(4, np.int64)] * 2)
+    with pytest.raises(ValueError, match=r"out must be contiguous int64\[6\]"):
+        copy_columns([h], [None], s0, s1, [np.empty(5, np.int64)], 2)
+    with pytest.raises(IndexError, match="outside head"):
+        copy_columns([h], [None], np.array([8]), np.array([12]), [np.empty(4, np.int64)])
+    out = np.zeros(4, np.int64)
+    copy_columns([h], [None], s0, s1, [out])
+    assert out.tolist() == [0, 1, 2, 3]
 
 
 def test_is_sorted3_matches_numpy() -> None:

@@ -412,15 +412,14 @@ def _batch(pieces: list[dict[str, Any]], columns: tuple[str, ...], pool: BufferP
     the plans' sources straight into the batch's own buffer (one write per value), taken from
     ``pool`` (memory already touched, once the consumer has dropped an earlier batch)."""
     total = sum(q["n"] for q in pieces)
-    values: dict[str, torch.Tensor] = {}
-    for c in columns:
-        # Every plan's sources of a column have the store schema's type, so one dtype.
-        out = pool.empty(total, pieces[0]["plan"].head[c].dtype)
-        o = 0
-        for q in pieces:
-            q["plan"].copy(c, q["s0"], q["s1"], out[o:o + q["n"]])
-            o += q["n"]
-        values[c] = torch.from_numpy(out)
+    # Every plan's sources of a column have the store schema's type, so one dtype.
+    outs = [pool.empty(total, pieces[0]["plan"].head[c].dtype) for c in columns]
+    o = 0
+    for q in pieces:
+        # All columns of a piece in one compiled call (segments checked once).
+        q["plan"].copy_all(columns, q["s0"], q["s1"], outs, o)
+        o += q["n"]
+    values = {c: torch.from_numpy(out) for c, out in zip(columns, outs, strict=True)}
     if len(pieces) == 1:
         p = pieces[0]
     else:
