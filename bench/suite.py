@@ -84,14 +84,15 @@ def time_pass(
     """Run ``warmup + reps`` passes of ``make()``; medians of the timed ones.
 
     ``step_s`` simulates a training step per batch (a sleep: the GIL is free, as while a GPU
-    computes); ``on_batch`` sees every batch (outside the wait measured). Latency is the time
-    the consumer waited for each batch. ``between`` runs after every timed pass, untimed, with
+    computes); ``on_batch`` sees every batch (its own time is left out of the pass and of the
+    wait). Latency is the time the consumer waited for each batch. ``between`` runs after every timed pass, untimed, with
     that pass's counts (to interleave a comparison with the passes)."""
     secs: list[float] = []
     waits: list[float] = []
     stats: dict[str, int] = {}
     for i in range(warmup + reps):
         n = ev = nb = tb = ob = 0
+        hook_s = 0.0  # on_batch's own time, left out of the pass
         t0 = time.perf_counter()
         it = iter(make())
         w: list[float] = []
@@ -108,11 +109,13 @@ def time_pass(
             tb += b.thin_bytes_read
             ob += out_bytes(b)
             if on_batch is not None:
+                h = time.perf_counter()
                 on_batch(b)
+                hook_s += time.perf_counter() - h
             if step_s:
                 time.sleep(step_s)
         if i >= warmup:
-            secs.append(time.perf_counter() - t0)
+            secs.append(time.perf_counter() - t0 - hook_s)
             waits += w
         stats = {
             "examples": n,

@@ -128,7 +128,6 @@ def copy_segments(
 
     ``head`` and ``tail`` are 1-D arrays of one fixed-width dtype; the result is written to
     ``out`` (contiguous, that dtype, exactly the total length) or to a new array."""
-    _fixed_width(head, "head")
     total = int(np.maximum(s1 - s0, 0).sum())
     if out is None:
         out = np.empty(total, dtype=head.dtype)

@@ -94,10 +94,6 @@ class SegmentPlan:
         pos = expand_positions(self.seg_off[rows], self.seg_off[rows + 1])
         return self.s0[pos], self.s1[pos]
 
-    def copy(self, column: str, s0: np.ndarray, s1: np.ndarray,
-             out: np.ndarray | None = None) -> np.ndarray:
-        return copy_segments(self.head[column], self.tail[column], s0, s1, out)
-
     def copy_all(self, columns: tuple[str, ...] | list[str], s0: np.ndarray, s1: np.ndarray,
                  outs: list[np.ndarray], offset: int) -> int:
         """Segments ``s0/s1`` of every column at once, into ``outs[i][offset:]``."""
@@ -408,16 +404,14 @@ def reconstruct_bucket(
         eid = np.zeros(0, np.int64)
         n_pre = np.zeros(R, dtype=np.int64)
     ins_own, ins_t = expand_ranges(t_lo, t_lo + n_pre)
+    # Each lands before a row of the head range: its user's last head row sorts after it.
     p_t = (_insertion_points(eu, ets, eid, users[ins_own], tts[ins_t], tid[ins_t])
            if len(ins_t) else np.zeros(0, np.int64))
-    inside = p_t < end[ins_own]
-    # Inserted events are a prefix of each request's (ordered) kept tail; the rest is appended.
-    n_in = np.bincount(ins_own[inside], minlength=R)
-    # Virtual positions: the bucket's rows, then the tail rows.
+    # Virtual positions: the bucket's rows, then the tail rows; the inserted prefix of each
+    # request's kept tail, then the rest of it appended.
     lengths, seg_off, s0, s1 = segments(
-        first, end, hole_own, hole_pos,
-        ins_own[inside], p_t[inside], n_e + ins_t[inside],
-        n_e + t_lo + n_in, n_e + t_end, L,
+        first, end, hole_own, hole_pos, ins_own, p_t, n_e + ins_t,
+        n_e + t_lo + n_pre, n_e + t_end, L,
     )
     sorted_tails = tails if tails is not None and len(t_own) else None
     values: dict[str, pa.Array] = {}

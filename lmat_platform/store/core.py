@@ -258,12 +258,6 @@ def _commits(uri: str) -> dict[int, tuple[int, int]]:
             if (m := _COMMIT_FILE.match(i.base_name))}
 
 
-def latest_version(uri: str) -> int | None:
-    """The newest committed version of the Delta table at ``uri``; None if it has none."""
-    commits = _commits(uri)
-    return max(commits) if commits else None
-
-
 def _shared(uri: str, version: int | None) -> tuple[DeltaTable | None, Hashable | None]:
     """:func:`shared_delta_table` and the key its reads are remembered under (None: not
     shared). The key holds the commit file's time and size, so a table deleted and written

@@ -371,7 +371,6 @@ def read_bucket(
     """
     keys = ["user_id", "event_ts", "event_id", "snapshot_id"]
     cols = list(dict.fromkeys([*keys, *columns, *(["action"] if actions is not None else [])]))
-    fs, root = store.filesystem()
     chunks: list[pa.Table] = []
     nbytes = 0
     n_read = 0
