@@ -161,43 +161,6 @@ def is_sorted3(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> bool:
 
 
 @njit(cache=True, nogil=True)
-def _tails_before(t_lo, t_end, tts, tid, last_ts, last_id, has_rows):  # type: ignore[no-untyped-def,unused-ignore]
-    m = np.zeros(len(t_lo), dtype=np.int64)
-    for r in range(len(t_lo)):
-        if not has_rows[r]:
-            continue
-        lt = last_ts[r]
-        li = last_id[r]
-        j = t_lo[r]
-        while j < t_end[r] and (tts[j] < lt or (tts[j] == lt and tid[j] < li)):
-            j += 1
-        m[r] = j - t_lo[r]
-    return m
-
-
-def tails_before(
-    t_lo: np.ndarray, t_end: np.ndarray, tts: np.ndarray, tid: np.ndarray,
-    last_ts: np.ndarray, last_id: np.ndarray, has_rows: np.ndarray,
-) -> np.ndarray:
-    """Per request ``r``: how many of its tail events ``[t_lo[r], t_end[r])``, ordered by
-    ``(tts, tid)``, sort before ``(last_ts[r], last_id[r])`` (its last head row); 0 where
-    ``has_rows[r]`` is False. Those events are a prefix, so the work is the prefixes' length
-    plus one step per request, not the number of tail events."""
-    R = len(t_lo)
-    if not (len(t_end) == len(last_ts) == len(last_id) == len(has_rows) == R):
-        raise ValueError("per-request arrays differ in length")
-    if len(tts) != len(tid):
-        raise ValueError(f"tail arrays differ in length: {len(tts)}, {len(tid)}")
-    if R and ((t_lo < 0).any() or (t_end > len(tts)).any() or (t_lo > t_end).any()):
-        raise IndexError(f"tail ranges outside the {len(tts)} tail events")
-    return np.asarray(_tails_before(
-        t_lo.astype(np.int64, copy=False), t_end.astype(np.int64, copy=False),
-        tts.astype(np.int64, copy=False), tid.astype(np.int64, copy=False),
-        last_ts.astype(np.int64, copy=False), last_id.astype(np.int64, copy=False),
-        has_rows.astype(np.bool_, copy=False)))
-
-
-@njit(cache=True, nogil=True)
 def _head_ranges(eu, esn, lo, e_end, S, has_head, L):  # type: ignore[no-untyped-def,unused-ignore]
     n = len(eu)
     R = len(S)
@@ -413,6 +376,120 @@ def segments(
     return out[0], out[1], out[2], out[3]
 
 
+@njit(cache=True, nogil=True)
+def _plan(eu, ets, eid, esn, lo, e_end, S, has_head, t_start, t_end, t_min, tts, tid, L):  # type: ignore[no-untyped-def,unused-ignore]
+    first, end, hole_own, hole_pos = _head_ranges(eu, esn, lo, e_end, S, has_head, L)
+    R = len(S)
+    n_e = len(eu)
+    hole_off = np.zeros(R + 1, dtype=np.int64)
+    for k in range(len(hole_own)):
+        hole_off[hole_own[k] + 1] += 1
+    for r in range(R):
+        hole_off[r + 1] += hole_off[r]
+    # Each request's kept tail: events from its window on (a prefix cut: the tail is ordered),
+    # and of those only the last L. Those sorting before the last head row are a prefix.
+    t_a = np.empty(R, dtype=np.int64)
+    ins_off = np.zeros(R + 1, dtype=np.int64)
+    for r in range(R):
+        x = t_start[r]
+        y = t_end[r]
+        while x < y:
+            mid = (x + y) // 2
+            if tts[mid] < t_min[r]:
+                x = mid + 1
+            else:
+                y = mid
+        a = max(x, t_end[r] - L)
+        t_a[r] = a
+        j = a
+        if end[r] > first[r]:
+            lt = ets[end[r] - 1]
+            li = eid[end[r] - 1]
+            while j < t_end[r] and (tts[j] < lt or (tts[j] == lt and tid[j] < li)):
+                j += 1
+        ins_off[r + 1] = ins_off[r] + (j - a)
+    # Where each inserted event goes: before the first head row that sorts at or after it, by
+    # binary search over the request's head range (rows of one user, sorted by time and id).
+    ins_pos = np.empty(ins_off[R], dtype=np.int64)
+    ins_item = np.empty(ins_off[R], dtype=np.int64)
+    app_start = np.empty(R, dtype=np.int64)
+    app_end = np.empty(R, dtype=np.int64)
+    for r in range(R):
+        n_ins = ins_off[r + 1] - ins_off[r]
+        for k in range(n_ins):
+            q = t_a[r] + k
+            x = first[r]
+            y = end[r]
+            while x < y:
+                mid = (x + y) // 2
+                if ets[mid] < tts[q] or (ets[mid] == tts[q] and eid[mid] < tid[q]):
+                    x = mid + 1
+                else:
+                    y = mid
+            ins_pos[ins_off[r] + k] = x
+            ins_item[ins_off[r] + k] = n_e + q
+        app_start[r] = n_e + t_a[r] + n_ins
+        app_end[r] = n_e + t_end[r]
+    return _segments(first, end, hole_off, hole_pos, ins_off, ins_pos, ins_item, app_start,
+                     app_end, L)
+
+
+def plan_sequences(
+    eu: np.ndarray, ets: np.ndarray, eid: np.ndarray, esn: np.ndarray,
+    lo: np.ndarray, e_end: np.ndarray, S: np.ndarray, has_head: np.ndarray,
+    t_start: np.ndarray, t_end: np.ndarray, t_min: np.ndarray,
+    tts: np.ndarray, tid: np.ndarray, L: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every request's last ``L`` events as segment copies, planned in one compiled call.
+
+    Head: the bucket's rows ``eu, ets, eid, esn`` (sorted by user, time, id); request ``r``'s
+    candidates are rows ``[lo[r], e_end[r])`` with ``snapshot_id <= S[r]`` (see
+    :func:`head_ranges`). Tail: events ``[t_start[r], t_end[r])`` of ``tts, tid``, ordered by
+    ``(tts, tid)`` within each request, of which those with ``tts >= t_min[r]`` count. The head
+    range and the tail are merged by ``(event_ts, event_id)`` (tail events that sort inside the
+    head are inserted at their binary-searched row, the rest appended) and cut to the last
+    ``L`` by :func:`segments`, in virtual positions (head rows, then tail events). Returns
+    (lengths, segment offsets per request, segment starts, segment ends)."""
+    R = len(S)
+    per_request = (lo, e_end, has_head, t_start, t_end, t_min)
+    if any(len(a) != R for a in per_request) or not (len(eu) == len(ets) == len(eid) == len(esn)):
+        raise ValueError("plan_sequences: array lengths differ")
+    if len(tts) != len(tid):
+        raise ValueError(f"tail arrays differ in length: {len(tts)}, {len(tid)}")
+    if R and ((lo < 0).any() or (e_end > len(eu)).any()):
+        raise IndexError(f"head ranges outside the {len(eu)} rows")
+    if R and ((t_start < 0).any() or (t_end > len(tts)).any() or (t_start > t_end).any()):
+        raise IndexError(f"tail ranges outside the {len(tts)} tail events")
+    i64 = np.int64
+    out = _plan(
+        eu.astype(i64, copy=False), ets.astype(i64, copy=False), eid.astype(i64, copy=False),
+        esn.astype(i64, copy=False), lo.astype(i64, copy=False), e_end.astype(i64, copy=False),
+        S.astype(i64, copy=False), has_head.astype(np.bool_, copy=False),
+        t_start.astype(i64, copy=False), t_end.astype(i64, copy=False),
+        t_min.astype(i64, copy=False), tts.astype(i64, copy=False), tid.astype(i64, copy=False),
+        int(L))
+    return out[0], out[1], out[2], out[3]
+
+
+@njit(cache=True, nogil=True)
+def _ranges_sorted(off, a, b):  # type: ignore[no-untyped-def,unused-ignore]
+    for r in range(len(off) - 1):
+        for i in range(off[r] + 1, off[r + 1]):
+            if a[i] < a[i - 1] or (a[i] == a[i - 1] and b[i] < b[i - 1]):
+                return False
+    return True
+
+
+def ranges_sorted(off: np.ndarray, a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether each range ``[off[r], off[r + 1])`` of ``(a, b)`` is in non-decreasing
+    lexicographic order (one pass)."""
+    if len(a) != len(b) or (len(off) and (off[0] < 0 or off[-1] > len(a) or (np.diff(off) < 0).any())):
+        raise ValueError(f"ranges_sorted: bad offsets for {len(a)} and {len(b)} values")
+    return bool(_ranges_sorted(off.astype(np.int64, copy=False), a.astype(np.int64, copy=False),
+                               b.astype(np.int64, copy=False)))
+
+
+
 def warm_up() -> None:
     """Compile (or load from numba's on-disk cache) every kernel variant now.
 
@@ -422,6 +499,8 @@ def warm_up() -> None:
     copy_segments(a, a, np.array([0, 2]), np.array([1, 3]))
     z = np.zeros(2, dtype=np.int64)
     is_sorted3(z, z, z)
-    tails_before(z, z, z, z, z, z, np.ones(2, dtype=np.bool_))
+    ranges_sorted(np.zeros(3, dtype=np.int64), z, z)
     head_ranges(z, z, z, z, z, np.ones(2, dtype=np.bool_), 1)
     segments(z, z, z[:0], z[:0], z[:0], z[:0], z[:0], z, z, 1)
+    b = np.ones(2, dtype=np.bool_)
+    plan_sequences(z, z, z, z, z, z, z, b, z, z, z, z, z, 1)

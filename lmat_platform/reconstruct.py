@@ -33,17 +33,11 @@ from lmat_platform.exceptions import O2OConsistencyError, ThinTableError
 from lmat_platform.kernels import (
     copy_columns,
     copy_segments,
-    head_ranges,
     is_sorted3,
-    segments,
-    tails_before,
+    plan_sequences,
+    ranges_sorted,
 )
-from lmat_platform.protocol.pointers import (
-    HeadIndex,
-    expand_positions,
-    expand_ranges,
-    searchsorted2,
-)
+from lmat_platform.protocol.pointers import HeadIndex, expand_positions, searchsorted2
 from lmat_platform.protocol.thin import TAIL_PREFIX, open_thin, read_raw_range, tails_from_raw
 from lmat_platform.schema import EVENT_COLUMNS
 from lmat_platform.store import uih
@@ -182,6 +176,70 @@ def concat_sequences(parts: list[Sequences], columns: tuple[str, ...]) -> Sequen
 
 
 @dataclass
+class ThinRows:
+    """Thin rows as the kernel reads them: the scalar columns (keys, pointer, ride-along request
+    columns) as a table, and each stored tail field flattened into one array of the store
+    schema's type, row ``i``'s events at ``[tail_off[i], tail_off[i + 1])``. A row with a null
+    ``tail_len`` (built by a batch job: its tail comes from the raw log) owns no stored events.
+
+    Slicing is zero-copy, so a reader decodes a bucket's thin rows once into this form and cuts
+    its work units from it::
+
+        rows    r0      r1    r2          tail_off = [0, 2, 2, 5]
+        tails   e0 e1 | -- | e2 e3 e4     rows[1:3] -> tail_off [0, 0, 3], tails e2 e3 e4
+    """
+
+    table: pa.Table
+    tail_off: np.ndarray
+    tails: dict[str, pa.Array]
+    #: Every row's stored tail is in (event_ts, event_id) order (checked, not assumed).
+    tails_sorted: bool
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+    def streamed(self) -> np.ndarray:
+        """Rows whose tail is stored (a non-null ``tail_len``)."""
+        if "tail_len" not in self.table.column_names:
+            return np.zeros(self.num_rows, dtype=bool)
+        return np.asarray(column_array(self.table, "tail_len").is_valid()
+                          .to_numpy(zero_copy_only=False), dtype=bool)
+
+    def slice(self, lo: int, hi: int) -> ThinRows:
+        a, b = int(self.tail_off[lo]), int(self.tail_off[hi])
+        return ThinRows(self.table.slice(lo, hi - lo), self.tail_off[lo:hi + 1] - a,
+                        {c: v.slice(a, b - a) for c, v in self.tails.items()}, self.tails_sorted)
+
+    @classmethod
+    def from_table(cls, rows: pa.Table, columns: list[str], schema: pa.Schema) -> ThinRows:
+        """Flatten the stored tails of ``columns`` (event columns, typed as in ``schema``; a
+        field the thin rows lack is all nulls) out of thin ``rows``; checks each row's tail
+        holds ``tail_len`` events."""
+        rid = rows.column("request_id").to_numpy()
+        lens = (pc.fill_null(column_array(rows, "tail_len"), 0).to_numpy().astype(np.int64)
+                if "tail_len" in rows.column_names else np.zeros(len(rid), dtype=np.int64))
+        off = np.zeros(len(lens) + 1, dtype=np.int64)
+        np.cumsum(lens, out=off[1:])
+        n_ev = int(off[-1])
+        tails: dict[str, pa.Array] = {}
+        for c in columns:
+            typ = schema.field(c).type
+            if TAIL_PREFIX + c not in rows.column_names:
+                tails[c] = pa.nulls(n_ev, typ)
+                continue
+            v = _tail_values(rows.column(TAIL_PREFIX + c), lens, rid)
+            v = v.combine_chunks() if isinstance(v, pa.ChunkedArray) else v
+            tails[c] = v if v.type == typ else v.cast(typ)
+        ordered = True
+        if "event_ts" in tails and "event_id" in tails and n_ev:
+            ordered = ranges_sorted(off, tensor_numpy(tails["event_ts"]),
+                                    tensor_numpy(tails["event_id"]))
+        fields = [c for c in rows.column_names if c.startswith(TAIL_PREFIX) and c not in THIN_KEYS]
+        return cls(rows.drop_columns(fields), off, tails, ordered)
+
+
+@dataclass
 class ReadContext:
     """Everything a pass needs besides the rows: picklable, cheap to build once per pass."""
 
@@ -242,21 +300,26 @@ class ReadContext:
         )
 
 
-def _column(table: pa.Table, name: str) -> pa.Array:
+def column_array(table: pa.Table, name: str) -> pa.Array:
+    """A table column as one Arrow array (chunks combined)."""
     col = table.column(name)
     return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
 
 
 def reconstruct_bucket(
-    ctx: ReadContext, bucket: int, rows: pa.Table, *, plan_only: bool = False
+    ctx: ReadContext, bucket: int, rows: pa.Table | ThinRows, *, plan_only: bool = False
 ) -> Sequences:
-    """Rebuild the tenant's sequences for thin ``rows`` that all lie in ``bucket``.
+    """Rebuild the tenant's sequences for thin ``rows`` that all lie in ``bucket`` (a thin
+    table's rows, or :class:`ThinRows` already flattened: a reader's decoded units).
 
     With ``plan_only`` the sequences come back as a :class:`SegmentPlan` over numpy sources
     (nulls as :func:`tensor_numpy` makes them) and ``values`` is empty: the loader copies them
     into its batches."""
     t = ctx.tenant
     L = t.max_len
+    need = event_columns(t)
+    thin = rows if isinstance(rows, ThinRows) else ThinRows.from_table(rows, need, ctx.schema)
+    rows = thin.table
     rid = rows.column("request_id").to_numpy()
     users = rows.column("user_id").to_numpy()
     T = rows.column("request_ts").to_numpy()
@@ -328,110 +391,73 @@ def reconstruct_bucket(
         if lo_ts is not None
         else np.searchsorted(eu, users, side="left")
     )
-    first, end, hole_own, hole_pos = head_ranges(eu, esn, lo, e_end, S, has_head, L)
 
-    need = list(dict.fromkeys(["event_ts", "event_id", *t.columns,
-                               *(["action"] if t.actions is not None else [])]))
-
-    # --- tails: stored (streaming) or from the raw log (batch)
-    tail_parts: list[pa.Table] = []
-    t_owners: list[np.ndarray] = []
-    tail_len = _column(rows, "tail_len")
-    streamed = np.asarray(tail_len.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-    tail_events = 0
-    if streamed.any():
-        lens = pc.fill_null(tail_len, 0).to_numpy()
-        n_ev = int(lens.sum())
-        tail_events += n_ev
-        tail_parts.append(pa.table({
-            c: (_tail_values(rows.column(TAIL_PREFIX + c), lens, rid)
-                if TAIL_PREFIX + c in rows.column_names
-                else pa.nulls(n_ev, ctx.schema.field(c).type))
-            for c in need
-        }))
-        t_owners.append(np.repeat(np.arange(R), lens))
+    # --- tails: stored (streaming) or from the raw log (batch). Stored tails already in order
+    # serve as they are (zero-copy): the window is a prefix cut the planner makes per request.
+    streamed = thin.streamed()
+    lens = np.diff(thin.tail_off)
+    tail_events = int(thin.tail_off[-1])
     batch = np.flatnonzero(~streamed)
-    if len(batch):
-        wm = np.where(S >= 0, ctx.watermarks[np.maximum(S, 0)] if n_snap else 0,
-                      np.iinfo(np.int64).min)
-        lo_a = int(wm[batch].min())
-        raw = read_raw_range(
-            ctx.store, users[batch], None if lo_a == np.iinfo(np.int64).min else lo_a,
-            int(T[batch].max()), buckets=np.array([bucket]),
-            columns=list(dict.fromkeys(["user_id", "arrival_ts", *need])),
-        )
-        own_b, pos_b = tails_from_raw(raw, users[batch], wm[batch], T[batch])
-        tail_parts.append(raw.select(need).take(pa.array(pos_b)))
-        t_owners.append(batch[own_b])
-        tail_events += len(own_b)
-    tail_schema = pa.schema([ctx.schema.field(c) for c in need])
-    tails = (
-        pa.concat_tables([p.cast(tail_schema) for p in tail_parts]) if tail_parts else None
-    )
-    t_own = np.concatenate(t_owners) if t_owners else np.zeros(0, np.int64)
-    tts = tid = np.zeros(0, np.int64)
-    if tails is not None and len(t_own):
-        # Filtered like the head and in (request, event_ts, event_id) order: in place when the
-        # stored tails already are (the streaming path writes them so), else taken in order.
-        tts = tensor_numpy(tails.column("event_ts"))
-        tid = tensor_numpy(tails.column("event_id"))
+    if not len(batch) and t.actions is None and thin.tails_sorted:
+        tails: dict[str, pa.Array | pa.ChunkedArray] = {c: thin.tails[c] for c in need}
+        t_start, t_end = thin.tail_off[:-1], thin.tail_off[1:]
+    else:
+        tail_parts = [pa.table({c: thin.tails[c] for c in need})]
+        t_owners = [np.repeat(np.arange(R), lens)]
+        if len(batch):
+            wm = np.where(S >= 0, ctx.watermarks[np.maximum(S, 0)] if n_snap else 0,
+                          np.iinfo(np.int64).min)
+            lo_a = int(wm[batch].min())
+            raw = read_raw_range(
+                ctx.store, users[batch], None if lo_a == np.iinfo(np.int64).min else lo_a,
+                int(T[batch].max()), buckets=np.array([bucket]),
+                columns=list(dict.fromkeys(["user_id", "arrival_ts", *need])),
+            )
+            own_b, pos_b = tails_from_raw(raw, users[batch], wm[batch], T[batch])
+            tail_parts.append(raw.select(need).take(pa.array(pos_b)))
+            t_owners.append(batch[own_b])
+            tail_events += len(own_b)
+        tail_schema = pa.schema([ctx.schema.field(c) for c in need])
+        tt = pa.concat_tables([p.cast(tail_schema) for p in tail_parts])
+        t_own = np.concatenate(t_owners)
+        # Filtered by action and in (request, event_ts, event_id) order: taken in that order
+        # unless they already are.
+        tts = tensor_numpy(tt.column("event_ts"))
+        tid = tensor_numpy(tt.column("event_id"))
         k = np.ones(len(t_own), dtype=bool)
         if t.actions is not None:
-            k &= np.isin(tails.column("action").to_numpy(), t.action_array)  # type: ignore[arg-type]
-        if lo_ts is not None:
-            k &= tts >= lo_ts[t_own]
+            k &= np.isin(tt.column("action").to_numpy(), t.action_array)  # type: ignore[arg-type]
         if not (k.all() and is_sorted3(t_own, tts, tid)):
             o = np.flatnonzero(k)[np.lexsort((tid[k], tts[k], t_own[k]))]
-            tails = tails.take(pa.array(o))
-            t_own, tts, tid = t_own[o], tts[o], tid[o]
-    # Tail rows 0..n-1: request r's events are [t_start[r], t_end[r]). Only the last L of them
-    # can be among the sequence's last L, so only those take part in the merge.
-    n_t = np.bincount(t_own, minlength=R)
-    t_end = np.cumsum(n_t)
-    t_lo = np.maximum(t_end - n_t, t_end - L)
+            tt = tt.take(pa.array(o))
+            t_own = t_own[o]
+        tails = {c: tt.column(c) for c in need}
+        n_t = np.bincount(t_own, minlength=R)
+        t_end = np.cumsum(n_t)
+        t_start = t_end - n_t
+    tts = tensor_numpy(tails["event_ts"])
+    tid = tensor_numpy(tails["event_id"])
 
-    # --- merge: a tail event that sorts before its request's last head row is inserted before
-    # the row found by binary search; the rest of the tail follows the head. Most tail events
-    # arrived after the snapshot's watermark and sort after the head, and a request's tail is
-    # ordered, so the events to insert are a prefix of it: counted per request, compiled.
-    n_e = len(eu)
-    has_rows = end > first
-    if n_e and R:
-        last = np.maximum(end - 1, 0)
-        eid = E.column("event_id").to_numpy()
-        n_pre = tails_before(t_lo, t_end, tts, tid, ets[last], eid[last], has_rows)
-    else:
-        eid = np.zeros(0, np.int64)
-        n_pre = np.zeros(R, dtype=np.int64)
-    ins_own, ins_t = expand_ranges(t_lo, t_lo + n_pre)
-    # Each lands before a row of the head range: its user's last head row sorts after it.
-    p_t = (_insertion_points(eu, ets, eid, users[ins_own], tts[ins_t], tid[ins_t])
-           if len(ins_t) else np.zeros(0, np.int64))
-    # Virtual positions: the bucket's rows, then the tail rows; the inserted prefix of each
-    # request's kept tail, then the rest of it appended.
-    lengths, seg_off, s0, s1 = segments(
-        first, end, hole_own, hole_pos, ins_own, p_t, n_e + ins_t,
-        n_e + t_lo + n_pre, n_e + t_end, L,
-    )
-    sorted_tails = tails if tails is not None and len(t_own) else None
+    # --- plan: each request's head range (less late rows of later snapshots) merged with its
+    # tail by (event_ts, event_id) and cut to the last L, as segment copies: one compiled call.
+    eid = E.column("event_id").to_numpy()
+    t_min = lo_ts if lo_ts is not None else np.full(R, np.iinfo(np.int64).min, dtype=np.int64)
+    lengths, seg_off, s0, s1 = plan_sequences(
+        eu, ets, eid, esn, lo, e_end, S, has_head, t_start, t_end, t_min, tts, tid, L)
     values: dict[str, pa.Array] = {}
     plan = None
     if plan_only:
         def tail_np(c: str) -> np.ndarray:
-            if sorted_tails is None:
-                return tensor_numpy(E.column(c).slice(0, 0))
+            # Tails are cast to the head's Arrow type: both sources have one dtype per column.
             h_type = E.schema.field(c).type
-            col = sorted_tails.column(c)
+            col = tails[c]
             return tensor_numpy(col if col.type == h_type else col.cast(h_type))
 
-        # Tails are cast to the head's Arrow type, so both sources have one dtype per column.
         plan = SegmentPlan(seg_off, s0, s1, {c: tensor_numpy(E.column(c)) for c in t.columns},
                            {c: tail_np(c) for c in t.columns})
     else:
         for c in t.columns:
-            values[c] = _gather_segments(
-                E.column(c), sorted_tails.column(c) if sorted_tails is not None else None, s0, s1
-            )
+            values[c] = _gather_segments(E.column(c), tails[c], s0, s1)
     ctx_cols = [c for c in rows.column_names if is_context_column(c)]
     return Sequences(
         rid, users, T, lengths, values, rows.select(ctx_cols),
@@ -462,38 +488,6 @@ def thin_columns(tenant: Tenant, names: list[str]) -> list[str]:
 def is_context_column(name: str) -> bool:
     """A ride-along request column (not a key, pointer or tail field)."""
     return name not in THIN_KEYS and not name.startswith(TAIL_PREFIX)
-
-
-def _insertion_points(
-    eu: np.ndarray, ets: np.ndarray, eid: np.ndarray,
-    qu: np.ndarray, qts: np.ndarray, qid: np.ndarray,
-) -> np.ndarray:
-    """First row index with (user, ts, id) >= each query, in rows sorted by (user, ts, id)."""
-    n = len(eu)
-    if n == 0:
-        return np.zeros(len(qu), dtype=np.int64)
-    ui = np.concatenate([[0], np.cumsum(eu[1:] != eu[:-1])]).astype(np.int64)
-    s_u = np.searchsorted(eu, qu, side="left")
-    present = (s_u < n) & (eu[np.minimum(s_u, n - 1)] == qu)
-    tmin = min(int(ets.min()), int(qts.min()))
-    span = max(int(ets.max()), int(qts.max())) - tmin + 2
-    if (int(ui[-1]) + 2) * span < (1 << 62):
-        key = ui * np.int64(span) + (ets - tmin)
-        qk = np.where(present, ui[np.minimum(s_u, n - 1)], 0) * np.int64(span) + (qts - tmin)
-        p = np.searchsorted(key, qk, side="left")
-        q_end = np.searchsorted(key, qk + 1, side="left")
-    else:
-        p = searchsorted2(eu, ets, qu, qts)
-        q_end = searchsorted2(eu, ets, qu, qts + 1)
-    p = np.where(present, p, s_u)
-    q_end = np.where(present, q_end, s_u)
-    ties = np.flatnonzero(q_end > p)
-    if len(ties):
-        # Same user and event_ts: order by event_id.
-        own, pos = expand_ranges(p[ties], q_end[ties])
-        less = np.bincount(own, weights=(eid[pos] < qid[ties][own]), minlength=len(ties))
-        p[ties] += less.astype(np.int64)
-    return p
 
 
 def _tail_values(col: pa.ChunkedArray, lens: np.ndarray, rid: np.ndarray) -> pa.ChunkedArray:

@@ -13,8 +13,9 @@ from lmat_platform.kernels import (
     copy_segments,
     head_ranges,
     is_sorted3,
+    plan_sequences,
+    ranges_sorted,
     segments,
-    tails_before,
 )
 from lmat_platform.protocol.pointers import expand_positions
 from lmat_platform.reader.buffers import MIN_BYTES, BufferPool
@@ -116,35 +117,67 @@ def test_is_sorted3_matches_numpy() -> None:
         is_sorted3(np.zeros(2), np.zeros(2), np.zeros(3))
 
 
-def test_tails_before_counts_the_prefix_that_sorts_before_the_head() -> None:
-    rng = np.random.default_rng(3)
-    for _ in range(50):
-        R = int(rng.integers(1, 20))
-        n = rng.integers(0, 12, R)
-        t_end = np.cumsum(n)
-        t_lo = t_end - n + rng.integers(0, 3, R).clip(max=n)
-        own = np.repeat(np.arange(R), n)
-        ts = rng.integers(0, 6, len(own))
-        tid = rng.integers(0, 6, len(own))
-        o = np.lexsort((tid, ts, own))
-        ts, tid = ts[o], tid[o]
-        last_ts, last_id = rng.integers(0, 6, R), rng.integers(0, 6, R)
-        has = rng.random(R) < 0.8
-        got = tails_before(t_lo, t_end, ts, tid, last_ts, last_id, has)
-        want = [
-            int(sum((ts[j], tid[j]) < (last_ts[r], last_id[r]) for j in range(t_lo[r], t_end[r])))
-            if has[r] else 0
-            for r in range(R)
-        ]
-        assert got.tolist() == want
+def test_plan_sequences_match_a_merge_of_head_and_tail() -> None:
+    """The fused planner against the statement it implements: per request, its user's head rows
+    in [lo, e_end) of snapshots <= S, merged with its tail events at or after t_min by
+    (event_ts, event_id), last L; late rows of any snapshot anywhere."""
+    rng = np.random.default_rng(7)
+    for _ in range(400):
+        n_users = int(rng.integers(1, 4))
+        n = int(rng.integers(0, 30))
+        ids = rng.permutation(400)  # event ids are unique
+        eu = np.sort(rng.integers(0, n_users, n))
+        ets, eid = rng.integers(0, 10, n), ids[:n]
+        o = np.lexsort((eid, ets, eu))
+        eu, ets, eid = eu[o], ets[o], eid[o]
+        esn = rng.integers(0, 3, n)
+        R = int(rng.integers(1, 6))
+        users = np.sort(rng.integers(0, n_users, R))
+        S = rng.integers(-1, 3, R)
+        t_min = rng.integers(-1, 5, R)
+        lo = np.array([np.searchsorted(eu * 100 + ets, u * 100 + max(m, 0))
+                       for u, m in zip(users, t_min, strict=True)], dtype=np.int64)
+        e_end = np.searchsorted(eu, users, side="right")
+        nt = rng.integers(0, 8, R)
+        t_end = np.cumsum(nt)
+        t_start = t_end - nt
+        own = np.repeat(np.arange(R), nt)
+        tts, tid = rng.integers(0, 12, len(own)), ids[n:n + len(own)]
+        o = np.lexsort((tid, tts, own))
+        tts, tid = tts[o], tid[o]
+        L = int(rng.integers(1, 12))
+        lengths, off, s0, s1 = plan_sequences(eu, ets, eid, esn, lo, e_end, S, S >= 0, t_start,
+                                              t_end, t_min, tts, tid, L)
+        for r in range(R):
+            cand = [((ets[i], eid[i]), i) for i in range(lo[r], e_end[r])
+                    if S[r] >= 0 and esn[i] <= S[r]]
+            cand += [((tts[j], tid[j]), n + j) for j in range(t_start[r], t_end[r])
+                     if tts[j] >= t_min[r]]
+            want = [v for _, v in sorted(cand)][-L:]
+            got = [v for q in range(off[r], off[r + 1]) for v in range(s0[q], s1[q])]
+            assert got == want
+            assert lengths[r] == len(want)
 
 
-def test_tails_before_rejects_bad_ranges() -> None:
+def test_plan_sequences_rejects_bad_ranges() -> None:
     z = np.zeros(1, np.int64)
+    yes = np.ones(1, bool)
     with pytest.raises(IndexError, match="outside the 0 tail events"):
-        tails_before(z, z + 1, z[:0], z[:0], z, z, np.ones(1, bool))
+        plan_sequences(z[:0], z[:0], z[:0], z[:0], z, z, z, yes, z, z + 1, z, z[:0], z[:0], 1)
+    with pytest.raises(IndexError, match="outside the 0 rows"):
+        plan_sequences(z[:0], z[:0], z[:0], z[:0], z, z + 1, z, yes, z, z, z, z[:0], z[:0], 1)
     with pytest.raises(ValueError, match="differ in length"):
-        tails_before(z, z, z, z, z[:0], z, np.ones(1, bool))
+        plan_sequences(z[:0], z[:0], z[:0], z[:0], z, z, z, yes, z, z, z, z, z[:0], 1)
+
+
+def test_ranges_sorted_checks_each_range_alone() -> None:
+    a = np.array([1, 2, 0, 5])
+    b = np.array([0, 0, 9, 1])
+    assert ranges_sorted(np.array([0, 2, 4]), a, b)  # 2 -> 0 crosses a range boundary
+    assert not ranges_sorted(np.array([0, 4]), a, b)
+    assert not ranges_sorted(np.array([0, 2]), np.array([1, 1]), np.array([3, 2]))
+    with pytest.raises(ValueError, match="bad offsets"):
+        ranges_sorted(np.array([0, 5]), a, b)
 
 
 def test_head_ranges_match_a_row_by_row_scan() -> None:

@@ -50,15 +50,19 @@ from deltalake.exceptions import DeltaError
 
 from lmat_platform.exceptions import LmatError, ThinTableError
 from lmat_platform.kernels import is_sorted3, warm_up
-from lmat_platform.protocol.thin import ROW_ORDER, open_thin
+from lmat_platform.protocol.thin import ROW_ORDER, TAIL_PREFIX, open_thin
 from lmat_platform.reader.batch import Batch
 from lmat_platform.reader.buffers import BufferPool, shared_pool
 from lmat_platform.reader.errors import ReaderTimeoutError, ReaderWorkerError, StoreUnreachableError
 from lmat_platform.reader.prefetch import POLL_S, Prefetcher
 from lmat_platform.reconstruct import (
+    THIN_KEYS,
     ReadContext,
     SegmentPlan,
     Sequences,
+    ThinRows,
+    column_array,
+    event_columns,
     is_context_column,
     reconstruct_bucket,
     tensor_numpy,
@@ -241,47 +245,22 @@ class _UnitReader:
     def __init__(self, spec: ConsumerSpec):
         self.spec = spec
         self._ds: pads.Dataset | None = None
-        # The last bucket's thin rows, one table per file: the units of a split bucket are
-        # dealt out together, so one read of the bucket serves all of this process's slices.
-        self._cached: tuple[int, list[pa.Table]] | None = None
-        # The last split bucket's files in (user, request time, request id) order.
-        self._order: tuple[int, np.ndarray] | None = None
+        # The last bucket's thin rows: the units of a split bucket are dealt out together, so
+        # one read of the bucket serves all of this process's slices.
+        self._cached: tuple[int, ThinRows] | None = None
 
-    def _bucket_rows(self, bucket: int) -> tuple[list[pa.Table], int]:
-        """The bucket's thin rows (projected), one table per file, each in (user, request
-        time, request id) order, and the compressed bytes this call read."""
+    def _bucket_rows(self, bucket: int) -> tuple[ThinRows, int]:
+        """The bucket's thin rows (projected, in (user, request time, request id) order, tails
+        flattened) and the compressed bytes this call read."""
         if self._cached is not None and self._cached[0] == bucket:
             return self._cached[1], 0
         ds = self._dataset()
-        nbytes = 0
-        parts = []
-        for frag in ds.get_fragments(filter=pads.field("bucket") == bucket):
-            t, nb = _thin_file(frag, ds.schema, self.spec.thin_columns)
-            nbytes += nb
-            if not t.num_rows:
-                continue
-            keys = [t.column(k).to_numpy() for k in ROW_ORDER]
-            if not is_sorted3(*keys):
-                # lmat writes each file in this order; a file from elsewhere is sorted here.
-                t = t.take(pa.array(np.lexsort(keys[::-1])))
-            parts.append(t)
-        self._cached = (bucket, parts)
-        return parts, nbytes
-
-    def _slice(self, bucket: int, parts: list[pa.Table], lo: int, hi: int) -> pa.Table:
-        """Rows ``[lo, hi)`` of a bucket in (user, request time, request id) order, as
-        zero-copy slices of its files: each file is in that order, so the rows of file ``j``
-        among the bucket's first ``p`` are the first ``count_j(p)`` rows of file ``j``."""
-        if self._order is None or self._order[0] != bucket:
-            keys = [np.concatenate([t.column(k).to_numpy() for t in parts]) for k in ROW_ORDER]
-            file_of = np.repeat(np.arange(len(parts)), [t.num_rows for t in parts])
-            order = np.lexsort(keys[::-1])
-            self._order = (bucket, file_of[order])
-        file_of = self._order[1]
-        a = np.bincount(file_of[:lo], minlength=len(parts))
-        b = np.bincount(file_of[:hi], minlength=len(parts))
-        return pa.concat_tables([t.slice(int(x), int(y - x))
-                                 for t, x, y in zip(parts, a, b, strict=True)])
+        frags = sorted(ds.get_fragments(filter=pads.field("bucket") == bucket),
+                       key=lambda f: f.path)
+        rows, nbytes = _thin_bucket(frags, ds.schema, self.spec.thin_columns,
+                                    event_columns(self.spec.ctx.tenant), self.spec.ctx.schema)
+        self._cached = (bucket, rows)
+        return rows, nbytes
 
     def _dataset(self) -> pads.Dataset:
         if self._ds is None:
@@ -295,18 +274,16 @@ class _UnitReader:
         """Reconstruct one unit: as a copy plan (batches copy from it), or as Arrow values."""
         store = self.spec.ctx.store
         try:
-            parts, thin_bytes = self._bucket_rows(unit.bucket)
-            n = sum(t.num_rows for t in parts)
-            if n != unit.bucket_rows or not parts:
+            thin, thin_bytes = self._bucket_rows(unit.bucket)
+            n = thin.num_rows
+            if n != unit.bucket_rows or not n:
                 raise ThinTableError(
                     f"{self.spec.thin_uri}: bucket {unit.bucket} has {n} rows at "
                     f"version {self.spec.thin_version}, but its log says {unit.bucket_rows}"
                 )
-            if unit.parts > 1:
-                # A user-contiguous slice, so slices of a bucket read mostly disjoint row groups.
-                rows = self._slice(unit.bucket, parts, *unit.bounds)
-            else:
-                rows = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+            # A user-contiguous slice (zero-copy), so slices of a bucket read mostly disjoint
+            # row groups of the tier.
+            rows = thin.slice(*unit.bounds) if unit.parts > 1 else thin
             seqs = reconstruct_bucket(self.spec.ctx, unit.bucket, rows, plan_only=plan_only)
         except LmatError as e:
             if not _reachable(store):
@@ -324,16 +301,11 @@ class _UnitReader:
         return seqs
 
 
-def _thin_file(frag: pads.Fragment, schema: pa.Schema, columns: list[str]) -> tuple[pa.Table, int]:
-    """One thin file's ``columns`` in file order, and the compressed bytes of those columns.
-
-    Decoded once per process: the file is immutable, so the decoded cache
-    (:mod:`lmat_platform.store.cache`) serves later passes and other tenants' loaders, column
-    by column, while it has room. Its bytes count as read whether or not they were cached."""
+def _thin_bytes(frag: pads.Fragment, columns: list[str]) -> int:
+    """Compressed bytes of ``columns`` in one thin file (from its footer; remembered)."""
     dc = cache()
-    path = frag.path
-    got = {c: dc.get(("thin", path, c)) for c in columns}
-    nbytes = dc.get(("thin-bytes", path, tuple(columns)))
+    key = ("thin-bytes", frag.path, tuple(columns))
+    nbytes = dc.get(key)
     if nbytes is None:
         md = frag.metadata
         want = set(columns)
@@ -341,15 +313,57 @@ def _thin_file(frag: pads.Fragment, schema: pa.Schema, columns: list[str]) -> tu
                if md.schema.column(i).path.split(".")[0] in want]
         nbytes = sum(md.row_group(g).column(i).total_compressed_size
                      for g in range(md.num_row_groups) for i in idx)
-        dc.put(("thin-bytes", path, tuple(columns)), nbytes, 64, evict=False)
-    miss = [c for c, a in got.items() if a is None]
-    if miss:
-        t = frag.to_table(schema=schema, columns=miss)
-        for c in miss:
-            a = t.column(c)
-            got[c] = a
-            dc.put(("thin", path, c), a, a.nbytes, evict=False)
-    return pa.table({c: got[c] for c in columns}), int(nbytes)
+        dc.put(key, nbytes, 64, evict=False)
+    return int(nbytes)
+
+
+def _thin_bucket(
+    frags: list[pads.Fragment], schema: pa.Schema, columns: list[str], events: list[str],
+    store_schema: pa.Schema,
+) -> tuple[ThinRows, int]:
+    """One bucket's thin files as :class:`ThinRows`: ``columns`` read, rows merged in
+    (user, request time, request id) order, the tails of ``events`` flattened and typed as in
+    ``store_schema``; and the compressed bytes of those columns (counted as read whether or not
+    they were cached).
+
+    Decoded once per process: the files are immutable, so the decoded cache
+    (:mod:`lmat_platform.store.cache`) keeps each piece, keyed by the bucket's files and the
+    column, for later passes and other tenants' loaders, while it has room."""
+    dc = cache()
+    nbytes = sum(_thin_bytes(f, columns) for f in frags)
+    base = ("thin", tuple(f.path for f in frags))
+    scalars = [c for c in columns if not c.startswith(TAIL_PREFIX) or c in THIN_KEYS]
+    keys: dict[str, tuple[Any, ...]] = {
+        **{c: (*base, "col", c) for c in scalars},
+        **{c: (*base, "tail", c, str(store_schema.field(c).type)) for c in events},
+    }
+    got = {c: dc.get(k) for c, k in keys.items()}
+    off = dc.get((*base, "tail_off"))
+    ordered = dc.get((*base, "tails_sorted"))
+    if off is not None and ordered is not None and all(v is not None for v in got.values()):
+        return ThinRows(pa.table({c: got[c] for c in scalars}), off,
+                        {c: got[c] for c in events}, ordered), nbytes
+    parts = [frag.to_table(schema=schema, columns=columns) for frag in frags]
+    parts = [t for t in parts if t.num_rows]
+    if not parts:
+        rows = schema.empty_table().select(columns)
+    else:
+        rows = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        order = [rows.column(k).to_numpy() for k in ROW_ORDER]
+        if not is_sorted3(*order):
+            # lmat writes each file in this order; several files, or a file from elsewhere,
+            # are merged here.
+            rows = rows.take(pa.array(np.lexsort(order[::-1])))
+        rows = rows.combine_chunks()
+    thin = ThinRows.from_table(rows, events, store_schema)
+    for c in scalars:
+        a = column_array(thin.table, c)
+        dc.put(keys[c], a, a.nbytes, evict=False)
+    for c in events:
+        dc.put(keys[c], thin.tails[c], thin.tails[c].nbytes, evict=False)
+    dc.put((*base, "tail_off"), thin.tail_off, thin.tail_off.nbytes, evict=False)
+    dc.put((*base, "tails_sorted"), thin.tails_sorted, 8, evict=False)
+    return thin, nbytes
 
 
 def _reachable(store: Store) -> bool:
