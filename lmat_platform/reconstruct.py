@@ -380,6 +380,7 @@ def reconstruct_bucket(
         max_snapshot=int(S.max(initial=-1)),
         min_ts=int(lo_ts.min()) if lo_ts is not None and R else None,
         schema=ctx.schema,
+        exact=False,  # the planner finds each request's rows; no filtered copy of the rows
     )
     E = br.table
     eu = E.column("user_id").to_numpy()

@@ -134,6 +134,24 @@ def test_read_bucket_prunes_row_groups_by_user_and_time(synth_store: SynthStore)
     assert recent.row_groups_read < allh.row_groups_read
     _sorted = recent.table.select(uih.SORT_KEYS)
     assert_sorted(_sorted)
+    # Not exact: the same row groups, every row of them, one array per column; the exact rows
+    # are among them, and an action filter still applies.
+    loose = uih.read_bucket(store, bfiles, users=heavy, cutoffs=np.array([cut]),
+                            columns=["item_id", "action"], actions=None, max_snapshot=10,
+                            exact=False)
+    assert loose.row_groups_read == recent.row_groups_read
+    assert all(c.num_chunks == 1 for c in loose.table.columns)
+    assert_sorted(loose.table.select(uih.SORT_KEYS))
+    assert loose.table.num_rows > recent.table.num_rows
+    ids = set(loose.table.column("event_id").to_pylist())
+    assert set(recent.table.column("event_id").to_pylist()) <= ids
+    act = int(loose.table.column("action")[0].as_py())
+    only = uih.read_bucket(store, bfiles, users=heavy, cutoffs=np.array([cut]),
+                           columns=["item_id"], actions=np.array([act], dtype=np.int16),
+                           max_snapshot=10, exact=False)
+    want = [i for i, a in zip(loose.table.column("event_id").to_pylist(),
+                              loose.table.column("action").to_pylist(), strict=True) if a == act]
+    assert only.table.column("event_id").to_pylist() == want
 
 
 def test_row_group_pruning_matches_a_per_row_group_check() -> None:

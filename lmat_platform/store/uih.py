@@ -360,6 +360,7 @@ def read_bucket(
     max_snapshot: int,
     min_ts: int | None = None,
     schema: pa.Schema | None = None,
+    exact: bool = True,
 ) -> BucketRead:
     """Read what a tenant needs of one bucket, pushing every restriction into the read.
 
@@ -367,7 +368,10 @@ def read_bucket(
     need (the tenant's length marker; ``int64 min`` for all). Row groups are skipped by user
     range, by time (a row group whose newest event is older than every cutoff of the users it
     holds), by snapshot, and by ``min_ts`` (the tenant's window); only ``columns`` are decoded.
-    Rows are then filtered exactly (user, cutoff, action, snapshot) with numpy.
+    Rows are then filtered exactly (user, cutoff, action, snapshot) with numpy; with
+    ``exact=False`` only by action, for a caller that finds each user's rows and applies the
+    cutoffs and snapshots itself (the reconstruction kernel): the rows of the row groups read
+    then come back as one array per column, copied once.
     """
     keys = ["user_id", "event_ts", "event_id", "snapshot_id"]
     cols = list(dict.fromkeys([*keys, *columns, *(["action"] if actions is not None else [])]))
@@ -409,6 +413,15 @@ def read_bucket(
         empty = {c: pa.array([], typ(c)) for c in cols}
         return BucketRead(pa.table(empty), nbytes, n_read, n_skip)
     t = pa.concat_tables(chunks, promote_options="permissive") if len(chunks) > 1 else chunks[0]
+    if not exact:
+        t = t.combine_chunks()
+        if actions is not None:
+            keep_a = np.isin(t.column("action").to_numpy(zero_copy_only=False), actions)
+            if not keep_a.all():
+                t = t.filter(pa.array(keep_a))
+        if not _is_sorted(t):
+            t = sort_events(t)
+        return BucketRead(t, nbytes, n_read, n_skip)
     u = t.column("user_id").to_numpy()
     ts = t.column("event_ts").to_numpy()
     pos = np.searchsorted(users, u)
