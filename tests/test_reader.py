@@ -97,6 +97,51 @@ def test_thin_files_in_any_row_order_read_the_same(rs: ReaderStore, reference: d
         assert same(collect(list(loader)), reference[TENANT.name])
 
 
+def test_tails_stored_out_of_order_read_the_same(rs: ReaderStore, reference: dict,
+                                                 tmp_path: Path) -> None:
+    """lmat stores each tail in (event_ts, event_id) order, which the kernel uses in place. A
+    writer that stores them in another order is detected (each row's tail is checked once
+    per bucket) and its tails are ordered before merging: the same sequences."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable, write_deltalake
+
+    from lmat_platform.protocol.thin import TAIL_PREFIX
+    from lmat_platform.reconstruct import ThinRows, event_columns
+    from lmat_platform.store.core import delta_dataset
+
+    dt = DeltaTable(rs.thin)
+    t = delta_dataset(dt).to_table()
+    cols = {}
+    for name in t.column_names:
+        col = t.column(name).combine_chunks()
+        if name.startswith(TAIL_PREFIX) and pa.types.is_list(col.type):
+            # Reverse every row's tail: flatten, reverse within each list, rebuild.
+            off = col.offsets.to_numpy()
+            vals = col.flatten()
+            idx = np.concatenate([np.arange(off[i + 1] - 1, off[i] - 1, -1)
+                                  for i in range(len(col))] or [np.zeros(0, np.int64)])
+            col = pa.ListArray.from_arrays(pa.array(off - off[0], pa.int32()),
+                                           vals.take(pa.array(idx, pa.int64())),
+                                           mask=pc.is_null(col))
+        cols[name] = col
+    rev = pa.table(cols)
+    assert int(pc.max(rev.column("tail_len")).as_py()) > 1, "some tail has two events"
+    store_schema = lmat.ReadContext.build(rs.store, TENANT).schema
+    assert not ThinRows.from_table(rev, event_columns(TENANT), store_schema).tails_sorted
+    out = str(tmp_path / "reversed")
+    write_deltalake(out, rev, partition_by=["bucket"], description=dt.metadata().description)
+    for tenant in (TENANT, ACTIONS):
+        for unit_rows in (None, 40):
+            loader = SequenceLoader(rs.store, out, tenant=tenant, batch_size=64,
+                                    max_unit_rows=unit_rows)
+            assert same(collect(list(loader)), reference[tenant.name])
+    path = str(tmp_path / "m.parquet")
+    lmat.materialize(rs.store, out, TENANT, path)
+    assert same(materialized(path, TENANT.columns), reference[TENANT.name])
+
+
 def test_shuffle_is_deterministic_by_seed_and_epoch(rs: ReaderStore) -> None:
     def order(seed: int, epoch: int) -> list[int]:
         loader = SequenceLoader(rs.store, rs.thin, tenant=ACTIONS, batch_size=100, shuffle=True,
