@@ -341,8 +341,9 @@ def reconstruct_bucket(
             f"request {rid[i]}: pointer names snapshot {S[i]}, published after the request time {T[i]}"
         )
     heads = HeadIndex.of_files(ctx.store, ctx.heads_files.get(bucket, []))
+    at = heads.lookup(users, S)
     if ctx.verify:
-        exp_len, exp_cs = heads.pointers(users, S)
+        exp_len, exp_cs = heads.pointers(users, S, at)
         hl = rows.column("head_len").to_numpy().astype(np.int64)
         cs = rows.column("head_checksum").to_numpy()
         mism = ((exp_len != hl) | (exp_cs != cs)) & ~np.isin(users, ctx.forgotten)
@@ -359,7 +360,7 @@ def reconstruct_bucket(
     # --- head: one pruned read of the bucket serves every request in it
     uniq, inv = np.unique(users, return_inverse=True)
     if t.actions is None:
-        cut_r = heads.cutoffs(users, S, L)
+        cut_r = heads.cutoffs(users, S, L, at)
     else:
         cut_r = np.full(R, NO_MARKER, dtype=np.int64)
     if lo_ts is not None:

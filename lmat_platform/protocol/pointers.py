@@ -13,7 +13,7 @@ A pointer is ``(snapshot_id, head_len, head_checksum)``: 4 + 4 + 8 = 16 bytes::
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -101,6 +101,7 @@ class HeadIndex:
     head_len: np.ndarray
     head_checksum: np.ndarray
     markers: np.ndarray  # [n, len(MARKER_LENGTHS)]
+    _first: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def load(cls, store: Store, users: np.ndarray, buckets: np.ndarray | None = None) -> HeadIndex:
@@ -171,17 +172,20 @@ class HeadIndex:
         hi = np.searchsorted(self.user_id, users, side="right")
         # Snapshot ids are small: combine (rank of user slice start, snapshot) into one key.
         span = int(max(self.snapshot_id.max(initial=0), snaps.max(initial=0))) + 2
-        key_entries = np.searchsorted(self.user_id, self.user_id, side="left") * span + (
-            self.snapshot_id.astype(np.int64) + 1
-        )
+        if self._first is None:  # each entry's user slice start, once per (cached) index
+            self._first = np.searchsorted(self.user_id, self.user_id, side="left")
+        key_entries = self._first * span + (self.snapshot_id.astype(np.int64) + 1)
         key_q = lo * span + (snaps.astype(np.int64) + 1)
         idx = np.searchsorted(key_entries, key_q, side="right") - 1
         ok = (hi > lo) & (idx >= lo) & (idx < hi)
         return np.where(ok, idx, -1)
 
-    def pointers(self, users: np.ndarray, snaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(head_len, head_checksum) at (user, snapshot) for each query; (0, 0) for no head."""
-        idx = self.lookup(users, snaps)
+    def pointers(
+        self, users: np.ndarray, snaps: np.ndarray, idx: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(head_len, head_checksum) at (user, snapshot) for each query; (0, 0) for no head.
+        ``idx``: the queries' :meth:`lookup`, where the caller has it already."""
+        idx = self.lookup(users, snaps) if idx is None else idx
         has = idx >= 0
         hl = np.zeros(len(users), dtype=np.int64)
         cs = np.zeros(len(users), dtype=np.int64)
@@ -189,13 +193,15 @@ class HeadIndex:
         cs[has] = self.head_checksum[idx[has]]
         return hl, cs
 
-    def cutoffs(self, users: np.ndarray, snaps: np.ndarray, max_len: int) -> np.ndarray:
+    def cutoffs(
+        self, users: np.ndarray, snaps: np.ndarray, max_len: int, idx: np.ndarray | None = None
+    ) -> np.ndarray:
         """Earliest ``event_ts`` the last ``max_len`` head events can have (int64 min: all)."""
         j = int(np.searchsorted(np.array(MARKER_LENGTHS), max_len, side="left"))
         out = np.full(len(users), NO_MARKER, dtype=np.int64)
         if j >= len(MARKER_LENGTHS) or len(self.user_id) == 0:
             return out
-        idx = self.lookup(users, snaps)
+        idx = self.lookup(users, snaps) if idx is None else idx
         has = idx >= 0
         out[has] = self.markers[idx[has], j]
         return out
