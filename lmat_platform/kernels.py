@@ -339,7 +339,20 @@ def _segments(first, end, hole_off, hole_pos, ins_off, ins_pos, ins_item, app_st
                 drop -= c
             q += 1
         lengths[r] = min(total, L)
-    return lengths, seg_off, s0, s1
+    # Keep only non-empty segments (about half are empty: a head run cut short by an insertion
+    # at its first row, or dropped by the cut to L), in place, request by request.
+    w = 0
+    start = 0
+    for r in range(R):
+        end_r = seg_off[r + 1]
+        for q in range(start, end_r):
+            if s1[q] > s0[q]:
+                s0[w] = s0[q]
+                s1[w] = s1[q]
+                w += 1
+        start = end_r
+        seg_off[r + 1] = w
+    return lengths, seg_off, s0[:w].copy(), s1[:w].copy()
 
 
 def segments(
@@ -356,7 +369,8 @@ def segments(
     events). Holes and insertions come grouped by request, each in order (holes ascending,
     insertions in sequence order, so non-decreasing ``ins_pos``); at one row an insertion goes
     before a hole. Everything is cut into contiguous segments, the first ``total - L`` elements
-    dropped; copying the segments (:func:`copy_segments`) is then the only output-sized pass.
+    dropped, and only non-empty segments kept; copying the segments (:func:`copy_segments`) is
+    then the only output-sized pass.
     Returns (lengths per request, each request's first segment (and the total), segment
     starts, segment ends).
     """

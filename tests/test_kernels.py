@@ -148,6 +148,7 @@ def test_plan_sequences_match_a_merge_of_head_and_tail() -> None:
         L = int(rng.integers(1, 12))
         lengths, off, s0, s1 = plan_sequences(eu, ets, eid, esn, lo, e_end, S, S >= 0, t_start,
                                               t_end, t_min, tts, tid, L)
+        assert (s1 > s0).all(), "only non-empty segments are planned"
         for r in range(R):
             cand = [((ets[i], eid[i]), i) for i in range(lo[r], e_end[r])
                     if S[r] >= 0 and esn[i] <= S[r]]
