@@ -164,31 +164,45 @@ def is_sorted3(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> bool:
 def _head_ranges(eu, esn, lo, e_end, S, has_head, L):  # type: ignore[no-untyped-def,unused-ignore]
     n = len(eu)
     R = len(S)
-    # Regular rows: no later row of the same user has a smaller snapshot id (one reverse scan).
+    # Regular rows: no later row of the same user has a smaller snapshot id. Only the rows some
+    # request can use are classified: per user (its rows end at e_end), from the lowest lo of
+    # its requests to its last row, one reverse scan. Spans are visited in row order, so the
+    # regular and irregular rows come out ascending and cum_reg counts regular rows up to each
+    # span row (rows outside every span count for nothing).
+    order = np.argsort(e_end, kind="mergesort")
     regular = np.empty(n, dtype=np.bool_)
-    m = np.iinfo(np.int64).max
-    for i in range(n - 1, -1, -1):
-        if i == n - 1 or eu[i] != eu[i + 1]:
-            m = np.iinfo(np.int64).max
-        regular[i] = esn[i] <= m
-        if esn[i] < m:
-            m = esn[i]
     cum_reg = np.zeros(n + 1, dtype=np.int64)
+    reg = np.empty(n, dtype=np.int64)
+    irr = np.empty(n, dtype=np.int64)
+    n_reg = 0
     n_irr = 0
-    for i in range(n):
-        cum_reg[i + 1] = cum_reg[i] + regular[i]
-        n_irr += not regular[i]
-    reg = np.empty(cum_reg[n], dtype=np.int64)
-    irr = np.empty(n_irr, dtype=np.int64)
-    a = 0
-    b = 0
-    for i in range(n):
-        if regular[i]:
-            reg[a] = i
-            a += 1
-        else:
-            irr[b] = i
-            b += 1
+    i = 0
+    while i < R:
+        e = e_end[order[i]]
+        a = e
+        j = i
+        while j < R and e_end[order[j]] == e:
+            r = order[j]
+            if has_head[r] and lo[r] < a:
+                a = lo[r]
+            j += 1
+        i = j
+        if a >= e:
+            continue
+        m = np.iinfo(np.int64).max
+        for k in range(e - 1, a - 1, -1):
+            regular[k] = esn[k] <= m
+            if esn[k] < m:
+                m = esn[k]
+        cum_reg[a] = n_reg
+        for k in range(a, e):
+            if regular[k]:
+                reg[n_reg] = k
+                n_reg += 1
+            else:
+                irr[n_irr] = k
+                n_irr += 1
+            cum_reg[k + 1] = n_reg
     first = np.empty(R, dtype=np.int64)
     end = np.empty(R, dtype=np.int64)
     n_holes = np.zeros(R, dtype=np.int64)
@@ -290,15 +304,20 @@ def head_ranges(
 @njit(cache=True, nogil=True)
 def _segments(first, end, hole_off, hole_pos, ins_off, ins_pos, ins_item, app_start, app_end, L):  # type: ignore[no-untyped-def,unused-ignore]
     R = len(first)
-    seg_off = np.zeros(R + 1, dtype=np.int64)
+    bound = 0
     for r in range(R):
         k = (hole_off[r + 1] - hole_off[r]) + (ins_off[r + 1] - ins_off[r])
-        seg_off[r + 1] = seg_off[r] + 2 * k + 2
-    s0 = np.zeros(seg_off[R], dtype=np.int64)
-    s1 = np.zeros(seg_off[R], dtype=np.int64)
+        bound += 2 * k + 2
+    s0 = np.empty(bound, dtype=np.int64)
+    s1 = np.empty(bound, dtype=np.int64)
+    seg_off = np.zeros(R + 1, dtype=np.int64)
     lengths = np.zeros(R, dtype=np.int64)
+    # Only non-empty segments are kept (about half would be empty: a head run cut short by an
+    # insertion at its first row, or dropped by the cut to L): each is written, then kept by
+    # advancing the write position or not, without a branch (no predictable pattern).
+    w = 0
     for r in range(R):
-        o = seg_off[r]
+        o = w
         prev = first[r]
         i = hole_off[r]
         j = ins_off[r]
@@ -308,51 +327,46 @@ def _segments(first, end, hole_off, hole_pos, ins_off, ins_pos, ins_item, app_st
                 p = min(max(ins_pos[j], first[r]), end[r])
             if j < ins_off[r + 1] and (i >= hole_off[r + 1] or p <= hole_pos[i]):
                 # An insertion before row p (before a hole at the same row).
-                s0[o] = prev
-                s1[o] = max(p, prev)
-                s0[o + 1] = ins_item[j]
-                s1[o + 1] = ins_item[j] + 1
+                s0[w] = prev
+                s1[w] = max(p, prev)
+                w += p > prev
+                s0[w] = ins_item[j]
+                s1[w] = ins_item[j] + 1
+                w += 1
                 prev = p
                 j += 1
             else:
                 p = hole_pos[i]
-                s0[o] = prev
-                s1[o] = max(p, prev)
+                s0[w] = prev
+                s1[w] = max(p, prev)
+                w += p > prev
                 prev = p + 1
                 i += 1
-            o += 2
-        s0[o] = prev
-        s1[o] = max(end[r], prev)
-        s0[o + 1] = app_start[r]
-        s1[o + 1] = app_end[r]
+        s0[w] = prev
+        s1[w] = max(end[r], prev)
+        w += end[r] > prev
+        s0[w] = app_start[r]
+        s1[w] = app_end[r]
+        w += app_end[r] > app_start[r]
         total = 0
-        for q in range(seg_off[r], seg_off[r + 1]):
-            if s1[q] > s0[q]:
-                total += s1[q] - s0[q]
+        for q in range(o, w):
+            total += s1[q] - s0[q]
+        # Keep the last L: drop whole segments from the front, then cut into the next one.
         drop = total - L
-        q = seg_off[r]
-        while drop > 0 and q < seg_off[r + 1]:
-            n = s1[q] - s0[q]
-            if n > 0:
-                c = min(drop, n)
-                s0[q] += c
-                drop -= c
+        q = o
+        while drop > 0 and s1[q] - s0[q] <= drop:
+            drop -= s1[q] - s0[q]
             q += 1
-        lengths[r] = min(total, L)
-    # Keep only non-empty segments (about half are empty: a head run cut short by an insertion
-    # at its first row, or dropped by the cut to L), in place, request by request.
-    w = 0
-    start = 0
-    for r in range(R):
-        end_r = seg_off[r + 1]
-        for q in range(start, end_r):
-            if s1[q] > s0[q]:
-                s0[w] = s0[q]
-                s1[w] = s1[q]
-                w += 1
-        start = end_r
+        if drop > 0:
+            s0[q] += drop
+        if q > o:
+            for k in range(q, w):
+                s0[o + k - q] = s0[k]
+                s1[o + k - q] = s1[k]
+            w -= q - o
         seg_off[r + 1] = w
-    return lengths, seg_off, s0[:w].copy(), s1[:w].copy()
+        lengths[r] = min(total, L)
+    return lengths, seg_off, s0[:w], s1[:w]
 
 
 def segments(
@@ -391,9 +405,21 @@ def segments(
 
 
 @njit(cache=True, nogil=True)
-def _plan(eu, ets, eid, esn, lo, e_end, S, has_head, t_start, t_end, t_min, tts, tid, L):  # type: ignore[no-untyped-def,unused-ignore]
-    first, end, hole_own, hole_pos = _head_ranges(eu, esn, lo, e_end, S, has_head, L)
+def _plan(eu, ets, eid, esn, u_start, e_end, h_min, S, has_head, t_start, t_end, t_min, tts, tid, L):  # type: ignore[no-untyped-def,unused-ignore]
     R = len(S)
+    # Each request's head candidates start at its user's first row at or after h_min.
+    lo = np.empty(R, dtype=np.int64)
+    for r in range(R):
+        x = u_start[r]
+        y = e_end[r]
+        while x < y:
+            mid = (x + y) // 2
+            if ets[mid] < h_min[r]:
+                x = mid + 1
+            else:
+                y = mid
+        lo[r] = x
+    first, end, hole_own, hole_pos = _head_ranges(eu, esn, lo, e_end, S, has_head, L)
     n_e = len(eu)
     hole_off = np.zeros(R + 1, dtype=np.int64)
     for k in range(len(hole_own)):
@@ -450,38 +476,41 @@ def _plan(eu, ets, eid, esn, lo, e_end, S, has_head, t_start, t_end, t_min, tts,
 
 def plan_sequences(
     eu: np.ndarray, ets: np.ndarray, eid: np.ndarray, esn: np.ndarray,
-    lo: np.ndarray, e_end: np.ndarray, S: np.ndarray, has_head: np.ndarray,
-    t_start: np.ndarray, t_end: np.ndarray, t_min: np.ndarray,
+    u_start: np.ndarray, e_end: np.ndarray, h_min: np.ndarray, S: np.ndarray,
+    has_head: np.ndarray, t_start: np.ndarray, t_end: np.ndarray, t_min: np.ndarray,
     tts: np.ndarray, tid: np.ndarray, L: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every request's last ``L`` events as segment copies, planned in one compiled call.
 
     Head: the bucket's rows ``eu, ets, eid, esn`` (sorted by user, time, id); request ``r``'s
-    candidates are rows ``[lo[r], e_end[r])`` with ``snapshot_id <= S[r]`` (see
-    :func:`head_ranges`). Tail: events ``[t_start[r], t_end[r])`` of ``tts, tid``, ordered by
-    ``(tts, tid)`` within each request, of which those with ``tts >= t_min[r]`` count. The head
-    range and the tail are merged by ``(event_ts, event_id)`` (tail events that sort inside the
-    head are inserted at their binary-searched row, the rest appended) and cut to the last
-    ``L`` by :func:`segments`, in virtual positions (head rows, then tail events). Returns
-    (lengths, segment offsets per request, segment starts, segment ends)."""
+    user has rows ``[u_start[r], e_end[r])``, and its candidates are those with
+    ``event_ts >= h_min[r]`` (its window, or an earliest time its last ``L`` can reach) and
+    ``snapshot_id <= S[r]`` (see :func:`head_ranges`), none where ``has_head[r]`` is False.
+    Tail: events ``[t_start[r], t_end[r])`` of ``tts, tid``, ordered by ``(tts, tid)`` within
+    each request, of which those with ``tts >= t_min[r]`` count. The head and the tail are
+    merged by ``(event_ts, event_id)`` (tail events that sort inside the head are inserted at
+    their binary-searched row, the rest appended) and cut to the last ``L`` by
+    :func:`segments`, in virtual positions (head rows, then tail events). Work is per request
+    and per row some request can use, not per row of the bucket. Returns (lengths, segment
+    offsets per request, segment starts, segment ends)."""
     R = len(S)
-    per_request = (lo, e_end, has_head, t_start, t_end, t_min)
+    per_request = (u_start, e_end, h_min, has_head, t_start, t_end, t_min)
     if any(len(a) != R for a in per_request) or not (len(eu) == len(ets) == len(eid) == len(esn)):
         raise ValueError("plan_sequences: array lengths differ")
     if len(tts) != len(tid):
         raise ValueError(f"tail arrays differ in length: {len(tts)}, {len(tid)}")
-    if R and ((lo < 0).any() or (e_end > len(eu)).any()):
+    if R and ((u_start < 0).any() or (e_end > len(eu)).any() or (u_start > e_end).any()):
         raise IndexError(f"head ranges outside the {len(eu)} rows")
     if R and ((t_start < 0).any() or (t_end > len(tts)).any() or (t_start > t_end).any()):
         raise IndexError(f"tail ranges outside the {len(tts)} tail events")
     i64 = np.int64
     out = _plan(
         eu.astype(i64, copy=False), ets.astype(i64, copy=False), eid.astype(i64, copy=False),
-        esn.astype(i64, copy=False), lo.astype(i64, copy=False), e_end.astype(i64, copy=False),
-        S.astype(i64, copy=False), has_head.astype(np.bool_, copy=False),
-        t_start.astype(i64, copy=False), t_end.astype(i64, copy=False),
-        t_min.astype(i64, copy=False), tts.astype(i64, copy=False), tid.astype(i64, copy=False),
-        int(L))
+        esn.astype(i64, copy=False), u_start.astype(i64, copy=False),
+        e_end.astype(i64, copy=False), h_min.astype(i64, copy=False), S.astype(i64, copy=False),
+        has_head.astype(np.bool_, copy=False), t_start.astype(i64, copy=False),
+        t_end.astype(i64, copy=False), t_min.astype(i64, copy=False),
+        tts.astype(i64, copy=False), tid.astype(i64, copy=False), int(L))
     return out[0], out[1], out[2], out[3]
 
 
@@ -517,4 +546,4 @@ def warm_up() -> None:
     head_ranges(z, z, z, z, z, np.ones(2, dtype=np.bool_), 1)
     segments(z, z, z[:0], z[:0], z[:0], z[:0], z[:0], z, z, 1)
     b = np.ones(2, dtype=np.bool_)
-    plan_sequences(z, z, z, z, z, z, z, b, z, z, z, z, z, 1)
+    plan_sequences(z, z, z, z, z, z, z, z, b, z, z, z, z, z, 1)

@@ -37,7 +37,7 @@ from lmat_platform.kernels import (
     plan_sequences,
     ranges_sorted,
 )
-from lmat_platform.protocol.pointers import HeadIndex, expand_positions, searchsorted2
+from lmat_platform.protocol.pointers import HeadIndex, expand_positions
 from lmat_platform.protocol.thin import TAIL_PREFIX, open_thin, read_raw_range, tails_from_raw
 from lmat_platform.schema import EVENT_COLUMNS
 from lmat_platform.store import uih
@@ -387,12 +387,8 @@ def reconstruct_bucket(
     eu = E.column("user_id").to_numpy()
     ets = E.column("event_ts").to_numpy()
     esn = E.column("snapshot_id").to_numpy()
+    u_start = np.searchsorted(eu, users, side="left")
     e_end = np.searchsorted(eu, users, side="right")
-    lo = (
-        searchsorted2(eu, ets, users, lo_ts)
-        if lo_ts is not None
-        else np.searchsorted(eu, users, side="left")
-    )
 
     # --- tails: stored (streaming) or from the raw log (batch). Stored tails already in order
     # serve as they are (zero-copy): the window is a prefix cut the planner makes per request.
@@ -444,8 +440,11 @@ def reconstruct_bucket(
     # tail by (event_ts, event_id) and cut to the last L, as segment copies: one compiled call.
     eid = E.column("event_id").to_numpy()
     t_min = lo_ts if lo_ts is not None else np.full(R, np.iinfo(np.int64).min, dtype=np.int64)
+    # Head rows count from each request's cutoff on (its window, and the earliest time its
+    # last L can reach at its snapshot: rows before it cannot be among them).
     lengths, seg_off, s0, s1 = plan_sequences(
-        eu, ets, eid, esn, lo, e_end, S, has_head, t_start, t_end, t_min, tts, tid, L)
+        eu, ets, eid, esn, u_start, e_end, cut_r, S, has_head, t_start, t_end, t_min, tts, tid,
+        L)
     values: dict[str, pa.Array] = {}
     plan = None
     if plan_only:

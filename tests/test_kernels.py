@@ -119,8 +119,9 @@ def test_is_sorted3_matches_numpy() -> None:
 
 def test_plan_sequences_match_a_merge_of_head_and_tail() -> None:
     """The fused planner against the statement it implements: per request, its user's head rows
-    in [lo, e_end) of snapshots <= S, merged with its tail events at or after t_min by
-    (event_ts, event_id), last L; late rows of any snapshot anywhere."""
+    at or after h_min of snapshots <= S, merged with its tail events at or after t_min by
+    (event_ts, event_id), last L; late rows of any snapshot anywhere, several requests per
+    user (each user's rows classified once, from its requests' lowest start)."""
     rng = np.random.default_rng(7)
     for _ in range(400):
         n_users = int(rng.integers(1, 4))
@@ -132,11 +133,11 @@ def test_plan_sequences_match_a_merge_of_head_and_tail() -> None:
         eu, ets, eid = eu[o], ets[o], eid[o]
         esn = rng.integers(0, 3, n)
         R = int(rng.integers(1, 6))
-        users = np.sort(rng.integers(0, n_users, R))
+        users = rng.integers(0, n_users, R)  # requests in any order
         S = rng.integers(-1, 3, R)
         t_min = rng.integers(-1, 5, R)
-        lo = np.array([np.searchsorted(eu * 100 + ets, u * 100 + max(m, 0))
-                       for u, m in zip(users, t_min, strict=True)], dtype=np.int64)
+        h_min = rng.integers(-1, 8, R)
+        u_start = np.searchsorted(eu, users, side="left")
         e_end = np.searchsorted(eu, users, side="right")
         nt = rng.integers(0, 8, R)
         t_end = np.cumsum(nt)
@@ -146,12 +147,12 @@ def test_plan_sequences_match_a_merge_of_head_and_tail() -> None:
         o = np.lexsort((tid, tts, own))
         tts, tid = tts[o], tid[o]
         L = int(rng.integers(1, 12))
-        lengths, off, s0, s1 = plan_sequences(eu, ets, eid, esn, lo, e_end, S, S >= 0, t_start,
-                                              t_end, t_min, tts, tid, L)
+        lengths, off, s0, s1 = plan_sequences(eu, ets, eid, esn, u_start, e_end, h_min, S,
+                                              S >= 0, t_start, t_end, t_min, tts, tid, L)
         assert (s1 > s0).all(), "only non-empty segments are planned"
         for r in range(R):
-            cand = [((ets[i], eid[i]), i) for i in range(lo[r], e_end[r])
-                    if S[r] >= 0 and esn[i] <= S[r]]
+            cand = [((ets[i], eid[i]), i) for i in range(u_start[r], e_end[r])
+                    if S[r] >= 0 and esn[i] <= S[r] and ets[i] >= h_min[r]]
             cand += [((tts[j], tid[j]), n + j) for j in range(t_start[r], t_end[r])
                      if tts[j] >= t_min[r]]
             want = [v for _, v in sorted(cand)][-L:]
@@ -163,12 +164,13 @@ def test_plan_sequences_match_a_merge_of_head_and_tail() -> None:
 def test_plan_sequences_rejects_bad_ranges() -> None:
     z = np.zeros(1, np.int64)
     yes = np.ones(1, bool)
+    e = z[:0]
     with pytest.raises(IndexError, match="outside the 0 tail events"):
-        plan_sequences(z[:0], z[:0], z[:0], z[:0], z, z, z, yes, z, z + 1, z, z[:0], z[:0], 1)
+        plan_sequences(e, e, e, e, z, z, z, z, yes, z, z + 1, z, e, e, 1)
     with pytest.raises(IndexError, match="outside the 0 rows"):
-        plan_sequences(z[:0], z[:0], z[:0], z[:0], z, z + 1, z, yes, z, z, z, z[:0], z[:0], 1)
+        plan_sequences(e, e, e, e, z, z + 1, z, z, yes, z, z, z, e, e, 1)
     with pytest.raises(ValueError, match="differ in length"):
-        plan_sequences(z[:0], z[:0], z[:0], z[:0], z, z, z, yes, z, z, z, z, z[:0], 1)
+        plan_sequences(e, e, e, e, z, z, z, z, yes, z, z, z, z, e, 1)
 
 
 def test_ranges_sorted_checks_each_range_alone() -> None:
