@@ -181,7 +181,7 @@ def prefetch_off() -> Iterator[None]:
 
 @contextlib.contextmanager
 def decoded_cache_off() -> Iterator[None]:
-    """This process's decoded cache (tier row groups, thin-file columns) off, then back with
+    """This process's decoded cache (tier row groups, decoded thin rows) off, then back with
     its budget and empty."""
     from lmat_platform.store.cache import cache, configure
 
@@ -325,7 +325,7 @@ def readers_and_peers(b: Built, scale: Scale) -> dict[str, Any]:
 
         res: dict[str, Any] = {"lmat": {
             **lm, "verified": True, "decoded_cache": decoded_cache().stats(),
-            "mode": "full pass, decoded cache warm (tier row groups and thin-file columns)"}}
+            "mode": "full pass, decoded cache warm (tier row groups and the buckets' decoded thin rows)"}}
         # The same passes with the decoded cache off: every pass decodes its thin rows and
         # tier row groups again (files in the OS page cache, as for the fat reader).
         with decoded_cache_off():
@@ -902,8 +902,8 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         "## Physical limits",
         "",
-        "Reader out: a warm pass (the decoded cache holds the tier's row groups and the thin "
-        "files' columns). Cache off: every pass decodes again. Thin-row ceiling: the output "
+        "Reader out: a warm pass (the decoded cache holds the tier's row groups and the "
+        "buckets' decoded thin rows). Cache off: every pass decodes again. Thin-row ceiling: the output "
         "bandwidth of a reader that did nothing but decode, once, the thin rows a pass must "
         "read (pointers, the tenant's tail fields, ride-along columns): no pass that decodes "
         "them can beat it, and for short sequences it is far below memcpy.",
