@@ -248,6 +248,7 @@ class _UnitReader:
         # The last bucket's thin rows: the units of a split bucket are dealt out together, so
         # one read of the bucket serves all of this process's slices.
         self._cached: tuple[int, ThinRows] | None = None
+        self._frags: dict[int | None, list[pads.Fragment]] | None = None
 
     def _bucket_rows(self, bucket: int) -> tuple[ThinRows, int]:
         """The bucket's thin rows (projected, in (user, request time, request id) order, tails
@@ -255,8 +256,15 @@ class _UnitReader:
         if self._cached is not None and self._cached[0] == bucket:
             return self._cached[1], 0
         ds = self._dataset()
-        frags = sorted(ds.get_fragments(filter=pads.field("bucket") == bucket),
-                       key=lambda f: f.path)
+        if self._frags is None:
+            # Every file's bucket from its partition expression, listed once per process.
+            self._frags = {}
+            for f in ds.get_fragments():
+                b = pads.get_partition_keys(f.partition_expression).get("bucket")
+                self._frags.setdefault(None if b is None else int(b), []).append(f)
+            for fl in self._frags.values():
+                fl.sort(key=lambda f: f.path)
+        frags = self._frags.get(bucket, [])
         rows, nbytes = _thin_bucket(frags, ds.schema, self.spec.thin_columns,
                                     event_columns(self.spec.ctx.tenant), self.spec.ctx.schema)
         self._cached = (bucket, rows)

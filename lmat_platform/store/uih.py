@@ -303,6 +303,20 @@ def _rg_stats_cached(md_id: int, md: pq.FileMetaData) -> RowGroupStats:
     return RowGroupStats(**out)
 
 
+@functools.lru_cache(maxsize=4096)
+def _arrow_names(md_id: int, md: pq.FileMetaData) -> list[str]:
+    del md_id
+    return list(md.schema.to_arrow_schema().names)
+
+
+@functools.lru_cache(maxsize=4096)
+def _compressed_sizes(md_id: int, md: pq.FileMetaData, idx: tuple[int, ...]) -> np.ndarray:
+    """Compressed bytes of columns ``idx`` in each row group of a file (from its footer)."""
+    del md_id
+    return np.array([sum(md.row_group(g).column(j).total_compressed_size for j in idx)
+                     for g in range(md.num_row_groups)], dtype=np.int64)
+
+
 def row_group_stats(md: pq.FileMetaData) -> RowGroupStats:
     return _rg_stats_cached(id(md), md)
 
@@ -391,12 +405,10 @@ def read_bucket(
         n_skip += len(st.rows) - len(want)
         if not want:
             continue
-        schema_names = md.schema.to_arrow_schema().names
+        schema_names = _arrow_names(id(md), md)
         present = [c for c in cols if c in schema_names]
-        idx = [schema_names.index(c) for c in present]
-        for g in want:
-            rg = md.row_group(g)
-            nbytes += sum(rg.column(j).total_compressed_size for j in idx)
+        sizes = _compressed_sizes(id(md), md, tuple(schema_names.index(c) for c in present))
+        nbytes += int(sizes[want].sum())
         n_read += len(want)
         t = _read_row_groups(store, f, want, present, md)
         for c in cols:
