@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scale", type=float, default=1.0, help="workload scale (default 1)")
     p.add_argument("--smoke", action="store_true", help="tiny workload, seconds")
-    p.add_argument("--out", default="bench_reader.json", help="JSON results path")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "bench_reader.json"),
+                   help="JSON results path (default bench/results/bench_reader.json)")
     p.add_argument("--workdir", default=None, help="where to build the store (default: a temp dir)")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--num-workers", type=int, default=0, help="SequenceLoader worker processes")
