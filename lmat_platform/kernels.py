@@ -160,6 +160,18 @@ def is_sorted3(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> bool:
     return bool(_sorted3(a, b, c))
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _first_at_least(a, x, y, v):  # type: ignore[no-untyped-def,unused-ignore]
+    """First index in [x, y) of sorted ``a`` with ``a[i] >= v`` (y if none)."""
+    while x < y:
+        mid = (x + y) // 2
+        if a[mid] < v:
+            x = mid + 1
+        else:
+            y = mid
+    return x
+
+
 @njit(cache=True, nogil=True)
 def _head_ranges(eu, esn, lo, e_end, S, has_head, L):  # type: ignore[no-untyped-def,unused-ignore]
     n = len(eu)
@@ -230,15 +242,7 @@ def _head_ranges(eu, esn, lo, e_end, S, has_head, L):  # type: ignore[no-untyped
         # Late (irregular) rows inside the range whose snapshot is newer than S are holes. A
         # late row that qualifies never lies past ``e``: the smallest snapshot after it is on
         # a regular row, which qualifies too.
-        x = 0
-        y = n_irr
-        while x < y:
-            mid = (x + y) // 2
-            if irr[mid] < f:
-                x = mid + 1
-            else:
-                y = mid
-        k = x
+        k = _first_at_least(irr, 0, n_irr, f)
         while k < n_irr and irr[k] < e:
             n_holes[r] += esn[irr[k]] > S[r]
             k += 1
@@ -252,16 +256,8 @@ def _head_ranges(eu, esn, lo, e_end, S, has_head, L):  # type: ignore[no-untyped
     for r in range(R):
         if n_holes[r] == 0:
             continue
-        x = 0
-        y = n_irr
-        while x < y:
-            mid = (x + y) // 2
-            if irr[mid] < first[r]:
-                x = mid + 1
-            else:
-                y = mid
         o = hole_off[r]
-        k = x
+        k = _first_at_least(irr, 0, n_irr, first[r])
         while k < n_irr and irr[k] < end[r]:
             if esn[irr[k]] > S[r]:
                 hole_own[o] = r
@@ -410,15 +406,7 @@ def _plan(eu, ets, eid, esn, u_start, e_end, h_min, S, has_head, t_start, t_end,
     # Each request's head candidates start at its user's first row at or after h_min.
     lo = np.empty(R, dtype=np.int64)
     for r in range(R):
-        x = u_start[r]
-        y = e_end[r]
-        while x < y:
-            mid = (x + y) // 2
-            if ets[mid] < h_min[r]:
-                x = mid + 1
-            else:
-                y = mid
-        lo[r] = x
+        lo[r] = _first_at_least(ets, u_start[r], e_end[r], h_min[r])
     first, end, hole_own, hole_pos = _head_ranges(eu, esn, lo, e_end, S, has_head, L)
     n_e = len(eu)
     hole_off = np.zeros(R + 1, dtype=np.int64)
@@ -431,15 +419,7 @@ def _plan(eu, ets, eid, esn, u_start, e_end, h_min, S, has_head, t_start, t_end,
     t_a = np.empty(R, dtype=np.int64)
     ins_off = np.zeros(R + 1, dtype=np.int64)
     for r in range(R):
-        x = t_start[r]
-        y = t_end[r]
-        while x < y:
-            mid = (x + y) // 2
-            if tts[mid] < t_min[r]:
-                x = mid + 1
-            else:
-                y = mid
-        a = max(x, t_end[r] - L)
+        a = max(_first_at_least(tts, t_start[r], t_end[r], t_min[r]), t_end[r] - L)
         t_a[r] = a
         j = a
         if end[r] > first[r]:
