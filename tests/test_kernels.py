@@ -346,6 +346,29 @@ def test_reads_with_and_without_the_cache_agree(tmp_path, monkeypatch) -> None: 
     # A budget that holds no thin file: the same sequences, nothing of the thin files kept.
     dc = configure(0.001)
     assert run() == cold and not [k for k in list(dc._d) if k[0] == "thin"]
+    # Rows appended to a bucket (a new file in it): its rows are read again, and what was kept
+    # for its old file set is dropped rather than left holding room.
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable, write_deltalake
+
+    from lmat_platform.store.core import delta_dataset
+
+    t = delta_dataset(DeltaTable(rs.thin)).to_table()
+    b0 = t.column("bucket")[0].as_py()
+    extra = t.filter(pc.equal(t.column("bucket"), b0)).slice(0, 3)
+    top = pc.max(t.column("request_id")).as_py()
+    extra = extra.set_column(0, "request_id", pc.add(extra.column("request_id"), top + 1))
+    dc = configure(64)
+    run()
+    old_sets = {k[1] for k in list(dc._d) if k[0] == "thin"}
+    write_deltalake(rs.thin, extra, mode="append")
+    ids = {r for batch_ids, _ in run() for r in batch_ids}
+    assert {r for batch_ids, _ in cold for r in batch_ids} < ids
+    assert sum(r > top for r in ids) == 3
+    kept_sets = {k[1] for k in list(dc._d) if k[0] == "thin"}
+    changed = {fs for fs in old_sets if any(f"bucket={b0}/" in p for p in fs)}
+    assert changed and not changed & kept_sets, "the bucket's old file set is no longer kept"
+    assert any(f"bucket={b0}/" in p for fs in kept_sets for p in fs)
 
 
 def test_buffer_pool_keeps_at_most_its_budget() -> None:

@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import queue
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -309,6 +310,11 @@ class _UnitReader:
         return seqs
 
 
+#: Per bucket folder of a thin table: the file set whose rows this process keeps cached.
+_THIN_KEPT: dict[str, tuple[Any, ...]] = {}
+_THIN_LOCK = threading.Lock()
+
+
 def _thin_bytes(frag: pads.Fragment, columns: list[str]) -> int:
     """Compressed bytes of ``columns`` in one thin file (from its footer; remembered)."""
     dc = cache()
@@ -351,6 +357,15 @@ def _thin_bucket(
     if off is not None and ordered is not None and all(v is not None for v in got.values()):
         return ThinRows(pa.table({c: got[c] for c in scalars}), off,
                         {c: got[c] for c in events}, ordered), nbytes
+    if frags:
+        # Files were added to or replaced in this bucket since it was last kept: what was kept
+        # for its older file set goes, so that stale rows do not hold the room new ones need.
+        folder = os.path.dirname(frags[0].path)
+        with _THIN_LOCK:
+            prev = _THIN_KEPT.get(folder)
+            _THIN_KEPT[folder] = base
+        if prev is not None and prev != base:
+            dc.discard_where(lambda k: k[:len(prev)] == prev)
     parts = [frag.to_table(schema=schema, columns=columns) for frag in frags]
     parts = [t for t in parts if t.num_rows]
     if not parts:

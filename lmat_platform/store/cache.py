@@ -5,15 +5,16 @@ random id), together with its store and size, names its content for good. So a r
 what it decoded and serve the next pass, or the next tenant, from memory instead of decoding the
 same pages again. Entries are Arrow arrays (one row group's column) or whole head indexes.
 Thin-table files are immutable too (Delta never rewrites a data file in place; a new version
-names new files), so a training job's later passes over the same thin table read its decoded
-columns from memory; they are admitted only while they fit without evicting anything (a pass
-is a scan: see :meth:`DecodedCache.put`).
+names new files), so a training job's later passes over the same thin table read a bucket's
+decoded rows from memory; they are admitted only while they fit without evicting anything (a
+pass is a scan: see :meth:`DecodedCache.put`), and a bucket whose files changed replaces its
+older entries (:meth:`DecodedCache.discard_where`).
 
 ::
 
     key (store_id, path, size, row group, column)  ->  decoded pa.Array
     key ("heads", store_id, paths)                  ->  HeadIndex of a bucket
-    key ("thin", file path, column)                 ->  a thin file's decoded column
+    key ("thin", file paths, ...)                   ->  a piece of a bucket's ThinRows
 
 The budget is ``LMAT_DECODE_CACHE_MB`` (default 512; 0 turns the cache off), or
 :func:`configure`. Bytes read are still counted as read from the tier (they are what the pass
@@ -85,6 +86,14 @@ class DecodedCache:
             while self._bytes > self.max_bytes and self._d:
                 _, (_, n) = self._d.popitem(last=False)
                 self._bytes -= n
+
+    def discard_where(self, pred: Any) -> int:
+        """Drop every entry whose key satisfies ``pred``; returns how many."""
+        with self._lock:
+            gone = [k for k in self._d if pred(k)]
+            for k in gone:
+                self._bytes -= self._d.pop(k)[1]
+            return len(gone)
 
     def clear(self) -> None:
         with self._lock:
