@@ -1,8 +1,9 @@
 """The reconstruction kernel: head via pointer + tail, merged, tenant projection (spec 4-6).
 
-Works a bucket at a time and is vectorized over all requests of the bucket: one pruned read of
-the bucket's UIH files serves every request in it, and every step below is a numpy operation over
-whole arrays (the only Python loop is over the distinct snapshot ids the bucket's pointers name).
+Works a bucket at a time, over all requests of the bucket at once: one pruned read of the
+bucket's UIH files serves every request in it, checks are numpy operations over whole arrays,
+and the per-request merge is one compiled call (:func:`lmat_platform.kernels.plan_sequences`)
+that plans every sequence as segment copies; no Python step runs per request.
 
 For request r (user u, time T, pointer snapshot S, tenant L, actions A, window w)::
 

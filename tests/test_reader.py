@@ -74,9 +74,10 @@ def test_sequences_equal_materialize(rs: ReaderStore, reference: dict, tenant: l
 
 def test_thin_files_in_any_row_order_read_the_same(rs: ReaderStore, reference: dict,
                                                     tmp_path: Path) -> None:
-    """lmat writes each thin file in (user, time, request) order and split buckets are cut as
-    zero-copy slices of their files. A file written in another order is sorted when read (so
-    that slices stay user-contiguous); either way every request comes once, as materialized."""
+    """lmat writes each thin file in (user, time, request) order; a reader merges a bucket's
+    files in that order and cuts split buckets as zero-copy slices. A file written in another
+    order is sorted when read (so that slices stay user-contiguous); either way every request
+    comes once, as materialized."""
     import numpy as np
     import pyarrow as pa
     from deltalake import DeltaTable, write_deltalake

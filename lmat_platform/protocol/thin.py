@@ -51,8 +51,8 @@ POINTER_COLUMNS = ("snapshot_id", "head_len", "head_checksum")
 #: list column per event field) so that a reader decodes only the fields its tenant needs;
 #: ``tail_len`` is its length, null on the batch path.
 TAIL_PREFIX = "tail_"
-#: Rows of one thin file are in this order (readers cut a bucket into user-contiguous slices of
-#: its files without copying them).
+#: Rows of one thin file are in this order (a reader merges a bucket's files in it, without a
+#: sort when there is one file, and cuts the bucket into user-contiguous slices).
 ROW_ORDER = ("user_id", "request_ts", "request_id")
 
 

@@ -304,9 +304,9 @@ def _rg_stats_cached(md_id: int, md: pq.FileMetaData) -> RowGroupStats:
 
 
 @functools.lru_cache(maxsize=4096)
-def _arrow_names(md_id: int, md: pq.FileMetaData) -> list[str]:
+def _arrow_names(md_id: int, md: pq.FileMetaData) -> tuple[str, ...]:
     del md_id
-    return list(md.schema.to_arrow_schema().names)
+    return tuple(md.schema.to_arrow_schema().names)
 
 
 @functools.lru_cache(maxsize=4096)
