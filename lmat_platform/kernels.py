@@ -1,8 +1,9 @@
 """Compiled inner loops of the reconstruction kernel (numba, GIL released).
 
-The numpy kernel in :mod:`lmat_platform.reconstruct` plans every request's sequence as a list
-of *segments*: contiguous runs of the bucket's head rows or of its sorted tail events, in
-*virtual* positions (head rows first, then tail events)::
+The kernel in :mod:`lmat_platform.reconstruct` plans every request's sequence, in one call of
+:func:`plan_sequences` per work unit, as a list of *segments*: contiguous runs of the bucket's
+head rows or of its sorted tail events, in *virtual* positions (head rows first, then tail
+events)::
 
     virtual:  [ head rows 0 .. n_head-1 | tail events n_head .. n_head+n_tail-1 ]
     segment i copies virtual [s0[i], s1[i]) to the output, right after segment i-1
