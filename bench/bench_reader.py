@@ -12,8 +12,9 @@ and one fat-row file per tenant with :func:`lmat_platform.write_fat_rows`, check
 readers produce the same sequences on a sample, and then measures each (tenant, reader) pair in
 its own subprocess so that peak RSS (``getrusage`` max RSS) is the reader's alone:
 
-* examples/s over a full pass after one warm-up pass (batches of ``--batch-size``, tensors
-  built as training gets them; opening and planning the reader included);
+* examples/s: the median of ``--reps`` full passes after one warm-up pass (batches of
+  ``--batch-size``, tensors built as training gets them; opening and planning the reader
+  included);
 * bytes read per example: compressed bytes of the Parquet column chunks read (fat), or of the UIH
   row groups read plus the thin files read (SequenceLoader);
 * p50 / p99 latency between consecutive batches; peak RSS.
@@ -181,8 +182,9 @@ def seq_batches(store: str, thin: str, tenant: Any, batch_size: int, num_workers
 
 
 def measure(reader: str, setup: dict[str, Any], tenant_d: dict[str, Any], batch_size: int,
-            num_workers: int) -> dict[str, Any]:
-    """One full pass of one reader over one tenant; run in a fresh subprocess."""
+            num_workers: int, reps: int = 5) -> dict[str, Any]:
+    """Full passes of one reader over one tenant, run in a fresh subprocess: one untimed
+    warm-up pass, then the median of ``reps`` timed passes (latencies from all of them)."""
     tenant = _tenant(tenant_d)
 
     def make() -> Any:
@@ -190,26 +192,29 @@ def measure(reader: str, setup: dict[str, Any], tenant_d: dict[str, Any], batch_
             return fat_batches(setup["fat"][tenant.name], list(tenant.columns), batch_size)
         return seq_batches(setup["store"], setup["thin"], tenant, batch_size, num_workers)
 
-    # One untimed warm-up pass (imports, footers, page cache), the same for both readers; the
-    # timed pass includes opening and planning the reader.
+    # The warm-up pass (imports, footers, page cache) is the same for both readers; each timed
+    # pass includes opening and planning the reader.
     for _ in make():
         pass
-    t0 = time.perf_counter()
-    it = make()
-    lat = []
+    walls: list[float] = []
+    lat: list[float] = []
     n = events = nbytes = 0
-    last = time.perf_counter()
-    for b in it:
-        now = time.perf_counter()
-        lat.append(now - last)
-        last = now
-        n += len(b)
-        events += int(b.lengths.sum())
-        nbytes += b.bytes_read
-    wall = time.perf_counter() - t0
+    for _ in range(max(reps, 1)):
+        n = events = nbytes = 0
+        t0 = last = time.perf_counter()
+        for b in make():
+            now = time.perf_counter()
+            lat.append(now - last)
+            last = now
+            n += len(b)
+            events += int(b.lengths.sum())
+            nbytes += b.bytes_read
+        walls.append(time.perf_counter() - t0)
+    wall = float(np.median(walls))
     return {
         "reader": reader, "tenant": tenant.name, "max_len": tenant.max_len,
-        "examples": n, "events": events, "seconds": round(wall, 3),
+        "examples": n, "events": events, "seconds": round(wall, 3), "reps": len(walls),
+        "all_seconds": [round(w, 4) for w in walls],
         "examples_per_s": round(n / wall, 1) if wall else None,
         "bytes_read": nbytes, "bytes_per_example": round(nbytes / max(n, 1), 1),
         "p50_batch_ms": round(float(np.percentile(lat, 50)) * 1e3, 2) if lat else None,
@@ -267,7 +272,8 @@ def check_parity(setup: dict[str, Any], batch_size: int, sample: int = 300) -> d
 def _run_child(args: argparse.Namespace) -> None:
     setup = json.loads(Path(args.child_setup).read_text())
     tenant = next(d for d in TENANTS if d["name"] == args.child_tenant)
-    res = measure(args.child_reader, setup, tenant, args.batch_size, args.num_workers)
+    res = measure(args.child_reader, setup, tenant, args.batch_size, args.num_workers,
+                  args.reps)
     print(json.dumps(res))
 
 
@@ -295,7 +301,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for reader in ("seq", "fat"):
             cmd = [sys.executable, "-m", "bench.bench_reader", "--child-setup", str(setup_file),
                    "--child-tenant", str(d["name"]), "--child-reader", reader,
-                   "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers)]
+                   "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers),
+                   "--reps", str(args.reps)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False,
                                  cwd=Path(__file__).resolve().parent.parent)
             if out.returncode:
@@ -323,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="JSON results path (default bench/results/bench_reader.json)")
     p.add_argument("--workdir", default=None, help="where to build the store (default: a temp dir)")
     p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--reps", type=int, default=5, help="timed passes per reader (median)")
     p.add_argument("--num-workers", type=int, default=0, help="SequenceLoader worker processes")
     p.add_argument("--snapshot-hours", type=int, default=1,
                    help="snapshot cadence during the training days (default 1)")
