@@ -394,7 +394,6 @@ def reconstruct_bucket(
     # --- tails: stored (streaming) or from the raw log (batch). Stored tails already in order
     # serve as they are (zero-copy): the window is a prefix cut the planner makes per request.
     streamed = thin.streamed()
-    lens = np.diff(thin.tail_off)
     tail_events = int(thin.tail_off[-1])
     batch = np.flatnonzero(~streamed)
     if not len(batch) and t.actions is None and thin.tails_sorted:
@@ -402,7 +401,7 @@ def reconstruct_bucket(
         t_start, t_end = thin.tail_off[:-1], thin.tail_off[1:]
     else:
         tail_parts = [pa.table({c: thin.tails[c] for c in need})]
-        t_owners = [np.repeat(np.arange(R), lens)]
+        t_owners = [np.repeat(np.arange(R), np.diff(thin.tail_off))]
         if len(batch):
             wm = np.where(S >= 0, ctx.watermarks[np.maximum(S, 0)] if n_snap else 0,
                           np.iinfo(np.int64).min)
@@ -449,14 +448,15 @@ def reconstruct_bucket(
     values: dict[str, pa.Array] = {}
     plan = None
     if plan_only:
-        def tail_np(c: str) -> np.ndarray:
-            # Tails are cast to the head's Arrow type: both sources have one dtype per column.
-            h_type = E.schema.field(c).type
-            col = tails[c]
-            return tensor_numpy(col if col.type == h_type else col.cast(h_type))
+        def source(col: pa.Array | pa.ChunkedArray, c: str) -> np.ndarray:
+            # Both sources in the store schema's type (tails already are): every plan of a
+            # column, whatever bucket or file it came from, has one dtype, so batches that mix
+            # plans copy without widening.
+            typ = ctx.schema.field(c).type
+            return tensor_numpy(col if col.type == typ else col.cast(typ))
 
-        plan = SegmentPlan(seg_off, s0, s1, {c: tensor_numpy(E.column(c)) for c in t.columns},
-                           {c: tail_np(c) for c in t.columns})
+        plan = SegmentPlan(seg_off, s0, s1, {c: source(E.column(c), c) for c in t.columns},
+                           {c: source(tails[c], c) for c in t.columns})
     else:
         for c in t.columns:
             values[c] = _gather_segments(E.column(c), tails[c], s0, s1)

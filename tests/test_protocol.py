@@ -387,7 +387,7 @@ def test_trait_added_after_rows_were_logged(tmp_path: Path) -> None:
     ingest_files(st_, [write_events(tmp_path / "a.parquet", [ev(1, 10), ev(2, 20)])])
     publish_snapshot(st_, 15)
     thin = str(tmp_path / "thin")
-    write_thin(
+    first = write_thin(
         st_,
         _requests(tmp_path / "r1.parquet", [{"request_id": 1, "user_id": 7, "request_ts": 25}]),
         thin,
@@ -396,12 +396,16 @@ def test_trait_added_after_rows_were_logged(tmp_path: Path) -> None:
     ingest_files(
         st_, [write_events(tmp_path / "b.parquet", [ev(3, 30, dwell_ms=2.5)], traits=["dwell_ms"])]
     )
-    write_thin(
+    second = write_thin(
         st_,
         _requests(tmp_path / "r2.parquet", [{"request_id": 2, "user_id": 7, "request_ts": 35}]),
         thin,
         path="log",
     )
+    # Each append reports the version it committed (an append writes through the opened table).
+    from deltalake import DeltaTable
+
+    assert (first["version"], second["version"]) == (0, DeltaTable(thin).version()) != (0, 0)
     t = Tenant("d", ("event_id", "dwell_ms"), 10)
     out = str(tmp_path / "o.parquet")
     materialize(st_, thin, t, out)

@@ -236,8 +236,9 @@ def write_thin(
         writer_properties=thin_writer_properties(),
         storage_options=storage_options(),
     )
-    checkpoint_if_due(existing if existing is not None
-                      else DeltaTable(out, storage_options=storage_options()))
+    # Written through ``existing`` (delta-rs moves it to the new version), or opened once.
+    dt = existing if existing is not None else DeltaTable(out, storage_options=storage_options())
+    checkpoint_if_due(dt)
     if path == "log":
         register_thin_table(store, out if "://" in out else os.path.abspath(out))
     n_tail = int(pc.sum(rows.column("tail_len")).as_py() or 0) if path == "log" else 0
@@ -246,5 +247,5 @@ def write_thin(
         "requests": rows.num_rows,
         "tail_events": n_tail,
         "out": out,
-        "version": DeltaTable(out, storage_options=storage_options()).version(),
+        "version": dt.version(),
     }
