@@ -183,6 +183,20 @@ def test_resume_mid_epoch_gives_identical_remainder(rs: ReaderStore, num_workers
         other.load_state_dict(state)
 
 
+def test_thin_bytes_count_each_file_once_however_units_are_dealt(rs: ReaderStore) -> None:
+    """A split bucket's slices may go to different consumers (or Ray actors), each reading the
+    bucket's thin files: each unit counts its rows' share, so a pass counts every file once."""
+    whole = SequenceLoader(rs.store, rs.thin, tenant=TENANT, batch_size=64)
+    list(whole)
+    split = SequenceLoader(rs.store, rs.thin, tenant=TENANT, batch_size=64, num_workers=2,
+                           max_unit_rows=40)
+    first, second = split.plan()
+    assert {u.bucket for u in first} & {u.bucket for u in second}, \
+        "some bucket's slices go to both consumers"
+    list(split)
+    assert split.thin_bytes_read == whole.thin_bytes_read > 0
+
+
 def test_bytes_read_fall_as_max_len_falls(tmp_path: Path) -> None:
     # Few, heavy users (the heaviest with ~20,000 events) in row groups of 128 rows.
     cfg = synth.WorkloadConfig(seed=2, n_users=12, days=2, events_per_day=30000,

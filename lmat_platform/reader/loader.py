@@ -248,14 +248,14 @@ class _UnitReader:
         self._ds: pads.Dataset | None = None
         # The last bucket's thin rows: the units of a split bucket are dealt out together, so
         # one read of the bucket serves all of this process's slices.
-        self._cached: tuple[int, ThinRows] | None = None
+        self._cached: tuple[int, ThinRows, int] | None = None
         self._frags: dict[int | None, list[pads.Fragment]] | None = None
 
     def _bucket_rows(self, bucket: int) -> tuple[ThinRows, int]:
         """The bucket's thin rows (projected, in (user, request time, request id) order, tails
-        flattened) and the compressed bytes this call read."""
+        flattened) and the compressed bytes of its thin files' columns."""
         if self._cached is not None and self._cached[0] == bucket:
-            return self._cached[1], 0
+            return self._cached[1], self._cached[2]
         ds = self._dataset()
         if self._frags is None:
             # Every file's bucket from its partition expression, listed once per process.
@@ -268,7 +268,7 @@ class _UnitReader:
         frags = self._frags.get(bucket, [])
         rows, nbytes = _thin_bucket(frags, ds.schema, self.spec.thin_columns,
                                     event_columns(self.spec.ctx.tenant), self.spec.ctx.schema)
-        self._cached = (bucket, rows)
+        self._cached = (bucket, rows, nbytes)
         return rows, nbytes
 
     def _dataset(self) -> pads.Dataset:
@@ -305,8 +305,13 @@ class _UnitReader:
                 f"cannot read bucket {unit.bucket} of store {store.root} "
                 f"(thin table {self.spec.thin_uri}): {e}"
             ) from e
-        seqs.bytes_read += thin_bytes
-        seqs.stats["thin_bytes"] = thin_bytes
+        # Each unit counts its rows' share of the bucket's thin bytes (integer shares that sum
+        # to the whole), so a pass counts every thin file once however its slices are dealt
+        # to consumers, workers or Ray actors, and in whatever order they come.
+        lo, hi = unit.bounds
+        share = thin_bytes * hi // n - thin_bytes * lo // n
+        seqs.bytes_read += share
+        seqs.stats["thin_bytes"] = share
         return seqs
 
 
