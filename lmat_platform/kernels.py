@@ -514,11 +514,18 @@ def ranges_sorted(off: np.ndarray, a: np.ndarray, b: np.ndarray) -> bool:
 
 
 
+_WARM = False
+
+
 def warm_up() -> None:
-    """Compile (or load from numba's on-disk cache) every kernel variant now.
+    """Compile (or load from numba's on-disk cache) every kernel variant now (once per
+    process).
 
     The loader calls this before it starts worker processes, so that workers only ever read
     the compiled cache and never race each other writing it."""
+    global _WARM
+    if _WARM:
+        return
     a = np.zeros(2, dtype=np.int64)
     copy_segments(a, a, np.array([0, 2]), np.array([1, 3]))
     z = np.zeros(2, dtype=np.int64)
@@ -528,3 +535,4 @@ def warm_up() -> None:
     segments(z, z, z[:0], z[:0], z[:0], z[:0], z[:0], z, z, 1)
     b = np.ones(2, dtype=np.bool_)
     plan_sequences(z, z, z, z, z, z, z, z, b, z, z, z, z, z, 1)
+    _WARM = True

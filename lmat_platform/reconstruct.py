@@ -20,6 +20,7 @@ Jagged output (``values`` plus ``lengths``), worked for two requests with L = 3:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from deltalake import DeltaTable
 
 from lmat_platform.exceptions import O2OConsistencyError, ThinTableError
 from lmat_platform.kernels import (
@@ -44,7 +46,7 @@ from lmat_platform.schema import EVENT_COLUMNS
 from lmat_platform.store import uih
 from lmat_platform.store.core import Store, as_store, delta_dataset
 from lmat_platform.store.deletion import forgotten_users
-from lmat_platform.store.snapshots import NO_MARKER, list_snapshots, resolve_snapshot
+from lmat_platform.store.snapshots import NO_MARKER, resolve_snapshot
 from lmat_platform.tenants import Tenant
 
 log = logging.getLogger(__name__)
@@ -258,47 +260,52 @@ class ReadContext:
     @classmethod
     def build(cls, store: Store | str, tenant: Tenant, *, verify: bool = True) -> ReadContext:
         store = as_store(store)
-        snaps = list_snapshots(store)
-        dt = store.shared_table("uih")
-        files: dict[int, list[uih.TierFile]] = {}
-        schema = pa.schema([pa.field(c, t) for c, t in EVENT_COLUMNS.items()])
-        if dt is not None:
-            schema = pa.schema(dt.schema().to_arrow())
-            for f in uih.list_files(dt):
-                files.setdefault(f.bucket, []).append(f)
-            for fl in files.values():
-                # Newest data first helps nothing for correctness; keep a stable order.
-                fl.sort(key=lambda f: f.path)
+        # Each piece is derived from its table's log once per version and process (one listing
+        # of each log finds the latest versions): building a loader per pass or per epoch
+        # costs a few listings, not a replay of every file list.
+        published_at, watermarks = store.derived("snapshots", "reader-arrays", _snapshot_arrays) \
+            or (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        files, schema = store.derived("uih", "reader-files", _tier_files) or (
+            {}, pa.schema([pa.field(c, t) for c, t in EVENT_COLUMNS.items()]))
         # A trait added by a file ingested after the newest snapshot is in the raw log (and so
         # in tails) but not yet in the tier: it is a stored column all the same.
-        raw = store.shared_table("raw")
+        raw = store.derived("raw", "schema", lambda dt: pa.schema(dt.schema().to_arrow()))
         if raw is not None:
             have = set(schema.names)
             schema = pa.schema([*schema, *(
-                f for f in pa.schema(raw.schema().to_arrow())
-                if f.name not in have and f.name not in ("source", "batch_id")
-            )])
+                f for f in raw if f.name not in have and f.name not in ("source", "batch_id"))])
         tenant.check_columns(schema.names)
-        heads_files: dict[int, list[str]] = {}
-        hdt = store.shared_table("heads")
-        if hdt is not None:
-            _, root = store.filesystem()
-            at = pa.table(hdt.get_add_actions(flatten=True))
-            if at.num_rows:
-                for p, b in zip(at.column("path").to_pylist(),
-                                at.column("partition.bucket").to_pylist(), strict=True):
-                    heads_files.setdefault(int(b), []).append(f"{root}/heads/{p}")
-        return cls(
-            store,
-            tenant,
-            np.array([s.published_at for s in snaps], dtype=np.int64),
-            np.array([s.watermark for s in snaps], dtype=np.int64),
-            forgotten_users(store),
-            files,
-            schema,
-            heads_files,
-            verify,
-        )
+        _, root = store.filesystem()
+        heads_files = store.derived("heads", "reader-files",
+                                    functools.partial(_heads_files, root=root)) or {}
+        return cls(store, tenant, published_at, watermarks, forgotten_users(store), files,
+                   schema, heads_files, verify)
+
+
+def _snapshot_arrays(dt: DeltaTable) -> tuple[np.ndarray, np.ndarray]:
+    t = delta_dataset(dt).to_table(columns=["snapshot_id", "published_at", "watermark"])
+    o = np.argsort(t.column("snapshot_id").to_numpy(), kind="stable")
+    return (t.column("published_at").to_numpy()[o].astype(np.int64),
+            t.column("watermark").to_numpy()[o].astype(np.int64))
+
+
+def _tier_files(dt: DeltaTable) -> tuple[dict[int, list[uih.TierFile]], pa.Schema]:
+    files: dict[int, list[uih.TierFile]] = {}
+    for f in uih.list_files(dt):
+        files.setdefault(f.bucket, []).append(f)
+    for fl in files.values():
+        fl.sort(key=lambda f: f.path)  # a stable order
+    return files, pa.schema(dt.schema().to_arrow())
+
+
+def _heads_files(dt: DeltaTable, *, root: str) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    at = pa.table(dt.get_add_actions(flatten=True))
+    if at.num_rows:
+        for p, b in zip(at.column("path").to_pylist(),
+                        at.column("partition.bucket").to_pylist(), strict=True):
+            out.setdefault(int(b), []).append(f"{root}/heads/{p}")
+    return out
 
 
 def column_array(table: pa.Table, name: str) -> pa.Array:

@@ -70,7 +70,7 @@ from lmat_platform.reconstruct import (
     thin_columns,
 )
 from lmat_platform.store.cache import cache
-from lmat_platform.store.core import Store, as_store, delta_dataset, shared_delta_table
+from lmat_platform.store.core import Store, as_store, delta_dataset, derived, shared_delta_table
 from lmat_platform.tenants import Tenant
 
 log = logging.getLogger(__name__)
@@ -631,7 +631,14 @@ class _ThinInfo:
 
 
 def _thin_info(store: Store, uri: str) -> _ThinInfo:
-    dt = open_thin(store, uri, shared=True)
+    """Rows per bucket, schema and snapshot range of a thin table's latest version, from its
+    log (once per version and process)."""
+    open_thin(store, uri, shared=True)  # there, and the store's
+    info: _ThinInfo = derived(uri, "reader-info", _thin_info_of)
+    return info
+
+
+def _thin_info_of(dt: Any) -> _ThinInfo:
     t = pa.table(dt.get_add_actions(flatten=True))
     rows: dict[int, int] = {}
     for b, n in zip(t.column("partition.bucket").to_pylist(), t.column("num_records").to_pylist(),

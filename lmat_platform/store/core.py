@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +141,11 @@ class Store:
         process; None if never written. See :func:`shared_delta_table`."""
         return shared_delta_table(self.table_uri(name), version)
 
+    def derived(self, name: str, tag: str, fn: Callable[[DeltaTable], Any]) -> Any:
+        """``fn(table)`` for table ``name``'s latest version, computed once per version and
+        process; None if never written. See :func:`derived`."""
+        return derived(self.table_uri(name), tag, fn)
+
     def read_table(
         self, name: str, *, columns: list[str] | None = None, filters: Any = None
     ) -> pa.Table | None:
@@ -249,10 +254,21 @@ _READS: OrderedDict[tuple[Hashable, tuple[str, ...] | None], pa.Table] = Ordered
 def _commits(uri: str) -> dict[int, tuple[int, int]]:
     """Commit files of the Delta table at ``uri``, from one listing of its log: version ->
     (modification time in ns, size). A commit file appears whole, or not at all."""
-    if _is_uri(uri):
-        fs, path = pafs.FileSystem.from_uri(uri)
-    else:
-        fs, path = pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
+    if not _is_uri(uri):
+        # Local logs are listed with one scandir (a fraction of pyarrow's listing cost: every
+        # reader lists the logs it reads to find their latest versions).
+        out: dict[int, tuple[int, int]] = {}
+        try:
+            with os.scandir(os.path.join(os.path.abspath(uri.removeprefix("file://")),
+                                         "_delta_log")) as it:
+                for e in it:
+                    if (m := _COMMIT_FILE.match(e.name)):
+                        st = e.stat()
+                        out[int(m.group(1))] = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            pass
+        return out
+    fs, path = pafs.FileSystem.from_uri(uri)
     sel = pafs.FileSelector(f"{path.rstrip('/')}/_delta_log", allow_not_found=True)
     return {int(m.group(1)): (i.mtime_ns or 0, i.size or 0) for i in fs.get_file_info(sel)
             if (m := _COMMIT_FILE.match(i.base_name))}
@@ -288,6 +304,32 @@ def _shared(uri: str, version: int | None) -> tuple[DeltaTable | None, Hashable 
         while len(_SHARED) > _SHARED_MAX:
             _SHARED.popitem(last=False)
     return dt, key
+
+
+_DERIVED: OrderedDict[tuple[Hashable, str], Any] = OrderedDict()
+
+
+def derived(uri: str, tag: str, fn: Callable[[DeltaTable], Any]) -> Any:
+    """``fn(table)`` for the latest version of the Delta table at ``uri``, computed once per
+    version and process (None if the table has no log): what readers derive from a table's log
+    (file lists, registries) is rebuilt only when a commit lands. ``fn``'s result is shared:
+    treat it as read-only."""
+    dt, key = _shared(uri, None)
+    if dt is None:
+        return None
+    if key is None:
+        return fn(dt)
+    k = (key, tag)
+    with _LOCK:
+        if k in _DERIVED:
+            _DERIVED.move_to_end(k)
+            return _DERIVED[k]
+    out = fn(dt)
+    with _LOCK:
+        _DERIVED[k] = out
+        while len(_DERIVED) > 4 * _SHARED_MAX:
+            _DERIVED.popitem(last=False)
+    return out
 
 
 def shared_delta_table(uri: str, version: int | None = None) -> DeltaTable | None:

@@ -26,6 +26,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -395,7 +396,8 @@ def read_bucket(
     n_skip = 0
     if len(users) == 0:
         files = []
-    # Smallest cutoff over each run of users, for O(1) range minima per row group.
+    # Which row groups of which files: pruned from the footers alone.
+    reads: list[tuple[TierFile, pq.FileMetaData, list[int], list[str]]] = []
     for f in files:
         if f.min_snapshot is not None and f.min_snapshot > max_snapshot:
             continue
@@ -410,6 +412,20 @@ def read_bucket(
         sizes = _compressed_sizes(id(md), md, tuple(schema_names.index(c) for c in present))
         nbytes += int(sizes[want].sum())
         n_read += len(want)
+        reads.append((f, md, want, present))
+    dc = cache()
+    key: tuple[Any, ...] | None = None
+    if not exact and reads:
+        # The rows of a set of row groups, assembled (one array per column, action-filtered,
+        # sorted), are as immutable as the files: kept, a later read of the same row groups
+        # (the next pass, a slice of the same bucket) is served without copying them again.
+        key = ("tier-read", store.store_id,
+               tuple((f.path, f.size, tuple(w)) for f, _, w, _ in reads), tuple(cols),
+               None if actions is None else tuple(np.unique(actions).tolist()))
+        hit = dc.get(key)
+        if hit is not None:
+            return BucketRead(hit, nbytes, n_read, n_skip)
+    for f, md, want, present in reads:
         t = _read_row_groups(store, f, want, present, md)
         for c in cols:
             if c not in present:
@@ -433,6 +449,8 @@ def read_bucket(
                 t = t.filter(pa.array(keep_a))
         if not _is_sorted(t):
             t = sort_events(t)
+        if key is not None:
+            dc.put(key, t, t.nbytes)
         return BucketRead(t, nbytes, n_read, n_skip)
     u = t.column("user_id").to_numpy()
     ts = t.column("event_ts").to_numpy()
