@@ -43,9 +43,24 @@ def _memcpy(typingctx, dst, src, nbytes):  # type: ignore[no-untyped-def,unused-
 
 
 @njit(cache=True, nogil=True)
-def _copy_columns(hp, tp, op, widths, n_head, s0, s1):  # type: ignore[no-untyped-def,unused-ignore]
-    done = 0
-    for c in range(len(hp)):
+def _copy_columns(addr, widths, n_head, n_tail, cap, s0, s1):  # type: ignore[no-untyped-def,unused-ignore]
+    # Every segment is checked before anything is written (the copies do not check bounds):
+    # -1 - i for a segment i outside both sources, -1 - len(s0) when the output is too small.
+    total = 0
+    for i in range(len(s0)):
+        a = s0[i]
+        b = s1[i]
+        if b <= a:
+            continue
+        if not ((a >= 0 and b <= n_head) or (a >= n_head and b <= n_head + n_tail)):
+            return -1 - i
+        total += b - a
+    if total > cap:
+        return -1 - len(s0)
+    for c in range(addr.shape[1]):
+        hp = addr[0, c]
+        tp = addr[1, c]
+        op = addr[2, c]
         w = widths[c]
         o = 0
         for i in range(len(s0)):
@@ -54,18 +69,21 @@ def _copy_columns(hp, tp, op, widths, n_head, s0, s1):  # type: ignore[no-untype
             if n <= 0:
                 continue
             if a >= n_head:
-                _memcpy(op[c] + o * w, tp[c] + (a - n_head) * w, n * w)  # type: ignore[call-arg,unused-ignore]
+                _memcpy(op + o * w, tp + (a - n_head) * w, n * w)  # type: ignore[call-arg,unused-ignore]
             else:
-                _memcpy(op[c] + o * w, hp[c] + a * w, n * w)  # type: ignore[call-arg,unused-ignore]
+                _memcpy(op + o * w, hp + a * w, n * w)  # type: ignore[call-arg,unused-ignore]
             o += n
-        done = o
-    return done
+    return total
 
 
 def _fixed_width(a: np.ndarray, what: str) -> None:
     if a.ndim != 1 or a.dtype.hasobject or a.dtype.itemsize not in _RAW:
         raise TypeError(f"no raw copy for {what} {a.dtype}{list(a.shape)} (1-D fixed-width "
                         "numeric, boolean or temporal values only)")
+
+
+def _addr(a: np.ndarray) -> int:
+    return int(a.__array_interface__["data"][0])
 
 
 def copy_columns(
@@ -77,48 +95,46 @@ def copy_columns(
     the values copied per column.
 
     Every column of a plan has the same head and tail lengths, so the segments are checked once
-    for all; then one compiled call (GIL released) copies every column with the C library's
-    memcpy, whatever its element width."""
+    for all, inside the compiled call (GIL released), before it copies every column with the C
+    library's memcpy, whatever its element width."""
     if not (len(heads) == len(tails) == len(outs)) or not heads:
         raise ValueError(f"one head, tail and output per column: got {len(heads)}, "
                          f"{len(tails)} and {len(outs)}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
     nh = len(heads[0])
-    ts = [t if t is not None else h[:0] for h, t in zip(heads, tails, strict=True)]
+    # Contiguous sources, kept alive (by these lists) for the whole call.
+    hs = [np.ascontiguousarray(h) for h in heads]
+    ts = [np.ascontiguousarray(t) if t is not None else h[:0] for h, t in zip(hs, tails, strict=True)]
     nt = len(ts[0])
-    n = np.maximum(s1 - s0, 0)
-    total = int(n.sum())
-    for h, t, o in zip(heads, ts, outs, strict=True):
+    cap = min(len(o) for o in outs) - offset
+    for h, t, o in zip(hs, ts, outs, strict=True):
         _fixed_width(h, "head")
         if t.dtype != h.dtype:
             raise TypeError(f"head is {h.dtype} but tail is {t.dtype}")
         if len(h) != nh or len(t) != nt:
             raise ValueError("the columns of one plan must have equal head and tail lengths")
         if o.dtype != h.dtype or o.ndim != 1 or not o.flags.c_contiguous or not o.flags.writeable:
-            raise ValueError(f"out must be writable contiguous {h.dtype}[>= {offset + total}], "
-                             f"got {o.dtype}{list(o.shape)}")
-        if offset < 0 or len(o) < offset + total:
-            raise ValueError(f"out must be contiguous {h.dtype}[{offset + total}], got "
-                             f"{o.dtype}{list(o.shape)} from offset {offset}")
-    if total == 0:
-        return 0
-    # The compiled loop does not check bounds: check every segment lies in one source.
-    ok = (n == 0) | ((s0 >= 0) & (s1 <= nh)) | ((s0 >= nh) & (s1 <= nh + nt))
-    if not ok.all():
-        i = int(np.flatnonzero(~ok)[0])
+            raise ValueError(f"out must be writable contiguous {h.dtype}, got "
+                             f"{o.dtype}{list(o.shape)}")
+    i64 = np.int64
+    s0 = s0.astype(i64, copy=False)
+    s1 = s1.astype(i64, copy=False)
+    if len(s0) != len(s1):
+        raise ValueError(f"segment starts and ends differ in length: {len(s0)}, {len(s1)}")
+    addr = np.array([[_addr(h) for h in hs], [_addr(t) for t in ts],
+                     [_addr(o) + offset * o.itemsize for o in outs]], dtype=i64)
+    done = int(_copy_columns(addr, np.array([o.itemsize for o in outs], dtype=i64), nh, nt,
+                             max(cap, 0), s0, s1))
+    if done == -1 - len(s0):
+        total = int(np.maximum(s1 - s0, 0).sum())
+        o = outs[0]
+        raise ValueError(f"out must be contiguous {o.dtype}[{offset + total}], got "
+                         f"{o.dtype}{list(o.shape)} from offset {offset}")
+    if done < 0:
+        i = -1 - done
         raise IndexError(f"segment [{s0[i]}, {s1[i]}) is outside head ({nh}) and tail ({nt})")
-    # Contiguous sources, kept alive (by these lists) for the whole call.
-    hs = [np.ascontiguousarray(h) for h in heads]
-    tcs = [np.ascontiguousarray(t) for t in ts]
-    addr = lambda a: a.__array_interface__["data"][0]  # noqa: E731
-    done = _copy_columns(
-        np.array([addr(h) for h in hs], dtype=np.int64),
-        np.array([addr(t) for t in tcs], dtype=np.int64),
-        np.array([addr(o) + offset * o.itemsize for o in outs], dtype=np.int64),
-        np.array([o.itemsize for o in outs], dtype=np.int64),
-        nh, s0.astype(np.int64, copy=False), s1.astype(np.int64, copy=False))
-    if done != total:  # pragma: no cover - the loop copies exactly the planned lengths
-        raise RuntimeError(f"copied {done} values, planned {total}")
-    return total
+    return done
 
 
 def copy_segments(
@@ -182,7 +198,13 @@ def _head_ranges(eu, esn, lo, e_end, S, has_head, L):  # type: ignore[no-untyped
     # its requests to its last row, one reverse scan. Spans are visited in row order, so the
     # regular and irregular rows come out ascending and cum_reg counts regular rows up to each
     # span row (rows outside every span count for nothing).
-    order = np.argsort(e_end, kind="mergesort")
+    mono = True
+    for r in range(1, R):
+        if e_end[r] < e_end[r - 1]:
+            mono = False
+            break
+    # Requests come grouped by user (e_end ascending) from every reader: no sort then.
+    order = np.arange(R) if mono else np.argsort(e_end, kind="mergesort")
     regular = np.empty(n, dtype=np.bool_)
     cum_reg = np.zeros(n + 1, dtype=np.int64)
     reg = np.empty(n, dtype=np.int64)
@@ -420,7 +442,10 @@ def _plan(eu, ets, eid, esn, u_start, e_end, h_min, S, has_head, t_start, t_end,
     t_a = np.empty(R, dtype=np.int64)
     ins_off = np.zeros(R + 1, dtype=np.int64)
     for r in range(R):
-        a = max(_first_at_least(tts, t_start[r], t_end[r], t_min[r]), t_end[r] - L)
+        # Only the last L can be kept: the window is searched for among those alone.
+        a = max(t_start[r], t_end[r] - L)
+        if a < t_end[r] and tts[a] < t_min[r]:
+            a = _first_at_least(tts, a, t_end[r], t_min[r])
         t_a[r] = a
         j = a
         if end[r] > first[r]:
@@ -480,19 +505,108 @@ def plan_sequences(
         raise ValueError("plan_sequences: array lengths differ")
     if len(tts) != len(tid):
         raise ValueError(f"tail arrays differ in length: {len(tts)}, {len(tid)}")
-    if R and ((u_start < 0).any() or (e_end > len(eu)).any() or (u_start > e_end).any()):
-        raise IndexError(f"head ranges outside the {len(eu)} rows")
-    if R and ((t_start < 0).any() or (t_end > len(tts)).any() or (t_start > t_end).any()):
-        raise IndexError(f"tail ranges outside the {len(tts)} tail events")
     i64 = np.int64
+    u_start, e_end = u_start.astype(i64, copy=False), e_end.astype(i64, copy=False)
+    t_start, t_end = t_start.astype(i64, copy=False), t_end.astype(i64, copy=False)
+    bad = _bad_ranges(u_start, e_end, len(eu), t_start, t_end, len(tts))
+    if bad == 1:
+        raise IndexError(f"head ranges outside the {len(eu)} rows")
+    if bad == 2:
+        raise IndexError(f"tail ranges outside the {len(tts)} tail events")
     out = _plan(
         eu.astype(i64, copy=False), ets.astype(i64, copy=False), eid.astype(i64, copy=False),
-        esn.astype(i64, copy=False), u_start.astype(i64, copy=False),
-        e_end.astype(i64, copy=False), h_min.astype(i64, copy=False), S.astype(i64, copy=False),
-        has_head.astype(np.bool_, copy=False), t_start.astype(i64, copy=False),
-        t_end.astype(i64, copy=False), t_min.astype(i64, copy=False),
-        tts.astype(i64, copy=False), tid.astype(i64, copy=False), int(L))
+        esn.astype(i64, copy=False), u_start, e_end, h_min.astype(i64, copy=False),
+        S.astype(i64, copy=False), has_head.astype(np.bool_, copy=False), t_start, t_end,
+        t_min.astype(i64, copy=False), tts.astype(i64, copy=False),
+        tid.astype(i64, copy=False), int(L))
     return out[0], out[1], out[2], out[3]
+
+
+@njit(cache=True, nogil=True)
+def _bad_ranges(u_start, e_end, n_e, t_start, t_end, n_t):  # type: ignore[no-untyped-def,unused-ignore]
+    """1: a head range outside [0, n_e) or reversed; 2: a tail range outside [0, n_t); else 0."""
+    for r in range(len(u_start)):
+        if u_start[r] < 0 or e_end[r] > n_e or u_start[r] > e_end[r]:
+            return 1
+    for r in range(len(t_start)):
+        if t_start[r] < 0 or t_end[r] > n_t or t_start[r] > t_end[r]:
+            return 2
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def _request_heads(users, S, T, published_at, n_snap, hu, hsn, hlen, hcs, hmark, forgotten, verify, hl, cs, window, has_window):  # type: ignore[no-untyped-def,unused-ignore]
+    R = len(users)
+    at = np.full(R, -1, dtype=np.int64)
+    cut = np.empty(R, dtype=np.int64)
+    i64min = np.iinfo(np.int64).min
+    i64max = np.iinfo(np.int64).max
+    nh = len(hu)
+    for r in range(R):
+        s = S[r]
+        if s >= n_snap or s < -1:
+            return 1, r, at, cut
+        # The newest snapshot published at or before the request: it must not predate S.
+        if _first_at_least(published_at, 0, len(published_at), T[r] + 1) - 1 < s:
+            return 2, r, at, cut
+        # The head entry of (user, S): the newest of the user's entries with snapshot <= S.
+        u = users[r]
+        a = _first_at_least(hu, 0, nh, u)
+        b = _first_at_least(hu, a, nh, u + 1) if u < i64max else nh
+        k = _first_at_least(hsn, a, b, s + 1) - 1
+        if k >= a:
+            at[r] = k
+        if verify:
+            el = hlen[k] if k >= a else 0
+            ec = hcs[k] if k >= a else 0
+            if el != hl[r] or ec != cs[r]:
+                f = _first_at_least(forgotten, 0, len(forgotten), u)
+                if not (f < len(forgotten) and forgotten[f] == u):
+                    return 3, r, at, cut
+        # The earliest event time the request's last L head events can have (its snapshot's
+        # length marker; none: every row), raised to its window; no head at all: past every row.
+        c = hmark[k] if k >= a and len(hmark) else i64min
+        if has_window and T[r] - window > c:
+            c = T[r] - window
+        cut[r] = c if s >= 0 else i64max
+    return 0, -1, at, cut
+
+
+def request_heads(
+    users: np.ndarray, S: np.ndarray, T: np.ndarray, published_at: np.ndarray, n_snap: int,
+    head_user: np.ndarray, head_snapshot: np.ndarray, head_len: np.ndarray,
+    head_checksum: np.ndarray, head_marker: np.ndarray | None, forgotten: np.ndarray,
+    verify: bool, hl: np.ndarray, cs: np.ndarray, window: int | None,
+) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """Every request's checks and head entry in one compiled pass (no array temporaries).
+
+    For request ``r`` (user ``users[r]``, pointer snapshot ``S[r]``, time ``T[r]``): the head
+    entry of its user at ``S[r]`` in a head index sorted by (user, snapshot) (-1: none); and
+    its head cutoff: ``head_marker`` of that entry (the earliest event time its last L can
+    have; none: int64 min), at least ``T[r] - window``, and int64 max where ``S[r] < 0``.
+    Checks, the first failing request reported: ``(1, r)`` the snapshot does not exist
+    (``n_snap`` snapshots), ``(2, r)`` it was published after the request
+    (``published_at``, non-decreasing), ``(3, r)`` with ``verify``: the pointer's head length
+    ``hl`` and checksum ``cs`` differ from the entry's (0 and 0 without one) and the user is
+    not in sorted ``forgotten``. Returns (code, request, entries, cutoffs); code 0: all pass.
+    """
+    R = len(users)
+    if not (len(S) == len(T) == len(hl) == len(cs) == R):
+        raise ValueError("request_heads: request arrays differ in length")
+    if not (len(head_user) == len(head_snapshot) == len(head_len) == len(head_checksum)):
+        raise ValueError("request_heads: head index arrays differ in length")
+    mark = np.zeros(0, dtype=np.int64) if head_marker is None else head_marker
+    if head_marker is not None and len(mark) != len(head_user):
+        raise ValueError("request_heads: one marker per head entry")
+    i64 = np.int64
+    code, r, at, cut = _request_heads(
+        users.astype(i64, copy=False), S.astype(i64, copy=False), T.astype(i64, copy=False),
+        published_at.astype(i64, copy=False), int(n_snap), head_user.astype(i64, copy=False),
+        head_snapshot.astype(i64, copy=False), head_len.astype(i64, copy=False),
+        head_checksum.astype(i64, copy=False), np.ascontiguousarray(mark, dtype=i64),
+        forgotten.astype(i64, copy=False), bool(verify), hl.astype(i64, copy=False),
+        cs.astype(i64, copy=False), int(window or 0), window is not None)
+    return int(code), int(r), at, cut
 
 
 @njit(cache=True, nogil=True)
@@ -535,4 +649,5 @@ def warm_up() -> None:
     segments(z, z, z[:0], z[:0], z[:0], z[:0], z[:0], z, z, 1)
     b = np.ones(2, dtype=np.bool_)
     plan_sequences(z, z, z, z, z, z, z, z, b, z, z, z, z, z, 1)
+    request_heads(z, z, z, z, 1, z, z, z, z, z, z, True, z, z, None)
     _WARM = True

@@ -39,6 +39,7 @@ from lmat_platform.kernels import (
     is_sorted3,
     plan_sequences,
     ranges_sorted,
+    request_heads,
 )
 from lmat_platform.protocol.pointers import HeadIndex, expand_positions
 from lmat_platform.protocol.thin import TAIL_PREFIX, open_thin, read_raw_range, tails_from_raw
@@ -46,7 +47,6 @@ from lmat_platform.schema import EVENT_COLUMNS
 from lmat_platform.store import uih
 from lmat_platform.store.core import Store, as_store, delta_dataset
 from lmat_platform.store.deletion import forgotten_users
-from lmat_platform.store.snapshots import NO_MARKER, resolve_snapshot
 from lmat_platform.tenants import Tenant
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,8 @@ class ThinRows:
         """Rows whose tail is stored (a non-null ``tail_len``)."""
         if "tail_len" not in self.table.column_names:
             return np.zeros(self.num_rows, dtype=bool)
+        if self.table.column("tail_len").null_count == 0:
+            return np.ones(self.num_rows, dtype=bool)
         return np.asarray(column_array(self.table, "tail_len").is_valid()
                           .to_numpy(zero_copy_only=False), dtype=bool)
 
@@ -335,55 +337,50 @@ def reconstruct_bucket(
     R = len(rid)
     n_snap = len(ctx.watermarks)
 
-    bad = np.flatnonzero((n_snap <= S) | (S < -1))
-    if len(bad):
-        i = bad[0]
+    heads = HeadIndex.of_files(ctx.store, ctx.heads_files.get(bucket, []))
+    w = t.window_us
+    lo_ts = T - w if w is not None else None
+    hl = rows.column("head_len").to_numpy()
+    cs = rows.column("head_checksum").to_numpy()
+    # Checks, each request's head entry and its head cutoff (its window, and the earliest time
+    # its last L can reach at its snapshot: rows before it cannot be among them), in one
+    # compiled pass.
+    code, i, at, cut_r = request_heads(
+        users, S, T, ctx.published_at, n_snap, heads.user_id, heads.snapshot_id,
+        heads.head_len, heads.head_checksum,
+        heads.marker_column(L) if t.actions is None else None,
+        ctx.forgotten, ctx.verify, hl, cs, w)
+    if code == 1:
         raise ThinTableError(
             f"request {rid[i]}: pointer names snapshot {S[i]}, which does not exist in "
             f"{ctx.store.root} ({n_snap} snapshots)"
         )
-    newer = np.flatnonzero(resolve_snapshot(ctx.published_at, T) < S)
-    if len(newer):
-        i = newer[0]
+    if code == 2:
         raise ThinTableError(
             f"request {rid[i]}: pointer names snapshot {S[i]}, published after the request time {T[i]}"
         )
-    heads = HeadIndex.of_files(ctx.store, ctx.heads_files.get(bucket, []))
-    at = heads.lookup(users, S)
-    if ctx.verify:
-        exp_len, exp_cs = heads.pointers(users, S, at)
-        hl = rows.column("head_len").to_numpy().astype(np.int64)
-        cs = rows.column("head_checksum").to_numpy()
-        mism = ((exp_len != hl) | (exp_cs != cs)) & ~np.isin(users, ctx.forgotten)
-        if mism.any():
-            i = np.flatnonzero(mism)[0]
-            raise O2OConsistencyError(
-                f"request {rid[i]}: O2O consistency error: user {users[i]}'s head at snapshot "
-                f"{S[i]} has length {exp_len[i]} and checksum {int(exp_cs[i]) & 0xFFFFFFFFFFFFFFFF:#x}, "
-                f"but the pointer says {hl[i]} and {int(cs[i]) & 0xFFFFFFFFFFFFFFFF:#x}"
-            )
-    w = t.window_us
-    lo_ts = T - w if w is not None else None
+    if code == 3:
+        exp_len, exp_cs = heads.pointers(users[i:i + 1], S[i:i + 1], at[i:i + 1])
+        raise O2OConsistencyError(
+            f"request {rid[i]}: O2O consistency error: user {users[i]}'s head at snapshot "
+            f"{S[i]} has length {exp_len[0]} and checksum {int(exp_cs[0]) & 0xFFFFFFFFFFFFFFFF:#x}, "
+            f"but the pointer says {hl[i]} and {int(cs[i]) & 0xFFFFFFFFFFFFFFFF:#x}"
+        )
 
-    # --- head: one pruned read of the bucket serves every request in it
-    uniq, inv = np.unique(users, return_inverse=True)
-    if t.actions is None:
-        cut_r = heads.cutoffs(users, S, L, at)
-    else:
-        cut_r = np.full(R, NO_MARKER, dtype=np.int64)
-    if lo_ts is not None:
-        # The window is a per-request lower bound too: push it down per user, not only as the
-        # bucket-wide minimum (requests of one bucket span days; a user's do not, as much).
-        cut_r = np.maximum(cut_r, lo_ts)
-    cut_r = np.where(S >= 0, cut_r, INT64_MAX)
-    cut_u = np.full(len(uniq), INT64_MAX, dtype=np.int64)
-    np.minimum.at(cut_u, inv, cut_r)
+    # --- head: one pruned read of the bucket serves every request in it, each user from the
+    # lowest cutoff of its requests that have a head
     has_head = S >= 0
+    h_users, h_cut = users[has_head], cut_r[has_head]
+    if len(h_users) and not (h_users[1:] >= h_users[:-1]).all():
+        o = np.argsort(h_users, kind="stable")
+        h_users, h_cut = h_users[o], h_cut[o]
+    starts = np.flatnonzero(np.r_[True, h_users[1:] != h_users[:-1]]) if len(h_users) else \
+        np.zeros(0, dtype=np.int64)
     br = uih.read_bucket(
         ctx.store,
-        ctx.files.get(bucket, []) if has_head.any() else [],
-        users=uniq[np.unique(inv[has_head])] if has_head.any() else uniq[:0],
-        cutoffs=cut_u[np.unique(inv[has_head])] if has_head.any() else cut_u[:0],
+        ctx.files.get(bucket, []) if len(h_users) else [],
+        users=h_users[starts],
+        cutoffs=np.minimum.reduceat(h_cut, starts) if len(starts) else h_cut[:0],
         columns=t.columns,
         actions=t.action_array,
         max_snapshot=int(S.max(initial=-1)),

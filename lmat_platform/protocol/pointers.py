@@ -102,6 +102,7 @@ class HeadIndex:
     head_checksum: np.ndarray
     markers: np.ndarray  # [n, len(MARKER_LENGTHS)]
     _first: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _marks: dict[int, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def load(cls, store: Store, users: np.ndarray, buckets: np.ndarray | None = None) -> HeadIndex:
@@ -192,6 +193,19 @@ class HeadIndex:
         hl[has] = self.head_len[idx[has]]
         cs[has] = self.head_checksum[idx[has]]
         return hl, cs
+
+    def marker_column(self, max_len: int) -> np.ndarray | None:
+        """Each entry's length marker for ``max_len`` (the earliest event time the last
+        ``max_len`` head events can have), contiguous; None where no marker covers it."""
+        j = int(np.searchsorted(np.array(MARKER_LENGTHS), max_len, side="left"))
+        if j >= len(MARKER_LENGTHS):
+            return None
+        if self._marks is None:
+            self._marks = {}
+        col = self._marks.get(j)
+        if col is None:  # once per (cached) index and marker
+            col = self._marks[j] = np.ascontiguousarray(self.markers[:, j], dtype=np.int64)
+        return col
 
     def cutoffs(
         self, users: np.ndarray, snaps: np.ndarray, max_len: int, idx: np.ndarray | None = None

@@ -188,14 +188,18 @@ def open_thin(store: Store, uri: str, *, shared: bool = False) -> DeltaTable:
         dt = None
     if dt is None:
         raise ThinTableError(f"{uri}: no thin table here")
-    sid = thin_store_id(dt)
+    check_thin_owner(thin_store_id(dt), store, uri)
+    return dt
+
+
+def check_thin_owner(sid: str | None, store: Store, uri: str) -> None:
+    """Raise unless a thin table whose log names store ``sid`` belongs to ``store``."""
     if sid is None:
         raise ThinTableError(f"{uri}: not an lmat thin table (no {STORE_ID_KEY})")
     if sid != store.store_id:
         raise ThinTableError(
             f"{uri}: thin table belongs to store {sid}, not to {store.root} ({store.store_id})"
         )
-    return dt
 
 
 def write_thin(

@@ -51,7 +51,12 @@ from deltalake.exceptions import DeltaError
 
 from lmat_platform.exceptions import LmatError, ThinTableError
 from lmat_platform.kernels import is_sorted3, warm_up
-from lmat_platform.protocol.thin import ROW_ORDER, TAIL_PREFIX, open_thin
+from lmat_platform.protocol.thin import (
+    ROW_ORDER,
+    TAIL_PREFIX,
+    check_thin_owner,
+    thin_store_id,
+)
 from lmat_platform.reader.batch import Batch
 from lmat_platform.reader.buffers import BufferPool, shared_pool
 from lmat_platform.reader.errors import ReaderTimeoutError, ReaderWorkerError, StoreUnreachableError
@@ -633,8 +638,11 @@ class _ThinInfo:
 def _thin_info(store: Store, uri: str) -> _ThinInfo:
     """Rows per bucket, schema and snapshot range of a thin table's latest version, from its
     log (once per version and process)."""
-    open_thin(store, uri, shared=True)  # there, and the store's
-    info: _ThinInfo = derived(uri, "reader-info", _thin_info_of)
+    got = derived(uri, "reader-info", lambda dt: (thin_store_id(dt), _thin_info_of(dt)))
+    if got is None:
+        raise ThinTableError(f"{uri}: no thin table here")
+    check_thin_owner(got[0], store, uri)
+    info: _ThinInfo = got[1]
     return info
 
 

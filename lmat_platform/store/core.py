@@ -251,39 +251,57 @@ _SHARED: OrderedDict[Hashable, DeltaTable] = OrderedDict()
 _READS: OrderedDict[tuple[Hashable, tuple[str, ...] | None], pa.Table] = OrderedDict()
 
 
-def _commits(uri: str) -> dict[int, tuple[int, int]]:
-    """Commit files of the Delta table at ``uri``, from one listing of its log: version ->
-    (modification time in ns, size). A commit file appears whole, or not at all."""
+def _commit_stamp(uri: str, version: int | None) -> tuple[int | None, tuple[int, int] | None]:
+    """The table's latest commit version (or ``version``) and its commit file's (modification
+    time in ns, size), from one listing of its log: (None, None) for no log, (version, None)
+    when that commit file is gone. A commit file appears whole, or not at all."""
     if not _is_uri(uri):
-        # Local logs are listed with one scandir (a fraction of pyarrow's listing cost: every
-        # reader lists the logs it reads to find their latest versions).
-        out: dict[int, tuple[int, int]] = {}
+        # Local logs: one scandir for the names and one stat, of the file that matters (every
+        # reader lists the logs it reads to find their latest versions); a given version needs
+        # the stat alone.
+        log_dir = os.path.join(os.path.abspath(uri.removeprefix("file://")), "_delta_log")
+        if version is not None:
+            try:
+                st = os.stat(os.path.join(log_dir, f"{int(version):020d}.json"))
+            except FileNotFoundError:
+                return int(version), None
+            return int(version), (st.st_mtime_ns, st.st_size)
         try:
-            with os.scandir(os.path.join(os.path.abspath(uri.removeprefix("file://")),
-                                         "_delta_log")) as it:
-                for e in it:
-                    if (m := _COMMIT_FILE.match(e.name)):
-                        st = e.stat()
-                        out[int(m.group(1))] = (st.st_mtime_ns, st.st_size)
+            with os.scandir(log_dir) as it:
+                versions = [int(n[:20]) for e in it if len(n := e.name) == 25
+                            and n.endswith(".json") and n[:20].isdigit()]
         except FileNotFoundError:
-            pass
-        return out
+            versions = []
+        if version is None:
+            if not versions:
+                return None, None
+            version = max(versions)
+        version = int(version)
+        if version not in versions:
+            return version, None
+        try:
+            st = os.stat(os.path.join(log_dir, f"{version:020d}.json"))
+        except FileNotFoundError:  # cleaned up since the listing
+            return version, None
+        return version, (st.st_mtime_ns, st.st_size)
     fs, path = pafs.FileSystem.from_uri(uri)
     sel = pafs.FileSelector(f"{path.rstrip('/')}/_delta_log", allow_not_found=True)
-    return {int(m.group(1)): (i.mtime_ns or 0, i.size or 0) for i in fs.get_file_info(sel)
-            if (m := _COMMIT_FILE.match(i.base_name))}
+    commits = {int(m.group(1)): (i.mtime_ns or 0, i.size or 0) for i in fs.get_file_info(sel)
+               if (m := _COMMIT_FILE.match(i.base_name))}
+    if version is None:
+        if not commits:
+            return None, None
+        version = max(commits)
+    return version, commits.get(int(version))
 
 
 def _shared(uri: str, version: int | None) -> tuple[DeltaTable | None, Hashable | None]:
     """:func:`shared_delta_table` and the key its reads are remembered under (None: not
     shared). The key holds the commit file's time and size, so a table deleted and written
     again at the same path (version 0 again) is not mistaken for the old one."""
-    commits = _commits(uri)
+    version, stamp = _commit_stamp(uri, version)
     if version is None:
-        if not commits:
-            return None, None
-        version = max(commits)
-    stamp = commits.get(int(version))
+        return None, None
     if stamp is None:  # the commit file was cleaned up after a checkpoint: open, do not share
         try:
             return DeltaTable(uri, version=version, storage_options=storage_options()), None

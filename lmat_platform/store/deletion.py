@@ -155,10 +155,14 @@ def _purge_tails(uri: str, users: np.ndarray, buckets: np.ndarray, props: Commit
 
 
 def forgotten_users(store: Store) -> np.ndarray:
-    t = store.read_table("forgotten", columns=["user_id"])
-    if t is None:
-        return np.array([], dtype=np.int64)
-    return np.unique(t.column("user_id").to_numpy())
+    """Forgotten user ids, sorted and unique (derived once per version of the table)."""
+    got = store.derived("forgotten", "users", _forgotten_of)
+    return got if got is not None else np.array([], dtype=np.int64)
+
+
+def _forgotten_of(dt: DeltaTable) -> np.ndarray:
+    t = delta_dataset(dt).to_table(columns=["user_id"])
+    return np.unique(t.column("user_id").to_numpy()).astype(np.int64)
 
 
 def register_thin_table(store: Store, uri: str) -> None:
