@@ -610,6 +610,74 @@ def request_heads(
 
 
 @njit(cache=True, nogil=True)
+def _user_ranges(eu, users):  # type: ignore[no-untyped-def,unused-ignore]
+    R = len(users)
+    n = len(eu)
+    start = np.empty(R, dtype=np.int64)
+    end = np.empty(R, dtype=np.int64)
+    for r in range(R):
+        u = users[r]
+        if r and u == users[r - 1]:  # requests come grouped by user: one search per user
+            start[r] = start[r - 1]
+            end[r] = end[r - 1]
+            continue
+        a = _first_at_least(eu, 0, n, u)
+        start[r] = a
+        end[r] = _first_at_least(eu, a, n, u + 1) if u < np.iinfo(np.int64).max else n
+    return start, end
+
+
+def user_ranges(eu: np.ndarray, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each of ``users``' rows ``[start, end)`` in sorted ``eu`` (``searchsorted`` left and
+    right), one search per run of equal users."""
+    i64 = np.int64
+    out = _user_ranges(eu.astype(i64, copy=False), users.astype(i64, copy=False))
+    return out[0], out[1]
+
+
+@njit(cache=True, nogil=True)
+def _row_groups_wanted(umin, umax, tmax, smin, users, cutoffs, max_snapshot, min_ts):  # type: ignore[no-untyped-def,unused-ignore]
+    out = np.empty(len(umin), dtype=np.int64)
+    n = 0
+    nu = len(users)
+    for g in range(len(umin)):
+        if smin[g] > max_snapshot or tmax[g] < min_ts:
+            continue
+        a = _first_at_least(users, 0, nu, umin[g])
+        b = a
+        # Users of the group: [a, b); the group is wanted if one of them can need a row as old
+        # as its newest (a cutoff at or before tmax).
+        wanted = False
+        while b < nu and users[b] <= umax[g]:
+            if cutoffs[b] <= tmax[g]:
+                wanted = True
+                break
+            b += 1
+        if wanted:
+            out[n] = g
+            n += 1
+    return out[:n].copy()
+
+
+def row_groups_wanted(
+    umin: np.ndarray, umax: np.ndarray, tmax: np.ndarray, smin: np.ndarray,
+    users: np.ndarray, cutoffs: np.ndarray, max_snapshot: int, min_ts: int | None,
+) -> np.ndarray:
+    """Row groups (by their user range ``[umin, umax]``, newest event ``tmax`` and smallest
+    snapshot ``smin``) holding one of sorted ``users`` whose ``cutoffs`` (earliest event time it
+    can need) is at or before ``tmax``, of no newer a snapshot than ``max_snapshot`` and not
+    older than ``min_ts``; in one compiled pass."""
+    if not (len(umin) == len(umax) == len(tmax) == len(smin)) or len(users) != len(cutoffs):
+        raise ValueError("row_groups_wanted: array lengths differ")
+    i64 = np.int64
+    return _row_groups_wanted(
+        umin.astype(i64, copy=False), umax.astype(i64, copy=False), tmax.astype(i64, copy=False),
+        smin.astype(i64, copy=False), users.astype(i64, copy=False),
+        cutoffs.astype(i64, copy=False), int(max_snapshot),
+        np.iinfo(i64).min if min_ts is None else int(min_ts))
+
+
+@njit(cache=True, nogil=True)
 def _ranges_sorted(off, a, b):  # type: ignore[no-untyped-def,unused-ignore]
     for r in range(len(off) - 1):
         for i in range(off[r] + 1, off[r + 1]):
@@ -650,4 +718,6 @@ def warm_up() -> None:
     b = np.ones(2, dtype=np.bool_)
     plan_sequences(z, z, z, z, z, z, z, z, b, z, z, z, z, z, 1)
     request_heads(z, z, z, z, 1, z, z, z, z, z, z, True, z, z, None)
+    row_groups_wanted(z, z, z, z, z, z, 0, None)
+    user_ranges(z, z)
     _WARM = True

@@ -40,6 +40,7 @@ from lmat_platform.kernels import (
     plan_sequences,
     ranges_sorted,
     request_heads,
+    user_ranges,
 )
 from lmat_platform.protocol.pointers import HeadIndex, expand_positions
 from lmat_platform.protocol.thin import TAIL_PREFIX, open_thin, read_raw_range, tails_from_raw
@@ -59,8 +60,7 @@ INT64_MAX = np.iinfo(np.int64).max
 def tensor_numpy(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """A numeric, boolean or temporal Arrow array as numpy, as a tensor takes it: nulls become 0
     (NaN for floats), timestamps and durations int64."""
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
+    arr = one_array(arr)
     t = arr.type
     if pa.types.is_timestamp(t) or pa.types.is_duration(t) or pa.types.is_date64(t):
         arr = arr.view(pa.int64())
@@ -234,7 +234,7 @@ class ThinRows:
                 tails[c] = pa.nulls(n_ev, typ)
                 continue
             v = _tail_values(rows.column(TAIL_PREFIX + c), lens, rid)
-            v = v.combine_chunks() if isinstance(v, pa.ChunkedArray) else v
+            v = one_array(v)
             tails[c] = v if v.type == typ else v.cast(typ)
         ordered = True
         if "event_ts" in tails and "event_id" in tails and n_ev:
@@ -312,8 +312,15 @@ def _heads_files(dt: DeltaTable, *, root: str) -> dict[int, list[str]]:
 
 def column_array(table: pa.Table, name: str) -> pa.Array:
     """A table column as one Arrow array (chunks combined)."""
-    col = table.column(name)
-    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return one_array(table.column(name))
+
+
+def one_array(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """An array, or a chunked array's chunks as one array: zero-copy when there is one chunk
+    (Arrow's ``combine_chunks`` copies even then)."""
+    if not isinstance(col, pa.ChunkedArray):
+        return col
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
 
 
 def reconstruct_bucket(
@@ -392,8 +399,7 @@ def reconstruct_bucket(
     eu = E.column("user_id").to_numpy()
     ets = E.column("event_ts").to_numpy()
     esn = E.column("snapshot_id").to_numpy()
-    u_start = np.searchsorted(eu, users, side="left")
-    e_end = np.searchsorted(eu, users, side="right")
+    u_start, e_end = user_ranges(eu, users)
 
     # --- tails: stored (streaming) or from the raw log (batch). Stored tails already in order
     # serve as they are (zero-copy): the window is a prefix cut the planner makes per request.
@@ -535,10 +541,10 @@ def _gather_segments(
 
     Fixed-width columns without nulls go through the compiled slice copy (the Arrow array wraps
     its output); other columns through Arrow take."""
-    h = head.combine_chunks() if isinstance(head, pa.ChunkedArray) else head
+    h = one_array(head)
     tl = None
     if tail is not None and len(tail):
-        tl = tail.combine_chunks() if isinstance(tail, pa.ChunkedArray) else tail
+        tl = one_array(tail)
         if tl.type != h.type:
             tl = tl.cast(h.type)
     hn = _fixed_numpy(h)

@@ -35,7 +35,7 @@ from lmat_platform.reader.loader import (
     _UnitReader,
     plan_units,
 )
-from lmat_platform.reconstruct import tensor_numpy
+from lmat_platform.reconstruct import column_array, tensor_numpy
 from lmat_platform.store.core import Store
 from lmat_platform.tenants import Tenant
 
@@ -150,8 +150,7 @@ def arrow_to_batch(table: pa.Table, columns: tuple[str, ...], context: list[str]
     import torch
 
     def arr(c: str) -> pa.Array:
-        col = table.column(c)
-        return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        return column_array(table, c)
 
     def t(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.array(a, copy=True))

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction
 from deltalake.transaction import AddAction, RemoveAction
 
-from lmat_platform.kernels import is_sorted3
+from lmat_platform.kernels import is_sorted3, row_groups_wanted
 from lmat_platform.store.cache import cache
 from lmat_platform.store.core import Store, now_us
 
@@ -336,22 +336,9 @@ def _row_groups_wanted(
 ) -> list[int]:
     """Row groups holding one of ``users`` (sorted) with a row the read can need: not every
     row of a newer snapshot than ``max_snapshot``, nor older than every cutoff of the users it
-    holds (nor than ``min_ts``). Vectorized: no Python step per row group."""
-    i0 = np.searchsorted(users, st.umin, side="left")
-    i1 = np.searchsorted(users, st.umax, side="right")
-    ok = (i1 > i0) & (np.asarray(st.smin) <= max_snapshot)
-    tmax = np.asarray(st.tmax)
-    if min_ts is not None:
-        ok &= tmax >= min_ts
-    idx = np.flatnonzero(ok)
-    if len(idx):
-        # Range minima of cutoffs over [i0, i1): reduceat over interleaved (start, end) bounds
-        # (a sentinel keeps every bound a valid index); the even results are the ranges'.
-        c = np.append(cutoffs, np.iinfo(np.int64).max)
-        bounds = np.stack([i0[idx], i1[idx]], axis=1).ravel()
-        mins = np.minimum.reduceat(c, bounds)[::2]
-        idx = idx[tmax[idx] >= mins]
-    return idx.tolist()
+    holds (nor than ``min_ts``). Compiled: no Python step per row group."""
+    return row_groups_wanted(st.umin, st.umax, st.tmax, st.smin, users, cutoffs, max_snapshot,
+                             min_ts).tolist()
 
 
 @dataclass
