@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -46,8 +47,9 @@ from lmat_platform.protocol.pointers import HeadIndex, expand_positions
 from lmat_platform.protocol.thin import TAIL_PREFIX, open_thin, read_raw_range, tails_from_raw
 from lmat_platform.schema import EVENT_COLUMNS
 from lmat_platform.store import uih
+from lmat_platform.store.cache import cache
 from lmat_platform.store.core import Store, as_store, delta_dataset
-from lmat_platform.store.deletion import forgotten_users
+from lmat_platform.store.deletion import forgotten_of
 from lmat_platform.tenants import Tenant
 
 log = logging.getLogger(__name__)
@@ -259,29 +261,42 @@ class ReadContext:
     heads_files: dict[int, list[str]]
     verify: bool = True
 
+    #: The store state the context was built from (each table's version, by key): what a
+    #: reader's cached :class:`PreparedUnit` depends on besides its rows. None: do not cache.
+    state: tuple[Any, ...] | None = None
+
     @classmethod
     def build(cls, store: Store | str, tenant: Tenant, *, verify: bool = True) -> ReadContext:
         store = as_store(store)
         # Each piece is derived from its table's log once per version and process (one listing
         # of each log finds the latest versions): building a loader per pass or per epoch
         # costs a few listings, not a replay of every file list.
-        published_at, watermarks = store.derived("snapshots", "reader-arrays", _snapshot_arrays) \
-            or (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
-        files, schema = store.derived("uih", "reader-files", _tier_files) or (
-            {}, pa.schema([pa.field(c, t) for c, t in EVENT_COLUMNS.items()]))
+        snaps, k_snap = store.derived_keyed("snapshots", "reader-arrays", _snapshot_arrays)
+        published_at, watermarks = snaps or (np.zeros(0, dtype=np.int64),
+                                             np.zeros(0, dtype=np.int64))
+        tier, k_uih = store.derived_keyed("uih", "reader-files", _tier_files)
+        files, schema = tier or ({}, pa.schema([pa.field(c, t) for c, t in EVENT_COLUMNS.items()]))
         # A trait added by a file ingested after the newest snapshot is in the raw log (and so
         # in tails) but not yet in the tier: it is a stored column all the same.
-        raw = store.derived("raw", "schema", lambda dt: pa.schema(dt.schema().to_arrow()))
+        raw, k_raw = store.derived_keyed("raw", "schema",
+                                         lambda dt: pa.schema(dt.schema().to_arrow()))
         if raw is not None:
             have = set(schema.names)
             schema = pa.schema([*schema, *(
                 f for f in raw if f.name not in have and f.name not in ("source", "batch_id"))])
         tenant.check_columns(schema.names)
         _, root = store.filesystem()
-        heads_files = store.derived("heads", "reader-files",
-                                    functools.partial(_heads_files, root=root)) or {}
-        return cls(store, tenant, published_at, watermarks, forgotten_users(store), files,
-                   schema, heads_files, verify)
+        heads_files, k_heads = store.derived_keyed("heads", "reader-files",
+                                                   functools.partial(_heads_files, root=root))
+        forgotten, k_forgot = store.derived_keyed("forgotten", "users", forgotten_of)
+        keys = (k_snap, k_uih, k_raw, k_heads, k_forgot)
+        tables = (snaps, tier, raw, heads_files, forgotten)
+        # A table that exists but whose version is not shared has no key: nothing is cached.
+        state = (store.store_id, keys) if all(
+            k is not None or v is None for k, v in zip(keys, tables, strict=True)) else None
+        return cls(store, tenant, published_at, watermarks,
+                   forgotten if forgotten is not None else np.zeros(0, dtype=np.int64), files,
+                   schema, heads_files or {}, verify, state)
 
 
 def _snapshot_arrays(dt: DeltaTable) -> tuple[np.ndarray, np.ndarray]:
@@ -332,6 +347,104 @@ def reconstruct_bucket(
     With ``plan_only`` the sequences come back as a :class:`SegmentPlan` over numpy sources
     (nulls as :func:`tensor_numpy` makes them) and ``values`` is empty: the loader copies them
     into its batches."""
+    return plan_unit(prepare_unit(ctx, bucket, rows), plan_only=plan_only)
+
+
+@dataclass
+class PreparedUnit:
+    """The planner's inputs for a set of thin rows of one bucket, checked (pointers name
+    published snapshots, O2O consistency) and resolved (head entries, cutoffs, the bucket's
+    head rows, each request's rows and tail): what :func:`plan_unit` plans and copies from.
+
+    Built from immutable files and the store state named by :attr:`ReadContext.state`, so a
+    reader keeps it in the decoded cache (:func:`prepare_unit` with a ``key``): a later pass
+    over the same rows plans and copies every sequence again, without redoing the checks,
+    lookups and the read."""
+
+    L: int
+    rid: np.ndarray
+    users: np.ndarray
+    T: np.ndarray
+    S: np.ndarray
+    has_head: np.ndarray
+    cut_r: np.ndarray
+    t_min: np.ndarray
+    E: pa.Table
+    eu: np.ndarray
+    ets: np.ndarray
+    eid: np.ndarray
+    esn: np.ndarray
+    u_start: np.ndarray
+    e_end: np.ndarray
+    tails: dict[str, pa.Array | pa.ChunkedArray]
+    tts: np.ndarray
+    tid: np.ndarray
+    t_start: np.ndarray
+    t_end: np.ndarray
+    #: The tenant's columns as numpy, in the store schema's type: head rows and tail events.
+    head_src: dict[str, np.ndarray]
+    tail_src: dict[str, np.ndarray]
+    context: pa.Table
+    bytes_read: int
+    stats: dict[str, int]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every array it holds (views of cached data included: it keeps them alive)."""
+        arrays = [self.rid, self.users, self.T, self.S, self.has_head, self.cut_r, self.t_min,
+                  self.eu, self.ets, self.eid, self.esn, self.u_start, self.e_end, self.tts,
+                  self.tid, self.t_start, self.t_end, *self.head_src.values(),
+                  *self.tail_src.values()]
+        return (sum(a.nbytes for a in arrays) + self.E.nbytes + self.context.nbytes
+                + sum(v.nbytes for v in self.tails.values()))
+
+
+def prepare_unit(
+    ctx: ReadContext, bucket: int,
+    rows: pa.Table | ThinRows | Callable[[], ThinRows], *, key: tuple[Any, ...] | None = None,
+) -> PreparedUnit:
+    """Check and resolve thin ``rows`` of ``bucket`` for the planner (see :class:`PreparedUnit`).
+
+    ``rows`` may be a callable that returns them, called only when needed: with ``key`` (what
+    names the rows: their files, slice and columns) the result is kept in the decoded cache
+    under the key, the bucket, the tenant and :attr:`ReadContext.state`, and served from there
+    while the store's state and the rows' files are the same."""
+    full_key = None
+    if key is not None and ctx.state is not None:
+        t = ctx.tenant
+        full_key = ("unit", ctx.state, bucket, key, t.columns, t.max_len, t.actions,
+                    t.window_us, ctx.verify)
+        hit = cache().get(full_key)
+        if hit is not None:
+            return hit
+    if callable(rows):
+        rows = rows()
+    prep = _prepare(ctx, bucket, rows)
+    if full_key is not None:
+        cache().put(full_key, prep, prep.nbytes, evict=False)
+    return prep
+
+
+def plan_unit(prep: PreparedUnit, *, plan_only: bool = False) -> Sequences:
+    """Plan every request's sequence of a prepared unit (one compiled call) and, unless
+    ``plan_only``, copy them out (see :func:`reconstruct_bucket`)."""
+    # Each request's head range (less late rows of later snapshots) merged with its tail by
+    # (event_ts, event_id) and cut to the last L, as segment copies.
+    lengths, seg_off, s0, s1 = plan_sequences(
+        prep.eu, prep.ets, prep.eid, prep.esn, prep.u_start, prep.e_end, prep.cut_r, prep.S,
+        prep.has_head, prep.t_start, prep.t_end, prep.t_min, prep.tts, prep.tid, prep.L)
+    values: dict[str, pa.Array] = {}
+    plan = None
+    if plan_only:
+        plan = SegmentPlan(seg_off, s0, s1, prep.head_src, prep.tail_src)
+    else:
+        for c in prep.head_src:
+            values[c] = _gather_segments(prep.E.column(c), prep.tails[c], s0, s1)
+    return Sequences(prep.rid, prep.users, prep.T, lengths, values, prep.context,
+                     prep.bytes_read, dict(prep.stats), plan)
+
+
+def _prepare(ctx: ReadContext, bucket: int, rows: pa.Table | ThinRows) -> PreparedUnit:
     t = ctx.tenant
     L = t.max_len
     need = event_columns(t)
@@ -446,41 +559,31 @@ def reconstruct_bucket(
     tts = tensor_numpy(tails["event_ts"])
     tid = tensor_numpy(tails["event_id"])
 
-    # --- plan: each request's head range (less late rows of later snapshots) merged with its
-    # tail by (event_ts, event_id) and cut to the last L, as segment copies: one compiled call.
     eid = E.column("event_id").to_numpy()
     t_min = lo_ts if lo_ts is not None else np.full(R, np.iinfo(np.int64).min, dtype=np.int64)
+
+    def source(col: pa.Array | pa.ChunkedArray, c: str) -> np.ndarray:
+        # Both sources in the store schema's type (tails already are): every plan of a
+        # column, whatever bucket or file it came from, has one dtype, so batches that mix
+        # plans copy without widening.
+        typ = ctx.schema.field(c).type
+        return tensor_numpy(col if col.type == typ else col.cast(typ))
+
+    ctx_cols = [c for c in rows.column_names if is_context_column(c)]
     # Head rows count from each request's cutoff on (its window, and the earliest time its
     # last L can reach at its snapshot: rows before it cannot be among them).
-    lengths, seg_off, s0, s1 = plan_sequences(
-        eu, ets, eid, esn, u_start, e_end, cut_r, S, has_head, t_start, t_end, t_min, tts, tid,
-        L)
-    values: dict[str, pa.Array] = {}
-    plan = None
-    if plan_only:
-        def source(col: pa.Array | pa.ChunkedArray, c: str) -> np.ndarray:
-            # Both sources in the store schema's type (tails already are): every plan of a
-            # column, whatever bucket or file it came from, has one dtype, so batches that mix
-            # plans copy without widening.
-            typ = ctx.schema.field(c).type
-            return tensor_numpy(col if col.type == typ else col.cast(typ))
-
-        plan = SegmentPlan(seg_off, s0, s1, {c: source(E.column(c), c) for c in t.columns},
-                           {c: source(tails[c], c) for c in t.columns})
-    else:
-        for c in t.columns:
-            values[c] = _gather_segments(E.column(c), tails[c], s0, s1)
-    ctx_cols = [c for c in rows.column_names if is_context_column(c)]
-    return Sequences(
-        rid, users, T, lengths, values, rows.select(ctx_cols),
-        br.bytes_read,
+    return PreparedUnit(
+        L, rid, users, T, S, has_head, cut_r, t_min, E, eu, ets, eid, esn, u_start, e_end,
+        tails, tts, tid, t_start, t_end,
+        {c: source(E.column(c), c) for c in t.columns},
+        {c: source(tails[c], c) for c in t.columns},
+        rows.select(ctx_cols), br.bytes_read,
         {
             "row_groups_read": br.row_groups_read,
             "row_groups_skipped": br.row_groups_skipped,
             "head_rows_decoded": E.num_rows,
             "tail_events": tail_events,
         },
-        plan,
     )
 
 

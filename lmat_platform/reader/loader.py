@@ -70,7 +70,8 @@ from lmat_platform.reconstruct import (
     column_array,
     event_columns,
     is_context_column,
-    reconstruct_bucket,
+    plan_unit,
+    prepare_unit,
     tensor_numpy,
     thin_columns,
 )
@@ -253,28 +254,31 @@ class _UnitReader:
         self._ds: pads.Dataset | None = None
         # The last bucket's thin rows: the units of a split bucket are dealt out together, so
         # one read of the bucket serves all of this process's slices.
-        self._cached: tuple[int, ThinRows, int] | None = None
+        self._cached: tuple[int, ThinRows] | None = None
         self._frags: dict[int | None, list[pads.Fragment]] | None = None
 
-    def _bucket_rows(self, bucket: int) -> tuple[ThinRows, int]:
-        """The bucket's thin rows (projected, in (user, request time, request id) order, tails
-        flattened) and the compressed bytes of its thin files' columns."""
-        if self._cached is not None and self._cached[0] == bucket:
-            return self._cached[1], self._cached[2]
-        ds = self._dataset()
+    def _bucket_frags(self, bucket: int) -> list[pads.Fragment]:
+        """The bucket's thin files (grouped by bucket once per reader, sorted by path)."""
         if self._frags is None:
             # Every file's bucket from its partition expression, listed once per process.
             self._frags = {}
-            for f in ds.get_fragments():
+            for f in self._dataset().get_fragments():
                 b = pads.get_partition_keys(f.partition_expression).get("bucket")
                 self._frags.setdefault(None if b is None else int(b), []).append(f)
             for fl in self._frags.values():
                 fl.sort(key=lambda f: f.path)
-        frags = self._frags.get(bucket, [])
-        rows, nbytes = _thin_bucket(frags, ds.schema, self.spec.thin_columns,
-                                    event_columns(self.spec.ctx.tenant), self.spec.ctx.schema)
-        self._cached = (bucket, rows, nbytes)
-        return rows, nbytes
+        return self._frags.get(bucket, [])
+
+    def _bucket_rows(self, bucket: int) -> ThinRows:
+        """The bucket's thin rows (projected, in (user, request time, request id) order, tails
+        flattened)."""
+        if self._cached is not None and self._cached[0] == bucket:
+            return self._cached[1]
+        rows = _thin_bucket(self._bucket_frags(bucket), self._dataset().schema,
+                            self.spec.thin_columns, event_columns(self.spec.ctx.tenant),
+                            self.spec.ctx.schema)
+        self._cached = (bucket, rows)
+        return rows
 
     def _dataset(self) -> pads.Dataset:
         if self._ds is None:
@@ -284,21 +288,33 @@ class _UnitReader:
             self._ds = delta_dataset(dt)
         return self._ds
 
+    def _unit_rows(self, unit: WorkUnit) -> ThinRows:
+        thin = self._bucket_rows(unit.bucket)
+        n = thin.num_rows
+        if n != unit.bucket_rows or not n:
+            raise ThinTableError(
+                f"{self.spec.thin_uri}: bucket {unit.bucket} has {n} rows at "
+                f"version {self.spec.thin_version}, but its log says {unit.bucket_rows}"
+            )
+        # A user-contiguous slice (zero-copy), so slices of a bucket read mostly disjoint
+        # row groups of the tier.
+        return thin.slice(*unit.bounds) if unit.parts > 1 else thin
+
     def read(self, unit: WorkUnit, *, plan_only: bool = True) -> Sequences:
-        """Reconstruct one unit: as a copy plan (batches copy from it), or as Arrow values."""
+        """Reconstruct one unit: as a copy plan (batches copy from it), or as Arrow values.
+
+        A unit's checked planner inputs are kept in the decoded cache, named by its thin
+        files, slice and columns (and the store's state): a later pass over them plans and
+        copies every sequence again, but does not decode, check or look anything up again."""
         store = self.spec.ctx.store
         try:
-            thin, thin_bytes = self._bucket_rows(unit.bucket)
-            n = thin.num_rows
-            if n != unit.bucket_rows or not n:
-                raise ThinTableError(
-                    f"{self.spec.thin_uri}: bucket {unit.bucket} has {n} rows at "
-                    f"version {self.spec.thin_version}, but its log says {unit.bucket_rows}"
-                )
-            # A user-contiguous slice (zero-copy), so slices of a bucket read mostly disjoint
-            # row groups of the tier.
-            rows = thin.slice(*unit.bounds) if unit.parts > 1 else thin
-            seqs = reconstruct_bucket(self.spec.ctx, unit.bucket, rows, plan_only=plan_only)
+            frags = self._bucket_frags(unit.bucket)
+            key = (tuple(f.path for f in frags), unit.bounds, unit.bucket_rows,
+                   tuple(self.spec.thin_columns))
+            prep = prepare_unit(self.spec.ctx, unit.bucket, lambda: self._unit_rows(unit),
+                                key=key)
+            seqs = plan_unit(prep, plan_only=plan_only)
+            thin_bytes = sum(_thin_bytes(f, self.spec.thin_columns) for f in frags)
         except LmatError as e:
             if not _reachable(store):
                 raise StoreUnreachableError(
@@ -314,6 +330,7 @@ class _UnitReader:
         # to the whole), so a pass counts every thin file once however its slices are dealt
         # to consumers, workers or Ray actors, and in whatever order they come.
         lo, hi = unit.bounds
+        n = unit.bucket_rows
         share = thin_bytes * hi // n - thin_bytes * lo // n
         seqs.bytes_read += share
         seqs.stats["thin_bytes"] = share
@@ -344,17 +361,15 @@ def _thin_bytes(frag: pads.Fragment, columns: list[str]) -> int:
 def _thin_bucket(
     frags: list[pads.Fragment], schema: pa.Schema, columns: list[str], events: list[str],
     store_schema: pa.Schema,
-) -> tuple[ThinRows, int]:
+) -> ThinRows:
     """One bucket's thin files as :class:`ThinRows`: ``columns`` read, rows merged in
     (user, request time, request id) order, the tails of ``events`` flattened and typed as in
-    ``store_schema``; and the compressed bytes of those columns (counted as read whether or not
-    they were cached).
+    ``store_schema``.
 
     Decoded once per process: the files are immutable, so the decoded cache
     (:mod:`lmat_platform.store.cache`) keeps each piece, keyed by the bucket's files and the
     column, for later passes and other tenants' loaders, while it has room."""
     dc = cache()
-    nbytes = sum(_thin_bytes(f, columns) for f in frags)
     base = ("thin", tuple(f.path for f in frags))
     scalars = [c for c in columns if not c.startswith(TAIL_PREFIX) or c in THIN_KEYS]
     keys: dict[str, tuple[Any, ...]] = {
@@ -366,7 +381,7 @@ def _thin_bucket(
     ordered = dc.get((*base, "tails_sorted"))
     if off is not None and ordered is not None and all(v is not None for v in got.values()):
         return ThinRows(pa.table({c: got[c] for c in scalars}), off,
-                        {c: got[c] for c in events}, ordered), nbytes
+                        {c: got[c] for c in events}, ordered)
     if frags:
         # Files were added to or replaced in this bucket since it was last kept: what was kept
         # for its older file set goes, so that stale rows do not hold the room new ones need.
@@ -396,7 +411,7 @@ def _thin_bucket(
         dc.put(keys[c], thin.tails[c], thin.tails[c].nbytes, evict=False)
     dc.put((*base, "tail_off"), thin.tail_off, thin.tail_off.nbytes, evict=False)
     dc.put((*base, "tails_sorted"), thin.tails_sorted, 8, evict=False)
-    return thin, nbytes
+    return thin
 
 
 def _reachable(store: Store) -> bool:

@@ -146,6 +146,12 @@ class Store:
         process; None if never written. See :func:`derived`."""
         return derived(self.table_uri(name), tag, fn)
 
+    def derived_keyed(
+        self, name: str, tag: str, fn: Callable[[DeltaTable], Any]
+    ) -> tuple[Any, Hashable | None]:
+        """:meth:`derived` and the key of the table version (see :func:`derived_keyed`)."""
+        return derived_keyed(self.table_uri(name), tag, fn)
+
     def read_table(
         self, name: str, *, columns: list[str] | None = None, filters: Any = None
     ) -> pa.Table | None:
@@ -332,22 +338,30 @@ def derived(uri: str, tag: str, fn: Callable[[DeltaTable], Any]) -> Any:
     version and process (None if the table has no log): what readers derive from a table's log
     (file lists, registries) is rebuilt only when a commit lands. ``fn``'s result is shared:
     treat it as read-only."""
+    return derived_keyed(uri, tag, fn)[0]
+
+
+def derived_keyed(
+    uri: str, tag: str, fn: Callable[[DeltaTable], Any]
+) -> tuple[Any, Hashable | None]:
+    """:func:`derived`, and the key of the table version it comes from (None: no table, or a
+    version not shared): equal keys, equal versions of the same table."""
     dt, key = _shared(uri, None)
     if dt is None:
-        return None
+        return None, None
     if key is None:
-        return fn(dt)
+        return fn(dt), None
     k = (key, tag)
     with _LOCK:
         if k in _DERIVED:
             _DERIVED.move_to_end(k)
-            return _DERIVED[k]
+            return _DERIVED[k], key
     out = fn(dt)
     with _LOCK:
         _DERIVED[k] = out
         while len(_DERIVED) > 4 * _SHARED_MAX:
             _DERIVED.popitem(last=False)
-    return out
+    return out, key
 
 
 def shared_delta_table(uri: str, version: int | None = None) -> DeltaTable | None:

@@ -156,11 +156,12 @@ def _purge_tails(uri: str, users: np.ndarray, buckets: np.ndarray, props: Commit
 
 def forgotten_users(store: Store) -> np.ndarray:
     """Forgotten user ids, sorted and unique (derived once per version of the table)."""
-    got = store.derived("forgotten", "users", _forgotten_of)
+    got = store.derived("forgotten", "users", forgotten_of)
     return got if got is not None else np.array([], dtype=np.int64)
 
 
-def _forgotten_of(dt: DeltaTable) -> np.ndarray:
+def forgotten_of(dt: DeltaTable) -> np.ndarray:
+    """The forgotten users of a version of the ``forgotten`` table, sorted and unique."""
     t = delta_dataset(dt).to_table(columns=["user_id"])
     return np.unique(t.column("user_id").to_numpy()).astype(np.int64)
 
