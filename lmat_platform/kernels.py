@@ -43,7 +43,7 @@ def _memcpy(typingctx, dst, src, nbytes):  # type: ignore[no-untyped-def,unused-
 
 
 @njit(cache=True, nogil=True)
-def _copy_columns(addr, widths, n_head, n_tail, cap, s0, s1):  # type: ignore[no-untyped-def,unused-ignore]
+def _copy_columns(src, dst, widths, n_head, n_tail, cap, s0, s1):  # type: ignore[no-untyped-def,unused-ignore]
     # Every segment is checked before anything is written (the copies do not check bounds):
     # -1 - i for a segment i outside both sources, -1 - len(s0) when the output is too small.
     total = 0
@@ -57,10 +57,10 @@ def _copy_columns(addr, widths, n_head, n_tail, cap, s0, s1):  # type: ignore[no
         total += b - a
     if total > cap:
         return -1 - len(s0)
-    for c in range(addr.shape[1]):
-        hp = addr[0, c]
-        tp = addr[1, c]
-        op = addr[2, c]
+    for c in range(src.shape[1]):
+        hp = src[0, c]
+        tp = src[1, c]
+        op = dst[c]
         w = widths[c]
         o = 0
         for i in range(len(s0)):
@@ -83,7 +83,65 @@ def _fixed_width(a: np.ndarray, what: str) -> None:
 
 
 def _addr(a: np.ndarray) -> int:
-    return int(a.__array_interface__["data"][0])
+    return int(a.ctypes.data)
+
+
+class CopySources:
+    """The columns of one plan as copy sources: each column's head rows then its tail events
+    (checked once: 1-D fixed-width, one dtype per column, equal lengths across columns), whose
+    segments :meth:`copy` writes into outputs. Keeps the (contiguous) sources alive."""
+
+    def __init__(self, heads: list[np.ndarray], tails: list[np.ndarray | None]):
+        if len(heads) != len(tails) or not heads:
+            raise ValueError(f"one head and tail per column: got {len(heads)} and {len(tails)}")
+        self.heads = [np.ascontiguousarray(h) for h in heads]
+        self.tails = [np.ascontiguousarray(t) if t is not None else h[:0]
+                      for h, t in zip(self.heads, tails, strict=True)]
+        self.n_head = len(self.heads[0])
+        self.n_tail = len(self.tails[0])
+        for h, t in zip(self.heads, self.tails, strict=True):
+            _fixed_width(h, "head")
+            if t.dtype != h.dtype:
+                raise TypeError(f"head is {h.dtype} but tail is {t.dtype}")
+            if len(h) != self.n_head or len(t) != self.n_tail:
+                raise ValueError("the columns of one plan must have equal head and tail lengths")
+        self.dtypes = [h.dtype for h in self.heads]
+        self.widths = np.array([h.itemsize for h in self.heads], dtype=np.int64)
+        self.addr = np.array([[_addr(h) for h in self.heads], [_addr(t) for t in self.tails]],
+                             dtype=np.int64)
+
+    def copy(self, s0: np.ndarray, s1: np.ndarray, outs: list[np.ndarray], offset: int = 0) -> int:
+        """Copy virtual segments ``[s0[i], s1[i])`` of every column, over its head rows then its
+        tail events, to ``outs[c][offset:]``; returns the values copied per column. The
+        segments are checked inside the compiled call (GIL released) before anything is
+        written; then every column is copied with the C library's memcpy."""
+        if len(outs) != len(self.heads):
+            raise ValueError(f"one output per column: got {len(outs)} for {len(self.heads)}")
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        for dt, o in zip(self.dtypes, outs, strict=True):
+            if o.dtype != dt or o.ndim != 1 or not o.flags.c_contiguous or not o.flags.writeable:
+                raise ValueError(f"out must be writable contiguous {dt}, got "
+                                 f"{o.dtype}{list(o.shape)}")
+        i64 = np.int64
+        s0 = s0.astype(i64, copy=False)
+        s1 = s1.astype(i64, copy=False)
+        if len(s0) != len(s1):
+            raise ValueError(f"segment starts and ends differ in length: {len(s0)}, {len(s1)}")
+        cap = min(len(o) for o in outs) - offset
+        dst = np.array([_addr(o) + offset * o.itemsize for o in outs], dtype=i64)
+        done = int(_copy_columns(self.addr, dst, self.widths, self.n_head, self.n_tail,
+                                 max(cap, 0), s0, s1))
+        if done == -1 - len(s0):
+            total = int(np.maximum(s1 - s0, 0).sum())
+            o = outs[0]
+            raise ValueError(f"out must be contiguous {o.dtype}[{offset + total}], got "
+                             f"{o.dtype}{list(o.shape)} from offset {offset}")
+        if done < 0:
+            i = -1 - done
+            raise IndexError(f"segment [{s0[i]}, {s1[i]}) is outside head ({self.n_head}) and "
+                             f"tail ({self.n_tail})")
+        return done
 
 
 def copy_columns(
@@ -92,49 +150,12 @@ def copy_columns(
 ) -> int:
     """Copy virtual segments ``[s0[i], s1[i])`` of several columns of one plan at once: column
     ``c``'s segments over ``heads[c]`` then ``tails[c]`` go to ``outs[c][offset:]``. Returns
-    the values copied per column.
-
-    Every column of a plan has the same head and tail lengths, so the segments are checked once
-    for all, inside the compiled call (GIL released), before it copies every column with the C
-    library's memcpy, whatever its element width."""
+    the values copied per column (see :class:`CopySources`, which a caller copying many times
+    from the same sources keeps)."""
     if not (len(heads) == len(tails) == len(outs)) or not heads:
         raise ValueError(f"one head, tail and output per column: got {len(heads)}, "
                          f"{len(tails)} and {len(outs)}")
-    if offset < 0:
-        raise ValueError(f"offset must be >= 0, got {offset}")
-    nh = len(heads[0])
-    # Contiguous sources, kept alive (by these lists) for the whole call.
-    hs = [np.ascontiguousarray(h) for h in heads]
-    ts = [np.ascontiguousarray(t) if t is not None else h[:0] for h, t in zip(hs, tails, strict=True)]
-    nt = len(ts[0])
-    cap = min(len(o) for o in outs) - offset
-    for h, t, o in zip(hs, ts, outs, strict=True):
-        _fixed_width(h, "head")
-        if t.dtype != h.dtype:
-            raise TypeError(f"head is {h.dtype} but tail is {t.dtype}")
-        if len(h) != nh or len(t) != nt:
-            raise ValueError("the columns of one plan must have equal head and tail lengths")
-        if o.dtype != h.dtype or o.ndim != 1 or not o.flags.c_contiguous or not o.flags.writeable:
-            raise ValueError(f"out must be writable contiguous {h.dtype}, got "
-                             f"{o.dtype}{list(o.shape)}")
-    i64 = np.int64
-    s0 = s0.astype(i64, copy=False)
-    s1 = s1.astype(i64, copy=False)
-    if len(s0) != len(s1):
-        raise ValueError(f"segment starts and ends differ in length: {len(s0)}, {len(s1)}")
-    addr = np.array([[_addr(h) for h in hs], [_addr(t) for t in ts],
-                     [_addr(o) + offset * o.itemsize for o in outs]], dtype=i64)
-    done = int(_copy_columns(addr, np.array([o.itemsize for o in outs], dtype=i64), nh, nt,
-                             max(cap, 0), s0, s1))
-    if done == -1 - len(s0):
-        total = int(np.maximum(s1 - s0, 0).sum())
-        o = outs[0]
-        raise ValueError(f"out must be contiguous {o.dtype}[{offset + total}], got "
-                         f"{o.dtype}{list(o.shape)} from offset {offset}")
-    if done < 0:
-        i = -1 - done
-        raise IndexError(f"segment [{s0[i]}, {s1[i]}) is outside head ({nh}) and tail ({nt})")
-    return done
+    return CopySources(heads, tails).copy(s0, s1, outs, offset)
 
 
 def copy_segments(
@@ -187,6 +208,18 @@ def _first_at_least(a, x, y, v):  # type: ignore[no-untyped-def,unused-ignore]
         else:
             y = mid
     return x
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _first_at_least_from_end(a, x, y, v):  # type: ignore[no-untyped-def,unused-ignore]
+    """:func:`_first_at_least`, galloping back from ``y``: touches only the end of the range
+    when the answer lies near it (a request's last L rows of a long history)."""
+    step = 1
+    hi = y
+    while hi - step > x and a[hi - step] >= v:
+        hi -= step
+        step *= 2
+    return _first_at_least(a, max(x, hi - step), hi, v)
 
 
 @njit(cache=True, nogil=True)
@@ -429,7 +462,7 @@ def _plan(eu, ets, eid, esn, u_start, e_end, h_min, S, has_head, t_start, t_end,
     # Each request's head candidates start at its user's first row at or after h_min.
     lo = np.empty(R, dtype=np.int64)
     for r in range(R):
-        lo[r] = _first_at_least(ets, u_start[r], e_end[r], h_min[r])
+        lo[r] = _first_at_least_from_end(ets, u_start[r], e_end[r], h_min[r])
     first, end, hole_own, hole_pos = _head_ranges(eu, esn, lo, e_end, S, has_head, L)
     n_e = len(eu)
     hole_off = np.zeros(R + 1, dtype=np.int64)
@@ -621,9 +654,19 @@ def _user_ranges(eu, users):  # type: ignore[no-untyped-def,unused-ignore]
             start[r] = start[r - 1]
             end[r] = end[r - 1]
             continue
-        a = _first_at_least(eu, 0, n, u)
+        # Users ascend too, mostly: a user's rows start where the last one's end.
+        lo = end[r - 1] if r and u > users[r - 1] else 0
+        a = lo if lo < n and eu[lo] == u and (lo == 0 or eu[lo - 1] < u) else \
+            _first_at_least(eu, 0, n, u)
         start[r] = a
-        end[r] = _first_at_least(eu, a, n, u + 1) if u < np.iinfo(np.int64).max else n
+        # Gallop forward to the end of the user's rows (they lie just after its start).
+        step = 1
+        b = a
+        while b + step < n and eu[b + step] <= u:
+            b += step
+            step *= 2
+        end[r] = _first_at_least(eu, b, min(b + step, n), u + 1) if u < np.iinfo(np.int64).max \
+            else n
     return start, end
 
 

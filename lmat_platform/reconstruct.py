@@ -35,7 +35,7 @@ from deltalake import DeltaTable
 
 from lmat_platform.exceptions import O2OConsistencyError, ThinTableError
 from lmat_platform.kernels import (
-    copy_columns,
+    CopySources,
     copy_segments,
     is_sorted3,
     plan_sequences,
@@ -84,6 +84,8 @@ class SegmentPlan:
     s1: np.ndarray
     head: dict[str, np.ndarray]
     tail: dict[str, np.ndarray]
+    _sources: tuple[tuple[str, ...], CopySources] | None = field(default=None, repr=False,
+                                                                 compare=False)
 
     def segments(self, rows: slice | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(s0, s1) of a contiguous row slice (views) or of the given rows, in that order."""
@@ -95,9 +97,13 @@ class SegmentPlan:
 
     def copy_all(self, columns: tuple[str, ...] | list[str], s0: np.ndarray, s1: np.ndarray,
                  outs: list[np.ndarray], offset: int) -> int:
-        """Segments ``s0/s1`` of every column at once, into ``outs[i][offset:]``."""
-        return copy_columns([self.head[c] for c in columns], [self.tail[c] for c in columns],
-                            s0, s1, outs, offset)
+        """Segments ``s0/s1`` of every column at once, into ``outs[i][offset:]`` (the sources
+        are checked once per plan and columns)."""
+        key = tuple(columns)
+        if self._sources is None or self._sources[0] != key:
+            self._sources = (key, CopySources([self.head[c] for c in columns],
+                                              [self.tail[c] for c in columns]))
+        return self._sources[1].copy(s0, s1, outs, offset)
 
     @classmethod
     def concat(cls, plans: list[SegmentPlan]) -> SegmentPlan:

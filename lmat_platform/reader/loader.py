@@ -76,7 +76,13 @@ from lmat_platform.reconstruct import (
     thin_columns,
 )
 from lmat_platform.store.cache import cache
-from lmat_platform.store.core import Store, as_store, delta_dataset, derived, shared_delta_table
+from lmat_platform.store.core import (
+    Store,
+    as_store,
+    delta_dataset,
+    derived,
+    derived_keyed,
+)
 from lmat_platform.tenants import Tenant
 
 log = logging.getLogger(__name__)
@@ -251,42 +257,30 @@ class _UnitReader:
 
     def __init__(self, spec: ConsumerSpec):
         self.spec = spec
-        self._ds: pads.Dataset | None = None
+        self._files: tuple[pads.Dataset, dict[int | None, list[pads.Fragment]]] | None = None
         # The last bucket's thin rows: the units of a split bucket are dealt out together, so
         # one read of the bucket serves all of this process's slices.
         self._cached: tuple[int, ThinRows] | None = None
-        self._frags: dict[int | None, list[pads.Fragment]] | None = None
 
     def _bucket_frags(self, bucket: int) -> list[pads.Fragment]:
-        """The bucket's thin files (grouped by bucket once per reader, sorted by path)."""
-        if self._frags is None:
-            # Every file's bucket from its partition expression, listed once per process.
-            self._frags = {}
-            for f in self._dataset().get_fragments():
-                b = pads.get_partition_keys(f.partition_expression).get("bucket")
-                self._frags.setdefault(None if b is None else int(b), []).append(f)
-            for fl in self._frags.values():
-                fl.sort(key=lambda f: f.path)
-        return self._frags.get(bucket, [])
+        """The bucket's thin files, sorted by path."""
+        return self._thin_files()[1].get(bucket, [])
 
     def _bucket_rows(self, bucket: int) -> ThinRows:
         """The bucket's thin rows (projected, in (user, request time, request id) order, tails
         flattened)."""
         if self._cached is not None and self._cached[0] == bucket:
             return self._cached[1]
-        rows = _thin_bucket(self._bucket_frags(bucket), self._dataset().schema,
-                            self.spec.thin_columns, event_columns(self.spec.ctx.tenant),
-                            self.spec.ctx.schema)
+        ds, frags = self._thin_files()
+        rows = _thin_bucket(frags.get(bucket, []), ds.schema, self.spec.thin_columns,
+                            event_columns(self.spec.ctx.tenant), self.spec.ctx.schema)
         self._cached = (bucket, rows)
         return rows
 
-    def _dataset(self) -> pads.Dataset:
-        if self._ds is None:
-            dt = shared_delta_table(self.spec.thin_uri, self.spec.thin_version)
-            if dt is None:
-                raise ThinTableError(f"{self.spec.thin_uri}: the thin table is gone")
-            self._ds = delta_dataset(dt)
-        return self._ds
+    def _thin_files(self) -> tuple[pads.Dataset, dict[int | None, list[pads.Fragment]]]:
+        if self._files is None:
+            self._files = _thin_dataset(self.spec.thin_uri, self.spec.thin_version)
+        return self._files
 
     def _unit_rows(self, unit: WorkUnit) -> ThinRows:
         thin = self._bucket_rows(unit.bucket)
@@ -335,6 +329,29 @@ class _UnitReader:
         seqs.bytes_read += share
         seqs.stats["thin_bytes"] = share
         return seqs
+
+
+def _thin_dataset(
+    uri: str, version: int
+) -> tuple[pads.Dataset, dict[int | None, list[pads.Fragment]]]:
+    """A thin table version as a dataset, and its files per bucket (from their partition
+    values, sorted by path): built once per process and version (a version's files never
+    change), for every pass and loader that reads it."""
+    got, _ = derived_keyed(uri, "reader-dataset", _dataset_by_bucket, version=version)
+    if got is None:
+        raise ThinTableError(f"{uri}: the thin table is gone")
+    return got
+
+
+def _dataset_by_bucket(dt: Any) -> tuple[pads.Dataset, dict[int | None, list[pads.Fragment]]]:
+    ds = delta_dataset(dt)
+    frags: dict[int | None, list[pads.Fragment]] = {}
+    for f in ds.get_fragments():
+        b = pads.get_partition_keys(f.partition_expression).get("bucket")
+        frags.setdefault(None if b is None else int(b), []).append(f)
+    for fl in frags.values():
+        fl.sort(key=lambda f: f.path)
+    return ds, frags
 
 
 #: Per bucket folder of a thin table: the file set whose rows this process keeps cached.

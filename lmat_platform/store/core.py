@@ -342,11 +342,12 @@ def derived(uri: str, tag: str, fn: Callable[[DeltaTable], Any]) -> Any:
 
 
 def derived_keyed(
-    uri: str, tag: str, fn: Callable[[DeltaTable], Any]
+    uri: str, tag: str, fn: Callable[[DeltaTable], Any], *, version: int | None = None
 ) -> tuple[Any, Hashable | None]:
-    """:func:`derived`, and the key of the table version it comes from (None: no table, or a
-    version not shared): equal keys, equal versions of the same table."""
-    dt, key = _shared(uri, None)
+    """:func:`derived` (of ``version``, the latest if None), and the key of the table version
+    it comes from (None: no table, or a version not shared): equal keys, equal versions of the
+    same table."""
+    dt, key = _shared(uri, version)
     if dt is None:
         return None, None
     if key is None:
@@ -424,10 +425,28 @@ def _read_meta(root: str) -> dict[str, Any] | None:
         except (FileNotFoundError, OSError):
             return None
     p = os.path.join(root.removeprefix("file://"), META_FILE)
+    try:
+        st = os.stat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    # Read once per version of the file (a store is opened by every loader and pass).
+    key = (os.path.abspath(p), st.st_mtime_ns, st.st_size, st.st_ino)
+    with _LOCK:
+        hit = _METAS.get(key)
+    if hit is not None:
+        return dict(hit)
     if not os.path.isfile(p):
         return None
     with open(p) as f:
-        return json.load(f)
+        meta: dict[str, Any] = json.load(f)
+    with _LOCK:
+        _METAS[key] = dict(meta)
+        while len(_METAS) > _SHARED_MAX:
+            _METAS.pop(next(iter(_METAS)))
+    return meta
+
+
+_METAS: dict[tuple[str, int, int, int], dict[str, Any]] = {}
 
 
 def init_store(
