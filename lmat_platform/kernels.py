@@ -226,11 +226,6 @@ def _first_at_least_from_end(a, x, y, v):  # type: ignore[no-untyped-def,unused-
 def _head_ranges(eu, esn, lo, e_end, S, has_head, L):  # type: ignore[no-untyped-def,unused-ignore]
     n = len(eu)
     R = len(S)
-    # Regular rows: no later row of the same user has a smaller snapshot id. Only the rows some
-    # request can use are classified: per user (its rows end at e_end), from the lowest lo of
-    # its requests to its last row, one reverse scan. Spans are visited in row order, so the
-    # regular and irregular rows come out ascending and cum_reg counts regular rows up to each
-    # span row (rows outside every span count for nothing).
     mono = True
     for r in range(1, R):
         if e_end[r] < e_end[r - 1]:
@@ -238,10 +233,19 @@ def _head_ranges(eu, esn, lo, e_end, S, has_head, L):  # type: ignore[no-untyped
             break
     # Requests come grouped by user (e_end ascending) from every reader: no sort then.
     order = np.arange(R) if mono else np.argsort(e_end, kind="mergesort")
-    regular = np.empty(n, dtype=np.bool_)
-    cum_reg = np.zeros(n + 1, dtype=np.int64)
+    # Regular rows: no later row of the same user has a smaller snapshot id. Only the rows some
+    # request can use are classified: per user (its rows end at e_end), from the lowest lo of
+    # its requests to its last row, in one reverse scan; then the user's requests are resolved
+    # at once, while its rows are in cache. reg/reg_sn: each span's regular rows (ascending) and
+    # their snapshot ids, irr: its irregular rows.
     reg = np.empty(n, dtype=np.int64)
+    reg_sn = np.empty(n, dtype=np.int64)
     irr = np.empty(n, dtype=np.int64)
+    first = np.empty(R, dtype=np.int64)
+    end = np.empty(R, dtype=np.int64)
+    k0 = np.zeros(R, dtype=np.int64)
+    k1 = np.zeros(R, dtype=np.int64)
+    n_holes = np.zeros(R, dtype=np.int64)
     n_reg = 0
     n_irr = 0
     i = 0
@@ -254,56 +258,69 @@ def _head_ranges(eu, esn, lo, e_end, S, has_head, L):  # type: ignore[no-untyped
             if has_head[r] and lo[r] < a:
                 a = lo[r]
             j += 1
+        reg0 = n_reg
+        irr0 = n_irr
+        if a < e:
+            # Written back to front from the end of each block's room, then moved down.
+            w_reg = n_reg + (e - a)
+            w_irr = n_irr + (e - a)
+            m = np.iinfo(np.int64).max
+            for k in range(e - 1, a - 1, -1):
+                v = esn[k]
+                if v <= m:
+                    w_reg -= 1
+                    reg[w_reg] = k
+                    reg_sn[w_reg] = v
+                    m = v
+                else:
+                    w_irr -= 1
+                    irr[w_irr] = k
+            c = n_reg + (e - a) - w_reg
+            for q in range(c):
+                reg[n_reg + q] = reg[w_reg + q]
+                reg_sn[n_reg + q] = reg_sn[w_reg + q]
+            n_reg += c
+            c = n_irr + (e - a) - w_irr
+            for q in range(c):
+                irr[n_irr + q] = irr[w_irr + q]
+            n_irr += c
+        prev = -1
+        for jj in range(i, j):
+            r = order[jj]
+            if not (has_head[r] and e > lo[r]):
+                first[r] = e
+                end[r] = e
+                continue
+            if prev >= 0 and S[r] == S[prev] and lo[r] == lo[prev]:
+                # The same head as the user's previous request (same snapshot, same cutoff):
+                # most of a user's requests between two snapshots.
+                first[r] = first[prev]
+                end[r] = end[prev]
+                k0[r] = k0[prev]
+                k1[r] = k1[prev]
+                n_holes[r] = n_holes[prev]
+                continue
+            prev = r
+            # Along the user's regular rows snapshot ids never decrease: the qualifying ones
+            # (snapshot_id <= S) are a prefix of those from lo on, found by binary search.
+            reg_lo = _first_at_least(reg, reg0, n_reg, lo[r])
+            reg_end = _first_at_least(reg_sn, reg_lo, n_reg, S[r] + 1)
+            reg_start = max(reg_lo, reg_end - L)
+            f = reg[reg_start] if reg_end > reg_start and reg_start > reg_lo else lo[r]
+            f = max(f, lo[r])
+            e_r = reg[reg_end - 1] + 1 if reg_end > reg_start else f
+            # Late (irregular) rows inside the range whose snapshot is newer than S are holes. A
+            # late row that qualifies never lies past ``e_r``: the smallest snapshot after it is
+            # on a regular row, which qualifies too.
+            k = _first_at_least(irr, irr0, n_irr, f)
+            k0[r] = k
+            while k < n_irr and irr[k] < e_r:
+                n_holes[r] += esn[irr[k]] > S[r]
+                k += 1
+            k1[r] = k
+            first[r] = f
+            end[r] = e_r
         i = j
-        if a >= e:
-            continue
-        m = np.iinfo(np.int64).max
-        for k in range(e - 1, a - 1, -1):
-            regular[k] = esn[k] <= m
-            if esn[k] < m:
-                m = esn[k]
-        cum_reg[a] = n_reg
-        for k in range(a, e):
-            if regular[k]:
-                reg[n_reg] = k
-                n_reg += 1
-            else:
-                irr[n_irr] = k
-                n_irr += 1
-            cum_reg[k + 1] = n_reg
-    first = np.empty(R, dtype=np.int64)
-    end = np.empty(R, dtype=np.int64)
-    n_holes = np.zeros(R, dtype=np.int64)
-    for r in range(R):
-        if not (has_head[r] and e_end[r] > lo[r]):
-            first[r] = e_end[r]
-            end[r] = e_end[r]
-            continue
-        # Along the user's regular rows snapshot ids never decrease: binary search for the end
-        # of those with snapshot_id <= S (searching from lo is enough, see the docstring).
-        reg_lo = cum_reg[lo[r]]
-        x = reg_lo
-        y = cum_reg[e_end[r]]
-        while x < y:
-            mid = (x + y) // 2
-            if esn[reg[mid]] <= S[r]:
-                x = mid + 1
-            else:
-                y = mid
-        reg_end = x
-        reg_start = max(reg_lo, reg_end - L)
-        f = reg[reg_start] if reg_end > reg_start and reg_start > reg_lo else lo[r]
-        f = max(f, lo[r])
-        e = reg[reg_end - 1] + 1 if reg_end > reg_start else f
-        # Late (irregular) rows inside the range whose snapshot is newer than S are holes. A
-        # late row that qualifies never lies past ``e``: the smallest snapshot after it is on
-        # a regular row, which qualifies too.
-        k = _first_at_least(irr, 0, n_irr, f)
-        while k < n_irr and irr[k] < e:
-            n_holes[r] += esn[irr[k]] > S[r]
-            k += 1
-        first[r] = f
-        end[r] = e
     hole_off = np.zeros(R + 1, dtype=np.int64)
     for r in range(R):
         hole_off[r + 1] = hole_off[r] + n_holes[r]
@@ -313,13 +330,11 @@ def _head_ranges(eu, esn, lo, e_end, S, has_head, L):  # type: ignore[no-untyped
         if n_holes[r] == 0:
             continue
         o = hole_off[r]
-        k = _first_at_least(irr, 0, n_irr, first[r])
-        while k < n_irr and irr[k] < end[r]:
+        for k in range(k0[r], k1[r]):
             if esn[irr[k]] > S[r]:
                 hole_own[o] = r
                 hole_pos[o] = irr[k]
                 o += 1
-            k += 1
     return first, end, hole_own, hole_pos
 
 
@@ -462,7 +477,11 @@ def _plan(eu, ets, eid, esn, u_start, e_end, h_min, S, has_head, t_start, t_end,
     # Each request's head candidates start at its user's first row at or after h_min.
     lo = np.empty(R, dtype=np.int64)
     for r in range(R):
-        lo[r] = _first_at_least_from_end(ets, u_start[r], e_end[r], h_min[r])
+        if r and u_start[r] == u_start[r - 1] and e_end[r] == e_end[r - 1] \
+                and h_min[r] == h_min[r - 1]:
+            lo[r] = lo[r - 1]  # the user's previous request's: same rows, same cutoff
+        else:
+            lo[r] = _first_at_least_from_end(ets, u_start[r], e_end[r], h_min[r])
     first, end, hole_own, hole_pos = _head_ranges(eu, esn, lo, e_end, S, has_head, L)
     n_e = len(eu)
     hole_off = np.zeros(R + 1, dtype=np.int64)
@@ -495,16 +514,27 @@ def _plan(eu, ets, eid, esn, u_start, e_end, h_min, S, has_head, t_start, t_end,
     app_end = np.empty(R, dtype=np.int64)
     for r in range(R):
         n_ins = ins_off[r + 1] - ins_off[r]
+        # Consecutive requests of a user with the same head range mostly insert the same late
+        # events (their tails overlap): a position found for the previous request is reused.
+        same = r and first[r] == first[r - 1] and end[r] == end[r - 1]
+        p = ins_off[r - 1] if same else 0
+        p_end = ins_off[r] if same else 0
         for k in range(n_ins):
             q = t_a[r] + k
-            x = first[r]
-            y = end[r]
-            while x < y:
-                mid = (x + y) // 2
-                if ets[mid] < tts[q] or (ets[mid] == tts[q] and eid[mid] < tid[q]):
-                    x = mid + 1
-                else:
-                    y = mid
+            while p < p_end and (tts[ins_item[p] - n_e] < tts[q] or (
+                    tts[ins_item[p] - n_e] == tts[q] and tid[ins_item[p] - n_e] < tid[q])):
+                p += 1
+            if p < p_end and tts[ins_item[p] - n_e] == tts[q] and tid[ins_item[p] - n_e] == tid[q]:
+                x = ins_pos[p]
+            else:
+                x = first[r]
+                y = end[r]
+                while x < y:
+                    mid = (x + y) // 2
+                    if ets[mid] < tts[q] or (ets[mid] == tts[q] and eid[mid] < tid[q]):
+                        x = mid + 1
+                    else:
+                        y = mid
             ins_pos[ins_off[r] + k] = x
             ins_item[ins_off[r] + k] = n_e + q
         app_start[r] = n_e + t_a[r] + n_ins
