@@ -9,13 +9,17 @@ import pytest
 import torch
 
 from lmat_platform.kernels import (
+    CopySources,
     copy_columns,
     copy_segments,
     head_ranges,
     is_sorted3,
     plan_sequences,
     ranges_sorted,
+    request_heads,
+    row_groups_wanted,
     segments,
+    user_ranges,
 )
 from lmat_platform.protocol.pointers import expand_positions
 from lmat_platform.reader.buffers import MIN_BYTES, BufferPool
@@ -159,6 +163,181 @@ def test_plan_sequences_match_a_merge_of_head_and_tail() -> None:
             got = [v for q in range(off[r], off[r + 1]) for v in range(s0[q], s1[q])]
             assert got == want
             assert lengths[r] == len(want)
+
+
+def _merge_oracle(eu, ets, eid, esn, u_start, e_end, h_min, S, t_start, t_end, t_min, tts,
+                  tid, L, r):  # type: ignore[no-untyped-def]
+    n = len(eu)
+    cand = [((ets[i], eid[i]), i) for i in range(u_start[r], e_end[r])
+            if S[r] >= 0 and esn[i] <= S[r] and ets[i] >= h_min[r]]
+    cand += [((tts[j], tid[j]), n + j) for j in range(t_start[r], t_end[r]) if tts[j] >= t_min[r]]
+    return [v for _, v in sorted(cand)][-L:]
+
+
+def test_plan_sequences_share_work_across_a_users_streamed_requests() -> None:
+    """Requests as a streaming log writes them: grouped by user in time order, snapshots that
+    repeat and then advance, each tail a fresh copy of the user's events that arrived after its
+    snapshot (late ones sort inside the head). Work the planner shares between a user's
+    consecutive requests (head range, holes, inserted events' positions) must not change any
+    sequence."""
+    rng = np.random.default_rng(23)
+    for _ in range(300):
+        n_users = int(rng.integers(1, 4))
+        n = int(rng.integers(0, 40))
+        eu = np.sort(rng.integers(0, n_users, n))
+        ets = rng.integers(0, 30, n)
+        eid = rng.permutation(10_000)[:n]
+        o = np.lexsort((eid, ets, eu))
+        eu, ets, eid = eu[o], ets[o], eid[o]
+        esn = np.sort(rng.integers(0, 3, n))
+        late = rng.random(n) < 0.25
+        esn[late] = rng.integers(0, 3, int(late.sum()))
+        users, S, pieces = [], [], []
+        next_id = 10_000
+        for u in range(n_users):
+            pool_ts = rng.integers(0, 40, int(rng.integers(0, 10)))  # late and new events
+            pool_id = np.arange(next_id, next_id + len(pool_ts))
+            next_id += len(pool_ts)
+            k = int(rng.integers(0, 6))
+            snaps = np.sort(rng.integers(-1, 3, k))
+            for i in range(k):
+                m = int(rng.integers(0, len(pool_ts) + 1)) if i == 0 else \
+                    min(len(pool_ts), len(pieces[-1][0]) + int(rng.integers(0, 3)))
+                ts_, id_ = pool_ts[:m], pool_id[:m]  # a copy of the events so far
+                oo = np.lexsort((id_, ts_))
+                pieces.append((ts_[oo], id_[oo]))
+                users.append(u)
+                S.append(snaps[i])
+        R = len(users)
+        if not R:
+            continue
+        users_a, S_a = np.array(users), np.array(S)
+        nt = np.array([len(p[0]) for p in pieces])
+        t_end = np.cumsum(nt)
+        t_start = t_end - nt
+        tts = np.concatenate([p[0] for p in pieces]).astype(np.int64)
+        tid = np.concatenate([p[1] for p in pieces]).astype(np.int64)
+        u_start = np.searchsorted(eu, users_a, side="left")
+        e_end = np.searchsorted(eu, users_a, side="right")
+        h_min = np.where(rng.random(R) < 0.7, 5, rng.integers(-1, 20, R))  # mostly repeated
+        t_min = np.full(R, np.iinfo(np.int64).min)
+        L = int(rng.integers(1, 15))
+        lengths, off, s0, s1 = plan_sequences(eu, ets, eid, esn, u_start, e_end, h_min, S_a,
+                                              S_a >= 0, t_start, t_end, t_min, tts, tid, L)
+        for r in range(R):
+            want = _merge_oracle(eu, ets, eid, esn, u_start, e_end, h_min, S_a, t_start, t_end,
+                                 t_min, tts, tid, L, r)
+            got = [v for q in range(off[r], off[r + 1]) for v in range(s0[q], s1[q])]
+            assert got == want, (r, got, want)
+
+
+def test_user_ranges_equal_searchsorted() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        eu = np.sort(rng.integers(0, 12, int(rng.integers(0, 40))))
+        users = rng.integers(-1, 14, int(rng.integers(0, 20)))
+        if rng.random() < 0.5:
+            users = np.sort(users)  # grouped, as readers pass them
+        a, b = user_ranges(eu, users)
+        assert a.tolist() == np.searchsorted(eu, users, side="left").tolist()
+        assert b.tolist() == np.searchsorted(eu, users, side="right").tolist()
+
+
+def test_row_groups_wanted_match_a_per_group_scan() -> None:
+    rng = np.random.default_rng(9)
+    for _ in range(300):
+        g = int(rng.integers(0, 12))
+        umin = np.sort(rng.integers(0, 20, g))
+        umax = umin + rng.integers(0, 4, g)
+        tmax = rng.integers(0, 50, g)
+        smin = rng.integers(0, 4, g)
+        users = np.unique(rng.integers(0, 24, int(rng.integers(0, 10))))
+        cut = rng.integers(0, 60, len(users))
+        max_snap = int(rng.integers(0, 4))
+        min_ts = None if rng.random() < 0.5 else int(rng.integers(0, 50))
+        want = [i for i in range(g)
+                if smin[i] <= max_snap and (min_ts is None or tmax[i] >= min_ts)
+                and any(umin[i] <= u <= umax[i] and c <= tmax[i]
+                        for u, c in zip(users, cut, strict=True))]
+        got = row_groups_wanted(umin, umax, tmax, smin, users, cut, max_snap, min_ts)
+        assert got.tolist() == want
+
+
+def test_request_heads_look_up_check_and_cut() -> None:
+    """Head entries, cutoffs and the three checks against a per-request statement of them."""
+    rng = np.random.default_rng(13)
+    NO = np.iinfo(np.int64).min
+    for _ in range(300):
+        k = int(rng.integers(0, 15))
+        hu = np.sort(rng.integers(0, 6, k))
+        hsn = rng.integers(0, 5, k)
+        o = np.lexsort((hsn, hu))
+        hu, hsn = hu[o], hsn[o]
+        keep = np.r_[True, (hu[1:] != hu[:-1]) | (hsn[1:] != hsn[:-1])] if k else np.zeros(0, bool)
+        hu, hsn = hu[keep], hsn[keep]
+        hlen, hcs, mark = (rng.integers(0, 9, len(hu)) for _ in range(3))
+        R = int(rng.integers(1, 8))
+        users = rng.integers(0, 7, R)
+        n_snap = 5
+        S = rng.integers(-1, n_snap, R)
+        pub = np.arange(n_snap) * 10
+        T = np.maximum(S, 0) * 10 + rng.integers(0, 10, R)
+        window = None if rng.random() < 0.5 else int(rng.integers(0, 30))
+        forgotten = np.unique(rng.integers(0, 7, int(rng.integers(0, 3))))
+
+        at = []
+        for r in range(R):
+            m = np.flatnonzero((hu == users[r]) & (hsn <= S[r]))
+            at.append(int(m[-1]) if len(m) else -1)
+        hl = np.array([hlen[i] if i >= 0 else 0 for i in at])
+        cs = np.array([hcs[i] if i >= 0 else 0 for i in at])
+        code, i, got_at, cut = request_heads(users, S, T, pub, n_snap, hu, hsn, hlen, hcs,
+                                             mark, forgotten, True, hl, cs, window)
+        assert (code, i) == (0, -1) and got_at.tolist() == at
+        for r in range(R):
+            c = mark[at[r]] if at[r] >= 0 else NO
+            if window is not None:
+                c = max(c, T[r] - window)
+            assert cut[r] == (c if S[r] >= 0 else np.iinfo(np.int64).max)
+        # Each check names the first request that fails it.
+        r = int(rng.integers(0, R))
+        bad = S.copy()
+        bad[r] = n_snap
+        assert request_heads(users, bad, T, pub, n_snap, hu, hsn, hlen, hcs, mark, forgotten,
+                             True, hl, cs, window)[:2] == (1, r)
+        if S[r] >= 1:
+            early = T.copy()
+            early[r] = pub[S[r]] - 1
+            assert request_heads(users, S, early, pub, n_snap, hu, hsn, hlen, hcs, mark,
+                                 forgotten, True, hl, cs, window)[:2] == (2, r)
+        wrong = hl.copy()
+        wrong[r] += 1
+        got = request_heads(users, S, T, pub, n_snap, hu, hsn, hlen, hcs, mark, forgotten,
+                            True, wrong, cs, window)[:2]
+        assert got == ((0, -1) if users[r] in forgotten else (3, r))
+        assert request_heads(users, S, T, pub, n_snap, hu, hsn, hlen, hcs, mark, forgotten,
+                             False, wrong, cs, window)[:2] == (0, -1)
+
+
+def test_copy_sources_serve_many_copies() -> None:
+    rng = np.random.default_rng(4)
+    heads = [rng.integers(0, 100, 50).astype(d) for d in (np.int64, np.int16)]
+    tails = [rng.integers(0, 100, 20).astype(d) for d in (np.int64, np.int16)]
+    src = CopySources(heads, tails)
+    for _ in range(20):
+        s0, s1 = random_segments(rng, 50, 20, 6)
+        want = [np.concatenate([h, t])[expand_positions(s0, s1)]
+                for h, t in zip(heads, tails, strict=True)]
+        outs = [np.full(len(want[0]) + 3, -1, dtype=h.dtype) for h in heads]
+        assert src.copy(s0, s1, outs, 3) == len(want[0])
+        for o, w in zip(outs, want, strict=True):
+            assert o[3:].tolist() == w.tolist() and (o[:3] == -1).all()
+    with pytest.raises(ValueError, match="out must be writable contiguous int16"):
+        src.copy(s0, s1, [outs[0], outs[0]])
+    with pytest.raises(ValueError, match="one output per column"):
+        src.copy(s0, s1, outs[:1])
+    with pytest.raises(TypeError, match="head is int64 but tail is int16"):
+        CopySources([heads[0]], [tails[1]])
 
 
 def test_plan_sequences_rejects_bad_ranges() -> None:
@@ -339,8 +518,12 @@ def test_reads_with_and_without_the_cache_agree(tmp_path, monkeypatch) -> None: 
     hits = dc.stats()["hits"]
     thin = [k for k in list(dc._d) if k[0] == "thin"]
     assert thin, "a pass keeps its thin files' decoded columns"
+    units = [k for k in list(dc._d) if k[0] == "unit"]
+    assert units, "a pass keeps its units' checked planner inputs"
+    unit_hits = {k: dc._d[k] for k in units}
     second = run()
     assert cold == first == second
+    assert all(dc._d[k] is v for k, v in unit_hits.items()), "the second pass reuses them"
     assert dc.stats()["hits"] > hits and dc.stats()["entries"] > 0
     assert cache() is dc
     # A budget that holds no thin file: the same sequences, nothing of the thin files kept.
@@ -368,6 +551,8 @@ def test_reads_with_and_without_the_cache_agree(tmp_path, monkeypatch) -> None: 
     kept_sets = {k[1] for k in list(dc._d) if k[0] == "thin"}
     changed = {fs for fs in old_sets if any(f"bucket={b0}/" in p for p in fs)}
     assert changed and not changed & kept_sets, "the bucket's old file set is no longer kept"
+    kept_units = {k[3][0] for k in list(dc._d) if k[0] == "unit"}
+    assert not changed & kept_units, "nor are units prepared from its rows"
     assert any(f"bucket={b0}/" in p for fs in kept_sets for p in fs)
 
 

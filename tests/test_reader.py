@@ -330,3 +330,67 @@ def test_prefetcher_propagates_errors_and_stops() -> None:
     assert not q._thread.is_alive()
     with pytest.raises(StopIteration):
         next(q)
+
+
+def test_read_context_is_derived_once_per_version_and_follows_every_table(
+    rs: ReaderStore, tmp_path: Path
+) -> None:
+    """Building a loader per pass lists the logs but derives nothing twice; a commit to any
+    table the reader depends on gives a new state (what prepared units are keyed by)."""
+    from lmat_platform.reconstruct import ReadContext
+    from lmat_platform.store import publish_snapshot
+
+    rs2 = copy_store(rs, tmp_path)
+    c1 = ReadContext.build(rs2.store, TENANT)
+    c2 = ReadContext.build(rs2.store, TENANT)
+    assert c1.state is not None and c1.state == c2.state
+    assert c1.files is c2.files and c1.published_at is c2.published_at
+    last = int(c1.watermarks[-1])
+    publish_snapshot(rs2.store, last + 1, published_at=int(c1.published_at[-1]) + 1)
+    c3 = ReadContext.build(rs2.store, TENANT)
+    assert c3.state != c1.state and len(c3.watermarks) == len(c1.watermarks) + 1
+    user = 3
+    lmat.forget_users(rs2.store, [user])
+    c4 = ReadContext.build(rs2.store, TENANT)
+    assert c4.state != c3.state and user in c4.forgotten.tolist()
+
+
+def test_prepared_units_are_kept_per_rows_and_store_state(rs: ReaderStore, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from deltalake import DeltaTable
+
+    from lmat_platform.reconstruct import (
+        ReadContext,
+        ThinRows,
+        event_columns,
+        plan_unit,
+        prepare_unit,
+        reconstruct_bucket,
+    )
+    from lmat_platform.store import publish_snapshot
+    from lmat_platform.store.core import delta_dataset
+
+    rs2 = copy_store(rs, tmp_path)
+    ctx = ReadContext.build(rs2.store, TENANT)
+    t = delta_dataset(DeltaTable(rs2.thin)).to_table()
+    b = t.column("bucket")[0].as_py()
+    rows = t.filter(t.column("bucket").to_numpy() == b).sort_by(
+        [("user_id", "ascending"), ("request_ts", "ascending"), ("request_id", "ascending")])
+    thin = ThinRows.from_table(rows, event_columns(TENANT), ctx.schema)
+
+    def never() -> ThinRows:
+        raise AssertionError("the rows are not needed again")
+
+    p1 = prepare_unit(ctx, b, thin, key=("rows",))
+    assert prepare_unit(ctx, b, never, key=("rows",)) is p1
+    want = reconstruct_bucket(ctx, b, thin).to_table()
+    assert plan_unit(p1).to_table().equals(want)
+    # A new store state, another tenant or no key: prepared again.
+    publish_snapshot(rs2.store, int(ctx.watermarks[-1]) + 1,
+                     published_at=int(ctx.published_at[-1]) + 1)
+    ctx2 = ReadContext.build(rs2.store, TENANT)
+    assert prepare_unit(ctx2, b, thin, key=("rows",)) is not p1
+    assert prepare_unit(replace(ctx, tenant=ACTIONS), b, thin, key=("rows",)) is not p1
+    assert prepare_unit(replace(ctx, state=None), b, thin, key=("rows",)) is not p1
+    assert prepare_unit(ctx, b, thin) is not p1

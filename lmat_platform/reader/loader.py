@@ -407,7 +407,11 @@ def _thin_bucket(
             prev = _THIN_KEPT.get(folder)
             _THIN_KEPT[folder] = base
         if prev is not None and prev != base:
-            dc.discard_where(lambda k: k[:len(prev)] == prev)
+            # The old file set's pieces, and the units prepared from its rows.
+            old_paths = prev[1]
+            dc.discard_where(lambda k: k[:len(prev)] == prev or (
+                len(k) > 3 and k[0] == "unit" and isinstance(k[3], tuple) and k[3]
+                and k[3][0] == old_paths))
     parts = [frag.to_table(schema=schema, columns=columns) for frag in frags]
     parts = [t for t in parts if t.num_rows]
     if not parts:
