@@ -1,9 +1,11 @@
 """The reconstruction kernel: head via pointer + tail, merged, tenant projection (spec 4-6).
 
 Works a bucket at a time, over all requests of the bucket at once: one pruned read of the
-bucket's UIH files serves every request in it, checks are numpy operations over whole arrays,
-and the per-request merge is one compiled call (:func:`lmat_platform.kernels.plan_sequences`)
-that plans every sequence as segment copies; no Python step runs per request.
+bucket's UIH files serves every request in it, the checks and head lookups are one compiled
+pass (:func:`lmat_platform.kernels.request_heads`), and the per-request merge is one compiled
+call (:func:`lmat_platform.kernels.plan_sequences`) that plans every sequence as segment copies;
+no Python step runs per request. :func:`prepare_unit` does everything but the planning and
+copying (a reader keeps its result per unit and store state); :func:`plan_unit` plans.
 
 For request r (user u, time T, pointer snapshot S, tenant L, actions A, window w)::
 

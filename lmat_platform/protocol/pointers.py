@@ -21,7 +21,7 @@ import pyarrow.dataset as pads
 
 from lmat_platform.store.cache import cache
 from lmat_platform.store.core import Store
-from lmat_platform.store.snapshots import MARKER_LENGTHS, NO_MARKER
+from lmat_platform.store.snapshots import MARKER_LENGTHS
 
 _POINTER = struct.Struct("<iiQ")
 POINTER_BYTES = _POINTER.size
@@ -207,15 +207,3 @@ class HeadIndex:
             col = self._marks[j] = np.ascontiguousarray(self.markers[:, j], dtype=np.int64)
         return col
 
-    def cutoffs(
-        self, users: np.ndarray, snaps: np.ndarray, max_len: int, idx: np.ndarray | None = None
-    ) -> np.ndarray:
-        """Earliest ``event_ts`` the last ``max_len`` head events can have (int64 min: all)."""
-        j = int(np.searchsorted(np.array(MARKER_LENGTHS), max_len, side="left"))
-        out = np.full(len(users), NO_MARKER, dtype=np.int64)
-        if j >= len(MARKER_LENGTHS) or len(self.user_id) == 0:
-            return out
-        idx = self.lookup(users, snaps) if idx is None else idx
-        has = idx >= 0
-        out[has] = self.markers[idx[has], j]
-        return out

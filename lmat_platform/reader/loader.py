@@ -8,9 +8,10 @@ How a pass is scheduled::
     bucket 1: 2,000 rows   ------>   (b1, part 0 of 1)    ...   rank 1 / worker 0: ...
 
 * A **work unit** is a bucket, or a user-contiguous slice of one when the bucket holds more rows
-  than fit the unit's value budget. One unit is one call of
-  :func:`~lmat_platform.reconstruct.reconstruct_bucket`: one pruned read of the bucket's UIH
-  files serves every request of the unit (data affinity, no per-example lookups).
+  than fit the unit's value budget. One unit is one
+  :func:`~lmat_platform.reconstruct.prepare_unit` (one pruned read of the bucket's UIH files
+  serves every request of the unit: data affinity, no per-example lookups; kept in the decoded
+  cache for later passes) and one :func:`~lmat_platform.reconstruct.plan_unit` every pass.
 * Units are planned from the Delta log alone (row counts per bucket; no data read), shuffled by
   ``(seed, epoch)`` when ``shuffle``, and dealt greedily by row count to the
   ``world_size x max(num_workers, 1)`` consumers, so every rank computes the same plan and every
