@@ -415,12 +415,13 @@ def prepare_unit(
 
     ``rows`` may be a callable that returns them, called only when needed: with ``key`` (what
     names the rows: their files, slice and columns) the result is kept in the decoded cache
-    under the key, the bucket, the tenant and :attr:`ReadContext.state`, and served from there
-    while the store's state and the rows' files are the same."""
+    under the key followed by the bucket, the tenant and :attr:`ReadContext.state` (so whoever
+    drops entries by the key's prefix drops these too), and served from there while the
+    store's state and the rows' files are the same."""
     full_key = None
     if key is not None and ctx.state is not None:
         t = ctx.tenant
-        full_key = ("unit", ctx.state, bucket, key, t.columns, t.max_len, t.actions,
+        full_key = (*key, "unit", ctx.state, bucket, t.columns, t.max_len, t.actions,
                     t.window_us, ctx.verify)
         hit = cache().get(full_key)
         if hit is not None:

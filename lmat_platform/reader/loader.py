@@ -304,7 +304,8 @@ class _UnitReader:
         store = self.spec.ctx.store
         try:
             frags = self._bucket_frags(unit.bucket)
-            key = (tuple(f.path for f in frags), unit.bounds, unit.bucket_rows,
+            # Under the bucket's thin-file key, so it goes with the bucket's other entries.
+            key = (*_thin_key(frags), unit.bounds, unit.bucket_rows,
                    tuple(self.spec.thin_columns))
             prep = prepare_unit(self.spec.ctx, unit.bucket, lambda: self._unit_rows(unit),
                                 key=key)
@@ -360,6 +361,12 @@ _THIN_KEPT: dict[str, tuple[Any, ...]] = {}
 _THIN_LOCK = threading.Lock()
 
 
+def _thin_key(frags: list[pads.Fragment]) -> tuple[Any, ...]:
+    """The key prefix of everything kept for a bucket's thin files (its decoded pieces, the
+    units prepared from them)."""
+    return ("thin", tuple(f.path for f in frags))
+
+
 def _thin_bytes(frag: pads.Fragment, columns: list[str]) -> int:
     """Compressed bytes of ``columns`` in one thin file (from its footer; remembered)."""
     dc = cache()
@@ -388,7 +395,7 @@ def _thin_bucket(
     (:mod:`lmat_platform.store.cache`) keeps each piece, keyed by the bucket's files and the
     column, for later passes and other tenants' loaders, while it has room."""
     dc = cache()
-    base = ("thin", tuple(f.path for f in frags))
+    base = _thin_key(frags)
     scalars = [c for c in columns if not c.startswith(TAIL_PREFIX) or c in THIN_KEYS]
     keys: dict[str, tuple[Any, ...]] = {
         **{c: (*base, "col", c) for c in scalars},
@@ -409,10 +416,7 @@ def _thin_bucket(
             _THIN_KEPT[folder] = base
         if prev is not None and prev != base:
             # The old file set's pieces, and the units prepared from its rows.
-            old_paths = prev[1]
-            dc.discard_where(lambda k: k[:len(prev)] == prev or (
-                len(k) > 3 and k[0] == "unit" and isinstance(k[3], tuple) and k[3]
-                and k[3][0] == old_paths))
+            dc.discard_where(lambda k: k[:len(prev)] == prev)
     parts = [frag.to_table(schema=schema, columns=columns) for frag in frags]
     parts = [t for t in parts if t.num_rows]
     if not parts:
