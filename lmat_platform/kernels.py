@@ -211,6 +211,18 @@ def _first_at_least(a, x, y, v):  # type: ignore[no-untyped-def,unused-ignore]
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _first_at_least_from_start(a, x, y, v):  # type: ignore[no-untyped-def,unused-ignore]
+    """:func:`_first_at_least`, galloping forward from ``x``: touches only the start of the
+    range when the answer lies near it (the next user's rows, the end of a user's rows)."""
+    step = 1
+    lo = x
+    while lo + step < y and a[lo + step - 1] < v:
+        lo += step
+        step *= 2
+    return _first_at_least(a, lo, min(lo + step, y), v)
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _first_at_least_from_end(a, x, y, v):  # type: ignore[no-untyped-def,unused-ignore]
     """:func:`_first_at_least`, galloping back from ``y``: touches only the end of the range
     when the answer lies near it (a request's last L rows of a long history)."""
@@ -684,18 +696,10 @@ def _user_ranges(eu, users):  # type: ignore[no-untyped-def,unused-ignore]
             start[r] = start[r - 1]
             end[r] = end[r - 1]
             continue
-        # Users ascend too, mostly: a user's rows start where the last one's end.
-        lo = end[r - 1] if r and u > users[r - 1] else 0
-        a = lo if lo < n and eu[lo] == u and (lo == 0 or eu[lo - 1] < u) else \
-            _first_at_least(eu, 0, n, u)
+        # Users ascend too, mostly: a user's rows start at or after the last one's end.
+        a = _first_at_least_from_start(eu, end[r - 1] if r and u > users[r - 1] else 0, n, u)
         start[r] = a
-        # Gallop forward to the end of the user's rows (they lie just after its start).
-        step = 1
-        b = a
-        while b + step < n and eu[b + step] <= u:
-            b += step
-            step *= 2
-        end[r] = _first_at_least(eu, b, min(b + step, n), u + 1) if u < np.iinfo(np.int64).max \
+        end[r] = _first_at_least_from_start(eu, a, n, u + 1) if u < np.iinfo(np.int64).max \
             else n
     return start, end
 
@@ -766,7 +770,6 @@ def ranges_sorted(off: np.ndarray, a: np.ndarray, b: np.ndarray) -> bool:
         raise ValueError(f"ranges_sorted: bad offsets for {len(a)} and {len(b)} values")
     return bool(_ranges_sorted(off.astype(np.int64, copy=False), a.astype(np.int64, copy=False),
                                b.astype(np.int64, copy=False)))
-
 
 
 _WARM = False

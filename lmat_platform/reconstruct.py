@@ -52,6 +52,7 @@ from lmat_platform.store import uih
 from lmat_platform.store.cache import cache
 from lmat_platform.store.core import Store, as_store, delta_dataset
 from lmat_platform.store.deletion import forgotten_of
+from lmat_platform.store.snapshots import snapshot_arrays, snapshots_of
 from lmat_platform.tenants import Tenant
 
 log = logging.getLogger(__name__)
@@ -308,10 +309,7 @@ class ReadContext:
 
 
 def _snapshot_arrays(dt: DeltaTable) -> tuple[np.ndarray, np.ndarray]:
-    t = delta_dataset(dt).to_table(columns=["snapshot_id", "published_at", "watermark"])
-    o = np.argsort(t.column("snapshot_id").to_numpy(), kind="stable")
-    return (t.column("published_at").to_numpy()[o].astype(np.int64),
-            t.column("watermark").to_numpy()[o].astype(np.int64))
+    return snapshot_arrays(snapshots_of(delta_dataset(dt).to_table()))
 
 
 def _tier_files(dt: DeltaTable) -> tuple[dict[int, list[uih.TierFile]], pa.Schema]:

@@ -277,14 +277,10 @@ def _commit_stamp(uri: str, version: int | None) -> tuple[int | None, tuple[int,
                 versions = [int(n[:20]) for e in it if len(n := e.name) == 25
                             and n.endswith(".json") and n[:20].isdigit()]
         except FileNotFoundError:
-            versions = []
-        if version is None:
-            if not versions:
-                return None, None
-            version = max(versions)
-        version = int(version)
-        if version not in versions:
-            return version, None
+            return None, None
+        if not versions:
+            return None, None
+        version = max(versions)
         try:
             st = os.stat(os.path.join(log_dir, f"{version:020d}.json"))
         except FileNotFoundError:  # cleaned up since the listing

@@ -49,8 +49,11 @@ class SnapshotInfo:
 
 def list_snapshots(store: Store | str) -> list[SnapshotInfo]:
     """Every published snapshot, oldest first."""
-    store = as_store(store)
-    t = store.read_table("snapshots")
+    return snapshots_of(as_store(store).read_table("snapshots"))
+
+
+def snapshots_of(t: pa.Table | None) -> list[SnapshotInfo]:
+    """The snapshots in rows of the registry, oldest first."""
     if t is None or t.num_rows == 0:
         return []
     rows = sorted(t.to_pylist(), key=lambda r: r["snapshot_id"])
