@@ -162,8 +162,7 @@ class Store:
             return None
         key = (shared, tuple(columns) if columns is not None else None)
         if filters is None and shared is not None:
-            with _LOCK:
-                hit = _READS.get(key)
+            hit = _READS.get(key)
             if hit is not None:
                 return hit
         ds = delta_dataset(dt)
@@ -171,10 +170,7 @@ class Store:
             columns = [c for c in columns if c in ds.schema.names]
         t = ds.to_table(columns=columns, filter=filters)
         if filters is None and shared is not None and t.nbytes <= _MEMO_MAX_BYTES:
-            with _LOCK:
-                _READS[key] = t
-                while len(_READS) > _SHARED_MAX:
-                    _READS.popitem(last=False)
+            _READS.put(key, t)
         return t
 
     def append(
@@ -251,10 +247,33 @@ class Store:
             os.close(fd)
 
 
-_LOCK = threading.Lock()
+class _Memo:
+    """A small thread-safe LRU of what the process derived once (by key)."""
+
+    def __init__(self, max_items: int):
+        self.max_items = max_items
+        self._d: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Any | None:
+        with self._lock:
+            v = self._d.get(key)
+            if v is not None:
+                self._d.move_to_end(key)
+            return v
+
+    def put(self, key: Hashable, value: Any) -> None:
+        with self._lock:
+            self._d[key] = value
+            while len(self._d) > self.max_items:
+                self._d.popitem(last=False)
+
+
 _SHARED_MAX = 64
-_SHARED: OrderedDict[Hashable, DeltaTable] = OrderedDict()
-_READS: OrderedDict[tuple[Hashable, tuple[str, ...] | None], pa.Table] = OrderedDict()
+#: Opened table versions, whole reads of small tables, what readers derive from a log.
+_SHARED = _Memo(_SHARED_MAX)
+_READS = _Memo(_SHARED_MAX)
+_DERIVED = _Memo(4 * _SHARED_MAX)
 
 
 def _commit_stamp(uri: str, version: int | None) -> tuple[int | None, tuple[int, int] | None]:
@@ -310,23 +329,15 @@ def _shared(uri: str, version: int | None) -> tuple[DeltaTable | None, Hashable 
         except TableNotFoundError:
             return None, None
     key = (uri.rstrip("/"), int(version), stamp)
-    with _LOCK:
-        dt = _SHARED.get(key)
-        if dt is not None:
-            _SHARED.move_to_end(key)
-            return dt, key
+    dt = _SHARED.get(key)
+    if dt is not None:
+        return dt, key
     try:
         dt = DeltaTable(uri, version=version, storage_options=storage_options())
     except TableNotFoundError:
         return None, None
-    with _LOCK:
-        _SHARED[key] = dt
-        while len(_SHARED) > _SHARED_MAX:
-            _SHARED.popitem(last=False)
+    _SHARED.put(key, dt)
     return dt, key
-
-
-_DERIVED: OrderedDict[tuple[Hashable, str], Any] = OrderedDict()
 
 
 def derived(uri: str, tag: str, fn: Callable[[DeltaTable], Any]) -> Any:
@@ -348,16 +359,10 @@ def derived_keyed(
         return None, None
     if key is None:
         return fn(dt), None
-    k = (key, tag)
-    with _LOCK:
-        if k in _DERIVED:
-            _DERIVED.move_to_end(k)
-            return _DERIVED[k], key
-    out = fn(dt)
-    with _LOCK:
-        _DERIVED[k] = out
-        while len(_DERIVED) > 4 * _SHARED_MAX:
-            _DERIVED.popitem(last=False)
+    out = _DERIVED.get((key, tag))
+    if out is None:
+        out = fn(dt)
+        _DERIVED.put((key, tag), out)
     return out, key
 
 
@@ -426,23 +431,16 @@ def _read_meta(root: str) -> dict[str, Any] | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     # Read once per version of the file (a store is opened by every loader and pass).
-    key = (os.path.abspath(p), st.st_mtime_ns, st.st_size, st.st_ino)
-    with _LOCK:
-        hit = _METAS.get(key)
+    key = ("meta", os.path.abspath(p), st.st_mtime_ns, st.st_size, st.st_ino)
+    hit = _READS.get(key)
     if hit is not None:
         return dict(hit)
     if not os.path.isfile(p):
         return None
     with open(p) as f:
         meta: dict[str, Any] = json.load(f)
-    with _LOCK:
-        _METAS[key] = dict(meta)
-        while len(_METAS) > _SHARED_MAX:
-            _METAS.pop(next(iter(_METAS)))
+    _READS.put(key, dict(meta))
     return meta
-
-
-_METAS: dict[tuple[str, int, int, int], dict[str, Any]] = {}
 
 
 def init_store(
