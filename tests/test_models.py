@@ -1,0 +1,104 @@
+"""The evaluation protocol (split, ranks, HR/NDCG) on hand-made cases, and the model's shapes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lmat_platform.models.evaluate import (
+    TEST,
+    TRAIN,
+    VALID,
+    RankingAccumulator,
+    hr_ndcg_at_k,
+    leave_one_out_split,
+    most_popular_scores,
+    seen_mask,
+    target_ranks,
+)
+
+NEG = -math.inf
+
+
+def test_split_last_is_test_previous_is_valid_ties_by_event_id() -> None:
+    # user 7: ts 5 (id 1), ts 9 (id 3), ts 9 (id 2), ts 1 (id 4); user 8: two ratings; 9: one.
+    user = np.array([7, 7, 7, 7, 8, 8, 9])
+    ts = np.array([5, 9, 9, 1, 3, 2, 4])
+    eid = np.array([1, 3, 2, 4, 5, 6, 7])
+    got = leave_one_out_split(user, ts, eid)
+    # user 7 ordered: (1,4) (5,1) (9,2) (9,3): id 3 is test, id 2 valid, the rest train.
+    assert got.tolist() == [TRAIN, TEST, VALID, TRAIN, TEST, VALID, TEST]
+
+
+def test_split_rejects_ragged_input() -> None:
+    with pytest.raises(ValueError, match="one length"):
+        leave_one_out_split(np.array([1, 2]), np.array([1]), np.array([1, 2]))
+
+
+def test_ranks_count_ties_against_the_target() -> None:
+    scores = torch.tensor([[NEG, 0.9, 0.5, 0.7], [NEG, 1.0, 1.0, 1.0], [NEG, 0.1, 0.2, 0.3]])
+    targets = torch.tensor([2, 1, 3])
+    assert target_ranks(scores, targets).tolist() == [2, 2, 0]
+
+
+def test_hr_ndcg_hand_computed() -> None:
+    scores = torch.tensor([[NEG, 0.9, 0.5, 0.7], [NEG, 0.1, 0.2, 0.3]])
+    targets = torch.tensor([2, 3])
+    # ranks 2 and 0
+    r = hr_ndcg_at_k(scores, targets, k=2)
+    assert r["hr@2"] == pytest.approx(0.5)
+    assert r["ndcg@2"] == pytest.approx(0.5 * 1.0)
+    r = hr_ndcg_at_k(scores, targets, k=3)
+    assert r["hr@3"] == pytest.approx(1.0)
+    assert r["ndcg@3"] == pytest.approx(0.5 * (1 / math.log2(4) + 1.0))
+
+
+def test_seen_filter_removes_history_but_never_the_target() -> None:
+    scores = torch.tensor([[NEG, 0.9, 0.5, 0.7]])
+    # history holds items 1 and 2 (the target): only item 1 is removed.
+    seen = seen_mask(torch.tensor([1, 2]), torch.tensor([2]), 4)
+    assert seen.tolist() == [[False, True, True, False]]
+    assert target_ranks(scores, torch.tensor([2]), seen=seen).tolist() == [1]
+    acc = RankingAccumulator(ks=(2,))
+    acc.update(scores, torch.tensor([2]), seen=seen)
+    r = acc.result()
+    assert r["hr@2"] == 0.0 and r["hr@2_filtered"] == 1.0
+    assert r["ndcg@2_filtered"] == pytest.approx(1 / math.log2(3))
+
+
+def test_accumulator_averages_over_batches() -> None:
+    acc = RankingAccumulator(ks=(1, 10))
+    acc.update(torch.tensor([[NEG, 2.0, 1.0]]), torch.tensor([1]))
+    acc.update(torch.tensor([[NEG, 2.0, 1.0], [NEG, 2.0, 1.0]]), torch.tensor([2, 2]))
+    r = acc.result()
+    assert r["n"] == 3
+    assert r["hr@1"] == pytest.approx(1 / 3)
+    assert r["hr@10"] == pytest.approx(1.0)
+    assert r["ndcg@10"] == pytest.approx((1 + 2 / math.log2(3)) / 3)
+    assert "hr@1_filtered" not in r
+
+
+def test_seen_mask_jagged_layout() -> None:
+    m = seen_mask(torch.tensor([3, 1, 1, 2]), torch.tensor([1, 0, 3]), 4)
+    assert m.tolist() == [
+        [False, False, False, True],
+        [False, False, False, False],
+        [False, True, True, False],
+    ]
+
+
+def test_most_popular_scores() -> None:
+    s = most_popular_scores(np.array([2, 2, 3, 1, 2]), 5)
+    assert s[0] == NEG
+    assert s[1:].tolist() == [1.0, 3.0, 1.0, 0.0]
+    # As a ranker: item 2 first, then 1 and 3 tied.
+    r = target_ranks(s.expand(2, -1), torch.tensor([2, 3]))
+    assert r.tolist() == [0, 2]
+
+
+def test_target_out_of_range_is_an_error() -> None:
+    with pytest.raises(ValueError, match="targets must lie"):
+        target_ranks(torch.zeros(1, 3), torch.tensor([3]))
