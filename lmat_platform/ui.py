@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -67,21 +68,24 @@ def day_key(cfg: WorkloadConfig, day: int) -> str:
     return dt.datetime.fromtimestamp(start / 1e6, dt.UTC).date().isoformat()
 
 
-def land_workload(cfg: WorkloadConfig, landing: str | os.PathLike[str]) -> list[str]:
+def land_workload(
+    cfg: WorkloadConfig,
+    landing: str | os.PathLike[str],
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> list[str]:
     """Generate ``cfg`` and drop its files in a landing folder named by day
-    (``events/DATE.parquet``, ``requests/DATE.parquet``); returns the dates."""
+    (``events/DATE.parquet``, ``requests/DATE.parquet``); returns the dates, oldest first."""
     landing = Path(landing)
     work = landing / ".synth"
-    wl = write_workload(cfg, work)
+    wl = write_workload(cfg, work, progress=progress)
     days = []
     for day, (ev, rq) in enumerate(zip(wl.event_files, wl.request_files, strict=True)):
         key = day_key(cfg, day)
         for kind, src in (("events", ev), ("requests", rq)):
             dest = landing / kind / f"{key}.parquet"
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_suffix(".parquet.tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dest)  # atomic: the landing sensor never sees half a file
+            os.replace(src, dest)  # a rename: the landing sensor never sees half a file
         days.append(key)
     shutil.rmtree(work)
     return days
