@@ -37,6 +37,13 @@ def _int_us(name: str):
     return parse
 
 
+def _user_id(v: str) -> int:
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer user id, but got {v!r}") from None
+
+
 def _progress(msg: str) -> None:
     if os.environ.get("LMAT_QUIET") != "1":
         print(f"  .. {msg}", file=sys.stderr, flush=True)
@@ -227,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("forget", help="forget users everywhere")
     s.add_argument("store")
-    s.add_argument("--user", type=int, action="append", required=True, help="user id (repeat)")
+    s.add_argument("--user", type=_user_id, action="extend", nargs="+", required=True,
+                   metavar="ID", help="user ids: --user 1 2 3, or --user 1 --user 2")
     s.add_argument("--vacuum", action="store_true", help="also vacuum now (retention 0)")
     s.set_defaults(func=cmd_forget)
 

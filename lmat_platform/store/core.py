@@ -11,6 +11,10 @@ Layout::
       uih/              Delta: the immutable UIH tier, partitioned by user bucket
       heads/            Delta: per (user, snapshot) head length, checksum and length markers
       snapshots/        Delta: the snapshot registry
+      publishing/       Delta: publish intents (snapshot id, watermark), written before a
+                        publish's first step; ingest fences at an unfinished one's watermark
+      ids/              Delta: the accepted-id index (event_id sorted, user_id): the duplicate
+                        check reads only the files and row groups a batch's ids can be in
       forgotten/        Delta: forgotten users
       thin_tables/      Delta: thin example tables written by ``log`` (their tails are purged
                         by ``forget``)
@@ -20,10 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
 import re
+import signal
 import threading
 import time
 import uuid
@@ -54,6 +60,8 @@ TABLES = (
     "snapshots",
     "forgotten",
     "thin_tables",
+    "publishing",
+    "ids",
 )
 #: A commit whose version is a multiple of this also writes a Delta checkpoint, so opening a
 #: table replays at most this many JSON commits (opening the tier's table: 8 ms -> 3 ms).
@@ -533,3 +541,112 @@ def live_bytes(store: Store) -> dict[str, int]:
         t = pa.table(dt.get_add_actions(flatten=True))
         out[name] = int(pa.compute.sum(t.column("size_bytes")).as_py() or 0) if t.num_rows else 0
     return out
+
+
+# ---------------------------------------------------------------- the commit hook (fault injection)
+#: Test-only switches, read at every commit: SIGKILL this process right after its N-th Delta
+#: commit, or right before it; append one line ``N<TAB>kind<TAB>table`` per commit to a file.
+FAULT_KILL_AFTER = "LMAT_FAULT_KILL_AFTER_COMMIT"
+FAULT_KILL_BEFORE = "LMAT_FAULT_KILL_BEFORE_COMMIT"
+FAULT_COMMIT_LOG = "LMAT_FAULT_COMMIT_LOG"
+_FAULT_VARS = (FAULT_KILL_AFTER, FAULT_KILL_BEFORE, FAULT_COMMIT_LOG)
+_hook_depth = threading.local()
+_commits_made = 0
+
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    return int(v) if v else None
+
+
+def commit_hook(stage: str, kind: str, table: str) -> None:
+    """The one place every Delta commit of the process passes, just ``"before"`` and just
+    ``"after"`` it lands (``kind``: the delta-rs call, ``table``: its URI).
+
+    It does nothing unless a fault switch is set (:data:`FAULT_KILL_AFTER`,
+    :data:`FAULT_KILL_BEFORE`, :data:`FAULT_COMMIT_LOG`): the crash harness
+    (``tests/crash_harness.py``) uses them to kill a writer at every commit boundary with a real
+    SIGKILL, which no ``finally`` or ``atexit`` can soften.
+    """
+    global _commits_made
+    if stage == "before":
+        if _env_int(FAULT_KILL_BEFORE) == _commits_made + 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return
+    _commits_made += 1
+    path = os.environ.get(FAULT_COMMIT_LOG)
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{_commits_made}\t{kind}\t{table.rstrip('/')}\n")
+    if _env_int(FAULT_KILL_AFTER) == _commits_made:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _table_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    first = args[0] if args else kwargs.get("table_or_uri", kwargs.get("table_uri", ""))
+    for obj in (first, getattr(first, "table", None)):
+        uri = getattr(obj, "table_uri", None)
+        if isinstance(uri, str):
+            return uri
+    return str(first)
+
+
+def _hooked(kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    if getattr(fn, "__lmat_hooked__", False):
+        return fn
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if getattr(_hook_depth, "n", 0):  # a commit call made inside another: counted once
+            return fn(*args, **kwargs)
+        table = _table_of(args, kwargs)
+        commit_hook("before", kind, table)
+        _hook_depth.n = 1
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            _hook_depth.n = 0
+        commit_hook("after", kind, table)
+        return out
+
+    wrapper.__lmat_hooked__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def install_commit_hooks() -> None:
+    """Route every committing call of delta-rs's Python API through :func:`commit_hook`
+    (idempotent). Installed at import when a fault switch is set; the harness's forked writers
+    call it themselves. Never needed in production."""
+    import sys
+
+    import deltalake
+    import deltalake.table as dtable
+    import deltalake.transaction as dtxn
+    import deltalake.writer as dwriter
+    import deltalake.writer.writer as dwriter_mod
+
+    orig_write = dwriter_mod.write_deltalake
+    write = _hooked("write", orig_write)
+    for mod in (deltalake, dwriter, dwriter_mod):
+        mod.write_deltalake = write  # type: ignore[attr-defined]
+    dtxn.create_table_with_add_actions = _hooked(  # type: ignore[assignment]
+        "create", dtxn.create_table_with_add_actions
+    )
+    for cls, names in (
+        (dtable.DeltaTable, ("delete", "update", "restore", "repair", "vacuum",
+                             "create_write_transaction", "create_checkpoint",
+                             "cleanup_metadata")),
+        (dtable.TableOptimizer, ("compact", "z_order")),
+        (dtable.TableMerger, ("execute",)),
+        (dtable.TableAlterer, tuple(n for n in vars(dtable.TableAlterer) if not n.startswith("_"))),
+    ):
+        for name in names:
+            setattr(cls, name, _hooked(name, getattr(cls, name)))
+    # Modules that imported ``write_deltalake`` by name before now get the hooked one too.
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("lmat_platform") and getattr(mod, "write_deltalake", None) is orig_write:
+            mod.write_deltalake = write  # type: ignore[attr-defined]
+
+
+if any(os.environ.get(v) for v in _FAULT_VARS):
+    install_commit_hooks()

@@ -29,7 +29,7 @@ from lmat_platform.schema import (
     read_parquet_file,
 )
 from lmat_platform.store.core import Store, as_store, delta_dataset, now_us
-from lmat_platform.store.snapshots import latest_snapshot
+from lmat_platform.store.snapshots import ingest_fence
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,8 @@ def _ingest_one(store: Store, path: str, table: pa.Table, result: IngestResult) 
         log.info("%s: batch %s already ingested, skipping", path, batch_id)
         result.skipped_files += 1
         return
-    snap = latest_snapshot(store)
-    watermark = snap.watermark if snap is not None else None
-    reason = classify(table, watermark)
+    # Fence at the newest watermark registered or intended by an unfinished publish (spec 3).
+    reason = classify(table, ingest_fence(store))
 
     # Quarantine: every rejected row, with its reason and where it came from.
     bad = np.flatnonzero(reason >= 0)

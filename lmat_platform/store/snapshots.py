@@ -7,8 +7,13 @@ every user it touched, the head at k: its length, its checksum and *length marke
 the commit point. Each step is one Delta commit tagged with app transaction ``(step, k)``, so a
 publish killed part way is finished by running it again with the same watermark.
 
-Because ingest quarantines every row with ``arrival_ts`` below the newest watermark, the raw
-events of a published range never change and the tier only ever grows by appends.
+Before its first step a publish records its *intent* (snapshot k, watermark W_k) in the
+``publishing`` table. Ingest fences at :func:`ingest_fence`, the highest watermark registered
+*or* intended, so a row that arrives while a publish is unfinished (running, or killed and not
+yet re-run) and belongs below its watermark is quarantined ``behind_watermark`` instead of being
+accepted into a range the publish has already copied (spec section 3). Because ingest quarantines
+every row with ``arrival_ts`` below that fence, the raw events of a published range never change
+and the tier only ever grows by appends.
 """
 
 from __future__ import annotations
@@ -65,6 +70,38 @@ def latest_snapshot(store: Store | str) -> SnapshotInfo | None:
     return snaps[-1] if snaps else None
 
 
+#: The table of publish intents: one row per snapshot whose publish has started.
+PUBLISHING_TABLE = "publishing"
+_INTENT_SCHEMA = pa.schema(
+    [
+        ("snapshot_id", pa.int32()),
+        ("watermark", pa.int64()),
+        ("published_at", pa.int64()),
+        ("started_at", pa.int64()),
+    ]
+)
+
+
+def publish_intents(store: Store | str) -> dict[int, int]:
+    """Watermark of every publish that has started, by snapshot id (finished ones included)."""
+    t = as_store(store).read_table(PUBLISHING_TABLE, columns=["snapshot_id", "watermark"])
+    if t is None or t.num_rows == 0:
+        return {}
+    return dict(zip(t.column("snapshot_id").to_pylist(), t.column("watermark").to_pylist(),
+                    strict=True))
+
+
+def ingest_fence(store: Store | str) -> int | None:
+    """The watermark ingest quarantines below (spec sections 2 and 3): the newest registered
+    snapshot's, or an unfinished publish's if higher (None: nothing published or started)."""
+    store = as_store(store)
+    snap = latest_snapshot(store)
+    marks = list(publish_intents(store).values())
+    if snap is not None:
+        marks.append(snap.watermark)
+    return max(marks) if marks else None
+
+
 def snapshot_arrays(snaps: list[SnapshotInfo]) -> tuple[np.ndarray, np.ndarray]:
     """(published_at, watermark) arrays indexed by snapshot id."""
     p = np.array([s.published_at for s in snaps], dtype=np.int64)
@@ -103,6 +140,26 @@ def publish_snapshot(
             )
         k = prev.snapshot_id + 1 if prev else 0
         lo = prev.watermark if prev else None
+        intended = publish_intents(store).get(k)
+        if intended is None:
+            # The intent lands before anything else of this publish: from here on ingest
+            # fences at this watermark, until the publish is finished (by this run or a re-run).
+            store.append(
+                PUBLISHING_TABLE,
+                pa.Table.from_pylist(
+                    [{"snapshot_id": k, "watermark": watermark, "published_at": published_at,
+                      "started_at": now_us()}],
+                    schema=_INTENT_SCHEMA,
+                ),
+                op="publish_intent",
+                txn=("lmat-publish-intent", k),
+                metadata={"snapshot_id": k, "watermark": watermark},
+            )
+        elif intended != watermark:
+            raise WatermarkError(
+                f"snapshot {k} was interrupted at --watermark {intended}; run "
+                f"'lmat snapshot' with --watermark {intended} to finish it"
+            )
         tier = store.open_table("uih")
         done = tier.transaction_version("lmat-publish") if tier is not None else None
         if done is not None and done >= k:
