@@ -205,3 +205,31 @@ def test_bad_input_in_a_real_process(cli_store: str, tmp_path: Path) -> None:
         assert r.stdout == ""
         assert name in one_line_error(r.stderr)
     assert table_versions(st) == versions and tree(cli_store) == files
+
+
+def test_forget_takes_several_ids_after_one_user_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13, defect 3: ``--user 1 2 3`` (the spec's form) and ``--user 1 --user 2`` both
+    work, and may be mixed; a non-integer id is refused naming the argument, nothing changed."""
+    monkeypatch.setenv("LMAT_QUIET", "1")
+    root = str(tmp_path / "s")
+    assert main(["init", root, "--buckets", "2", "--row-group-rows", "64"]) == 0
+    rows = [{**_ev(10 * u + i, arr=20 + i), "user_id": u} for u in range(1, 7) for i in range(2)]
+    assert main(["ingest", root, write_events(tmp_path / "a.parquet", rows)]) == 0
+
+    def users_left() -> set[int]:
+        return set(open_store(root).read_table("raw").column("user_id").to_pylist())
+
+    code, out, err = run(capsys, ["forget", root, "--user", "1", "2", "3"])
+    assert code == 0, err
+    assert json.loads(out)["users"] == 3 and users_left() == {4, 5, 6}
+    code, out, err = run(capsys, ["forget", root, "--user", "4", "--user", "5"])
+    assert code == 0, err
+    assert json.loads(out)["users"] == 2 and users_left() == {6}
+    before, files = table_versions(open_store(root)), tree(root)
+    code, _, err = run(capsys, ["forget", root, "--user", "6", "x"])
+    assert code == 2 and "--user" in one_line_error(err) and "'x'" in err
+    assert table_versions(open_store(root)) == before and tree(root) == files
+    code, _, err = run(capsys, ["forget", root, "--user"])
+    assert code == 2 and "--user" in one_line_error(err)
