@@ -1,9 +1,16 @@
-"""Deletion (spec section 7): forget removes a user everywhere, for every reader; vacuum after
-retention removes the bytes from disk."""
+"""Deletion (spec section 7): forget removes a user everywhere (their events, and their own thin
+rows in every registered thin table), for every reader from its tombstone on, even when it is
+killed half way; a re-run finishes it; vacuum after retention removes every byte that names the
+user, Delta statistics and checkpoints included, outside the tombstone registry."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,24 +18,44 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from deltalake import DeltaTable
 
 from lmat_platform.exceptions import LmatError
+from lmat_platform.reader import SequenceLoader
 from lmat_platform.reconstruct import materialize
-from lmat_platform.store import compact_buckets, forget_users, forgotten_users, vacuum
+from lmat_platform.store import (
+    compact_buckets,
+    forget_users,
+    forgotten_users,
+    ingest_files,
+    init_store,
+    pending_users,
+    publish_snapshot,
+    vacuum,
+)
+from lmat_platform.store.core import Store
+from lmat_platform.store.deletion import registered_thin_tables, store_tables
 from lmat_platform.tenants import Tenant
 from lmat_platform.validate import check_uih_commits, delta_log_entries, read_commits
 from tests.conftest import SynthStore
 from tests.helpers import (
+    HOUR_US,
+    REPO,
     check_layout,
-    ints_in_parquet,
-    parquet_files,
     read,
     read_delta,
+    requests_table,
     run_lmat,
     tier_rows,
+    write_events,
 )
 
 ALL = Tenant("all", ("item_id", "event_id", "event_ts", "dwell_ms"), 100_000)
+#: A user id whose decimal form (13 digits) and little-endian int64 bytes occur in no other
+#: value the store writes by chance: what the byte audit searches every file for.
+VICTIM = 7_340_216_598_123
+#: A second one, forgotten after the first.
+VICTIM2 = 6_118_275_403_967
 
 
 def _victim(s: SynthStore) -> int:
@@ -46,109 +73,200 @@ def _victim(s: SynthStore) -> int:
     return cands[0]
 
 
-def _tail_users(thin: pa.Table) -> set[int]:
-    """Users of the events held in streaming tails."""
-    return set(pc.list_flatten(thin.column("tail_user_id")).to_pylist())
+def _materialized(st: Store | str, thin: str, out: Path) -> pa.Table:
+    materialize(st, thin, ALL, str(out))
+    return pq.read_table(str(out)).sort_by("request_id")
 
 
-def _scan(paths: list[str], columns: tuple[str, ...], exclude: str | None = None) -> set[int]:
-    found: set[int] = set()
-    for p in paths:
-        if exclude and f"/{exclude}/" in p:
-            continue
-        for c in columns:
-            found |= ints_in_parquet(p, c)
-    return found
+def _loader_rows(st: Store | str, thin: str) -> dict[int, tuple[int, list[int]]]:
+    """request_id -> (user, event ids) over one loader pass (several units and batches)."""
+    loader = SequenceLoader(st, thin, tenant=ALL, batch_size=13, max_unit_rows=16)
+    out: dict[int, tuple[int, list[int]]] = {}
+    for b in loader:
+        off = np.concatenate([[0], np.cumsum(b.lengths.numpy())])
+        ev = b.values["event_id"].tolist()
+        for i, (r, u) in enumerate(zip(b.request_id.tolist(), b.user_id.tolist(), strict=True)):
+            assert r not in out
+            out[r] = (u, ev[off[i]:off[i + 1]])
+    assert len(out) == loader.num_requests
+    return out
 
 
-def test_forget_removes_the_user_everywhere_and_histories_are_empty(
+def _others(t: pa.Table, u: int) -> pa.Table:
+    return t.filter(pc.not_equal(t.column("user_id"), u))
+
+
+def test_forget_removes_the_user_everywhere_and_their_examples(
     synth_store: SynthStore, tmp_path: Path
 ) -> None:
     s = synth_store
     st = s.store
     u = _victim(s)
+    assert sorted(registered_thin_tables(st)) == sorted([s.thin_log, s.thin_batch])
     ev_ids = {r["event_id"] for r in read(st, "raw").to_pylist() if r["user_id"] == u}
     n_heads = read(st, "heads").num_rows
-    before = {}
-    for name, thin in (("log", s.thin_log), ("batch", s.thin_batch)):
-        out = str(tmp_path / f"before-{name}.parquet")
-        materialize(st, thin, ALL, out)
-        before[name] = pq.read_table(out)
-    assert (
-        pc.sum(
-            before["log"].filter(pc.equal(before["log"].column("user_id"), u)).column("length")
-        ).as_py()
-        > 0
-    )
+    thin_rows = {t: read_delta(t).num_rows for t in (s.thin_log, s.thin_batch)}
+    mine = {t: int(pc.sum(pc.equal(read_delta(t).column("user_id"), u)).as_py())
+            for t in (s.thin_log, s.thin_batch)}
+    assert all(mine.values())
+    before = {t: _materialized(st, t, tmp_path / f"before-{i}.parquet")
+              for i, t in enumerate((s.thin_log, s.thin_batch))}
 
     removed = forget_users(st, [u])
     assert removed["raw"] == len(ev_ids) and removed["uih"] > 0 and removed["quarantine"] > 0
-    assert removed["heads"] > 0 and removed[f"thin:{s.thin_log}"] > 0
-    assert forgotten_users(st).tolist() == [u]
+    assert removed["heads"] > 0
+    assert all(removed[f"thin:{t}"] == n for t, n in mine.items())
+    assert forgotten_users(st).tolist() == [u] and pending_users(st).tolist() == []
 
     for name in ("raw", "quarantine", "uih", "heads"):
         assert u not in read(st, name).column("user_id").to_pylist(), name
     assert read(st, "heads").num_rows == n_heads - removed["heads"]
-    assert u not in _tail_users(read_delta(s.thin_log))
-    # Other users' tails are untouched; the user's thin rows stay (requests, not events).
-    assert _tail_users(read_delta(s.thin_log))
-    assert u in read_delta(s.thin_log).column("user_id").to_pylist()
-    # Every snapshot: the tier rows of every snapshot id lack the user.
+    # The user's examples are gone whole (requests, pointers, tails); everyone else's stay.
+    for t, n in thin_rows.items():
+        after = read_delta(t)
+        assert u not in after.column("user_id").to_pylist()
+        assert after.num_rows == n - mine[t]
+    assert u not in set(pc.list_flatten(read_delta(s.thin_log).column("tail_user_id")).to_pylist())
     assert not any(r["user_id"] == u for r in tier_rows(st))
     # ... and the tier keeps its layout (sorted files, row groups, stats) for everyone else.
     check_layout(st)
 
-    for name, thin in (("log", s.thin_log), ("batch", s.thin_batch)):
-        out = str(tmp_path / f"after-{name}.parquet")
-        materialize(st, thin, ALL, out)  # no O2O error for the forgotten user's pointers
-        after = pq.read_table(out)
-        mine = after.filter(pc.equal(after.column("user_id"), u))
-        assert mine.num_rows > 0
-        assert mine.column("length").to_pylist() == [0] * mine.num_rows
-        assert all(v == [] for v in mine.column("event_id").to_pylist())
-        # Everyone else's histories are exactly as before.
-        others = lambda t: t.filter(pc.not_equal(t.column("user_id"), u))  # noqa: E731
-        assert others(after).equals(others(before[name]))
+    for i, t in enumerate((s.thin_log, s.thin_batch)):
+        got = _materialized(st, t, tmp_path / f"after-{i}.parquet")
+        assert u not in got.column("user_id").to_pylist()
+        assert got.equals(_others(before[t], u))
     assert check_uih_commits(read_commits(delta_log_entries(st.table_uri("uih")))).ok
 
 
-def test_vacuum_after_forget_removes_the_bytes_from_disk(synth_store: SynthStore) -> None:
+_KILL = """
+import os, signal, sys
+from lmat_platform.store import deletion, thin_registry
+
+point = sys.argv[3]
+
+
+def die(*a, **k):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if point == "after_tombstone":
+    deletion._purge = die
+elif point == "mid_deletion":  # the store's tables done, the thin tables not
+    deletion.purge_thin_rows = die
+elif point == "before_completion":
+    write = deletion._write_registry
+
+    def guarded(store, table, *, op, users):
+        if op == "forget_done":
+            die()
+        write(store, table, op=op, users=users)
+
+    deletion._write_registry = guarded
+deletion.forget_users(sys.argv[1], [int(sys.argv[2])])
+"""
+
+
+def _killed_forget(store: str, user: int, point: str) -> None:
+    r = subprocess.run([sys.executable, "-c", _KILL, store, str(user), point], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("point", ["after_tombstone", "mid_deletion", "before_completion"])
+def test_a_killed_forget_is_invisible_to_readers_and_a_rerun_finishes_it(
+    synth_store: SynthStore, tmp_path: Path, point: str
+) -> None:
     s = synth_store
     st = s.store
-    compact_buckets(st)
     u = _victim(s)
-    ev_ids = {r["event_id"] for r in read(st, "raw").to_pylist() if r["user_id"] == u}
-    q_ids = {
-        r["event_id"]
-        for r in read(st, "quarantine").to_pylist()
-        if r["user_id"] == u and r["event_id"] is not None
-    }
-    ids = ev_ids | q_ids
-    roots = [s.store_path, str(Path(s.thin_log).parent)]
-    files = lambda: [p for r in roots for p in parquet_files(r)]  # noqa: E731
+    before = {t: _materialized(st, t, tmp_path / f"before-{i}.parquet")
+              for i, t in enumerate((s.thin_log, s.thin_batch))}
+    loader_before = {t: _loader_rows(st, t) for t in (s.thin_log, s.thin_batch)}
+    assert any(uu == u for uu, _ in loader_before[s.thin_log].values())
+
+    _killed_forget(s.store_path, u, point)
+    assert pending_users(st).tolist() == [u]
+    if point == "after_tombstone":
+        # Nothing is deleted yet: what readers do not see, they hide.
+        assert u in read(st, "raw").column("user_id").to_pylist()
+        assert u in read_delta(s.thin_log).column("user_id").to_pylist()
+    if point == "mid_deletion":
+        assert u not in read(st, "raw").column("user_id").to_pylist()
+        assert u in read_delta(s.thin_batch).column("user_id").to_pylist()
+    for i, t in enumerate((s.thin_log, s.thin_batch)):
+        # materialize: none of the user's requests, everyone else's exactly as before.
+        got = _materialized(st, t, tmp_path / f"killed-{i}.parquet")
+        assert got.equals(_others(before[t], u))
+        # SequenceLoader: the same requests, every one once.
+        want = {r: v for r, v in loader_before[t].items() if v[0] != u}
+        assert _loader_rows(st, t) == want
+
+    removed = forget_users(st, [u])  # the re-run finishes the physical deletion
+    assert pending_users(st).tolist() == [] and forgotten_users(st).tolist() == [u]
+    assert read(st, "forgotten").num_rows == 1
+    if point == "after_tombstone":
+        assert removed["raw"] > 0 and removed[f"thin:{s.thin_log}"] > 0
+    for name in ("raw", "quarantine", "uih", "heads"):
+        assert u not in read(st, name).column("user_id").to_pylist(), name
+    for i, t in enumerate((s.thin_log, s.thin_batch)):
+        assert u not in read_delta(t).column("user_id").to_pylist()
+        got = _materialized(st, t, tmp_path / f"after-{i}.parquet")
+        assert got.equals(_others(before[t], u))
+
+
+def test_any_forget_finishes_an_earlier_killed_one(synth_store: SynthStore) -> None:
+    s = synth_store
+    st = s.store
+    users = sorted(set(read(st, "raw").column("user_id").to_pylist()))
+    a, b = users[0], users[1]
+    _killed_forget(s.store_path, a, "after_tombstone")
+    assert pending_users(st).tolist() == [a]
+    forget_users(st, [b])
+    assert pending_users(st).tolist() == []
+    assert forgotten_users(st).tolist() == sorted([a, b])
+    assert not {a, b} & set(read(st, "raw").column("user_id").to_pylist())
+
+
+def test_rerunning_forget_does_not_grow_the_tombstone_registry(synth_store: SynthStore) -> None:
+    st = synth_store.store
+    users = sorted(set(read(st, "raw").column("user_id").to_pylist()))[:3]
+    forget_users(st, users[:2])
+    raw = read(st, "raw").num_rows
+    for _ in range(3):
+        removed = forget_users(st, users[:2])
+        assert all(v == 0 for v in removed.values())
+    forget_users(st, [users[1], users[2]])
+    reg = read(st, "forgotten")
+    assert sorted(reg.column("user_id").to_pylist()) == users
+    assert read(st, "raw").num_rows < raw
+
+
+def test_events_that_arrive_later_are_accepted_as_new(
+    synth_store: SynthStore, tmp_path: Path
+) -> None:
+    s = synth_store
+    st = s.store
+    u = _victim(s)
     forget_users(st, [u])
-    ev_cols = ("event_id", "tail_event_id")
-    user_cols = ("user_id", "tail_user_id")
-    # Before vacuum the bytes are still on disk (unreferenced files): the scan can see them.
-    assert ids & _scan(files(), ev_cols)
-    assert u in _scan(files(), user_cols, exclude="forgotten")
-    out = vacuum(st, retention_hours=0)
-    assert sum(out.values()) > 0
-    # The store's registry of forgotten users keeps the id on purpose, and thin tables keep the
-    # user's request rows (user_id); no file keeps any event of the user.
-    assert not ids & _scan(files(), ev_cols)
-    assert u not in _scan([p for p in files() if "/thin/" not in p], user_cols, exclude="forgotten")
-    assert u not in _scan(files(), ("tail_user_id",))
-    # Nor does the Delta log: old commits' file statistics (min/max event_id) are expired too.
-    logs = [p for t in ("raw", "quarantine", "uih", "heads")
-            for p in (Path(s.store_path) / t / "_delta_log").glob("*") if p.is_file()]
-    blob = b"".join(p.read_bytes() for p in logs)
-    # (Only ids long enough not to occur by chance in other numbers are searched for.)
-    long_ids = [i for i in ids if i >= 10**9]
-    assert logs and long_ids
-    assert not [i for i in long_ids if str(i).encode() in blob]
-    # The store still works after vacuum.
-    assert read(st, "raw").num_rows > 0
+    last_wm = int(read(st, "snapshots").column("watermark").to_numpy().max())
+    t0 = last_wm + HOUR_US
+    new = [{"user_id": u, "event_id": 9_000_000 + i, "event_ts": t0 + i, "arrival_ts": t0 + i,
+            "item_id": 7, "action": 1, "dwell_ms": 1.0} for i in range(3)]
+    res = ingest_files(st, [write_events(tmp_path / "new.parquet", new, traits=["dwell_ms"])])
+    assert res.accepted == 3
+    publish_snapshot(st, t0 + 10, published_at=t0 + 20)
+    req = tmp_path / "req.parquet"
+    pq.write_table(requests_table([
+        {"request_id": 10**9, "user_id": u, "request_ts": t0 + 2},  # the tail: 2 events
+        {"request_id": 10**9 + 1, "user_id": u, "request_ts": t0 + 30},  # the head: 3 events
+    ]), str(req))
+    from lmat_platform.protocol.thin import write_thin
+
+    for path, out in (("log", tmp_path / "thin-log"), ("examples", tmp_path / "thin-ex")):
+        write_thin(st, str(req), str(out), path=path)
+        got = _materialized(st, str(out), tmp_path / f"{path}.parquet")
+        assert got.column("event_id").to_pylist() == [[9_000_000, 9_000_001],
+                                                      [9_000_000, 9_000_001, 9_000_002]]
 
 
 def test_forget_via_cli_with_vacuum(synth_store: SynthStore) -> None:
@@ -159,7 +277,8 @@ def test_forget_via_cli_with_vacuum(synth_store: SynthStore) -> None:
     out = json.loads(r.stdout)
     assert len(r.stdout.strip().splitlines()) == 1
     assert out["users"] == 1 and out["removed"]["raw"] > 0 and out["vacuumed_files"] > 0
-    assert u not in _scan(parquet_files(s.store_path), ("user_id",), exclude="forgotten")
+    for t in (s.thin_log, s.thin_batch):
+        assert u not in read_delta(t).column("user_id").to_pylist()
 
 
 def test_forget_needs_a_user(synth_store_ro: SynthStore) -> None:
@@ -173,3 +292,116 @@ def test_forget_of_an_unknown_user_changes_no_data(synth_store: SynthStore) -> N
     removed = forget_users(st, [int(np.iinfo(np.int64).max)])
     assert all(v == 0 for v in removed.values())
     assert read(st, "raw").num_rows == raw
+
+
+# --------------------------------------------------------------------------- the byte audit
+
+
+def _audit_store(root: Path) -> tuple[Store, list[str]]:
+    """A small store in which user VICTIM is everywhere: the raw log, the quarantine, two
+    snapshots of the tier (compacted), head summaries, streamed tails and batch examples, with a
+    Delta checkpoint of every table and thin table written before the deletion (their
+    statistics name the victim: it is the largest user id)."""
+    st = init_store(str(root / "store"), n_buckets=4, row_group_rows=64)
+    users = [*range(1, 11), VICTIM2, VICTIM]
+    rng = np.random.default_rng(0)
+    day = 24 * HOUR_US
+    base = 1_700_000_000_000_000
+    eid = 1
+    for d in range(2):
+        rows = []
+        for u in users:
+            for _ in range(8):
+                ts = base + d * day + int(rng.integers(0, day - HOUR_US))
+                rows.append({"user_id": u, "event_id": eid, "event_ts": ts, "arrival_ts": ts + 5,
+                             "item_id": int(rng.integers(1, 50)), "action": 1, "dwell_ms": 2.0})
+                eid += 1
+        # One bad row of the victim: event_ts after arrival_ts -> quarantined.
+        rows.append({"user_id": VICTIM, "event_id": eid, "event_ts": base + d * day + 10,
+                     "arrival_ts": base + d * day, "item_id": 1, "action": 1, "dwell_ms": 1.0})
+        eid += 1
+        ingest_files(st, [write_events(root / f"ev{d}.parquet", rows, traits=["dwell_ms"])])
+        publish_snapshot(st, base + (d + 1) * day, published_at=base + (d + 1) * day + HOUR_US)
+    compact_buckets(st)
+    req = [{"request_id": 100 * u + k, "user_id": u, "request_ts": base + day + (k + 2) * HOUR_US}
+           for u in users for k in range(3)]
+    pq.write_table(requests_table(req), str(root / "req.parquet"))
+    from lmat_platform.protocol.thin import write_thin
+
+    thins = [str(root / "thin" / "log"), str(root / "thin" / "examples")]
+    write_thin(st, str(root / "req.parquet"), thins[0], path="log")
+    write_thin(st, str(root / "req.parquet"), thins[1], path="examples")
+    for uri in store_tables(st) + thins:
+        DeltaTable(uri).create_checkpoint()
+    return st, thins
+
+
+def _values_naming(arr: pa.Array, uid: int) -> bool:
+    """Whether any value of a decoded Parquet column (nested ones too) is ``uid`` or a string
+    holding it."""
+    t = arr.type
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return _values_naming(arr.flatten(), uid)
+    if pa.types.is_map(t):
+        return _values_naming(arr.keys, uid) or _values_naming(arr.items, uid)
+    if pa.types.is_struct(t):
+        return any(_values_naming(arr.field(i), uid) for i in range(t.num_fields))
+    if pa.types.is_integer(t):
+        return bool(pc.any(pc.equal(arr, uid)).as_py())
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return bool(pc.any(pc.match_substring(arr, str(uid))).as_py())
+    return False
+
+
+def _files_naming(roots: list[str], uid: int, *, skip: str | None = None) -> list[str]:
+    """Every file under ``roots`` whose bytes hold ``uid`` as a little-endian int64 or as a
+    decimal string, or (Parquet: data files and Delta checkpoints, whose pages may be
+    compressed) whose decoded values do; ``skip``: a directory left out."""
+    le, dec = struct.pack("<q", uid), str(uid).encode()
+    hits = []
+    for root in roots:
+        for dirpath, _, names in os.walk(root):
+            if skip and (dirpath == skip or dirpath.startswith(skip + os.sep)):
+                continue
+            for n in names:
+                p = os.path.join(dirpath, n)
+                blob = Path(p).read_bytes()
+                if le in blob or dec in blob:
+                    hits.append(p)
+                elif n.endswith(".parquet"):
+                    t = pq.read_table(p)
+                    if any(_values_naming(c.combine_chunks(), uid) for c in t.columns):
+                        hits.append(p)
+    return sorted(hits)
+
+
+def test_after_vacuum_no_byte_names_the_user_outside_the_tombstones(tmp_path: Path) -> None:
+    st, thins = _audit_store(tmp_path)
+    roots = [st.root, *thins]
+    tombs = os.path.join(st.root, "forgotten")
+    others = {t: _materialized(st, t, tmp_path / f"b{i}.parquet") for i, t in enumerate(thins)}
+    # The audit can see the user: in data files, commit statistics and checkpoints alike.
+    hits = _files_naming(roots, VICTIM)
+    assert any(h.endswith(".checkpoint.parquet") for h in hits)
+    assert any(h.endswith(".json") for h in hits)
+    for part in ("raw", "quarantine", "uih", "heads", "thin/log", "thin/examples"):
+        assert any(f"/{part}/" in h for h in hits), part
+
+    forget_users(st, [VICTIM])
+    # Deleted for every reader, but the bytes stay until vacuum (time travel, retention).
+    assert _files_naming(roots, VICTIM, skip=tombs)
+    out = vacuum(st, retention_hours=0)
+    assert sum(out.values()) > 0 and set(thins) <= set(out)
+    assert _files_naming(roots, VICTIM, skip=tombs) == []
+    assert _files_naming([tombs], VICTIM)  # the tombstone remains, on purpose
+    # The store and its thin tables still serve everyone else, exactly.
+    for i, t in enumerate(thins):
+        got = _materialized(st, t, tmp_path / f"a{i}.parquet")
+        assert got.num_rows == 33 and got.equals(_others(others[t], VICTIM))
+    # A second forget and vacuum on the vacuumed store leave no trace of either.
+    assert _files_naming(roots, VICTIM2, skip=tombs)
+    forget_users(st, [VICTIM2])
+    vacuum(st, retention_hours=0)
+    assert _files_naming(roots, VICTIM2, skip=tombs) == []
+    assert _files_naming(roots, VICTIM, skip=tombs) == []
+    assert read(st, "forgotten").num_rows == 2

@@ -9,7 +9,7 @@ from lmat_platform.store.core import (
     live_bytes,
     open_store,
 )
-from lmat_platform.store.deletion import forget_users, forgotten_users, vacuum
+from lmat_platform.store.deletion import forget_users, forgotten_users, pending_users, vacuum
 from lmat_platform.store.ingest import IngestResult, ingest_files
 from lmat_platform.store.snapshots import (
     SnapshotInfo,
@@ -35,6 +35,7 @@ __all__ = [
     "latest_snapshot",
     "list_snapshots",
     "open_store",
+    "pending_users",
     "publish_snapshot",
     "vacuum",
 ]

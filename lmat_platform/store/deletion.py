@@ -1,81 +1,343 @@
 """Deletion (spec section 7): forgetting users, and vacuum after retention.
 
-``forget_users`` removes every event of the users from the raw log, the quarantine, the UIH tier
-(every snapshot at once: snapshots share the tier's files), the head summaries, and the tails of
-every thin table registered by ``log``; each table changes in one commit tagged
-``lmat.op = forget``. From then on every reader sees the deletion. The bytes stay on disk in
-unreferenced files until :func:`vacuum` removes files older than the retention.
+``forget_users`` works in three steps, each a commit (or a few), so that a forget killed at
+any point is invisible to readers and finished by running it again::
+
+    1. tombstone    forgotten/  user u -> pending      readers drop u from now on: none of u's
+                                                      requests is served, so none of u's events
+    2. deletion     the UIH tier (every snapshot: they share its files), every table of
+                    USER_TABLES (raw log, quarantine, heads, accepted-id index, summary tier)
+                    and PURGE_HOOKS, and u's rows (requests, pointers, tails) in every
+                    registered thin table; one commit per table, tagged ``lmat.op = forget``
+    3. completion   forgotten/  user u -> done          u is an ordinary user again: events
+                                                      that arrive later are accepted and served
+
+Every forget also finishes the deletions of earlier forgets that were killed (every pending
+user), and re-running it adds no tombstone (the registry holds one row per user: steps 1 and 3
+rewrite it, they do not append). Events ingested for a user while their forget is pending are
+deleted when it completes: they arrived before the forget returned.
+
+The bytes stay on disk in unreferenced files and in old log entries until :func:`vacuum`
+removes files older than the retention and expires the log (commits and checkpoints whose
+statistics or predicates name a forgotten user); only the tombstone registry keeps the ids.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from deltalake import CommitProperties, DeltaTable
+from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.transaction import AddAction, RemoveAction
 
 from lmat_platform.exceptions import LmatError
 from lmat_platform.hashing import bucket_of
 from lmat_platform.store import uih
 from lmat_platform.store.cache import cache
-from lmat_platform.store.core import Store, as_store, delta_dataset, now_us, storage_options
+from lmat_platform.store.core import (
+    Store,
+    as_store,
+    checkpoint_if_due,
+    delta_dataset,
+    now_us,
+    storage_options,
+)
+from lmat_platform.store.thin_registry import (
+    THIN_PARQUET_OPTIONS,
+    register_thin_table,
+    registered_thin_tables,
+)
 
 log = logging.getLogger(__name__)
 
-DATA_TABLES = ("raw", "quarantine", "uih", "heads")
+#: The tombstone registry: ``user_id | forgotten_at | pending`` (one row per user; ``pending``
+#: true from the tombstone until the physical deletion is done; null in registries written
+#: before deletion had steps, which only held completed forgets).
+REGISTRY = "forgotten"
+#: Store tables with a ``user_id`` column whose rows of a forgotten user are deleted by
+#: :func:`delete_user_rows`, each with the pyarrow writer options of its rewritten files (None:
+#: pyarrow's defaults). The UIH tier is not here: it is rewritten in its own layout by
+#: :func:`_forget_in_tier`. A new store-side table of per-user data (the summary tier) adds its
+#: name here, or a function to :data:`PURGE_HOOKS` when it needs more than this; :func:`vacuum`
+#: covers every Delta table under the store on its own.
+USER_TABLES: dict[str, dict[str, Any] | None] = {
+    "raw": None,
+    "quarantine": None,
+    "heads": None,
+    # Each user's newest head summary (store/heads.py), what publish extends.
+    "heads_latest": None,
+    # The summary tier (summaries/tier.py, SUMMARY_TABLES).
+    "summaries": None,
+    "summary_state": None,
+    # The accepted-id index (store/idindex.py), rewritten as it writes its files.
+    "ids": {"row_group_size": 16_384, "compression": "zstd", "use_dictionary": False,
+            "column_encoding": {"event_id": "DELTA_BINARY_PACKED", "user_id": "PLAIN"}},
+}
+#: ``fn(store, users, buckets, commit_properties) -> {name: rows removed}``, called in step 2 for
+#: per-store derived data that a plain delete cannot purge. Each must be idempotent (a re-run
+#: of a killed forget calls it again) and commit with the given properties.
+PURGE_HOOKS: list[Callable[[Store, np.ndarray, np.ndarray, CommitProperties], dict[str, int]]] = []
+
+__all__ = [
+    "PURGE_HOOKS",
+    "USER_TABLES",
+    "forget_users",
+    "forgotten_of",
+    "forgotten_users",
+    "pending_of",
+    "pending_users",
+    "register_thin_table",
+    "registered_thin_tables",
+    "vacuum",
+]
 
 
 def _in_list(values: Sequence[int] | np.ndarray) -> str:
     return ", ".join(str(int(v)) for v in values)
 
 
+# ------------------------------------------------------------------------- the registry
+
+
+def _normalized(t: pa.Table | None) -> pa.Table:
+    """The registry as ``user_id, forgotten_at, pending`` with one row per user (registries
+    written before steps may repeat a user and lack ``pending``), sorted by user."""
+    schema = pa.schema([("user_id", pa.int64()), ("forgotten_at", pa.int64()),
+                        ("pending", pa.bool_())])
+    if t is None or t.num_rows == 0:
+        return schema.empty_table()
+    n = t.num_rows
+    pend = (pc.fill_null(t.column("pending"), False).to_numpy(zero_copy_only=False)
+            if "pending" in t.column_names else np.zeros(n, dtype=bool))
+    users = t.column("user_id").to_numpy()
+    at = (pc.fill_null(t.column("forgotten_at"), 0).to_numpy()
+          if "forgotten_at" in t.column_names else np.zeros(n, dtype=np.int64))
+    u, inv = np.unique(users, return_inverse=True)
+    p = np.zeros(len(u), dtype=bool)
+    np.logical_or.at(p, inv, pend)
+    a = np.zeros(len(u), dtype=np.int64)
+    np.maximum.at(a, inv, at.astype(np.int64))
+    return pa.table([pa.array(u.astype(np.int64)), pa.array(a), pa.array(p)], schema=schema)
+
+
+def _registry(store: Store) -> pa.Table:
+    return _normalized(store.read_table(REGISTRY))
+
+
+def _write_registry(store: Store, table: pa.Table, *, op: str, users: int) -> None:
+    """Replace the registry by ``table`` in one commit (it never grows by a re-run)."""
+    existing = store.open_table(REGISTRY)
+    write_deltalake(
+        existing if existing is not None else store.table_uri(REGISTRY),
+        table,
+        mode="overwrite",
+        schema_mode="merge",
+        commit_properties=CommitProperties(
+            custom_metadata={"lmat.op": op, "lmat.users": str(users)}),
+        storage_options=storage_options(),
+    )
+    dt = store.open_table(REGISTRY)
+    if dt is not None:
+        checkpoint_if_due(dt)
+
+
+def forgotten_users(store: Store) -> np.ndarray:
+    """Every user with a tombstone (pending or done), sorted and unique."""
+    got = store.derived(REGISTRY, "users", forgotten_of)
+    return got if got is not None else np.array([], dtype=np.int64)
+
+
+def pending_users(store: Store) -> np.ndarray:
+    """Users whose forget has its tombstone but not yet its completion, sorted: readers serve
+    none of their requests."""
+    got = store.derived(REGISTRY, "pending", pending_of)
+    return got if got is not None else np.array([], dtype=np.int64)
+
+
+def forgotten_of(dt: DeltaTable) -> np.ndarray:
+    """The users with a tombstone in a version of the registry, sorted and unique."""
+    t = delta_dataset(dt).to_table(columns=["user_id"])
+    return np.unique(t.column("user_id").to_numpy()).astype(np.int64)
+
+
+def pending_of(dt: DeltaTable) -> np.ndarray:
+    """The users whose forget is pending in a version of the registry, sorted and unique."""
+    t = _normalized(delta_dataset(dt).to_table())
+    return t.column("user_id").to_numpy()[t.column("pending").to_numpy(zero_copy_only=False)]
+
+
+# ------------------------------------------------------------------------- forget
+
+
 def forget_users(store: Store | str, user_ids: Sequence[int]) -> dict[str, int]:
-    """Forget users everywhere; returns rows removed per table."""
+    """Forget users everywhere (see the module docstring); returns rows removed per table
+    (``thin:URI`` for thin tables). Also finishes every forget left pending by a kill."""
     store = as_store(store)
     users = np.unique(np.asarray(list(user_ids), dtype=np.int64))
     if len(users) == 0:
         raise LmatError("forget: give at least one --user")
+    with store.write_lock():
+        reg = _registry(store)
+        ru = reg.column("user_id").to_numpy()
+        was_pending = ru[reg.column("pending").to_numpy(zero_copy_only=False)]
+        new = np.setdiff1d(users, was_pending)
+        # 1. The tombstone: from this commit on, no reader serves these users.
+        if len(new):
+            reg = _upsert(reg, new, pending=True, at=now_us())
+            _write_registry(store, reg, op="forget_tombstone", users=len(new))
+        todo = np.union1d(users, was_pending)
+        if len(todo) > len(users):
+            log.info("finishing the pending forget of %d earlier user(s)",
+                     len(todo) - len(users))
+        # Decoded tier data of this process may hold the users' events: drop it (the files that
+        # held them are replaced below, so no later read would be served from it anyway).
+        cache().clear()
+        # 2. The physical deletion, table by table (each step is a no-op when done before).
+        removed = _purge(store, todo)
+        # 3. Completion: the users are ordinary users again.
+        reg = _registry(store)
+        done = np.isin(reg.column("user_id").to_numpy(), todo)
+        pend = reg.column("pending").to_numpy(zero_copy_only=False) & ~done
+        reg = reg.set_column(2, "pending", pa.array(pend))
+        _write_registry(store, reg, op="forget_done", users=len(todo))
+    log.info("forgot %d user(s): %s", len(todo), removed)
+    return removed
+
+
+def _upsert(reg: pa.Table, users: np.ndarray, *, pending: bool, at: int) -> pa.Table:
+    """The registry with ``users`` set to ``pending`` as of ``at`` (added if new)."""
+    keep = reg.filter(pa.array(~np.isin(reg.column("user_id").to_numpy(), users)))
+    add = pa.table([pa.array(users, pa.int64()), pa.array(np.full(len(users), at, np.int64)),
+                    pa.array(np.full(len(users), pending))], schema=reg.schema)
+    return pa.concat_tables([keep, add]).sort_by("user_id")
+
+
+def _purge(store: Store, users: np.ndarray) -> dict[str, int]:
+    """Step 2: delete every row of ``users`` from the store's tables and registered thin
+    tables; idempotent (a table without such rows gets no commit)."""
     buckets = np.unique(bucket_of(users, store.n_buckets))
-    pred_user = f"user_id IN ({_in_list(users)})"
-    pred_bucket = f"bucket IN ({_in_list(buckets)})"
     props = CommitProperties(
         custom_metadata={"lmat.op": "forget", "lmat.users": str(len(users))}
     )
     removed: dict[str, int] = {}
-    # Decoded tier data of this process may hold the users' events: drop it (the files that
-    # held them are replaced below, so no later read would be served from it anyway).
-    cache().clear()
-    with store.write_lock():
-        for name in DATA_TABLES:
-            if name == "uih":
-                removed[name] = _forget_in_tier(store, users, buckets)
-                continue
-            dt = store.open_table(name)
-            if dt is None:
-                removed[name] = 0
-                continue
-            pred = f"{pred_bucket} AND {pred_user}" if name == "heads" else pred_user
-            metrics = dt.delete(pred, commit_properties=props)
-            removed[name] = int(metrics.get("num_deleted_rows", 0))
-        for uri in registered_thin_tables(store):
-            removed[f"thin:{uri}"] = _purge_tails(uri, users, buckets, props)
-        store.append(
-            "forgotten",
-            pa.table(
-                {
-                    "user_id": pa.array(users),
-                    "forgotten_at": pa.array(np.full(len(users), now_us(), dtype=np.int64)),
-                }
-            ),
-            op="forget",
-        )
-    log.info("forgot %d users: %s", len(users), removed)
+    for name, options in USER_TABLES.items():
+        removed[name] = delete_user_rows(store.table_uri(name), users, buckets, props,
+                                         parquet_options=options)
+    removed["uih"] = _forget_in_tier(store, users, buckets)
+    for hook in PURGE_HOOKS:
+        removed.update(hook(store, users, buckets, props))
+    for uri in registered_thin_tables(store):
+        removed[f"thin:{uri}"] = purge_thin_rows(uri, users, buckets, props)
+    return removed
+
+
+def purge_thin_rows(
+    uri: str, users: np.ndarray, buckets: np.ndarray, props: CommitProperties
+) -> int:
+    """Delete the rows of ``users`` from one thin table: their requests, pointers and tails
+    (a tail holds events of its row's own user only), rewritten as thin files are written."""
+    return delete_user_rows(uri, users, buckets, props, parquet_options=THIN_PARQUET_OPTIONS)
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri and not uri.startswith("file://"):
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
+
+
+def _stats_json(t: pa.Table) -> str:
+    """Delta file statistics: row count, null counts, min/max of the integer columns."""
+    mins: dict[str, int] = {}
+    maxs: dict[str, int] = {}
+    nulls: dict[str, int] = {}
+    for f, col in zip(t.schema, t.columns, strict=True):
+        if pa.types.is_nested(f.type):
+            continue
+        nulls[f.name] = col.null_count
+        if pa.types.is_integer(f.type) and len(col) > col.null_count:
+            mm = pc.min_max(col)
+            mins[f.name], maxs[f.name] = mm["min"].as_py(), mm["max"].as_py()
+    return json.dumps({"numRecords": t.num_rows, "minValues": mins, "maxValues": maxs,
+                       "nullCount": nulls})
+
+
+def delete_user_rows(
+    uri: str, users: np.ndarray, buckets: np.ndarray, props: CommitProperties, *,
+    parquet_options: dict[str, Any] | None = None,
+) -> int:
+    """Delete every row of ``users`` (sorted; ``buckets`` theirs) from the Delta table at
+    ``uri`` in one commit; returns the rows deleted (0, and no commit, when it holds none or
+    does not exist).
+
+    Each file that holds such rows (pruned by its ``bucket`` partition and ``user_id``
+    statistics) is rewritten without them, rows in their order, with ``parquet_options``, and
+    typed as the table's schema. Unlike a Delta ``DELETE``, the commit records no predicate (the
+    user ids stay out of the log), and the files keep the table's string types (delta-rs's
+    delete writes ``string_view`` columns, which pyarrow's dataset filters then reject)."""
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        dt = DeltaTable(uri, storage_options=storage_options())
+    except TableNotFoundError:
+        return 0
+    schema = pa.schema(dt.schema().to_arrow())
+    if "user_id" not in schema.names:
+        return 0
+    parts = list(dt.metadata().partition_columns)
+    at = pa.table(dt.get_add_actions(flatten=True))
+    if not at.num_rows:
+        return 0
+    cand = np.ones(at.num_rows, dtype=bool)
+    if "bucket" in parts:
+        b = np.asarray([int(v) for v in at.column("partition.bucket").to_pylist()])
+        cand &= np.isin(b, buckets)
+    if "min.user_id" in at.column_names and "max.user_id" in at.column_names:
+        lo = pc.fill_null(at.column("min.user_id"), np.iinfo(np.int64).min).to_numpy()
+        hi = pc.fill_null(at.column("max.user_id"), np.iinfo(np.int64).max).to_numpy()
+        # Some user lies in [lo, hi] when the first user >= lo is <= hi.
+        i = np.searchsorted(users, lo, side="left")
+        cand &= (i < len(users)) & (users[np.minimum(i, len(users) - 1)] <= hi)
+    fs, root = _filesystem(uri)
+    file_schema = pa.schema([f for f in schema if f.name not in parts])
+    paths = at.column("path").to_pylist()
+    sizes = at.column("size_bytes").to_pylist()
+    part_vals = [at.column(f"partition.{p}").to_pylist() for p in parts]
+    actions: list[AddAction | RemoveAction] = []
+    removed = 0
+    ts = now_us() // 1000
+    for k in np.flatnonzero(cand).tolist():
+        rel = paths[k]
+        pv = {p: (None if v[k] is None else str(v[k])) for p, v in zip(parts, part_vals,
+                                                                        strict=True)}
+        with fs.open_input_file(f"{root}/{rel}") as fh:
+            t = pq.read_table(fh)
+        gone = np.isin(t.column("user_id").to_numpy(zero_copy_only=False), users)
+        if not gone.any():
+            continue
+        removed += int(gone.sum())
+        t = t.filter(pa.array(~gone))
+        if t.num_rows:
+            t = t.cast(pa.schema([file_schema.field(c) if c in file_schema.names
+                                  else t.schema.field(c) for c in t.column_names]))
+            new = f"{os.path.dirname(rel)}/part-forget-{uuid.uuid4().hex}.parquet".lstrip("/")
+            with fs.open_output_stream(f"{root}/{new}") as out:
+                pq.write_table(t, out, **(parquet_options or {}))
+            size = fs.get_file_info(f"{root}/{new}").size or 0
+            actions.append(AddAction(new, size, pv, ts, True, _stats_json(t)))
+        actions.append(RemoveAction(rel, True, ts, int(sizes[k]), pv))
+    if actions:
+        dt.create_write_transaction(actions, "append", schema, partition_by=parts or None,
+                                    commit_properties=props)
+        checkpoint_if_due(DeltaTable(uri, storage_options=storage_options()))
     return removed
 
 
@@ -116,82 +378,35 @@ def _forget_in_tier(store: Store, users: np.ndarray, buckets: np.ndarray) -> int
     return removed
 
 
-def _purge_tails(uri: str, users: np.ndarray, buckets: np.ndarray, props: CommitProperties) -> int:
-    """Empty the tails of the users' rows in one thin table (one replace-where commit)."""
-    from deltalake import DeltaTable, write_deltalake
-    from deltalake.exceptions import TableNotFoundError
-
-    try:
-        dt = DeltaTable(uri, storage_options=storage_options())
-    except TableNotFoundError:
-        return 0
-    f = pads.field("bucket").isin(pa.array(buckets)) & pads.field("user_id").isin(pa.array(users))
-    rows = delta_dataset(dt).to_table(filter=f)
-    if rows.num_rows == 0:
-        return 0
-    streamed = pc.is_valid(rows.column("tail_len"))
-    n_events = int(pc.sum(rows.column("tail_len")).as_py() or 0)
-    rows = rows.set_column(
-        rows.column_names.index("tail_len"), "tail_len",
-        pc.if_else(streamed, pa.scalar(0, pa.int32()), rows.column("tail_len")),
-    )
-    for i, name in enumerate(rows.column_names):
-        if name.startswith("tail_") and name != "tail_len":
-            typ = rows.schema.field(name).type
-            empty = pa.array([[] if v else None for v in streamed.to_pylist()], type=typ)
-            rows = rows.set_column(i, name, empty)
-    from lmat_platform.protocol.thin import ROW_ORDER, thin_writer_properties
-
-    write_deltalake(
-        dt,
-        rows.sort_by([(c, "ascending") for c in ROW_ORDER]),
-        mode="overwrite",
-        predicate=f"bucket IN ({_in_list(buckets)}) AND user_id IN ({_in_list(users)})",
-        commit_properties=props,
-        writer_properties=thin_writer_properties(),
-        storage_options=storage_options(),
-    )
-    return n_events
+# ------------------------------------------------------------------------- vacuum
 
 
-def forgotten_users(store: Store) -> np.ndarray:
-    """Forgotten user ids, sorted and unique (derived once per version of the table)."""
-    got = store.derived("forgotten", "users", forgotten_of)
-    return got if got is not None else np.array([], dtype=np.int64)
-
-
-def forgotten_of(dt: DeltaTable) -> np.ndarray:
-    """The forgotten users of a version of the ``forgotten`` table, sorted and unique."""
-    t = delta_dataset(dt).to_table(columns=["user_id"])
-    return np.unique(t.column("user_id").to_numpy()).astype(np.int64)
-
-
-def register_thin_table(store: Store, uri: str) -> None:
-    """Remember a thin table whose tails hold events, so that ``forget`` can purge them."""
-    if uri in registered_thin_tables(store):
-        return
-    store.append(
-        "thin_tables",
-        pa.table({"uri": [uri], "registered_at": pa.array([now_us()], pa.int64())}),
-        op="register_thin",
-    )
-
-
-def registered_thin_tables(store: Store) -> list[str]:
-    t = store.read_table("thin_tables", columns=["uri"])
-    return sorted(set(t.column("uri").to_pylist())) if t is not None else []
+def store_tables(store: Store) -> list[str]:
+    """URIs of every Delta table under the store (whatever stage wrote it)."""
+    fs, root = store.filesystem()
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    out = []
+    for i in sorted(infos, key=lambda i: i.path):
+        if i.type != pafs.FileType.Directory:
+            continue
+        if fs.get_file_info(f"{i.path}/_delta_log").type == pafs.FileType.Directory:
+            out.append(store.table_uri(os.path.basename(i.path.rstrip("/"))))
+    return out
 
 
 def vacuum(store: Store | str, *, retention_hours: int | None = None) -> dict[str, int]:
-    """Delete files no longer referenced and older than the retention, in every table."""
-    from deltalake import DeltaTable
+    """Delete files no longer referenced and older than the retention, in every table of the
+    store and every registered thin table, and expire their logs (see :func:`_expire_log`);
+    returns files deleted per table URI."""
     from deltalake.exceptions import TableNotFoundError
 
     store = as_store(store)
     hours = store.config.retention_hours if retention_hours is None else retention_hours
+    if hours < 0:
+        raise LmatError(f"vacuum: --retention-hours must be >= 0, but got {hours}")
     out: dict[str, int] = {}
-    uris = [store.table_uri(n) for n in DATA_TABLES] + registered_thin_tables(store)
     with store.write_lock():
+        uris = store_tables(store) + registered_thin_tables(store)
         for uri in uris:
             try:
                 dt = DeltaTable(uri, storage_options=storage_options())
@@ -201,27 +416,30 @@ def vacuum(store: Store | str, *, retention_hours: int | None = None) -> dict[st
                 retention_hours=hours, dry_run=False, enforce_retention_duration=False
             )
             out[uri] = len(files)
-            _expire_log(dt, uri, hours)
+            _expire_log(uri, hours)
     return out
 
 
-def _expire_log(dt: DeltaTable, uri: str, hours: int) -> None:
+def _expire_log(uri: str, hours: int) -> None:
     """Drop Delta log entries older than the retention, after a checkpoint.
 
-    Old commits carry the statistics (user_id min/max) of files that held a forgotten user;
-    removing the data files alone would leave those ids on disk. The table keeps the store's
-    retention as its log and tombstone retention, so time travel reaches back that far.
+    Old commits carry the statistics (user_id min/max) of files that held a forgotten user,
+    and a forget's delete commits carry its predicate (the user ids); removing the data files
+    alone would leave those ids on disk. Old checkpoints go with the commits they replace. The
+    table keeps the store's retention as its log and tombstone retention, so time travel reaches
+    back that far. The checkpoint is written at a commit that names no data (a property change,
+    when the newest commit is not one), because the checkpoint's own commit file stays.
     """
-    from deltalake import DeltaTable
-
+    dt = DeltaTable(uri, storage_options=storage_options())
     want = f"interval {hours} hours"
     conf = dt.metadata().configuration
-    if (conf.get("delta.logRetentionDuration") != want
-            or conf.get("delta.deletedFileRetentionDuration") != want):
-        dt.alter.set_table_properties({
-            "delta.logRetentionDuration": want,
-            "delta.deletedFileRetentionDuration": want,
-        })
-    dt = DeltaTable(uri, storage_options=storage_options())
+    props = {"delta.logRetentionDuration": want, "delta.deletedFileRetentionDuration": want}
+    last = dt.history(1)
+    if any(conf.get(k) != v for k, v in props.items()) or (
+        last and last[0].get("operation") not in ("SET TBLPROPERTIES", "VACUUM END")
+    ):
+        # (Setting the properties commits even when they are unchanged.)
+        dt.alter.set_table_properties(props)
+        dt = DeltaTable(uri, storage_options=storage_options())
     dt.create_checkpoint()
     dt.cleanup_metadata()
