@@ -653,6 +653,55 @@ def _mp_context() -> Any:
     return ctx
 
 
+_GUARD_FIX = (
+    'put the code that builds and iterates the loader under `if __name__ == "__main__":` in a '
+    "script file (or use num_workers=0)"
+)
+
+
+def _check_workers_can_start(ctx: Any) -> None:
+    """Fail before starting workers that could not start, with the cause and the fix.
+
+    Under ``forkserver`` and ``spawn`` each worker imports the main module again from its file.
+    Code piped to ``python -`` has no file (``<stdin>``), so every worker would die at start-up
+    with a FileNotFoundError; a worker that is itself importing the main module (an unguarded
+    script re-run in the worker) must not start workers of its own.
+    """
+    import multiprocessing as mp
+    import sys
+
+    method = ctx.get_start_method()
+    if getattr(mp.current_process(), "_inheriting", False):
+        raise ReaderWorkerError(
+            f"SequenceLoader started worker processes while this process was itself starting "
+            f"as a worker ({method}): the main script is not import-guarded, so each worker runs "
+            f"it again; {_GUARD_FIX}"
+        )
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if getattr(main, "__spec__", None) is None and path and not os.path.exists(path):
+        raise ReaderWorkerError(
+            f"SequenceLoader(num_workers>0) starts workers with {method}, which import the main "
+            f"module again from its file, but it has none ({path!r}: code piped to `python -`?); "
+            f"save it to a file and run that, with the loader's code under "
+            '`if __name__ == "__main__":` (or use num_workers=0)'
+        )
+
+
+def _startup_failure_hint(ctx: Any) -> str:
+    import sys
+
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    script = f"the main script {path!r}" if path else "the main module"
+    return (
+        f"It died before sending anything, so it failed while starting: with {ctx.get_start_method()} "
+        f"each worker imports {script} again, and the usual cause is a script that builds and "
+        f"iterates the loader at import time. Fix: {_GUARD_FIX}. The worker's own traceback is "
+        "on stderr above"
+    )
+
+
 # ---------------------------------------------------------------------------------- loader
 
 
@@ -947,7 +996,9 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         self, specs: list[ConsumerSpec], first: int
     ) -> Iterator[tuple[int, int, Batch]]:
         ctx = _mp_context()
+        _check_workers_can_start(ctx)
         n = len(specs)
+        heard = [False] * n  # whether worker w sent anything (else it died starting up)
         stop = ctx.Event()
         queues = [ctx.Queue(maxsize=self.prefetch) for _ in range(n)]
         procs = [
@@ -964,7 +1015,13 @@ class SequenceLoader(torch.utils.data.IterableDataset):
                 if not active[w]:
                     w = (w + 1) % n
                     continue
-                kind, a, b = self._get(queues[w], procs[w], w)
+                try:
+                    kind, a, b = self._get(queues[w], procs[w], w)
+                except ReaderWorkerError as e:
+                    if heard[w] or procs[w].exitcode != 1:
+                        raise
+                    raise ReaderWorkerError(f"{e}. {_startup_failure_hint(ctx)}") from e
+                heard[w] = True
                 if kind == "batch":
                     yield w, a, b
                 elif kind == "done":
