@@ -318,6 +318,11 @@ SCENARIOS = {
         Scenario("ingest", (("ingest", ("e1",)), ("snapshot", 1000, 1100)),
                  ("ingest", ("e2", "e3")),
                  ("rerun", ("ingest", ("extra",)), ("snapshot", 3000, 3100))),
+        # A publish runs before the killed ingest is re-run: files whose accepted rows landed
+        # were decided before it, the rest are fenced at its watermark.
+        Scenario("ingest-publish", (("ingest", ("e1",)), ("snapshot", 1000, 1100)),
+                 ("ingest", ("e2", "e3")),
+                 (("snapshot", 2000, 2100), "rerun", ("ingest", ("extra",)))),
         Scenario("snapshot", _BASE, ("snapshot", 3000, 3100),
                  (("ingest", ("late",)), "rerun", ("ingest", ("extra",)))),
         Scenario("log", _BASE, ("log", "req", "log"),
@@ -526,6 +531,12 @@ class Harness:
         if sc.command[0] == "snapshot" and landed >= 1:
             # The publish's intent landed: ingest now fences at its watermark (spec 3).
             model.publish_started(sc.command[1])
+        rerun: Step = sc.command
+        if sc.command[0] == "ingest" and sc.after and sc.after[0] != "rerun":
+            # Files whose accepted rows landed were decided by the killed run.
+            k = sum(1 for _, _, t in first.commits if t.rstrip("/").endswith("/raw"))
+            apply_step(model, self.inputs, ("ingest", sc.command[1][:k]))
+            rerun = ("ingest", sc.command[1][k:])
         for step in sc.after:
             s = sc.command if step == "rerun" else step
             assert not isinstance(s, str)
@@ -533,7 +544,7 @@ class Harness:
             if out.code != 0 and not (step == "rerun" and _done_already(out)):
                 problems.append(f"{' '.join(out.args[:1])} after the kill exited {out.code}: "
                                 f"{out.stderr.strip()}")
-            apply_step(model, self.inputs, s)
+            apply_step(model, self.inputs, rerun if step == "rerun" else s)
         problems += check_store(self.world, model)
         return Trial(sc.name, mode, n, problems, time.perf_counter() - t0)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -150,6 +151,48 @@ def ingest_files(
     return result
 
 
+def _reasons(
+    store: Store, table: pa.Table, app_id: str, batch_id: str
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The batch's quarantine reason per row (as :func:`classify`), which rows' quarantine rows
+    already landed, and the version of the batch's last quarantine commit (0: none).
+
+    A fresh batch is fenced at :func:`ingest_fence` (the newest watermark registered or
+    intended by an unfinished publish, spec 3). A batch resumed after a kill keeps what landed:
+    if its accepted rows are in the raw log, the run that wrote them decided (its
+    ``behind_watermark`` rows are the ones in the quarantine); if not, the fence may have risen
+    since its quarantine commit (a publish ran in between), and rows now behind it are added to
+    the quarantine by a further commit instead of reaching the raw log behind a snapshot.
+    """
+    q_version = store.txn_version("quarantine", app_id) or 0
+    raw_landed = store.txn_version("raw", app_id) is not None
+    if not q_version and not raw_landed:
+        return classify(table, ingest_fence(store)), np.zeros(table.num_rows, dtype=bool), 0
+    reason = classify(table, None)  # null and time rules: the same in every run
+    landed = reason >= 0 if q_version else np.zeros(table.num_rows, dtype=bool)
+    if q_version:
+        dt = store.open_table("quarantine")
+        assert dt is not None
+        f = (pads.field("batch_id") == batch_id) & (pads.field("reason") == REASON_WATERMARK)
+        got = delta_dataset(dt).to_table(columns=["event_id", "arrival_ts"], filter=f)
+        left = Counter(zip(got.column("event_id").to_pylist(),
+                           got.column("arrival_ts").to_pylist(), strict=True))
+        if left:
+            eid = table.column("event_id").to_numpy(zero_copy_only=False)
+            ats = table.column("arrival_ts").to_numpy(zero_copy_only=False)
+            for i in np.flatnonzero(reason < 0).tolist():
+                key = (int(eid[i]), int(ats[i]))
+                if left.get(key):
+                    left[key] -= 1
+                    reason[i], landed[i] = 2, True
+    if not raw_landed:
+        fence = ingest_fence(store)
+        if fence is not None:
+            ats = table.column("arrival_ts").fill_null(0).to_numpy()
+            reason[(reason == -1) & (ats < fence)] = 2
+    return reason, landed, q_version
+
+
 def _ingest_one(store: Store, path: str, table: pa.Table, result: IngestResult) -> None:
     batch_id = _file_hash(path)
     app_id = f"lmat-ingest-{batch_id}"
@@ -159,18 +202,18 @@ def _ingest_one(store: Store, path: str, table: pa.Table, result: IngestResult) 
         log.info("%s: batch %s already ingested, skipping", path, batch_id)
         result.skipped_files += 1
         return
-    # Fence at the newest watermark registered or intended by an unfinished publish (spec 3).
-    reason = classify(table, ingest_fence(store))
+    reason, landed, q_version = _reasons(store, table, app_id, batch_id)
 
     # Quarantine: every rejected row, with its reason and where it came from.
-    bad = np.flatnonzero(reason >= 0)
+    bad = np.flatnonzero((reason >= 0) & ~landed)
     counts = {r: int((reason == k).sum()) for k, r in enumerate(REASONS)}
-    if len(bad) and store.txn_version("quarantine", app_id) is None:
+    if len(bad):
         q = table.take(pa.array(bad))
         q = q.append_column("reason", pa.array(np.array(REASONS, dtype=object)[reason[bad]]))
         q = q.append_column("source", pa.array([os.path.basename(path)] * len(bad)))
         q = q.append_column("batch_id", pa.array([batch_id] * len(bad)))
-        store.append("quarantine", q, op="quarantine", txn=(app_id, 1), metadata={"batch": batch_id})
+        store.append("quarantine", q, op="quarantine", txn=(app_id, q_version + 1),
+                     metadata={"batch": batch_id})
 
     # Accepted: first occurrence of each event_id wins; ids already in the raw log are dropped.
     cand = np.flatnonzero(reason < 0)
