@@ -1,0 +1,312 @@
+"""Concurrent writers on one s3:// store (spec section 11), against a real S3 server on loopback.
+
+Every concurrent command here is a real ``lmat`` process; the server is moto's server mode,
+started and stopped by the fixtures in ``tests/s3_server.py``. Leases are short (1.5 s) so that
+a killed writer's lease expires within the test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lmat_platform.exceptions import ConcurrencyError
+from lmat_platform.store import ingest_files, init_store, open_store
+from lmat_platform.store.core import Store
+from lmat_platform.store.lease import LEASE_FILE, LeaseInfo, StoreLease
+from lmat_platform.validate import check_uih_commits, delta_log_entries, read_commits
+from tests.helpers import REPO, one_line_error, read, tier_rows, write_events
+from tests.s3_server import S3Server
+
+#: The S3 server fixtures (``s3_server``, ``s3_env``, ``s3_store_uri``).
+pytest_plugins = ("tests.s3_server",)
+
+T0 = 1_700_000_000_000_000
+SEC = 1_000_000
+LEASE_S = 1.5
+
+
+@pytest.fixture(autouse=True)
+def _short_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMAT_LEASE_SECONDS", str(LEASE_S))
+    monkeypatch.setenv("LMAT_QUIET", "1")
+
+
+def _events(path: Path, first_id: int, n: int, *, t: int = T0, n_users: int = 40) -> str:
+    rows = [
+        {
+            "user_id": i % n_users,
+            "event_id": i,
+            "event_ts": t + (i - first_id) * SEC - SEC,
+            "arrival_ts": t + (i - first_id) * SEC,
+            "item_id": (i * 7) % 301,
+            "action": 1 + i % 3,
+        }
+        for i in range(first_id, first_id + n)
+    ]
+    return write_events(path, rows)
+
+
+def _lmat(*args: str) -> subprocess.Popen[str]:
+    exe = Path(sys.executable).with_name("lmat")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lmat_platform.cli"]
+    return subprocess.Popen(
+        [*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+    )
+
+
+def _run_together(*commands: tuple[str, ...], timeout: float = 120) -> list[tuple[int, str, str]]:
+    """Start every command at once (real processes); their (exit code, stdout, stderr)."""
+    procs = [_lmat(*c) for c in commands]
+    out = []
+    for p in procs:
+        so, se = p.communicate(timeout=timeout)
+        out.append((p.returncode, so, se))
+    return out
+
+
+def _ids(t: pa.Table) -> list[int]:
+    return t.column("event_id").to_pylist() if t.num_rows else []
+
+
+def _fresh(st: Store) -> Store:
+    return open_store(st.root)
+
+
+def _assert_exactly_once(st: Store, files: dict[str, range]) -> None:
+    """Every row of every file accepted exactly once, one ingest record per file."""
+    raw = read(st, "raw")
+    counts = Counter(_ids(raw))
+    twice = sorted(i for i, c in counts.items() if c > 1)
+    assert not twice, f"{len(twice)} event ids in the raw log more than once, e.g. {twice[:5]}"
+    want = sorted(i for r in files.values() for i in r)
+    assert sorted(counts) == want
+    records = read(st, "ingests")
+    assert records.num_rows == len(files), records.to_pylist()
+
+
+def _assert_snapshots_exact(st: Store) -> None:
+    """Watermarks strictly increase and snapshot k holds exactly the accepted events with
+    ``arrival_ts < W_k`` (spec section 3); the tier's history is appends only."""
+    snaps = read(st, "snapshots").sort_by("snapshot_id").to_pylist()
+    wms = [s["watermark"] for s in snaps]
+    assert [s["snapshot_id"] for s in snaps] == list(range(len(snaps)))
+    assert all(a < b for a, b in zip(wms, wms[1:], strict=False)), wms
+    raw = read(st, "raw")
+    ids, arrival = np.asarray(_ids(raw)), raw.column("arrival_ts").to_numpy()
+    for k, w in enumerate(wms):
+        got = [r["event_id"] for r in tier_rows(st, max_snapshot=k)]
+        assert got == sorted(ids[arrival < w].tolist()), f"snapshot {k} (W={w})"
+    rep = check_uih_commits(read_commits(delta_log_entries(st.table_uri("uih"))))
+    assert rep.ok, rep.problems
+
+
+# ---------------------------------------------------------------------- concurrent commands
+def test_same_file_ingested_by_three_writers_at_once_lands_once(
+    s3_store_uri: str, tmp_path: Path
+) -> None:
+    """Defect 2 of issue 13: without a lock every row landed twice (2 of 3 trials)."""
+    st = init_store(s3_store_uri, n_buckets=4, row_group_rows=64)
+    f = _events(tmp_path / "same.parquet", 0, 3000)
+    res = _run_together(*[("ingest", s3_store_uri, f)] * 3)
+    assert [r[0] for r in res] == [0, 0, 0], [r[2] for r in res]
+    # One writer did the work; the others found the batch done.
+    accepted = sorted(int(r[1].split('"accepted":')[1].split(",")[0]) for r in res)
+    assert accepted == [0, 0, 3000], [r[1] for r in res]
+    _assert_exactly_once(_fresh(st), {f: range(0, 3000)})
+
+
+def test_different_files_ingested_at_once_both_complete(s3_store_uri: str, tmp_path: Path) -> None:
+    st = init_store(s3_store_uri, n_buckets=4, row_group_rows=64)
+    a = _events(tmp_path / "a.parquet", 0, 1500)
+    b = _events(tmp_path / "b.parquet", 10_000, 1500, t=T0 + 5000 * SEC)
+    res = _run_together(("ingest", s3_store_uri, a), ("ingest", s3_store_uri, b))
+    assert [r[0] for r in res] == [0, 0], [r[2] for r in res]
+    _assert_exactly_once(_fresh(st), {a: range(0, 1500), b: range(10_000, 11_500)})
+
+
+def test_ingest_while_a_snapshot_publishes(s3_store_uri: str, tmp_path: Path) -> None:
+    """Whichever goes first, no event is lost or doubled: rows of the new file below the
+    watermark are either in the snapshot or quarantined ``behind_watermark``."""
+    st = init_store(s3_store_uri, n_buckets=4, row_group_rows=64)
+    first = _events(tmp_path / "first.parquet", 0, 1000)
+    ingest_files(st, [first])
+    # Half of the late file's rows arrive before the watermark, half after.
+    late = _events(tmp_path / "late.parquet", 5000, 1000, t=T0 + 500 * SEC)
+    wm = T0 + 1000 * SEC
+    res = _run_together(("snapshot", s3_store_uri, "--watermark", str(wm)),
+                        ("ingest", s3_store_uri, late))
+    assert [r[0] for r in res] == [0, 0], [r[2] for r in res]
+    st = _fresh(st)
+    raw, quarantine = read(st, "raw"), read(st, "quarantine")
+    late_ids = set(range(5000, 6000))
+    accepted_late = late_ids & set(_ids(raw))
+    held_back = set(_ids(quarantine))
+    assert accepted_late | held_back == late_ids and not accepted_late & held_back
+    if held_back:  # the snapshot went first: exactly the rows below its watermark wait
+        assert held_back == set(range(5000, 5500))
+        assert set(quarantine.column("reason").to_pylist()) == {"behind_watermark"}
+    counts = Counter(_ids(raw))
+    assert max(counts.values()) == 1
+    assert set(counts) == set(range(0, 1000)) | accepted_late
+    assert read(st, "ingests").num_rows == 2
+    _assert_snapshots_exact(st)
+
+
+def test_two_publishes_at_once_keep_watermarks_increasing(s3_store_uri: str, tmp_path: Path) -> None:
+    """Two publishes race: if the lower watermark goes first both land (0, 1); if the higher
+    one goes first, the lower is refused with exit 2 and one line naming the watermark."""
+    st = init_store(s3_store_uri, n_buckets=4, row_group_rows=64)
+    ingest_files(st, [_events(tmp_path / "e.parquet", 0, 2000)])
+    w1, w2 = T0 + 700 * SEC, T0 + 1400 * SEC
+    res = _run_together(("snapshot", s3_store_uri, "--watermark", str(w1)),
+                        ("snapshot", s3_store_uri, "--watermark", str(w2)))
+    st = _fresh(st)
+    published = [s["watermark"] for s in read(st, "snapshots").sort_by("snapshot_id").to_pylist()]
+    codes = [r[0] for r in res]
+    if codes == [0, 0]:
+        assert published == [w1, w2]
+    else:
+        assert codes == [2, 0], [r[2] for r in res]
+        assert published == [w2]
+        assert "--watermark" in one_line_error(res[0][2])
+    _assert_snapshots_exact(st)
+    # A later publish and ingest still work, and nothing went missing.
+    assert _run_together(("snapshot", s3_store_uri, "--watermark", str(T0 + 2100 * SEC)))[0][0] == 0
+    _assert_snapshots_exact(_fresh(st))
+
+
+# ---------------------------------------------------------------------- killed and stalled holders
+_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from lmat_platform.store import open_store
+    with open_store(sys.argv[1]).write_lock():
+        print("locked", flush=True)
+        time.sleep(float(sys.argv[2]))
+    print("released", flush=True)
+    """
+)
+
+
+def _holder(uri: str, hold_s: float) -> subprocess.Popen[str]:
+    p = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, uri, str(hold_s)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )
+    assert p.stdout is not None
+    if p.stdout.readline().strip() != "locked":
+        p.kill()
+        raise AssertionError(f"the lock holder did not start: {p.communicate()[1]}")
+    return p
+
+
+def _lease(s3: S3Server, uri: str) -> LeaseInfo:
+    bucket, key = uri.removeprefix("s3://").split("/", 1)
+    body = s3.client().get_object(Bucket=bucket, Key=f"{key}/{LEASE_FILE}")["Body"].read()
+    info = LeaseInfo.from_bytes(body)
+    assert info is not None
+    return info
+
+
+def test_killed_writer_lease_expires_and_next_writer_proceeds(
+    s3_server: S3Server, s3_store_uri: str, tmp_path: Path
+) -> None:
+    st = init_store(s3_store_uri, n_buckets=4, row_group_rows=64)
+    holder = _holder(s3_store_uri, 600)
+    held = _lease(s3_server, s3_store_uri)
+    assert not held.released and held.owner.split(":")[1] == str(holder.pid)
+    # A live holder keeps renewing: a writer that waits twice the lease is still refused, with
+    # one line naming the store and the holder.
+    with pytest.raises(ConcurrencyError) as e, st.write_lock(timeout_s=2 * LEASE_S + 1):
+        pass
+    msg = str(e.value)
+    assert s3_store_uri in msg and held.owner in msg and "\n" not in msg
+    assert _lease(s3_server, s3_store_uri).seq > held.seq  # renewed while we waited
+
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.communicate()
+    killed_at = time.monotonic()
+    f = _events(tmp_path / "after.parquet", 0, 500)
+    (code, out, err), = _run_together(("ingest", s3_store_uri, f))
+    waited = time.monotonic() - killed_at
+    assert code == 0, err
+    assert waited < LEASE_S + 15, waited
+    _assert_exactly_once(_fresh(st), {f: range(0, 500)})
+    after = _lease(s3_server, s3_store_uri)
+    assert after.released and after.owner != held.owner  # the ingest took it over, and let go
+
+
+def test_stalled_writer_that_lost_its_lease_fails_instead_of_succeeding(
+    s3_server: S3Server, s3_store_uri: str
+) -> None:
+    """A writer stopped (SIGSTOP) for longer than its lease loses it to the next writer; when it
+    resumes it finds the lease taken and exits with an error, not with success."""
+    st = init_store(s3_store_uri, n_buckets=4, row_group_rows=64)
+    holder = _holder(s3_store_uri, 1.0)
+    os.kill(holder.pid, signal.SIGSTOP)
+    try:
+        with st.write_lock(timeout_s=30):
+            # We hold it now; the stopped writer comes back while we do.
+            os.kill(holder.pid, signal.SIGCONT)
+            _, err = holder.communicate(timeout=30)
+            assert _lease(s3_server, s3_store_uri).owner.split(":")[1] == str(os.getpid())
+    finally:
+        if holder.poll() is None:
+            os.kill(holder.pid, signal.SIGKILL)
+            holder.communicate()
+    assert holder.returncode != 0
+    assert "lost the store lease" in err and s3_store_uri in err, err
+
+
+def test_two_takers_of_one_expired_lease_one_wins(s3_store_uri: str) -> None:
+    init_store(s3_store_uri, n_buckets=4, row_group_rows=64)
+    dead = StoreLease(s3_store_uri, duration_s=0.2)
+    dead.acquire()
+    dead._stop.set()  # as if its process died: no more renewals, no release
+    dead._thread.join()  # type: ignore[union-attr]
+    takers = [StoreLease(s3_store_uri, duration_s=10, timeout_s=5) for _ in range(2)]
+    outcome: dict[int, str] = {}
+
+    def take(i: int) -> None:
+        try:
+            takers[i].acquire()
+            outcome[i] = "won"
+        except ConcurrencyError:
+            outcome[i] = "refused"
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    try:
+        assert sorted(outcome.values()) == ["refused", "won"], outcome
+        with pytest.raises(ConcurrencyError, match="lost the store lease"):
+            dead.check()
+    finally:
+        for t in takers:
+            t.release()
+
+
+def test_released_lease_is_free_at_once_and_local_stores_take_no_lease(
+    s3_store_uri: str, tmp_path: Path
+) -> None:
+    st = init_store(s3_store_uri, n_buckets=4, row_group_rows=64)
+    t = time.monotonic()
+    for _ in range(3):
+        with st.write_lock(timeout_s=1):
+            pass
+    assert time.monotonic() - t < 3
+    local = init_store(str(tmp_path / "local"))
+    with local.write_lock(timeout_s=1):
+        assert not (tmp_path / "local" / LEASE_FILE).exists()
