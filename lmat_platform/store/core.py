@@ -231,10 +231,21 @@ class Store:
         """Serialize writers of one store (ingest, snapshot, forget, compaction).
 
         Local stores use an fcntl lock, which the OS releases when a writer dies (even by SIGKILL).
-        Object stores have no lock here: run one writer at a time against them.
+        Object stores use a lease taken and renewed with conditional writes, which expires when
+        its writer dies (see :mod:`lmat_platform.store.lease`; ``LMAT_LEASE_SECONDS``). Writers
+        read the store's state only inside the lock. :class:`ConcurrencyError` names the holder
+        if the lock is not free within ``timeout_s``, or if the lease was lost while writing.
         """
         if not self.is_local:
-            yield
+            from lmat_platform.store.lease import StoreLease
+
+            lease = StoreLease(self.root, timeout_s=timeout_s)
+            lease.acquire()
+            try:
+                yield
+                lease.check()
+            finally:
+                lease.release()
             return
         path = os.path.join(self.root, "_lock")
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
