@@ -18,7 +18,17 @@ import yaml
 from lmat_platform.exceptions import TenantError
 from lmat_platform.schema import MICROS_PER_DAY
 
-_FIELDS = {"name", "columns", "max_len", "actions", "window_days"}
+_FIELDS = {"name", "columns", "max_len", "actions", "window_days", "summary"}
+
+
+@dataclass(frozen=True)
+class SummarySpec:
+    """A tenant's summary (spec section 10): the summarizer's name and the tail it reads."""
+
+    #: The registered summarizer's name (its newest version is served).
+    model: str
+    #: Events after the summary's snapshot watermark to serve (the last ``tail_len``).
+    tail_len: int
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,8 @@ class Tenant:
     actions: tuple[int, ...] | None = None
     #: Keep events with ``event_ts >= T - window_days`` days; None keeps all.
     window_days: float | None = None
+    #: Summary tokens plus a short tail instead of the whole sequence (spec section 10).
+    summary: SummarySpec | None = None
 
     @property
     def window_us(self) -> int | None:
@@ -61,6 +73,8 @@ class Tenant:
             d["actions"] = list(self.actions)
         if self.window_days is not None:
             d["window_days"] = self.window_days
+        if self.summary is not None:
+            d["summary"] = {"model": self.summary.model, "tail_len": self.summary.tail_len}
         return d
 
 
@@ -111,7 +125,23 @@ def parse_tenant(obj: Any, *, where: str = "tenant") -> Tenant:
         if isinstance(window, bool) or not isinstance(window, int | float) or window <= 0:
             raise TenantError(f"{label}: window_days: must be a positive number, but got {window!r}")
         window = float(window)
-    return Tenant(name, tuple(cols), max_len, actions, window)
+    summary = _parse_summary(obj.get("summary"), label) if "summary" in obj else None
+    return Tenant(name, tuple(cols), max_len, actions, window, summary)
+
+
+def _parse_summary(obj: Any, label: str) -> SummarySpec:
+    if not isinstance(obj, Mapping):
+        raise TenantError(f"{label}: summary: must be a mapping with 'model' and 'tail_len'")
+    unknown = sorted(set(obj) - {"model", "tail_len"})
+    if unknown:
+        raise TenantError(f"{label}: summary: unknown field '{unknown[0]}'")
+    model = obj.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise TenantError(f"{label}: summary: model: must be a non-empty string")
+    n = obj.get("tail_len")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise TenantError(f"{label}: summary: tail_len: must be an integer >= 0, but got {n!r}")
+    return SummarySpec(model, n)
 
 
 def parse_tenants(doc: Any, *, where: str = "tenants") -> dict[str, Tenant]:

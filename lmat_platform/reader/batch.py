@@ -50,6 +50,13 @@ class Batch:
     bytes_read: int = 0
     #: Of ``bytes_read``: bytes of thin rows (pointers, stored tails, context); the rest is UIH.
     thin_bytes_read: int = 0
+    #: Summary tenants only (spec section 10; :mod:`lmat_platform.summaries`): float32
+    #: [B, K, d] summary tokens (zeros without one), ``summary_mask`` bool [B], and the pointer
+    #: of what was served (``snapshot_id``, ``head_len``, ``head_checksum``, ``published_at``,
+    #: each [B]); ``values``/``lengths`` then hold the tails.
+    summary: torch.Tensor | None = None
+    summary_mask: torch.Tensor | None = None
+    summary_pointer: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.request_id.shape[0])

@@ -333,6 +333,15 @@ class _UnitReader:
         return seqs
 
 
+def _summary_server(store: Store, tenant: Tenant) -> Any:
+    """The point-in-time summary server of a summary tenant (None for others)."""
+    if tenant.summary is None:
+        return None
+    from lmat_platform.summaries.serving import SummaryServer
+
+    return SummaryServer(store, tenant)
+
+
 def _thin_dataset(
     uri: str, version: int
 ) -> tuple[pads.Dataset, dict[int | None, list[pads.Fragment]]]:
@@ -832,6 +841,8 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         self.pin_memory = pin_memory
         # Raises TenantError for a column the store does not have.
         self.ctx = ReadContext.build(self.store, tenant, verify=verify)
+        #: Summary tenants (spec section 10): batches get summaries and tails from the server.
+        self._summary = _summary_server(self.store, tenant)
         warm_up()  # compiled kernels ready before any worker starts
         for c in tenant.columns:
             typ = self.ctx.schema.field(c).type
@@ -969,7 +980,7 @@ class SequenceLoader(torch.utils.data.IterableDataset):
             # Inside a user's DataLoader worker: this process is one consumer; no resume.
             spec = self._specs(per_rank, self.epoch, [0] * per_rank)[offset]
             for _, b in iter_consumer(spec):
-                yield b
+                yield b if self._summary is None else self._summary.attach(b)
             return
         resume, self._resume = self._resume, None
         if resume is not None and resume.complete:
@@ -985,6 +996,8 @@ class SequenceLoader(torch.utils.data.IterableDataset):
             prog.batches += 1
             self.bytes_read += batch.bytes_read
             self.thin_bytes_read += batch.thin_bytes_read
+            if self._summary is not None:
+                batch = self._summary.attach(batch)
             yield batch.pin_memory() if self.pin_memory else batch
         prog.complete = True
 

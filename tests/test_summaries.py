@@ -1,0 +1,304 @@
+"""The summary tier (spec section 10): incremental == from scratch, point-in-time serving
+(summaries published late, requests between a snapshot's and its summary's publish, forgotten
+users), the loader's summary batches, and tenant declarations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import lmat_platform as lmat
+from lmat_platform.exceptions import TenantError, WatermarkError
+from lmat_platform.models.vista import Summarizer, VistaConfig, VistaState
+from lmat_platform.store.core import Store
+from lmat_platform.summaries import (
+    SummaryError,
+    SummaryServer,
+    check_served,
+    compute_summaries,
+    recompute_check,
+    register_summarizer,
+    storage_report,
+    summary_registry,
+)
+from lmat_platform.summaries.tier import read_summary_rows
+from lmat_platform.tenants import parse_tenants
+from tests.helpers import HOUR_US, events_table, requests_table
+
+T0 = 1_700_000_000_000_000
+CFG = VistaConfig(n_items=512, d=16, k=4, heads=2, layers=2, window=4)
+N_USERS = 10
+N_SNAPS = 3
+LAG = HOUR_US  # summaries published an hour after their snapshot
+
+
+def _events(seed: int = 0) -> pa.Table:
+    """Events over 3 snapshot windows of 4 h, with late arrivals (event_ts in an earlier
+    window than arrival_ts) so a snapshot's new events sort inside the older head."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    eid = 0
+    for u in range(1, N_USERS + 1):
+        n = int(rng.integers(0, 40)) if u != 3 else 0
+        if u == 2:
+            n = 60
+        for _ in range(n):
+            arr = T0 + int(rng.integers(0, (N_SNAPS + 1) * 4 * HOUR_US))
+            late = rng.random() < 0.3
+            ets = arr - (int(rng.integers(0, 8 * HOUR_US)) if late else int(rng.integers(0, 1000)))
+            rows.append({"user_id": u, "event_id": eid, "event_ts": ets, "arrival_ts": arr,
+                         "item_id": int(rng.integers(0, 300)), "action": int(rng.integers(0, 3))})
+            eid += 1
+    return events_table(rows)
+
+
+def _watermark(k: int) -> int:
+    return T0 + (k + 1) * 4 * HOUR_US
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, str, pa.Table]:
+    root = tmp_path_factory.mktemp("summ")
+    store = lmat.init_store(str(root / "store"), n_buckets=4, row_group_rows=64)
+    ev = _events()
+    pq.write_table(ev, str(root / "ev.parquet"))
+    lmat.ingest_files(store, [str(root / "ev.parquet")])
+    torch.manual_seed(0)
+    model = Summarizer(CFG).eval()
+    version = register_summarizer(store, "vista", model)
+    for k in range(N_SNAPS):
+        lmat.publish_snapshot(store, _watermark(k))
+        compute_summaries(store, version, k, model_name="vista",
+                          published_at=_watermark(k) + LAG)
+    return store, version, ev
+
+
+def _naive_state(model: Summarizer, ev: pa.Table, user: int, snapshot: int) -> VistaState:
+    """The user's head at ``snapshot`` folded from zero, ordered by (snapshot, event_ts,
+    event_id), with snapshots assigned from arrival times (an independent statement)."""
+    rows = [r for r in ev.to_pylist() if r["user_id"] == user
+            and r["arrival_ts"] < _watermark(snapshot)]
+    snap_of = [next(k for k in range(N_SNAPS) if r["arrival_ts"] < _watermark(k)) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: (snap_of[i], rows[i]["event_ts"],
+                                                    rows[i]["event_id"]))
+    rows = [rows[i] for i in order]
+    return model.extend(VistaState.zeros(model.cfg, 1),
+                        np.array([r["item_id"] for r in rows], np.int64),
+                        np.array([r["action"] for r in rows], np.int64),
+                        np.array([r["event_ts"] for r in rows], np.int64),
+                        np.array([0, len(rows)]))
+
+
+def test_incremental_matches_scratch_and_naive(built: tuple[Store, str, pa.Table]) -> None:
+    store, version, ev = built
+    model = lmat.summaries.load_summarizer(store, version)
+    for k in range(N_SNAPS):
+        rep = recompute_check(store, version, k)
+        assert rep.ok, rep
+        assert rep.users > 0
+    # Every user with events has a summary at the snapshot that last touched them, equal to
+    # the naive fold of their head.
+    rows = read_summary_rows(store, version)
+    got = {(r["user_id"], r["snapshot_id"]): r for r in rows.to_pylist()}
+    for (u, k), r in got.items():
+        naive = _naive_state(model, ev, u, k)
+        assert r["head_len"] == int(naive.n[0])
+        tok = model.summarize(naive)[0].numpy()
+        q = np.frombuffer(r["tokens"], np.int8).reshape(CFG.k, CFG.d).astype(np.float32)
+        sc = np.frombuffer(r["scales"], np.float32)
+        np.testing.assert_allclose(q * sc[:, None], tok, atol=float(sc.max()) * 0.51 + 1e-6)
+    assert 3 not in {u for u, _ in got}  # no events, no summary
+
+
+def test_registry_order_and_publish_times(built: tuple[Store, str, pa.Table]) -> None:
+    store, version, _ = built
+    reg = summary_registry(store, version)
+    assert [e.snapshot_id for e in reg] == list(range(N_SNAPS))
+    snaps = lmat.list_snapshots(store)
+    assert all(e.published_at >= s.published_at for e, s in zip(reg, snaps, strict=True))
+    # Idempotent: computing a published snapshot again returns it as it was.
+    again = compute_summaries(store, version, 1, published_at=_watermark(1) + 5 * LAG)
+    assert again.published_at == reg[1].published_at
+
+
+def test_out_of_order_and_bad_publish_time(tmp_path: Path) -> None:
+    store = lmat.init_store(str(tmp_path / "s"), n_buckets=2, row_group_rows=64)
+    pq.write_table(_events(1), str(tmp_path / "e.parquet"))
+    lmat.ingest_files(store, [str(tmp_path / "e.parquet")])
+    v = register_summarizer(store, "m", Summarizer(CFG))
+    lmat.publish_snapshot(store, _watermark(0))
+    lmat.publish_snapshot(store, _watermark(1))
+    with pytest.raises(SummaryError, match="in order"):
+        compute_summaries(store, v, 1)
+    with pytest.raises(WatermarkError, match="Q >= P"):
+        compute_summaries(store, v, 0, published_at=_watermark(0) - 1)
+    assert summary_registry(store, v) == []
+
+
+def _naive_tail(ev: pa.Table, user: int, t: int, w: int | None, n: int) -> list[int]:
+    rows = [r for r in ev.to_pylist() if r["user_id"] == user and r["arrival_ts"] < t
+            and (w is None or r["arrival_ts"] >= w)]
+    rows.sort(key=lambda r: (r["event_ts"], r["event_id"]))
+    return [r["item_id"] for r in rows][-n:] if n else []
+
+
+def test_point_in_time_adversarial(built: tuple[Store, str, pa.Table]) -> None:
+    """Requests before any summary, between snapshot k's publish (P_k) and its summary's
+    (Q_k = P_k + 1 h), just at Q_k, and later: never a summary published after T."""
+    store, version, ev = built
+    tenants = parse_tenants({"tenants": [{
+        "name": "vista", "columns": ["item_id", "action"], "max_len": 64,
+        "summary": {"model": "vista", "tail_len": 5}}]})
+    server = SummaryServer(store, tenants["vista"])
+    users, ts = [], []
+    for u in range(1, N_USERS + 1):
+        for k in range(N_SNAPS):
+            p = _watermark(k)
+            ts += [p - 1, p, p + LAG // 2, p + LAG - 1, p + LAG, p + LAG + 1]
+            users += [u] * 6
+    users_a, ts_a = np.array(users), np.array(ts)
+    got = server.serve(users_a, ts_a)
+    for i, (u, t) in enumerate(zip(users, ts, strict=True)):
+        # Newest k with Q_k <= t.
+        ks = [k for k in range(N_SNAPS) if _watermark(k) + LAG <= t]
+        want_s = ks[-1] if ks else -1
+        assert got.snapshot_id[i] == want_s, (u, t)
+        if want_s >= 0:
+            assert got.published_at[i] <= t
+        w = _watermark(want_s) if want_s >= 0 else None
+        a = int(got.tail_lengths[:i].sum())
+        tail = got.tail_values["item_id"][a:a + int(got.tail_lengths[i])].tolist()
+        assert tail == _naive_tail(ev, u, t, w, 5), (u, t)
+        head_users = [r for r in ev.to_pylist() if r["user_id"] == u and w is not None
+                      and r["arrival_ts"] < w]
+        assert bool(got.mask[i]) == bool(head_users)
+        if not got.mask[i]:
+            assert not got.summary[i].any()
+    rep = check_served(store, version, users_a, ts_a, got)
+    assert rep.ok, rep.problems
+    assert rep.checked == len(users)
+    # The check itself catches a summary from the future and a wrong checksum.
+    bad = got.snapshot_id.copy()
+    j = int(np.flatnonzero(got.mask & (got.snapshot_id < N_SNAPS - 1))[0])
+    bad[j] += 1
+    got.snapshot_id, keep = bad, got.snapshot_id
+    assert check_served(store, version, users_a, ts_a, got).future >= 1
+    got.snapshot_id = keep
+    got.head_checksum[j] ^= 1
+    assert check_served(store, version, users_a, ts_a, got).checksum_mismatches == 1
+
+
+def test_late_summary_not_served_after_snapshot_publish(tmp_path: Path) -> None:
+    """A snapshot published, its summaries not computed yet (and later computed with an old
+    publish time refused): requests after P_k get k-1's summary and the tail since W_{k-1}."""
+    store = lmat.init_store(str(tmp_path / "s"), n_buckets=2, row_group_rows=64)
+    ev = _events(2)
+    pq.write_table(ev, str(tmp_path / "e.parquet"))
+    lmat.ingest_files(store, [str(tmp_path / "e.parquet")])
+    v = register_summarizer(store, "m", Summarizer(CFG))
+    lmat.publish_snapshot(store, _watermark(0))
+    compute_summaries(store, v, 0, published_at=_watermark(0))
+    lmat.publish_snapshot(store, _watermark(1), published_at=_watermark(1))
+    tenant = parse_tenants({"tenants": [{"name": "t", "columns": ["item_id"], "max_len": 200,
+                                         "summary": {"model": "m", "tail_len": 100}}]})["t"]
+    t = _watermark(1) + HOUR_US
+    served = SummaryServer(store, tenant).serve(np.array([2]), np.array([t]))
+    assert served.snapshot_id[0] == 0
+    assert served.tail_values["item_id"].tolist() == _naive_tail(ev, 2, t, _watermark(0), 100)
+    # Summaries of snapshot 1 published later, at Q_1 = t + 1: still not served at t.
+    compute_summaries(store, v, 1, published_at=t + 1)
+    served = SummaryServer(store, tenant).serve(np.array([2, 2]), np.array([t, t + 1]))
+    assert served.snapshot_id.tolist() == [0, 1]
+
+
+def test_forgotten_user_gets_zero_summary(tmp_path: Path) -> None:
+    store = lmat.init_store(str(tmp_path / "s"), n_buckets=2, row_group_rows=64)
+    ev = _events(3)
+    pq.write_table(ev, str(tmp_path / "e.parquet"))
+    lmat.ingest_files(store, [str(tmp_path / "e.parquet")])
+    v = register_summarizer(store, "m", Summarizer(CFG))
+    for k in range(2):
+        lmat.publish_snapshot(store, _watermark(k))
+        compute_summaries(store, v, k, published_at=_watermark(k))
+    assert 2 in read_summary_rows(store, v).column("user_id").to_pylist()
+    lmat.forget_users(store, [2])
+    assert 2 not in read_summary_rows(store, v).column("user_id").to_pylist()
+    st = store.read_table("summary_state")
+    assert 2 not in st.column("user_id").to_pylist()
+    tenant = parse_tenants({"tenants": [{"name": "t", "columns": ["item_id"], "max_len": 8,
+                                         "summary": {"model": "m", "tail_len": 4}}]})["t"]
+    got = SummaryServer(store, tenant).serve(np.array([2, 1]), np.array([_watermark(3)] * 2))
+    assert not got.mask[0] and not got.summary[0].any() and got.tail_lengths[0] == 0
+    assert check_served(store, v, np.array([2, 1]), np.array([_watermark(3)] * 2), got).ok
+    # The next snapshot recomputes the summaries of the users it touches from their heads.
+    lmat.publish_snapshot(store, _watermark(2))
+    compute_summaries(store, v, 2, published_at=_watermark(2))
+    assert recompute_check(store, v, 2).ok
+
+
+def test_loader_batches_carry_summaries(built: tuple[Store, str, pa.Table],
+                                        tmp_path: Path) -> None:
+    store, version, _ = built
+    t = _watermark(N_SNAPS - 1) + 2 * LAG
+    req = requests_table([{"request_id": i, "user_id": u, "request_ts": t - i * HOUR_US}
+                          for i, u in enumerate(range(1, N_USERS + 1))])
+    pq.write_table(req, str(tmp_path / "r.parquet"))
+    lmat.write_thin(store, str(tmp_path / "r.parquet"), str(tmp_path / "thin"), path="examples")
+    tenant = parse_tenants({"tenants": [{"name": "t", "columns": ["item_id", "action"],
+                                         "max_len": 32,
+                                         "summary": {"model": "vista", "tail_len": 3}}]})["t"]
+    loader = lmat.SequenceLoader(store, str(tmp_path / "thin"), tenant=tenant, batch_size=4)
+    server = SummaryServer(store, tenant)
+    seen = 0
+    for b in loader:
+        assert b.summary is not None and b.summary.shape == (len(b), CFG.k, CFG.d)
+        want = server.serve(b.user_id.numpy(), b.request_ts.numpy())
+        np.testing.assert_array_equal(b.summary.numpy(), want.summary)
+        np.testing.assert_array_equal(b.summary_mask.numpy(), want.mask)
+        np.testing.assert_array_equal(b.lengths.numpy(), want.tail_lengths)
+        np.testing.assert_array_equal(b.values["item_id"].numpy(), want.tail_values["item_id"])
+        np.testing.assert_array_equal(b.summary_pointer["head_checksum"].numpy(),
+                                      want.head_checksum)
+        assert int(b.lengths.max()) <= 3
+        b.validate()
+        seen += len(b)
+    assert seen == N_USERS
+
+
+def test_storage_report(built: tuple[Store, str, pa.Table]) -> None:
+    store, version, _ = built
+    rep = storage_report(store, version)
+    assert rep["snapshots_kept"] == N_SNAPS
+    assert rep["summaries_rows"] == read_summary_rows(store, version).num_rows
+    # int8 tokens: K * d bytes before compression; float32 scales K * 4.
+    assert 0 < rep["summaries.tokens_bytes_per_row"] <= CFG.k * CFG.d + 64
+    assert rep["summary_state_bytes_per_row"] > rep["summaries_bytes_per_row"]
+
+
+def test_tenant_summary_declaration(tmp_path: Path) -> None:
+    t = parse_tenants({"tenants": [{"name": "a", "columns": ["item_id"], "max_len": 8,
+                                    "summary": {"model": "v", "tail_len": 16}}]})["a"]
+    assert t.summary is not None and (t.summary.model, t.summary.tail_len) == ("v", 16)
+    assert t.as_dict()["summary"] == {"model": "v", "tail_len": 16}
+    for bad, msg in [({"model": "v"}, "tail_len"), ({"tail_len": 3}, "model"),
+                     ({"model": "v", "tail_len": -1}, "tail_len"),
+                     ({"model": "v", "tail_len": 2, "k": 1}, "unknown field 'k'"),
+                     ("v", "mapping")]:
+        with pytest.raises(TenantError, match=msg):
+            parse_tenants({"tenants": [{"name": "a", "columns": ["item_id"], "max_len": 8,
+                                        "summary": bad}]})
+    with pytest.raises(SummaryError, match="no summarizer"):
+        SummaryServer(lmat.init_store(str(tmp_path / "s")), t)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> object:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
