@@ -405,3 +405,73 @@ def test_after_vacuum_no_byte_names_the_user_outside_the_tombstones(tmp_path: Pa
     assert _files_naming(roots, VICTIM2, skip=tombs) == []
     assert _files_naming(roots, VICTIM, skip=tombs) == []
     assert read(st, "forgotten").num_rows == 2
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_backend_does_not_serve_a_pending_user(synth_store: SynthStore) -> None:
+    """The Ray Data backend plans and reads units as the loader does: a user whose forget was
+    killed after its tombstone is absent from its pass too."""
+    pytest.importorskip("ray")
+    import ray
+
+    from lmat_platform.reader.ray_backend import ensure_ray, iter_ray_batches
+
+    s = synth_store
+    u = _victim(s)
+    want = {r: v for r, v in _loader_rows(s.store, s.thin_log).items() if v[0] != u}
+    _killed_forget(s.store_path, u, "after_tombstone")
+    assert u in read_delta(s.thin_log).column("user_id").to_pylist()
+    ensure_ray(num_cpus=2)
+    try:
+        batches = list(iter_ray_batches(s.store, s.thin_log, tenant=ALL, batch_size=16,
+                                        max_unit_rows=16))
+    finally:
+        ray.shutdown()
+    got: dict[int, tuple[int, list[int]]] = {}
+    for b in batches:
+        off = np.concatenate([[0], np.cumsum(b.lengths.numpy())])
+        ev = b.values["event_id"].tolist()
+        for i, (r, uu) in enumerate(zip(b.request_id.tolist(), b.user_id.tolist(), strict=True)):
+            got[r] = (uu, ev[off[i]:off[i + 1]])
+    assert got == want
+
+
+@pytest.mark.slow
+def test_forget_killed_at_every_commit_by_the_fault_switch(
+    synth_store: SynthStore, tmp_path: Path
+) -> None:
+    """``lmat forget`` SIGKILLed right after each of its commits in turn (the store's fault
+    switch, LMAT_FAULT_KILL_AFTER_COMMIT=N), on copies of one store: after every kill no reader
+    serves the user, and a re-run completes the deletion."""
+    import shutil
+
+    from tests.conftest import copy_synth
+
+    s0 = synth_store
+    u = _victim(s0)
+    base = {i: _others(_materialized(s0.store, t, tmp_path / f"b{i}.parquet"), u)
+            for i, t in enumerate((s0.thin_log, s0.thin_batch))}
+    n = 0
+    while True:
+        n += 1
+        s = copy_synth(s0, tmp_path / f"k{n}")
+        r = run_lmat("forget", s.store_path, "--user", str(u),
+                     env={"LMAT_FAULT_KILL_AFTER_COMMIT": str(n)})
+        if r.returncode == 0:
+            break  # fewer than n commits: every kill point was tried
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        st = s.store
+        assert pending_users(st).tolist() in ([u], [])
+        for i, t in enumerate((s.thin_log, s.thin_batch)):
+            got = _materialized(st, t, tmp_path / f"k{n}-{i}.parquet")
+            assert got.equals(base[i]), (n, t)
+        r = run_lmat("forget", s.store_path, "--user", str(u))
+        assert r.returncode == 0, r.stderr
+        assert pending_users(st).tolist() == [] and read(st, "forgotten").num_rows == 1
+        for name in ("raw", "quarantine", "uih", "heads"):
+            assert u not in read(st, name).column("user_id").to_pylist(), (n, name)
+        for t in (s.thin_log, s.thin_batch):
+            assert u not in read_delta(t).column("user_id").to_pylist(), (n, t)
+        shutil.rmtree(s.root)
+    assert n > 8  # tombstone, raw, quarantine, heads, ids, tier, 2 thin tables, completion
