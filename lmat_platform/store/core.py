@@ -13,6 +13,8 @@ Layout::
       snapshots/        Delta: the snapshot registry
       publishing/       Delta: publish intents (snapshot id, watermark), written before a
                         publish's first step; ingest fences at an unfinished one's watermark
+      heads_latest/     Delta: each user's newest head summary with its marker counts (what
+                        publish extends)
       ids/              Delta: the accepted-id index (event_id sorted, user_id): the duplicate
                         check reads only the files and row groups a batch's ids can be in
       forgotten/        Delta: forgotten users
@@ -62,6 +64,7 @@ TABLES = (
     "thin_tables",
     "publishing",
     "ids",
+    "heads_latest",
 )
 #: A commit whose version is a multiple of this also writes a Delta checkpoint, so opening a
 #: table replays at most this many JSON commits (opening the tier's table: 8 ms -> 3 ms).

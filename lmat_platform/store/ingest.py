@@ -29,6 +29,7 @@ from lmat_platform.schema import (
     normalize_events,
     read_parquet_file,
 )
+from lmat_platform.store import idindex
 from lmat_platform.store.core import Store, as_store, delta_dataset, now_us
 from lmat_platform.store.snapshots import ingest_fence
 
@@ -93,22 +94,26 @@ def classify(table: pa.Table, watermark: int | None) -> np.ndarray:
 
 
 def _already_accepted(store: Store, ids: np.ndarray, *, exclude_batch: str) -> np.ndarray:
-    """Mask of ``ids`` already in the raw log from other batches (a batch resumed after a kill
-    must not count its own landed rows as duplicates). Reads only files whose id range overlaps."""
-    dt = store.open_table("raw")
-    if dt is None or len(ids) == 0:
-        return np.zeros(len(ids), dtype=bool)
-    ds = delta_dataset(dt)
-    lo, hi = int(ids.min()), int(ids.max())
-    f = (
-        (pads.field("event_id") >= lo)
-        & (pads.field("event_id") <= hi)
-        & (pads.field("batch_id") != exclude_batch)
-    )
-    have = ds.to_table(columns=["event_id"], filter=f).column("event_id").to_numpy()
-    if len(have) == 0:
-        return np.zeros(len(ids), dtype=bool)
-    return np.isin(ids, have)
+    """Mask of ``ids`` accepted by other batches, from the accepted-id index (its cost is the
+    batch's, not the store's: :mod:`lmat_platform.store.idindex`). The index is first caught
+    up with the raw log, so a batch whose raw commit landed before a kill is covered. A batch
+    resumed after its own raw commit landed must not count its own rows as duplicates: its ids
+    (rows of the raw log tagged with its ``batch_id``; read only on that rare path) are
+    excluded, which gives the same decisions as its first run."""
+    if len(ids) == 0:
+        return np.zeros(0, dtype=bool)
+    idindex.catch_up(store)
+    stats = idindex.LookupStats()
+    mask = idindex.accepted_mask(store, ids, stats)
+    log.debug("duplicate check: %s", stats.as_dict())
+    if mask.any() and store.txn_version("raw", f"lmat-ingest-{exclude_batch}") is not None:
+        dt = store.open_table("raw")
+        assert dt is not None
+        own = delta_dataset(dt).to_table(
+            columns=["event_id"], filter=pads.field("batch_id") == exclude_batch
+        ).column("event_id").to_numpy()
+        mask &= ~np.isin(ids, own)
+    return mask
 
 
 def _prepare(paths: Sequence[str], store: Store) -> list[tuple[str, pa.Table]]:
@@ -231,7 +236,11 @@ def _ingest_one(store: Store, path: str, table: pa.Table, result: IngestResult) 
         acc = acc.append_column("batch_id", pa.array([batch_id] * acc.num_rows))
         acc = acc.sort_by([("bucket", "ascending"), ("user_id", "ascending"),
                            ("event_ts", "ascending"), ("event_id", "ascending")])
-        store.append("raw", acc, op="ingest", txn=(app_id, 1), metadata={"batch": batch_id})
+        v = store.append("raw", acc, op="ingest", txn=(app_id, 1), metadata={"batch": batch_id})
+        # After the raw commit (the commit point); a kill before this lands is finished by the
+        # next writer's catch-up (see idindex's crash ordering).
+        idindex.add_ids(store, acc.column("event_id").to_numpy(),
+                        acc.column("user_id").to_numpy(), raw_version=v)
 
     record = pa.table(
         {

@@ -28,15 +28,15 @@ import pyarrow.parquet as pq
 
 from lmat_platform.exceptions import WatermarkError
 from lmat_platform.hashing import as_signed, event_fingerprint
+from lmat_platform.store import heads as heads_mod
 from lmat_platform.store import uih
 from lmat_platform.store.core import Store, as_store, delta_dataset, now_us
 
 log = logging.getLogger(__name__)
 
-#: Head lengths at which a marker is kept: ``markers[i]`` is the ``event_ts`` of the
-#: ``MARKER_LENGTHS[i]``-th last event of the head (``NO_MARKER`` if the head is shorter).
-MARKER_LENGTHS = tuple(2**i for i in range(6, 18))
-NO_MARKER = np.iinfo(np.int64).min
+#: Head lengths at which a marker is kept (see :mod:`lmat_platform.store.heads`).
+MARKER_LENGTHS = heads_mod.MARKER_LENGTHS
+NO_MARKER = heads_mod.NO_MARKER
 
 
 @dataclass(frozen=True)
@@ -194,10 +194,9 @@ def publish_snapshot(
                 )
             else:
                 version = tier.version() if tier is not None else -1
-            changed = delta.select(["bucket", "user_id"]) if n_events else None
-        heads = store.open_table("heads")
-        if heads is None or (heads.transaction_version("lmat-heads") or -1) < k:
-            _write_heads(store, k, changed)
+            changed = (delta.select(["bucket", "user_id", "event_ts", "event_id"])
+                       if n_events else None)
+        _write_heads(store, k, changed)
         info = SnapshotInfo(k, watermark, published_at, version, n_events, now_us())
         store.append(
             "snapshots",
@@ -232,39 +231,60 @@ def _raw_range(store: Store, lo: int | None, hi: int) -> pa.Table:
 
 
 def _write_heads(store: Store, k: int, changed: pa.Table | None) -> None:
-    """Record the head at snapshot k of every user snapshot k touched."""
-    parts = []
+    """Record the head at snapshot k of every user snapshot k touched, extended from each
+    user's previous summary with snapshot k's events only (:mod:`lmat_platform.store.heads`):
+    ``heads`` rows for readers, then each user's newest summary in ``heads_latest``. Each is
+    one commit with app transaction k; a resumed publish computes them again (the result is a
+    function of the previous summaries and the tier, both unchanged) and writes what is missing.
+    """
+    hd = store.open_table("heads")
+    lt = store.open_table(heads_mod.LATEST)
+    heads_done = hd is not None and (hd.transaction_version("lmat-heads") or -1) >= k
+    latest_done = lt is not None and (lt.transaction_version(heads_mod.LATEST_APP) or -1) >= k
+    if heads_done and latest_done:
+        return
     if changed is None:
-        # Resumed publish: recover the touched users from the tier rows of snapshot k.
-        dt = store.open_table("uih")
-        if dt is not None:
-            changed = delta_dataset(dt).to_table(
-                columns=["bucket", "user_id"], filter=pads.field("snapshot_id") == k
-            )
-    if changed is not None and changed.num_rows:
-        buckets = changed.column("bucket").to_numpy()
-        users = changed.column("user_id").to_numpy()
-        for b in np.unique(buckets).tolist():
-            parts.append(head_summaries(store, b, np.unique(users[buckets == b]), k))
-    table = (
-        pa.concat_tables(parts)
-        if parts
-        else pa.table(
-            {
-                "bucket": pa.array([], pa.int32()),
-                "user_id": pa.array([], pa.int64()),
-                "snapshot_id": pa.array([], pa.int32()),
-                "head_len": pa.array([], pa.int64()),
-                "head_checksum": pa.array([], pa.int64()),
-                "markers": pa.array([], pa.list_(pa.int64())),
-            }
-        )
-    )
-    store.append("heads", table, op="heads", partition_by=["bucket"], txn=("lmat-heads", k))
+        changed = _tier_rows_of(store, k)
+    heads_rows, latest_rows, stats = heads_mod.extend_heads(store, k, changed)
+    log.info("heads of snapshot %d: %s", k, stats)
+    if not heads_done:
+        store.append("heads", heads_rows, op="heads", partition_by=["bucket"],
+                     txn=("lmat-heads", k), metadata={"refreshed_users": stats["refreshed_users"],
+                                                      "rows_read": stats["rows_read"]})
+    if not latest_done:
+        heads_mod.write_latest(store, k, latest_rows)
+
+
+def _tier_rows_of(store: Store, k: int) -> pa.Table:
+    """(bucket, user_id, event_ts, event_id) of snapshot k's tier rows (a resumed publish),
+    from the files whose snapshot statistics can hold k."""
+    cols = ["bucket", "user_id", "event_ts", "event_id"]
+    dt = store.open_table("uih")
+    if dt is None:
+        return pa.table({c: pa.array([], pa.int32() if c == "bucket" else pa.int64())
+                         for c in cols})
+    fs, root = store.filesystem()
+    parts = []
+    for f in uih.list_files(dt):
+        if f.min_snapshot is not None and f.max_snapshot is not None and not (
+                f.min_snapshot <= k <= f.max_snapshot):
+            continue
+        with fs.open_input_file(f"{root}/uih/{f.path}") as fh:
+            t = pq.read_table(fh, columns=["user_id", "event_ts", "event_id", "snapshot_id"])
+        t = t.filter(pa.array(t.column("snapshot_id").to_numpy() == k)).drop_columns(
+            ["snapshot_id"])
+        parts.append(t.append_column(
+            "bucket", pa.array(np.full(t.num_rows, f.bucket, dtype=np.int32))).select(cols))
+    if not parts:
+        return pa.table({c: pa.array([], pa.int32() if c == "bucket" else pa.int64())
+                         for c in cols})
+    return pa.concat_tables(parts)
 
 
 def head_summaries(store: Store, bucket: int, users: np.ndarray, k: int) -> pa.Table:
-    """Head length, checksum and markers at snapshot k for ``users`` of one bucket.
+    """Head length, checksum and exact markers at snapshot k for ``users`` of one bucket,
+    recomputed from their whole histories (the reference :func:`_write_heads`'s extension is
+    checked against; publish no longer calls it).
 
     Reads only ``user_id``, ``event_ts``, ``event_id`` of the row groups that hold those users.
     """

@@ -1,0 +1,310 @@
+"""Head summaries extended snapshot by snapshot: publish costs the new events, not the history.
+
+A head summary (``heads/``: per user and snapshot) holds the head's length, its checksum and
+*length markers*. Publishing snapshot k used to re-read every touched user's whole history to
+compute them; here each is extended from the user's previous summary with the snapshot's new
+events only:
+
+- ``head_len`` is the previous length plus the new events;
+- ``head_checksum`` is the wrapping sum of per-event fingerprints
+  (:func:`lmat_platform.hashing.event_fingerprint`): a function of the head's event set, which
+  fixes its ``(event_ts, event_id)`` order, so the previous checksum plus the new events' sum is
+  exactly the checksum of the merged head, wherever late events land in it;
+- ``markers[j]`` is a lower bound of the ``event_ts`` of the head's ``MARKER_LENGTHS[j]``-th last
+  event (``NO_MARKER``: the head is shorter, or read it all). The reader only needs a lower bound
+  (rows older than it cannot be among the last L; it still cuts to L itself). Each marker
+  carries its *count*, the number of head events at or after it. Extending: a previous marker's
+  count grows by the new events at or after it; a new event is a candidate with the new events
+  after it plus what the previous markers guarantee; each length takes the newest candidate
+  whose count reaches it. When no candidate's count is within 2x of its length (the marker went
+  stale: the user's new events outran it), the user's recent rows, from the marker of the next
+  longer length on, are read from the tier and its markers recomputed exactly. A length L's
+  marker goes stale only after about L new events of the user, and its refresh reads about 4L
+  of them: amortized, a constant number of rows per new event, whatever the history holds.
+
+The state extended from is ``heads_latest/`` (Delta, partitioned by bucket): each user's newest
+summary with its marker counts, one row per user. Publish reads its touched buckets' rows and
+appends one file per bucket with the touched users' new rows; a bucket whose files outnumber
+:data:`LATEST_FOLD_FILES` is folded to one row per user (an overwrite of that bucket). The
+reader never reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+from numba import njit
+
+from lmat_platform.hashing import as_signed, event_fingerprint
+from lmat_platform.store import uih
+from lmat_platform.store.core import Store, delta_dataset
+
+log = logging.getLogger(__name__)
+
+#: Head lengths at which a marker is kept: ``markers[i]`` bounds the ``event_ts`` of the
+#: ``MARKER_LENGTHS[i]``-th last event of the head (``NO_MARKER`` if the head is shorter).
+MARKER_LENGTHS = tuple(2**i for i in range(6, 18))
+NO_MARKER = np.iinfo(np.int64).min
+LATEST = "heads_latest"
+LATEST_APP = "lmat-heads-latest"
+#: A bucket of ``heads_latest`` with more files than this is folded to one row per user.
+LATEST_FOLD_FILES = 16
+#: A marker is stale when its count exceeds this many times its length.
+STALE_FACTOR = 2
+
+_NM = len(MARKER_LENGTHS)
+
+
+@njit(cache=True, nogil=True)
+def _first_ge(a, lo, hi, x):  # type: ignore[no-untyped-def]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if a[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@njit(cache=True, nogil=True)
+def _extend(ranks, plen, pmark, pcnt, nts, nstart, nend):  # type: ignore[no-untyped-def]
+    """Per user: new length, markers, counts, and whether a refresh is needed (and from when).
+
+    ``pmark``/``pcnt``: previous markers and counts (count <= 0: none); ``nts[nstart:nend]``
+    the user's new events' times, ascending."""
+    U = len(plen)
+    R = len(ranks)
+    i64min = np.iinfo(np.int64).min
+    mark = np.full((U, R), i64min, dtype=np.int64)
+    cnt = np.zeros((U, R), dtype=np.int64)
+    stale = np.zeros(U, dtype=np.bool_)
+    cutoff = np.full(U, i64min, dtype=np.int64)
+    for u in range(U):
+        a, b = nstart[u], nend[u]
+        n = b - a
+        total = plen[u] + n
+        # Candidates: previous markers with their counts grown by the new events at or after
+        # them, and new events with the new events after them plus the previous guarantee.
+        cm = np.empty(R + n, dtype=np.int64)
+        cc = np.empty(R + n, dtype=np.int64)
+        k = 0
+        for j in range(R):
+            if pcnt[u, j] > 0:
+                cm[k] = pmark[u, j]
+                cc[k] = pcnt[u, j] + (b - _first_ge(nts, a, b, pmark[u, j]))
+                k += 1
+        for i in range(a, b):
+            if i + 1 < b and nts[i + 1] == nts[i]:
+                continue  # one candidate per distinct time: its last occurrence counts all
+            x = nts[i]
+            g = 0
+            for j in range(R):
+                if pcnt[u, j] > 0 and pmark[u, j] >= x and pcnt[u, j] > g:
+                    g = pcnt[u, j]
+            cm[k] = x
+            cc[k] = (b - _first_ge(nts, a, b, x)) + g
+            k += 1
+        worst = -1
+        for j in range(R):
+            m = ranks[j]
+            if total < m:
+                break
+            best = -1
+            for c in range(k):
+                if cc[c] >= m and (best < 0 or cm[c] > cm[best]
+                                   or (cm[c] == cm[best] and cc[c] > cc[best])):
+                    best = c
+            if best < 0 or cc[best] > 2 * m:
+                worst = j
+            if best >= 0:
+                mark[u, j] = cm[best]
+                cnt[u, j] = cc[best]
+        if worst >= 0:
+            stale[u] = True
+            # Read from the marker of the next longer length if it is fresh (at most 2x its
+            # length after it), else the whole history.
+            nxt = worst + 1
+            if nxt < R and cnt[u, nxt] > 0 and cnt[u, nxt] <= 2 * ranks[nxt]:
+                cutoff[u] = mark[u, nxt]
+    return mark, cnt, stale, cutoff
+
+
+@njit(cache=True, nogil=True)
+def _exact(ranks, ts, start, end, mark, cnt, rows):  # type: ignore[no-untyped-def]
+    """Exact markers of refreshed users from their rows ``ts[start:end]`` (ascending: the
+    user's events at or after its cutoff), for the lengths those rows cover."""
+    for u in range(len(rows)):
+        a, b = start[u], end[u]
+        n = b - a
+        for j in range(len(ranks)):
+            m = ranks[j]
+            if m > n:
+                break
+            x = ts[b - m]
+            mark[rows[u], j] = x
+            cnt[rows[u], j] = b - _first_ge(ts, a, b, x)
+
+
+def _empty_latest() -> pa.Table:
+    return pa.table({
+        "bucket": pa.array([], pa.int32()), "user_id": pa.array([], pa.int64()),
+        "snapshot_id": pa.array([], pa.int32()), "head_len": pa.array([], pa.int64()),
+        "head_checksum": pa.array([], pa.int64()), "markers": pa.array([], pa.list_(pa.int64())),
+        "marker_counts": pa.array([], pa.list_(pa.int64())),
+    })
+
+
+def _list_col(m: np.ndarray) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(m.ravel()), _NM).cast(pa.list_(pa.int64()))
+
+
+def _latest_rows(store: Store, buckets: np.ndarray, before: int) -> pa.Table:
+    """Each user's newest summary before snapshot ``before`` in ``buckets``, with counts."""
+    dt = store.open_table(LATEST)
+    if dt is None:
+        return _bootstrap(store, buckets, before)
+    f = pads.field("bucket").isin(pa.array(buckets.astype(np.int32))) & (
+        pads.field("snapshot_id") < before)
+    t = delta_dataset(dt).to_table(filter=f)
+    return _newest_per_user(t)
+
+
+def _newest_per_user(t: pa.Table) -> pa.Table:
+    if t.num_rows == 0:
+        return t
+    t = t.sort_by([("user_id", "ascending"), ("snapshot_id", "ascending")])
+    u = t.column("user_id").to_numpy()
+    last = np.flatnonzero(np.r_[u[1:] != u[:-1], True])
+    return t.take(pa.array(last))
+
+
+def _bootstrap(store: Store, buckets: np.ndarray, before: int) -> pa.Table:
+    """A store published before ``heads_latest`` existed: its ``heads`` rows, newest per user
+    (their markers were exact: each count is at least its length)."""
+    dt = store.open_table("heads")
+    if dt is None:
+        return _empty_latest()
+    f = pads.field("bucket").isin(pa.array(buckets.astype(np.int32))) & (
+        pads.field("snapshot_id") < before)
+    t = _newest_per_user(delta_dataset(dt).to_table(
+        columns=["bucket", "user_id", "snapshot_id", "head_len", "head_checksum", "markers"],
+        filter=f))
+    if t.num_rows == 0:
+        return _empty_latest()
+    mk = t.column("markers").combine_chunks().flatten().to_numpy().reshape(t.num_rows, _NM)
+    counts = np.where(mk == NO_MARKER, 0, np.array(MARKER_LENGTHS, dtype=np.int64)[None, :])
+    return t.append_column("marker_counts", _list_col(counts))
+
+
+def extend_heads(store: Store, k: int, new: pa.Table) -> tuple[pa.Table, pa.Table, dict[str, int]]:
+    """Head summaries at snapshot k of every user with events in ``new`` (snapshot k's events:
+    ``bucket``, ``user_id``, ``event_ts``, ``event_id``), extended from each user's previous
+    summary. Returns (rows for ``heads``, rows for ``heads_latest``, counters)."""
+    stats = {"users": 0, "new_events": new.num_rows, "refreshed_users": 0, "rows_read": 0}
+    if new.num_rows == 0:
+        return _empty_latest().drop_columns(["marker_counts"]), _empty_latest(), stats
+    new = new.select(["bucket", "user_id", "event_ts", "event_id"]).sort_by(
+        [("bucket", "ascending"), ("user_id", "ascending"), ("event_ts", "ascending"),
+         ("event_id", "ascending")])
+    nb = new.column("bucket").to_numpy()
+    nu = new.column("user_id").to_numpy()
+    nts = new.column("event_ts").to_numpy()
+    fp = event_fingerprint(new.column("event_id").to_numpy(), nts)
+    first = np.flatnonzero(np.r_[True, (nu[1:] != nu[:-1]) | (nb[1:] != nb[:-1])])
+    nstart = first
+    nend = np.r_[first[1:], len(nu)]
+    users, ubucket = nu[first], nb[first]
+    U = len(users)
+    stats["users"] = U
+    with np.errstate(over="ignore"):
+        cs_new = np.add.reduceat(fp, first) if U else np.zeros(0, np.uint64)
+
+    # Previous summaries, aligned to (bucket, user) order.
+    prev = _latest_rows(store, np.unique(ubucket), k)
+    plen = np.zeros(U, np.int64)
+    pcs = np.zeros(U, np.uint64)
+    pmark = np.full((U, _NM), NO_MARKER, np.int64)
+    pcnt = np.zeros((U, _NM), np.int64)
+    if prev.num_rows:
+        pu = prev.column("user_id").to_numpy()
+        o = np.argsort(pu, kind="stable")
+        pu = pu[o]
+        pos = np.minimum(np.searchsorted(pu, users), len(pu) - 1)
+        has = pu[pos] == users
+        src = o[pos[has]]
+        plen[has] = prev.column("head_len").to_numpy()[src]
+        pcs[has] = prev.column("head_checksum").to_numpy()[src].view(np.uint64)
+        pm = prev.column("markers").combine_chunks().flatten().to_numpy().reshape(-1, _NM)
+        pc = prev.column("marker_counts").combine_chunks().flatten().to_numpy().reshape(-1, _NM)
+        pmark[has] = pm[src]
+        pcnt[has] = pc[src]
+    ranks = np.array(MARKER_LENGTHS, dtype=np.int64)
+    mark, cnt, stale, cutoff = _extend(ranks, plen, pmark, pcnt, nts, nstart, nend)
+
+    # Stale markers: recompute exactly from the user's recent rows in the tier (snapshot <= k).
+    rows = np.flatnonzero(stale)
+    stats["refreshed_users"] = len(rows)
+    if len(rows):
+        dt = store.open_table("uih")
+        files = uih.list_files(dt) if dt is not None else []
+        for b in np.unique(ubucket[rows]).tolist():
+            sel = rows[ubucket[rows] == b]
+            o = np.argsort(users[sel], kind="stable")
+            sel = sel[o]
+            br = uih.read_bucket(
+                store, [f for f in files if f.bucket == b], users=users[sel],
+                cutoffs=cutoff[sel], columns=["event_ts"], actions=None, max_snapshot=k)
+            ru = br.table.column("user_id").to_numpy()
+            rts = br.table.column("event_ts").to_numpy()
+            stats["rows_read"] += len(ru)
+            s = np.searchsorted(ru, users[sel], side="left")
+            e = np.searchsorted(ru, users[sel], side="right")
+            _exact(ranks, rts, s, e, mark, cnt, sel)
+    lens = plen + (nend - nstart)
+    with np.errstate(over="ignore"):
+        csum = pcs + cs_new
+    base = {
+        "bucket": pa.array(ubucket.astype(np.int32)),
+        "user_id": pa.array(users),
+        "snapshot_id": pa.array(np.full(U, k, dtype=np.int32)),
+        "head_len": pa.array(lens),
+        "head_checksum": pa.array(as_signed(csum)),
+        "markers": _list_col(mark),
+    }
+    heads = pa.table(base)
+    latest = pa.table({**base, "marker_counts": _list_col(cnt)})
+    return heads, latest, stats
+
+
+def write_latest(store: Store, k: int, latest: pa.Table) -> None:
+    """Append snapshot k's newest summaries to ``heads_latest`` (app transaction ``k``), then
+    fold buckets with too many files."""
+    dt = store.open_table(LATEST)
+    if dt is not None and (dt.transaction_version(LATEST_APP) or -1) >= k:
+        return
+    store.append(LATEST, latest, op="heads_latest", partition_by=["bucket"],
+                 txn=(LATEST_APP, k), metadata={"snapshot_id": k})
+    _fold(store)
+
+
+def _fold(store: Store) -> None:
+    """Rewrite each bucket of ``heads_latest`` holding more than :data:`LATEST_FOLD_FILES`
+    files as one row per user (an overwrite of that bucket: a reader of the old version keeps
+    its files until vacuum)."""
+    dt = store.open_table(LATEST)
+    if dt is None:
+        return
+    t = pa.table(dt.get_add_actions(flatten=True))
+    if t.num_rows == 0:
+        return
+    b = np.array(t.column("partition.bucket").to_pylist(), dtype=np.int64)
+    ub, n = np.unique(b, return_counts=True)
+    for bucket in ub[n > LATEST_FOLD_FILES].tolist():
+        rows = _newest_per_user(delta_dataset(dt).to_table(filter=pads.field("bucket") == bucket))
+        store.append(LATEST, rows, op="fold_heads_latest", mode="overwrite",
+                     predicate=f"bucket = {int(bucket)}")
+        dt = store.open_table(LATEST)
+        assert dt is not None
