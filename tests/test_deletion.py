@@ -11,7 +11,9 @@ import signal
 import struct
 import subprocess
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +35,7 @@ from lmat_platform.store import (
     publish_snapshot,
     vacuum,
 )
-from lmat_platform.store.core import Store
+from lmat_platform.store.core import Store, storage_options
 from lmat_platform.store.deletion import registered_thin_tables, store_tables
 from lmat_platform.tenants import Tenant
 from lmat_platform.validate import check_uih_commits, delta_log_entries, read_commits
@@ -50,12 +52,18 @@ from tests.helpers import (
     write_events,
 )
 
+if TYPE_CHECKING:
+    from tests.s3_server import S3Server
+
 ALL = Tenant("all", ("item_id", "event_id", "event_ts", "dwell_ms"), 100_000)
 #: A user id whose decimal form (13 digits) and little-endian int64 bytes occur in no other
 #: value the store writes by chance: what the byte audit searches every file for.
 VICTIM = 7_340_216_598_123
 #: A second one, forgotten after the first.
 VICTIM2 = 6_118_275_403_967
+
+#: The S3 server fixtures (``s3_server``, ``s3_env``).
+pytest_plugins = ("tests.s3_server",)
 
 
 def _victim(s: SynthStore) -> int:
@@ -181,8 +189,8 @@ def test_a_killed_forget_is_invisible_to_readers_and_a_rerun_finishes_it(
     u = _victim(s)
     before = {t: _materialized(st, t, tmp_path / f"before-{i}.parquet")
               for i, t in enumerate((s.thin_log, s.thin_batch))}
-    loader_before = {t: _loader_rows(st, t) for t in (s.thin_log, s.thin_batch)}
-    assert any(uu == u for uu, _ in loader_before[s.thin_log].values())
+    loader_before = _loader_rows(st, s.thin_log)
+    assert any(uu == u for uu, _ in loader_before.values())
 
     _killed_forget(s.store_path, u, point)
     assert pending_users(st).tolist() == [u]
@@ -197,9 +205,8 @@ def test_a_killed_forget_is_invisible_to_readers_and_a_rerun_finishes_it(
         # materialize: none of the user's requests, everyone else's exactly as before.
         got = _materialized(st, t, tmp_path / f"killed-{i}.parquet")
         assert got.equals(_others(before[t], u))
-        # SequenceLoader: the same requests, every one once.
-        want = {r: v for r, v in loader_before[t].items() if v[0] != u}
-        assert _loader_rows(st, t) == want
+    # SequenceLoader: the same requests, every one once.
+    assert _loader_rows(st, s.thin_log) == {r: v for r, v in loader_before.items() if v[0] != u}
 
     removed = forget_users(st, [u])  # the re-run finishes the physical deletion
     assert pending_users(st).tolist() == [] and forgotten_users(st).tolist() == [u]
@@ -297,12 +304,13 @@ def test_forget_of_an_unknown_user_changes_no_data(synth_store: SynthStore) -> N
 # --------------------------------------------------------------------------- the byte audit
 
 
-def _audit_store(root: Path) -> tuple[Store, list[str]]:
-    """A small store in which user VICTIM is everywhere: the raw log, the quarantine, two
+def _audit_store(store_uri: str, thins: list[str], root: Path) -> Store:
+    """A small store at ``store_uri`` (landing files under ``root``), with a streaming and a
+    batch thin table at ``thins``, in which user VICTIM is everywhere: the raw log, the quarantine, two
     snapshots of the tier (compacted), head summaries, streamed tails and batch examples, with a
     Delta checkpoint of every table and thin table written before the deletion (their
     statistics name the victim: it is the largest user id)."""
-    st = init_store(str(root / "store"), n_buckets=4, row_group_rows=64)
+    st = init_store(store_uri, n_buckets=4, row_group_rows=64)
     users = [*range(1, 11), VICTIM2, VICTIM]
     rng = np.random.default_rng(0)
     day = 24 * HOUR_US
@@ -328,12 +336,11 @@ def _audit_store(root: Path) -> tuple[Store, list[str]]:
     pq.write_table(requests_table(req), str(root / "req.parquet"))
     from lmat_platform.protocol.thin import write_thin
 
-    thins = [str(root / "thin" / "log"), str(root / "thin" / "examples")]
     write_thin(st, str(root / "req.parquet"), thins[0], path="log")
     write_thin(st, str(root / "req.parquet"), thins[1], path="examples")
     for uri in store_tables(st) + thins:
-        DeltaTable(uri).create_checkpoint()
-    return st, thins
+        DeltaTable(uri, storage_options=storage_options()).create_checkpoint()
+    return st
 
 
 def _values_naming(arr: pa.Array, uid: int) -> bool:
@@ -353,30 +360,41 @@ def _values_naming(arr: pa.Array, uid: int) -> bool:
     return False
 
 
-def _files_naming(roots: list[str], uid: int, *, skip: str | None = None) -> list[str]:
-    """Every file under ``roots`` whose bytes hold ``uid`` as a little-endian int64 or as a
-    decimal string, or (Parquet: data files and Delta checkpoints, whose pages may be
-    compressed) whose decoded values do; ``skip``: a directory left out."""
+def _naming(files: Iterable[tuple[str, bytes]], uid: int) -> list[str]:
+    """Names of the ``(name, bytes)`` files whose bytes hold ``uid`` as a little-endian int64 or
+    as a decimal string, or (Parquet: data files and Delta checkpoints, whose pages may be
+    compressed) whose decoded values do."""
     le, dec = struct.pack("<q", uid), str(uid).encode()
     hits = []
-    for root in roots:
-        for dirpath, _, names in os.walk(root):
-            if skip and (dirpath == skip or dirpath.startswith(skip + os.sep)):
-                continue
-            for n in names:
-                p = os.path.join(dirpath, n)
-                blob = Path(p).read_bytes()
-                if le in blob or dec in blob:
-                    hits.append(p)
-                elif n.endswith(".parquet"):
-                    t = pq.read_table(p)
-                    if any(_values_naming(c.combine_chunks(), uid) for c in t.columns):
-                        hits.append(p)
+    for name, blob in files:
+        if le in blob or dec in blob:
+            hits.append(name)
+        elif name.endswith(".parquet"):
+            t = pq.read_table(pa.BufferReader(blob))
+            if any(_values_naming(c.combine_chunks(), uid) for c in t.columns):
+                hits.append(name)
     return sorted(hits)
 
 
+def _files_naming(roots: list[str], uid: int, *, skip: str | None = None) -> list[str]:
+    """:func:`_naming` over every file under the local directories ``roots``; ``skip``: a
+    directory left out."""
+
+    def files() -> Iterator[tuple[str, bytes]]:
+        for root in roots:
+            for dirpath, _, names in os.walk(root):
+                if skip and (dirpath == skip or dirpath.startswith(skip + os.sep)):
+                    continue
+                for n in names:
+                    p = os.path.join(dirpath, n)
+                    yield p, Path(p).read_bytes()
+
+    return _naming(files(), uid)
+
+
 def test_after_vacuum_no_byte_names_the_user_outside_the_tombstones(tmp_path: Path) -> None:
-    st, thins = _audit_store(tmp_path)
+    thins = [str(tmp_path / "thin" / "log"), str(tmp_path / "thin" / "examples")]
+    st = _audit_store(str(tmp_path / "store"), thins, tmp_path)
     roots = [st.root, *thins]
     tombs = os.path.join(st.root, "forgotten")
     others = {t: _materialized(st, t, tmp_path / f"b{i}.parquet") for i, t in enumerate(thins)}
@@ -405,6 +423,33 @@ def test_after_vacuum_no_byte_names_the_user_outside_the_tombstones(tmp_path: Pa
     assert _files_naming(roots, VICTIM2, skip=tombs) == []
     assert _files_naming(roots, VICTIM, skip=tombs) == []
     assert read(st, "forgotten").num_rows == 2
+
+
+@pytest.mark.slow
+def test_forget_and_vacuum_on_object_storage_leave_no_byte(
+    s3_env: dict[str, str], s3_server: S3Server, tmp_path: Path
+) -> None:
+    """The same audit on an ``s3://`` store and thin tables (a real S3-compatible server on
+    loopback): every object of the bucket, outside the tombstone registry."""
+    bucket = s3_env["LMAT_TEST_BUCKET"]
+    store_uri = f"s3://{bucket}/store"
+    thins = [f"s3://{bucket}/thin/log", f"s3://{bucket}/thin/examples"]
+    st = _audit_store(store_uri, thins, tmp_path)
+    client = s3_server.client()
+
+    def objects() -> Iterator[tuple[str, bytes]]:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for o in page.get("Contents", []):
+                if not o["Key"].startswith("store/forgotten/"):
+                    yield o["Key"], client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+
+    assert any(k.startswith("thin/") for k in _naming(objects(), VICTIM))
+    forget_users(st, [VICTIM])
+    for t in thins:
+        assert VICTIM not in read_delta(t).column("user_id").to_pylist()
+    vacuum(st, retention_hours=0)
+    assert _naming(objects(), VICTIM) == []
+    assert read(st, "raw").num_rows == 2 * 11 * 8
 
 
 @pytest.mark.ray
