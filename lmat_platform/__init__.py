@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lmat_platform import numba_cache as _numba_cache  # noqa: F401  (first: see the module)
 from lmat_platform.exceptions import (
     ImmutabilityError,
     LeakageError,

@@ -276,6 +276,24 @@ def _one_line(e: BaseException) -> str:
     return msg if len(msg) < 500 else msg[:497] + "..."
 
 
+def _write_refused(e: BaseException, a: argparse.Namespace) -> str | None:
+    """One line for a write the file system refused (a read-only store, folder or file),
+    naming what could not be written; None for any other error."""
+    import errno
+
+    store = getattr(a, "store", None)
+    where = f" (store {store} is read-only here)" if store else ""
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        what = e.filename or store or "a file"
+        if store and os.path.basename(str(what)) == "_lock":
+            return f"{what}: could not write the store's writer lock: {e.strerror}{where}"
+        return f"{what}: could not be written: {e.strerror}{where}"
+    text = str(e)
+    if "Permission denied" in text or "Read-only file system" in text:
+        return f"{store or 'lmat'}: could not write to the store (read-only here?): {_one_line(e)}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -294,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         if os.environ.get("LMAT_DEBUG"):
             raise
-        print(f"lmat: error: {_one_line(e)}", file=sys.stderr)
+        print(f"lmat: error: {_write_refused(e, args) or _one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("lmat: interrupted", file=sys.stderr)
@@ -302,6 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence: one line, no trace
         if os.environ.get("LMAT_DEBUG"):
             raise
+        refused = _write_refused(e, args)
+        if refused:
+            print(f"lmat: error: {refused}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         print(f"lmat: internal error: {type(e).__name__}: {_one_line(e)} "
               "(set LMAT_DEBUG=1 for a traceback)", file=sys.stderr)
         return EXIT_INTERNAL

@@ -6,7 +6,9 @@ Arrow ``timestamp[us]`` (with or without a time zone) and ``int64`` are accepted
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lmat_platform.exceptions import InputFileError, RequestError, SchemaError
@@ -40,11 +42,29 @@ RESERVED_PREFIX = "tail_"
 MICROS_PER_DAY = 86_400 * 1_000_000
 
 
+def _lossy_ts(col: pa.ChunkedArray, name: str, where: str) -> str:
+    """Why a timestamp column cannot be microseconds: its first value that is not a whole
+    number of microseconds (nanoseconds), or that is out of the int64 microsecond range."""
+    t = col.type
+    raw = col.cast(pa.int64()).to_numpy(zero_copy_only=False)
+    valid = ~np.asarray(pc.is_null(col).to_numpy(zero_copy_only=False))
+    if t.unit == "ns":
+        bad = np.flatnonzero(valid & (raw % 1000 != 0))
+        if len(bad):
+            return (f"{where}: column '{name}' has {t} values that are not whole microseconds "
+                    f"(row {int(bad[0])}: {int(raw[bad[0]])} ns; {len(bad)} row(s)); lmat stores "
+                    "microseconds: round or truncate them before ingest")
+    return f"{where}: column '{name}' has {t} values out of the int64 microsecond range"
+
+
 def _coerce_ts(col: pa.ChunkedArray, name: str, where: str) -> pa.ChunkedArray:
     t = col.type
     if pa.types.is_timestamp(t):
         if t.unit != "us":
-            col = col.cast(pa.timestamp("us", tz=t.tz))
+            try:
+                col = col.cast(pa.timestamp("us", tz=t.tz))
+            except pa.ArrowInvalid:
+                raise SchemaError(_lossy_ts(col, name, where)) from None
         return col.cast(pa.int64())
     if pa.types.is_integer(t):
         return col.cast(pa.int64())

@@ -181,6 +181,11 @@ def thin_store_id(dt: DeltaTable) -> str | None:
 def open_thin(store: Store, uri: str, *, shared: bool = False) -> DeltaTable:
     """Open a thin table and check it belongs to ``store``; ``shared``: the process's read-only
     view of its latest version (:func:`~lmat_platform.store.core.shared_delta_table`)."""
+    if "://" not in uri and os.path.exists(uri) and not os.path.isdir(uri):
+        raise ThinTableError(
+            f"{uri}: is a file, not a thin table (the Delta table folder that "
+            "'lmat log' or 'lmat examples' wrote with --out)"
+        )
     try:
         dt = (shared_delta_table(uri) if shared
               else DeltaTable(uri, storage_options=storage_options()))
