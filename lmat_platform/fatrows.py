@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from lmat_platform.hashing import bucket_of
 from lmat_platform.schema import normalize_requests, read_parquet_file
 from lmat_platform.store.core import Store, as_store, delta_dataset
+from lmat_platform.store.deletion import pending_users
 from lmat_platform.store.uih import COMPRESSION
 from lmat_platform.tenants import Tenant, union_tenant
 
@@ -82,6 +83,8 @@ def write_fat_rows(
     if isinstance(requests, str):
         requests = normalize_requests(read_parquet_file(requests, what="request file"), where=requests)
     raw = store.open_table("raw")
+    # Users whose forget is pending: their events are being deleted and are not read.
+    hidden = pending_users(store)
     buckets = bucket_of(requests.column("user_id").to_numpy(), store.n_buckets)
     tmp = f"{out}.tmp-{os.getpid()}"
     writer: pq.ParquetWriter | None = None
@@ -91,7 +94,7 @@ def write_fat_rows(
     try:
         for i, b in enumerate(np.unique(buckets).tolist()):
             req = requests.filter(pa.array(buckets == b))
-            users = np.unique(req.column("user_id").to_numpy())
+            users = np.setdiff1d(req.column("user_id").to_numpy(), hidden)
             if raw is not None:
                 import pyarrow.dataset as pads
 

@@ -23,6 +23,7 @@ import pytest
 from deltalake import DeltaTable
 
 from lmat_platform.exceptions import LmatError
+from lmat_platform.fatrows import write_fat_rows
 from lmat_platform.reader import SequenceLoader
 from lmat_platform.reconstruct import materialize
 from lmat_platform.store import (
@@ -207,6 +208,13 @@ def test_a_killed_forget_is_invisible_to_readers_and_a_rerun_finishes_it(
         assert got.equals(_others(before[t], u))
     # SequenceLoader: the same requests, every one once.
     assert _loader_rows(st, s.thin_log) == {r: v for r, v in loader_before.items() if v[0] != u}
+    # The fat-row baseline (requests from a file, not the store) reads none of the user's events.
+    write_fat_rows(st, s.requests_all, ALL, str(tmp_path / "fat.parquet"))
+    fat = pq.read_table(str(tmp_path / "fat.parquet"))
+    mine = fat.filter(pc.equal(fat.column("user_id"), u))
+    assert mine.num_rows and set(mine.column("length").to_pylist()) == {0}
+    assert _others(fat, u).sort_by("request_id").select(["request_id", "length"]).equals(
+        _others(before[s.thin_batch], u).select(["request_id", "length"]))
 
     removed = forget_users(st, [u])  # the re-run finishes the physical deletion
     assert pending_users(st).tolist() == [] and forgotten_users(st).tolist() == [u]
