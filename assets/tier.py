@@ -3,7 +3,7 @@
 import dagster as dg
 
 import lmat_platform as lmat
-from assets.partitions import DAILY, day_range_us
+from assets.partitions import DAILY, day_range_us, iso_us
 from assets.resources import LmatResource
 
 
@@ -51,7 +51,9 @@ def uih_snapshot(
             "status": status,
             "snapshot_id": info.snapshot_id,
             "watermark": info.watermark,
+            "watermark_utc": iso_us(info.watermark),
             "published_at": info.published_at,
+            "published_at_utc": iso_us(info.published_at),
             "events": info.events,
             "uih_version": info.uih_version,
         }
@@ -74,6 +76,7 @@ def uih_tier(lmat_store: LmatResource) -> dg.MaterializeResult:
         metadata={
             "snapshots": len(snaps),
             "latest_watermark": snaps[-1].watermark if snaps else -1,
+            "latest_watermark_utc": iso_us(snaps[-1].watermark) if snaps else "none",
             "events": sum(s.events for s in snaps),
             "compaction": dg.MetadataValue.json(compaction),
             "uih_bytes": sizes["uih"],

@@ -180,7 +180,10 @@ def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
 def cmd_ui(a: argparse.Namespace) -> dict[str, Any]:
     from lmat_platform.ui import launch_ui
 
-    code = launch_ui(a.home, port=a.port)
+    def say(msg: str) -> None:
+        print(f"lmat ui: {msg}", file=sys.stderr, flush=True)
+
+    code = launch_ui(a.demo, a.home, port=a.port, verbose=a.ui_verbose or a.verbose, say=say)
     return {"exit_code": code}
 
 
@@ -264,9 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("ui", help="start the Dagster UI with the demo's data materialized")
-    s.add_argument("--home", default=None, help="folder for the UI's data (default ~/.lmat/ui)")
+    s = sub.add_parser("ui", help="the Dagster UI on the demo's store, materialized")
+    s.add_argument("--demo", default=None,
+                   help="demo folder to serve (default ./lmat-demo when it holds a demo)")
+    s.add_argument("--home", default=None,
+                   help="without a demo: folder for a generated workload (default ~/.lmat/ui)")
     s.add_argument("--port", type=int, default=3000)
+    s.add_argument("--verbose", dest="ui_verbose", action="store_true",
+                   help="show Dagster's own log (default: in files under dagster_home/)")
     s.set_defaults(func=cmd_ui)
     return p
 

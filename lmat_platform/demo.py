@@ -56,12 +56,12 @@ from lmat_platform.store import (
 from lmat_platform.store.ingest import REASONS
 from lmat_platform.store.snapshots import publish_snapshot
 from lmat_platform.tenants import load_tenants
-from lmat_platform.ui import land_workload
+from lmat_platform.ui import DEMO_MARKER, land_workload
 from lmat_platform.validate import check_leakage, compare_outputs, reference_sequences
 
 log = logging.getLogger(__name__)
 
-MARKER = ".lmat-demo"
+MARKER = DEMO_MARKER
 HOUR_US = 3600 * 1_000_000
 
 DEMO_TENANTS = {
