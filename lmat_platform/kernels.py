@@ -772,6 +772,85 @@ def ranges_sorted(off: np.ndarray, a: np.ndarray, b: np.ndarray) -> bool:
                                b.astype(np.int64, copy=False)))
 
 
+@njit(cache=True, nogil=True)
+def _spans_sorted(start, end, a, b):  # type: ignore[no-untyped-def,unused-ignore]
+    out = np.ones(len(start), dtype=np.bool_)
+    for r in range(len(start)):
+        for i in range(start[r] + 1, end[r]):
+            if a[i] < a[i - 1] or (a[i] == a[i - 1] and b[i] < b[i - 1]):
+                out[r] = False
+                break
+    return out
+
+
+def spans_sorted(start: np.ndarray, end: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per span ``[start[r], end[r])`` of ``(a, b)`` (spans may overlap), whether it is in
+    non-decreasing lexicographic order (one pass over each span)."""
+    if len(start) != len(end) or len(a) != len(b):
+        raise ValueError("spans_sorted: array lengths differ")
+    if len(start) and (int(start.min()) < 0 or int(end.max()) > len(a)
+                       or bool((end < start).any())):
+        raise ValueError(f"spans_sorted: a span lies outside {len(a)} values")
+    return np.asarray(_spans_sorted(start.astype(np.int64, copy=False),
+                                    end.astype(np.int64, copy=False),
+                                    a.astype(np.int64, copy=False),
+                                    b.astype(np.int64, copy=False)))
+
+
+@njit(cache=True, nogil=True)
+def _block_sorted_tails(ts, ids, b_lo, b_hi, r_blk, r_lo, r_hi):  # type: ignore[no-untyped-def,unused-ignore]
+    # Requests are grouped by block (r_blk non-decreasing); each block is sorted once.
+    n = 0
+    for j in range(len(r_lo)):
+        n += r_hi[j] - r_lo[j]
+    idx = np.empty(n, dtype=np.int64)
+    start = np.empty(len(r_lo), dtype=np.int64)
+    o = 0
+    j = 0
+    while j < len(r_lo):
+        blk = r_blk[j]
+        lo = b_lo[blk]
+        m = b_hi[blk] - lo
+        key_i = ids[lo:lo + m]
+        o1 = np.argsort(key_i, kind="mergesort")
+        key_t = ts[lo:lo + m][o1]
+        perm = o1[np.argsort(key_t, kind="mergesort")]
+        while j < len(r_lo) and r_blk[j] == blk:
+            a = r_lo[j] - lo
+            b = r_hi[j] - lo
+            start[j] = o
+            for k in range(m):
+                p = perm[k]
+                if a <= p < b:
+                    idx[o] = lo + p
+                    o += 1
+            j += 1
+    return idx, start
+
+
+def block_sorted_tails(
+    ts: np.ndarray, ids: np.ndarray, b_lo: np.ndarray, b_hi: np.ndarray,
+    r_blk: np.ndarray, r_lo: np.ndarray, r_hi: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each request's span ``[r_lo[j], r_hi[j])`` of its block ``[b_lo[r_blk[j]],
+    b_hi[r_blk[j]])`` (events in arrival order) in ``(ts, ids)`` order: the positions to
+    gather, all requests concatenated, and where each request's start among them. Each block
+    is sorted once for all of its requests (``r_blk`` grouped)."""
+    if len(r_blk) and bool((np.diff(r_blk) < 0).any()):
+        raise ValueError("block_sorted_tails: requests are not grouped by block")
+    if len(r_blk) and (bool((r_lo < b_lo[r_blk]).any()) or bool((r_hi > b_hi[r_blk]).any())
+                       or bool((r_hi < r_lo).any())):
+        raise ValueError("block_sorted_tails: a request's span lies outside its block")
+    if len(b_hi) and (int(b_lo.min(initial=0)) < 0 or int(b_hi.max()) > len(ts)):
+        raise ValueError(f"block_sorted_tails: a block lies outside {len(ts)} events")
+    i64 = np.int64
+    idx, start = _block_sorted_tails(
+        ts.astype(i64, copy=False), ids.astype(i64, copy=False), b_lo.astype(i64, copy=False),
+        b_hi.astype(i64, copy=False), r_blk.astype(i64, copy=False),
+        r_lo.astype(i64, copy=False), r_hi.astype(i64, copy=False))
+    return idx, start
+
+
 _WARM = False
 
 
@@ -796,4 +875,6 @@ def warm_up() -> None:
     request_heads(z, z, z, z, 1, z, z, z, z, z, z, True, z, z, None)
     row_groups_wanted(z, z, z, z, z, z, 0, None)
     user_ranges(z, z)
+    spans_sorted(z, z, z, z)
+    block_sorted_tails(z, z, z[:1], z[:1], z[:0], z[:0], z[:0])
     _WARM = True

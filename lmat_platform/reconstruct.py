@@ -38,27 +38,36 @@ from deltalake import DeltaTable
 from lmat_platform.exceptions import O2OConsistencyError, ThinTableError
 from lmat_platform.kernels import (
     CopySources,
+    block_sorted_tails,
     copy_segments,
     is_sorted3,
     plan_sequences,
     ranges_sorted,
     request_heads,
+    spans_sorted,
     user_ranges,
 )
 from lmat_platform.protocol.pointers import HeadIndex, expand_positions
-from lmat_platform.protocol.thin import TAIL_PREFIX, open_thin, read_raw_range, tails_from_raw
+from lmat_platform.protocol.thin import (
+    TAIL_BLOCK,
+    TAIL_PREFIX,
+    TAIL_START,
+    open_thin,
+    read_raw_range,
+    tails_from_raw,
+)
 from lmat_platform.schema import EVENT_COLUMNS
 from lmat_platform.store import uih
 from lmat_platform.store.cache import cache
 from lmat_platform.store.core import Store, as_store, delta_dataset
-from lmat_platform.store.deletion import forgotten_of
+from lmat_platform.store.deletion import forgotten_of, pending_of
 from lmat_platform.store.snapshots import snapshot_arrays, snapshots_of
 from lmat_platform.tenants import Tenant
 
 log = logging.getLogger(__name__)
 
 THIN_KEYS = ("request_id", "user_id", "request_ts", "bucket", "snapshot_id", "head_len",
-             "head_checksum", "tail_len")
+             "head_checksum", "tail_len", TAIL_BLOCK, TAIL_START)
 INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -193,18 +202,25 @@ def concat_sequences(parts: list[Sequences], columns: tuple[str, ...]) -> Sequen
 class ThinRows:
     """Thin rows as the kernel reads them: the scalar columns (keys, pointer, ride-along request
     columns) as a table, and each stored tail field flattened into one array of the store
-    schema's type, row ``i``'s events at ``[tail_off[i], tail_off[i + 1])``. A row with a null
-    ``tail_len`` (built by a batch job: its tail comes from the raw log) owns no stored events.
+    schema's type, row ``i``'s tail events at ``[t_start[i], t_end[i])``, in
+    ``(event_ts, event_id)`` order when :attr:`tails_sorted`. A row with a null ``tail_len``
+    (built by a batch job: its tail comes from the raw log) owns no stored events.
 
-    Slicing is zero-copy, so a reader decodes a bucket's thin rows once into this form and cuts
-    its work units from it::
+    Spans may overlap and come in any order: rows of the per-user tail format (one copy of a
+    user's tail events per file, see :mod:`lmat_platform.protocol.thin`) are slices of their
+    user's events, so a user's requests share them. Slicing rows and merging files never copy
+    tail events, so a reader decodes a bucket's thin rows once into this form and cuts its work
+    units from it::
 
-        rows    r0      r1    r2          tail_off = [0, 2, 2, 5]
-        tails   e0 e1 | -- | e2 e3 e4     rows[1:3] -> tail_off [0, 0, 3], tails e2 e3 e4
+        rows    r0      r1    r2          t_start = [0, 2, 2]   t_end = [2, 2, 5]
+        tails   e0 e1 | -- | e2 e3 e4     rows[1:3] -> t_start [0, 0], t_end [0, 3], tails e2 e3 e4
+        per-user format: r3 r4 of one user, events f0 f1 f2 stored once
+                         t_start = [5, 5], t_end = [7, 8]   (r4 sees one more event)
     """
 
     table: pa.Table
-    tail_off: np.ndarray
+    t_start: np.ndarray
+    t_end: np.ndarray
     tails: dict[str, pa.Array]
     #: Every row's stored tail is in (event_ts, event_id) order (checked, not assumed).
     tails_sorted: bool
@@ -212,6 +228,11 @@ class ThinRows:
     @property
     def num_rows(self) -> int:
         return self.table.num_rows
+
+    @property
+    def tail_events(self) -> int:
+        """Tail events of all rows (a user's shared events counted once per request)."""
+        return int((self.t_end - self.t_start).sum())
 
     def streamed(self) -> np.ndarray:
         """Rows whose tail is stored (a non-null ``tail_len``)."""
@@ -222,37 +243,153 @@ class ThinRows:
         return np.asarray(column_array(self.table, "tail_len").is_valid()
                           .to_numpy(zero_copy_only=False), dtype=bool)
 
+    def take(self, idx: np.ndarray) -> ThinRows:
+        """Rows ``idx`` in that order (tail events shared, not copied)."""
+        return ThinRows(self.table.take(pa.array(idx)), self.t_start[idx], self.t_end[idx],
+                        self.tails, self.tails_sorted)
+
+    def without_users(self, users: np.ndarray) -> ThinRows:
+        """These rows less those of ``users`` (itself when it has none): what a pass serves
+        while their forget is pending (:attr:`ReadContext.hidden`)."""
+        if not len(users) or not self.num_rows:
+            return self
+        keep = ~np.isin(column_array(self.table, "user_id").to_numpy(), users)
+        if keep.all():
+            return self
+        # Their events stay in this process's decoded arrays, but no kept row points at them.
+        return self.take(np.flatnonzero(keep))
+
     def slice(self, lo: int, hi: int) -> ThinRows:
-        a, b = int(self.tail_off[lo]), int(self.tail_off[hi])
-        return ThinRows(self.table.slice(lo, hi - lo), self.tail_off[lo:hi + 1] - a,
+        """Rows ``lo..hi`` (zero-copy): tails cut to the events those rows point at."""
+        s, e = self.t_start[lo:hi], self.t_end[lo:hi]
+        used = e > s
+        a = int(s[used].min()) if used.any() else 0
+        b = int(e[used].max()) if used.any() else 0
+        return ThinRows(self.table.slice(lo, hi - lo), np.where(used, s - a, 0),
+                        np.where(used, e - a, 0),
                         {c: v.slice(a, b - a) for c, v in self.tails.items()}, self.tails_sorted)
+
+    @classmethod
+    def concat(cls, parts: list[ThinRows]) -> ThinRows:
+        """The rows of several (e.g. a bucket's files), in order; tails concatenated."""
+        if len(parts) == 1:
+            return parts[0]
+        base = np.cumsum([0] + [len(next(iter(p.tails.values()), [])) for p in parts])
+        table = pa.concat_tables([p.table for p in parts], promote_options="permissive")
+        tails = {c: pa.concat_arrays([one_array(p.tails[c]) for p in parts])
+                 for c in parts[0].tails}
+        return cls(table, np.concatenate([p.t_start + o for p, o in zip(parts, base, strict=False)]),
+                   np.concatenate([p.t_end + o for p, o in zip(parts, base, strict=False)]),
+                   tails, all(p.tails_sorted for p in parts))
 
     @classmethod
     def from_table(cls, rows: pa.Table, columns: list[str], schema: pa.Schema) -> ThinRows:
         """Flatten the stored tails of ``columns`` (event columns, typed as in ``schema``; a
-        field the thin rows lack is all nulls) out of thin ``rows``; checks each row's tail
-        holds ``tail_len`` events."""
+        field the thin rows lack is all nulls) out of thin ``rows``, and check each row's tail
+        holds ``tail_len`` events.
+
+        Rows of either format: a row's own lists hold its tail (``tail_block`` null or absent),
+        or it points into its user's events, stored once in the lists of the row whose
+        ``request_id`` is its ``tail_block``, at ``tail_start`` (that row must be among
+        ``rows``). Shared events are stored in arrival order; each such request's tail is
+        served in ``(event_ts, event_id)`` order, as a zero-copy span where its events already
+        are in that order, else as a sorted copy (each user's events sorted once)."""
         rid = rows.column("request_id").to_numpy()
+        names = rows.column_names
+        R = len(rid)
         lens = (pc.fill_null(column_array(rows, "tail_len"), 0).to_numpy().astype(np.int64)
-                if "tail_len" in rows.column_names else np.zeros(len(rid), dtype=np.int64))
-        off = np.zeros(len(lens) + 1, dtype=np.int64)
-        np.cumsum(lens, out=off[1:])
+                if "tail_len" in names else np.zeros(R, dtype=np.int64))
+        blk = (column_array(rows, TAIL_BLOCK) if TAIL_BLOCK in names
+               else pa.nulls(R, pa.int64()))
+        shared = np.asarray(blk.is_valid().to_numpy(zero_copy_only=False), dtype=bool) \
+            if blk.null_count < R else np.zeros(R, dtype=bool)
+        # Events each row's lists hold: its tail (own format), its user's events (the row a
+        # shared block lives in), or none.
+        stored = lens.copy()
+        if shared.any():
+            ref = TAIL_PREFIX + "event_ts"
+            if ref not in names:
+                raise ThinTableError(f"thin rows point into shared tails but have no {ref}")
+            got = pc.fill_null(pc.list_value_length(rows.column(ref)), 0).to_numpy()
+            stored[shared] = got[shared]
+        off = np.zeros(R + 1, dtype=np.int64)
+        np.cumsum(stored, out=off[1:])
         n_ev = int(off[-1])
         tails: dict[str, pa.Array] = {}
         for c in columns:
             typ = schema.field(c).type
-            if TAIL_PREFIX + c not in rows.column_names:
+            if TAIL_PREFIX + c not in names:
                 tails[c] = pa.nulls(n_ev, typ)
                 continue
-            v = _tail_values(rows.column(TAIL_PREFIX + c), lens, rid)
-            v = one_array(v)
+            v = one_array(_tail_values(rows.column(TAIL_PREFIX + c), stored, rid))
             tails[c] = v if v.type == typ else v.cast(typ)
+        t_start, t_end = off[:-1].copy(), off[:-1] + lens
         ordered = True
-        if "event_ts" in tails and "event_id" in tails and n_ev:
+        if shared.any():
+            t_start, t_end, tails = _shared_spans(rows, rid, lens, shared, stored, off, tails,
+                                                  t_start, t_end)
+            own = ~shared
+            if "event_ts" in tails and "event_id" in tails and own.any() and n_ev:
+                ordered = bool(spans_sorted(t_start[own], t_end[own],
+                                            tensor_numpy(tails["event_ts"]),
+                                            tensor_numpy(tails["event_id"])).all())
+        elif "event_ts" in tails and "event_id" in tails and n_ev:
             ordered = ranges_sorted(off, tensor_numpy(tails["event_ts"]),
                                     tensor_numpy(tails["event_id"]))
-        fields = [c for c in rows.column_names if c.startswith(TAIL_PREFIX) and c not in THIN_KEYS]
-        return cls(rows.drop_columns(fields), off, tails, ordered)
+        fields = [c for c in names if c.startswith(TAIL_PREFIX) and c not in THIN_KEYS]
+        return cls(rows.drop_columns(fields), t_start, t_end, tails, ordered)
+
+
+def _shared_spans(
+    rows: pa.Table, rid: np.ndarray, lens: np.ndarray, shared: np.ndarray, stored: np.ndarray,
+    off: np.ndarray, tails: dict[str, pa.Array], t_start: np.ndarray, t_end: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, dict[str, pa.Array]]:
+    """Spans of rows that point into a shared block (see :meth:`ThinRows.from_table`)."""
+    blk = column_array(rows, TAIL_BLOCK).to_numpy(zero_copy_only=False)
+    start = (pc.fill_null(column_array(rows, TAIL_START), -1).to_numpy().astype(np.int64)
+             if TAIL_START in rows.column_names else np.full(len(rid), -1, dtype=np.int64))
+    j = np.flatnonzero(shared)
+    order = np.argsort(rid, kind="stable")
+    pos = np.searchsorted(rid[order], blk[j])
+    pos_c = np.minimum(pos, len(rid) - 1)
+    found = rid[order][pos_c] == blk[j]
+    owner = order[pos_c]
+    ok = found & shared[owner] & (blk[owner] == rid[owner]) & (start[j] >= 0)
+    ok &= start[j] + lens[j] <= np.where(found, stored[owner], -1)
+    if not ok.all():
+        k = np.flatnonzero(~ok)[0]
+        i = j[k]
+        why = "hold fewer" if found[k] else "is not among its rows"
+        raise ThinTableError(
+            f"request {rid[i]}: its tail points at {lens[i]} events from {start[i]} of the "
+            f"events stored with request {blk[i]}, which {why}"
+        )
+    t_start = t_start.copy()
+    t_end = t_end.copy()
+    t_start[j] = off[owner] + start[j]
+    t_end[j] = t_start[j] + lens[j]
+    if not ("event_ts" in tails and "event_id" in tails) or not len(j):
+        return t_start, t_end, tails
+    ts = tensor_numpy(tails["event_ts"])
+    ids = tensor_numpy(tails["event_id"])
+    ok_sorted = spans_sorted(t_start[j], t_end[j], ts, ids)
+    if ok_sorted.all():
+        return t_start, t_end, tails
+    # Late events (arrived after events that sort after them): those requests' tails become
+    # sorted copies, appended after the stored events; every block is sorted once.
+    bad = j[~ok_sorted]
+    b_own = owner[~ok_sorted]
+    grp = np.argsort(b_own, kind="stable")
+    bad, b_own = bad[grp], b_own[grp]
+    blocks, r_blk = np.unique(b_own, return_inverse=True)
+    idx, first = block_sorted_tails(ts, ids, off[blocks], off[blocks] + stored[blocks],
+                                    r_blk, t_start[bad], t_end[bad])
+    n = len(ts)
+    t_start[bad] = n + first
+    t_end[bad] = n + first + lens[bad]
+    gather = pa.array(idx)
+    tails = {c: pa.concat_arrays([v, v.take(gather)]) for c, v in tails.items()}
+    return t_start, t_end, tails
 
 
 @dataclass
@@ -273,6 +410,10 @@ class ReadContext:
     #: The store state the context was built from (each table's version, by key): what a
     #: reader's cached :class:`PreparedUnit` depends on besides its rows. None: do not cache.
     state: tuple[Any, ...] | None = None
+    #: Users whose forget is pending (tombstoned, not yet physically deleted), sorted: a pass
+    #: serves none of their requests (spec 7: their examples are being deleted), see
+    #: :meth:`ThinRows.without_users`.
+    hidden: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @classmethod
     def build(cls, store: Store | str, tenant: Tenant, *, verify: bool = True) -> ReadContext:
@@ -297,7 +438,10 @@ class ReadContext:
         _, root = store.filesystem()
         heads_files, k_heads = store.derived_keyed("heads", "reader-files",
                                                    functools.partial(_heads_files, root=root))
-        forgotten, k_forgot = store.derived_keyed("forgotten", "users", forgotten_of)
+        # Every tombstone (their O2O mismatches are expected) and the pending ones (not served),
+        # from one version of the registry.
+        tombs, k_forgot = store.derived_keyed("forgotten", "reader-tombstones", _tombstones)
+        forgotten, hidden = tombs if tombs is not None else (None, None)
         keys = (k_snap, k_uih, k_raw, k_heads, k_forgot)
         tables = (snaps, tier, raw, heads_files, forgotten)
         # A table that exists but whose version is not shared has no key: nothing is cached.
@@ -305,7 +449,12 @@ class ReadContext:
             k is not None or v is None for k, v in zip(keys, tables, strict=True)) else None
         return cls(store, tenant, published_at, watermarks,
                    forgotten if forgotten is not None else np.zeros(0, dtype=np.int64), files,
-                   schema, heads_files or {}, verify, state)
+                   schema, heads_files or {}, verify, state,
+                   hidden if hidden is not None else np.zeros(0, dtype=np.int64))
+
+
+def _tombstones(dt: DeltaTable) -> tuple[np.ndarray, np.ndarray]:
+    return forgotten_of(dt), pending_of(dt)
 
 
 def _snapshot_arrays(dt: DeltaTable) -> tuple[np.ndarray, np.ndarray]:
@@ -524,14 +673,15 @@ def _prepare(ctx: ReadContext, bucket: int, rows: pa.Table | ThinRows) -> Prepar
     # --- tails: stored (streaming) or from the raw log (batch). Stored tails already in order
     # serve as they are (zero-copy): the window is a prefix cut the planner makes per request.
     streamed = thin.streamed()
-    tail_events = int(thin.tail_off[-1])
+    tail_events = thin.tail_events
     batch = np.flatnonzero(~streamed)
     if not len(batch) and t.actions is None and thin.tails_sorted:
         tails: dict[str, pa.Array | pa.ChunkedArray] = {c: thin.tails[c] for c in need}
-        t_start, t_end = thin.tail_off[:-1], thin.tail_off[1:]
+        t_start, t_end = thin.t_start, thin.t_end
     else:
-        tail_parts = [pa.table({c: thin.tails[c] for c in need})]
-        t_owners = [np.repeat(np.arange(R), np.diff(thin.tail_off))]
+        spans = pa.array(expand_positions(thin.t_start, thin.t_end))
+        tail_parts = [pa.table({c: one_array(thin.tails[c]).take(spans) for c in need})]
+        t_owners = [np.repeat(np.arange(R), thin.t_end - thin.t_start)]
         if len(batch):
             wm = np.where(S >= 0, ctx.watermarks[np.maximum(S, 0)] if n_snap else 0,
                           np.iinfo(np.int64).min)
@@ -696,7 +846,10 @@ def iter_reconstruct(
     # each chunk's users are contiguous in the tier's sort order.
     chunk = max(256, (1 << 23) // tenant.max_len)
     for b in buckets if buckets is not None else thin_buckets(ds):
-        rows = ds.to_table(filter=pads.field("bucket") == b, columns=cols)
+        f = pads.field("bucket") == b
+        if len(ctx.hidden):
+            f &= ~pads.field("user_id").isin(pa.array(ctx.hidden))
+        rows = ds.to_table(filter=f, columns=cols)
         if not rows.num_rows:
             continue
         rows = rows.sort_by([("user_id", "ascending"), ("request_ts", "ascending")])

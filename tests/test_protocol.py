@@ -4,6 +4,7 @@ checks, bad request input, and parity on the synthetic workload."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -120,14 +121,23 @@ def test_pointers_and_tails_follow_the_spec(synth_store_ro: SynthStore) -> None:
         want = (S, len(head), int(as_signed(np.array([csum], np.uint64))[0]))
         for row in (r, b):
             assert tuple(row[c] for c in POINTER_COLUMNS) == want
-        # Streaming tail: events of u with W_S <= arrival < T, ordered by (event_ts, event_id).
+        # Streaming tail: events of u with W_S <= arrival < T. Stored once per user and file
+        # (in arrival order, in the row named by tail_block), the row points at its run.
         lo = wm[S] if S >= 0 else np.iinfo(np.int64).min
         tail = [
-            e["event_id"]
-            for e in raw
+            e for e in raw
             if e["user_id"] == r["user_id"] and lo <= e["arrival_ts"] < r["request_ts"]
         ]
-        assert r["tail_len"] == len(tail) and r["tail_event_id"] == tail
+        by_arrival = [e["event_id"] for e in sorted(tail, key=lambda e: (e["arrival_ts"],
+                                                                         e["event_id"]))]
+        owner = log_rows[r["tail_block"]]
+        assert owner["user_id"] == r["user_id"] and owner["tail_block"] == owner["request_id"]
+        if owner is not r:
+            assert r["tail_event_id"] == []  # only the user's first row stores events
+        stored = owner["tail_event_id"]
+        assert len(set(stored)) == len(stored), "a user's tail event is stored twice"
+        a = r["tail_start"]
+        assert r["tail_len"] == len(tail) and stored[a:a + r["tail_len"]] == by_arrival
         # Batch rows carry no tail at all.
         assert b["tail_len"] is None and b["tail_event_id"] is None
         n_tail += len(tail) > 0
@@ -303,9 +313,13 @@ def test_o2o_mismatch_of_a_forgotten_user_is_not_an_error(
 ) -> None:
     s = synth_store
     row = _tamper(s.thin_batch, lambda r: r["head_len"] > 3)
+    # A copy the store does not know of (forget removes the user's rows from the registered
+    # thin tables only) still holds the user's requests, with pointers to a deleted head.
+    stale = str(tmp_path / "stale-thin")
+    shutil.copytree(s.thin_batch, stale)
     forget_users(s.store_path, [row["user_id"]])
     out = str(tmp_path / "o.parquet")
-    materialize(s.store_path, s.thin_batch, Tenant("t", ("item_id",), 5), out)
+    materialize(s.store_path, stale, Tenant("t", ("item_id",), 5), out)
     got = pq.read_table(out)
     mine = got.filter(pc.equal(got.column("user_id"), row["user_id"]))
     assert mine.num_rows and set(mine.column("length").to_pylist()) == {0}

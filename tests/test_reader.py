@@ -7,6 +7,9 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 from reader_fixtures import (
@@ -113,7 +116,9 @@ def test_tails_stored_out_of_order_read_the_same(rs: ReaderStore, reference: dic
     from lmat_platform.store.core import delta_dataset
 
     dt = DeltaTable(rs.thin)
-    t = delta_dataset(dt).to_table()
+    store_schema = lmat.ReadContext.build(rs.store, TENANT).schema
+    # The older format (each row's own tail in its lists), as another writer might store it.
+    t = own_tails(delta_dataset(dt).to_table(), store_schema)
     cols = {}
     for name in t.column_names:
         col = t.column(name).combine_chunks()
@@ -129,7 +134,6 @@ def test_tails_stored_out_of_order_read_the_same(rs: ReaderStore, reference: dic
         cols[name] = col
     rev = pa.table(cols)
     assert int(pc.max(rev.column("tail_len")).as_py()) > 1, "some tail has two events"
-    store_schema = lmat.ReadContext.build(rs.store, TENANT).schema
     assert not ThinRows.from_table(rev, event_columns(TENANT), store_schema).tails_sorted
     out = str(tmp_path / "reversed")
     write_deltalake(out, rev, partition_by=["bucket"], description=dt.metadata().description)
@@ -141,6 +145,62 @@ def test_tails_stored_out_of_order_read_the_same(rs: ReaderStore, reference: dic
     path = str(tmp_path / "m.parquet")
     lmat.materialize(rs.store, out, TENANT, path)
     assert same(materialized(path, TENANT.columns), reference[TENANT.name])
+
+
+def own_tails(t: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Thin rows in the older format (thin format 1): each row's own tail, sorted by
+    (event_ts, event_id), in its own lists; no tail_block or tail_start."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from lmat_platform.protocol.pointers import expand_positions
+    from lmat_platform.protocol.thin import TAIL_BLOCK, TAIL_PREFIX, TAIL_START
+    from lmat_platform.reconstruct import THIN_KEYS, ThinRows
+
+    fields = [c.removeprefix(TAIL_PREFIX) for c in t.column_names
+              if c.startswith(TAIL_PREFIX) and c not in THIN_KEYS]
+    thin = ThinRows.from_table(t, fields, schema)
+    pos = pa.array(expand_positions(thin.t_start, thin.t_end))
+    off = pa.array(np.concatenate([[0], np.cumsum(thin.t_end - thin.t_start)]).astype(np.int32))
+    mask = pc.is_null(t.column("tail_len").combine_chunks())
+    cols = {c: t.column(c) for c in t.column_names
+            if c not in (TAIL_BLOCK, TAIL_START) and not (c.startswith(TAIL_PREFIX)
+                                                          and c not in THIN_KEYS)}
+    for f in fields:
+        cols[TAIL_PREFIX + f] = pa.ListArray.from_arrays(off, thin.tails[f].take(pos), mask=mask)
+    return pa.table(cols)
+
+
+def test_thin_tables_of_the_older_format_read_the_same(rs: ReaderStore, reference: dict,
+                                                       tmp_path: Path) -> None:
+    """Thin tables written before tails were stored once per user (each row its own tail)
+    stay readable: the same sequences from the loader and from materialize, also with both
+    formats in one table."""
+    from deltalake import DeltaTable, write_deltalake
+
+    from lmat_platform.protocol.thin import TAIL_BLOCK
+    from lmat_platform.store.core import delta_dataset
+
+    dt = DeltaTable(rs.thin)
+    t = delta_dataset(dt).to_table()
+    assert t.column(TAIL_BLOCK).null_count < t.num_rows, "the fixture writes the new format"
+    old = own_tails(t, lmat.ReadContext.build(rs.store, TENANT).schema)
+    out = str(tmp_path / "old")
+    write_deltalake(out, old, partition_by=["bucket"], description=dt.metadata().description)
+    mixed = str(tmp_path / "mixed")
+    users = t.column("user_id").to_numpy()
+    odd = pa.array(users % 2 == 1)
+    write_deltalake(mixed, old.filter(odd), partition_by=["bucket"],
+                    description=dt.metadata().description)
+    write_deltalake(mixed, t.filter(pc.invert(odd)), mode="append", schema_mode="merge")
+    for thin in (out, mixed):
+        for tenant in (TENANT, ACTIONS):
+            loader = SequenceLoader(rs.store, thin, tenant=tenant, batch_size=64,
+                                    max_unit_rows=40)
+            assert same(collect(list(loader)), reference[tenant.name])
+        path = str(tmp_path / "m.parquet")
+        lmat.materialize(rs.store, thin, TENANT, path)
+        assert same(materialized(path, TENANT.columns), reference[TENANT.name])
 
 
 def test_shuffle_is_deterministic_by_seed_and_epoch(rs: ReaderStore) -> None:
@@ -394,3 +454,97 @@ def test_prepared_units_are_kept_per_rows_and_store_state(rs: ReaderStore, tmp_p
     assert prepare_unit(replace(ctx, tenant=ACTIONS), b, thin, key=("rows",)) is not p1
     assert prepare_unit(replace(ctx, state=None), b, thin, key=("rows",)) is not p1
     assert prepare_unit(ctx, b, thin) is not p1
+
+
+def test_shared_tails_are_served_per_request_in_event_order() -> None:
+    """Thin format 2 by hand: one user's events stored once (arrival order, a late event among
+    them), three requests pointing at runs of them. Each request gets its run in
+    (event_ts, event_id) order; runs already in order are zero-copy spans of the stored events;
+    a pointer at a row that is not there, or past the stored events, is refused by name."""
+    from lmat_platform.protocol.thin import TAIL_BLOCK, TAIL_START
+    from lmat_platform.reconstruct import ThinRows
+
+    schema = pa.schema([("event_ts", pa.int64()), ("event_id", pa.int64()),
+                        ("item_id", pa.int64())])
+    # arrival order: e1 (ts 10), e2 (ts 5, late), e3 (ts 20)
+    ts, ids, items = [10, 5, 20], [1, 2, 3], [100, 200, 300]
+
+    def table(block: list[int], start: list[int], lens: list[int]) -> pa.Table:
+        lst = pa.list_(pa.int64())
+        return pa.table({
+            "request_id": pa.array([7, 8, 9], pa.int64()),
+            "user_id": pa.array([1, 1, 1], pa.int64()),
+            "tail_len": pa.array(lens, pa.int32()),
+            TAIL_BLOCK: pa.array(block, pa.int64()),
+            TAIL_START: pa.array(start, pa.int32()),
+            "tail_event_ts": pa.array([ts, [], []], lst),
+            "tail_event_id": pa.array([ids, [], []], lst),
+            "tail_item_id": pa.array([items, [], []], lst),
+        })
+
+    thin = ThinRows.from_table(table([7, 7, 7], [0, 0, 1], [1, 2, 2]),
+                               ["event_ts", "event_id", "item_id"], schema)
+    assert thin.tails_sorted and thin.tail_events == 5
+    got = [thin.tails["item_id"].to_numpy()[a:b].tolist()
+           for a, b in zip(thin.t_start, thin.t_end, strict=True)]
+    assert got == [[100], [200, 100], [200, 300]]
+    assert thin.t_start[0] == 0 and thin.t_start[2] == 1  # spans of the stored events
+    assert len(thin.tails["item_id"]) == 5  # 3 stored + one sorted copy of 2
+    part = thin.slice(1, 3)
+    assert [part.tails["item_id"].to_numpy()[a:b].tolist()
+            for a, b in zip(part.t_start, part.t_end, strict=True)] == got[1:]
+    with pytest.raises(ThinTableError, match="request 9: .*request 6"):
+        ThinRows.from_table(table([7, 7, 6], [0, 0, 1], [1, 2, 2]),
+                            ["event_ts", "event_id", "item_id"], schema)
+    with pytest.raises(ThinTableError, match="request 9: its tail points at 3 events from 1"):
+        ThinRows.from_table(table([7, 7, 7], [0, 0, 1], [1, 2, 3]),
+                            ["event_ts", "event_id", "item_id"], schema)
+
+
+def test_workers_persist_across_passes_and_reuse_shared_slots(rs: ReaderStore,
+                                                              reference: dict) -> None:
+    """num_workers=2: the same worker processes serve every pass (also one abandoned part way),
+    batches arrive in a few shared-memory slots reused once the consumer drops them, every
+    pass yields every request once, and close() stops the workers."""
+    loader = SequenceLoader(rs.store, rs.thin, tenant=TENANT, batch_size=16, num_workers=2,
+                            shuffle=True, seed=2, max_unit_rows=60)
+    first = collect(list(loader))
+    assert same(first, reference[TENANT.name])
+    pool = loader._pool
+    assert pool is not None
+    pids = [p.pid for p in pool.procs]
+    for epoch in (1, 2):
+        loader.set_epoch(epoch)
+        for k, _ in enumerate(loader):  # abandoned part way
+            if k == 3:
+                break
+        loader.set_epoch(epoch)
+        ptrs: set[int] = set()
+        got: dict = {}
+        n = 0
+        for b in loader:  # each batch dropped before the next
+            got.update(collect([b]))
+            ptrs.add(b.values["item_id"].untyped_storage().data_ptr())
+            n += 1
+        assert same(got, reference[TENANT.name])
+        assert loader._pool is pool and [p.pid for p in pool.procs] == pids
+        assert len(ptrs) <= 2 * 8 < n, (len(ptrs), n)  # slots reused, not one buffer a batch
+    loader.close()
+    assert loader._pool is None and not any(p.is_alive() for p in pool.procs)
+
+
+def test_units_dealt_by_bucket_and_the_same_every_epoch() -> None:
+    """A bucket's slices go to one consumer where balance allows, and the dealing does not
+    change with the epoch (a persistent worker reads the same buckets every pass)."""
+    rows = {b: 500 + 37 * b for b in range(6)}
+    units = plan_units(rows, max_unit_rows=200, min_units=2)
+    dealt = [assign_units(units, 2, seed=0, epoch=e, shuffle=True) for e in range(4)]
+    owners = [{u.bucket: c for c, us in enumerate(d) for u in us} for d in dealt]
+    assert all(o == owners[0] for o in owners)
+    for d in dealt:
+        buckets = [{u.bucket for u in us} for us in d]
+        assert len(buckets[0] & buckets[1]) <= 1, buckets  # at most the one bucket balance cuts
+        loads = [sum(u.rows for u in us) for us in d]
+        assert max(loads) - min(loads) <= max(u.rows for u in units)
+    assert [[(u.bucket, u.part) for u in us] for us in dealt[0]] != \
+        [[(u.bucket, u.part) for u in us] for us in dealt[1]]

@@ -19,18 +19,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
-from deltalake import ColumnProperties, DeltaTable, WriterProperties
+from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
 from lmat_platform.exceptions import RequestError, ThinTableError
 from lmat_platform.hashing import bucket_of
-from lmat_platform.protocol.pointers import HeadIndex, expand_ranges, searchsorted2
+from lmat_platform.protocol.pointers import (
+    HeadIndex,
+    expand_positions,
+    expand_ranges,
+    searchsorted2,
+)
 from lmat_platform.schema import EVENT_COLUMNS, normalize_requests, read_parquet_file
 from lmat_platform.store.core import (
     Store,
@@ -40,8 +45,13 @@ from lmat_platform.store.core import (
     shared_delta_table,
     storage_options,
 )
-from lmat_platform.store.deletion import register_thin_table
+from lmat_platform.store.retention import accepted_events
 from lmat_platform.store.snapshots import list_snapshots, resolve_snapshot, snapshot_arrays
+from lmat_platform.store.thin_registry import (
+    ROW_ORDER,
+    register_thin_table,
+    thin_writer_properties,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +61,17 @@ POINTER_COLUMNS = ("snapshot_id", "head_len", "head_checksum")
 #: list column per event field) so that a reader decodes only the fields its tenant needs;
 #: ``tail_len`` is its length, null on the batch path.
 TAIL_PREFIX = "tail_"
-#: Rows of one thin file are in this order (a reader merges a bucket's files in it, without a
-#: sort when there is one file, and cuts the bucket into user-contiguous slices).
-ROW_ORDER = ("user_id", "request_ts", "request_id")
-
-
-def thin_writer_properties() -> WriterProperties:
-    """How thin files are written: LZ4 (raw) pages without dictionaries. On the benchmark's
-    streaming thin rows this is 2.2x smaller than delta-rs's default (Snappy with
-    dictionaries), and decodes at least as fast: the tails of one user's successive requests
-    repeat, which LZ4 finds across the page where a dictionary of values does not."""
-    return WriterProperties(
-        compression="LZ4_RAW",
-        default_column_properties=ColumnProperties(dictionary_enabled=False),
-    )
+#: Streaming rows store each user's tail events once per file (thin format 2): the row whose
+#: ``request_id`` is a row's ``tail_block`` holds its user's events of the file in its
+#: ``tail_<field>`` lists, in arrival order, and the row's tail is the ``tail_len`` events from
+#: ``tail_start`` on. Rows with a null ``tail_block`` hold their own tail (format 1, or none).
+TAIL_BLOCK = "tail_block"
+TAIL_START = "tail_start"
+#: The thin format ``log`` writes (recorded in each commit's metadata as ``lmat.thin_format``).
+THIN_FORMAT = 2
+#: ``ROW_ORDER`` (the order of a thin file's rows) and ``thin_writer_properties`` live with the
+#: store's registry of thin tables (:mod:`lmat_platform.store.thin_registry`): deletion
+#: rewrites thin files too.
 _DROP_FROM_TAIL = ("bucket", "source", "batch_id")
 
 
@@ -86,17 +93,12 @@ def read_raw_range(
     buckets: np.ndarray | None = None,
     columns: list[str] | None = None,
 ) -> pa.Table:
-    """Raw-log events of ``users`` with ``lo <= arrival_ts < hi``, sorted by (user, arrival)."""
-    raw = store.open_table("raw")
-    if raw is None or len(users) == 0:
+    """Accepted events of ``users`` with ``lo <= arrival_ts < hi``, sorted by (user, arrival):
+    the raw log's, and the tier's where the raw log has retired them (spec section 3: the
+    batch path reads its tail from the tier's later snapshots and the raw log's rest)."""
+    if store.shared_table("raw") is None or len(users) == 0:
         return pa.table({c: pa.array([], t) for c, t in EVENT_COLUMNS.items()})
-    f = pads.field("arrival_ts") < hi
-    if lo is not None:
-        f &= pads.field("arrival_ts") >= lo
-    if buckets is not None:
-        f &= pads.field("bucket").isin(pa.array(np.unique(buckets)))
-    f &= pads.field("user_id").isin(pa.array(np.unique(users)))
-    t = delta_dataset(raw).to_table(filter=f, columns=columns)
+    t = accepted_events(store, users=users, buckets=buckets, lo=lo, hi=hi, columns=columns)
     return t.sort_by([("user_id", "ascending"), ("arrival_ts", "ascending")])
 
 
@@ -113,6 +115,68 @@ def tails_from_raw(
     return expand_ranges(s, e)
 
 
+@dataclass
+class TailBlocks:
+    """Where each request's tail lives in the per-user format (see :data:`TAIL_BLOCK`)."""
+
+    #: Per request: the request id of the row that stores its user's events.
+    block: np.ndarray
+    #: Per request: offset of its first tail event among its user's stored events.
+    start: np.ndarray
+    #: Per request: events its own row stores (its user's, in the user's first row; else 0).
+    stored: np.ndarray
+    #: The stored events' positions in the source (in arrival order), row after row.
+    positions: np.ndarray
+
+
+def user_tail_blocks(
+    users: np.ndarray, request_ids: np.ndarray, lo: np.ndarray, hi: np.ndarray
+) -> TailBlocks:
+    """Each user's tail events once: requests (grouped by user, in file order) whose tails are
+    the source runs ``[lo[i], hi[i])`` (a user's events in arrival order) point into the union
+    of their user's runs, stored in the user's first row. Overlapping or touching runs are
+    stored once; a gap between them (events no request of the user has in its tail) is not
+    stored."""
+    n = len(users)
+    block = np.empty(n, dtype=np.int64)
+    start = np.zeros(n, dtype=np.int32)
+    stored = np.zeros(n, dtype=np.int64)
+    runs: list[tuple[int, int]] = []
+    u_l, r_l, lo_l, hi_l = users.tolist(), request_ids.tolist(), lo.tolist(), hi.tolist()
+    first = 0
+    size = 0  # events stored for the current user so far
+    cur = -1  # index in runs of the user's current run (-1: none yet)
+    for i in range(n):
+        if i == 0 or u_l[i] != u_l[i - 1]:
+            if i:
+                stored[first] = size
+            first, size, cur = i, 0, -1
+        block[i] = r_l[first]
+        a, b = lo_l[i], hi_l[i]
+        if b <= a:
+            continue
+        if cur >= 0 and runs[cur][0] <= a <= runs[cur][1]:
+            r0, r1 = runs[cur]
+            base = size - (r1 - r0)
+            if b > r1:
+                runs[cur] = (r0, b)
+                size += b - r1
+            start[i] = base + (a - r0)
+        else:
+            runs.append((a, b))
+            cur = len(runs) - 1
+            start[i] = size
+            size += b - a
+    if n:
+        stored[first] = size
+    if runs:
+        ra = np.array(runs, dtype=np.int64)
+        positions = expand_positions(ra[:, 0], ra[:, 1]).astype(np.int64)
+    else:
+        positions = np.zeros(0, dtype=np.int64)
+    return TailBlocks(block, start, stored, positions)
+
+
 def build_thin_rows(
     store: Store | str, requests: pa.Table, *, path: Literal["log", "examples"], where: str
 ) -> pa.Table:
@@ -122,8 +186,14 @@ def build_thin_rows(
     pub, wm = snapshot_arrays(snaps)
     users = requests.column("user_id").to_numpy()
     ts = requests.column("request_ts").to_numpy()
-    s = resolve_snapshot(pub, ts)
     buckets = bucket_of(users, store.n_buckets)
+    # Rows in the order a thin file keeps them (bucket, then ROW_ORDER): a user's rows are
+    # consecutive, which the per-user tails rely on.
+    order = np.lexsort((*(requests.column(c).to_numpy() for c in reversed(ROW_ORDER)), buckets))
+    if len(order) and (np.diff(order) != 1).any():
+        requests = requests.take(pa.array(order))
+        users, ts, buckets = users[order], ts[order], buckets[order]
+    s = resolve_snapshot(pub, ts)
     heads = HeadIndex.load(store, users, buckets)
     hl, cs = heads.pointers(users, s)
     if len(hl) and hl.max() > np.iinfo(np.int32).max:
@@ -142,16 +212,22 @@ def build_thin_rows(
         hi = int(ts.max()) if len(ts) else 0
         raw = read_raw_range(store, users, lo, hi, buckets=buckets,
                              columns=[f.name for f in stype])
-        owner, pos = tails_from_raw(raw, users, w_s, ts)
-        ev = raw.take(pa.array(pos))
-        # Order each tail by (event_ts, event_id), grouped by request.
-        order = np.lexsort((ev.column("event_id").to_numpy(), ev.column("event_ts").to_numpy(), owner))
-        ev = ev.take(pa.array(order))
-        owner = owner[order]
-        offsets = np.zeros(len(users) + 1, dtype=np.int32)
-        np.cumsum(np.bincount(owner, minlength=len(users)), out=offsets[1:])
-        off = pa.array(offsets)
-        cols["tail_len"] = pa.array(np.diff(offsets).astype(np.int32))
+        # Arrival order, ties by event id: each request's tail is one run of its user's events.
+        raw = raw.sort_by([("user_id", "ascending"), ("arrival_ts", "ascending"),
+                           ("event_id", "ascending")])
+        ru = raw.column("user_id").to_numpy()
+        ra = raw.column("arrival_ts").to_numpy()
+        t_lo = searchsorted2(ru, ra, users, w_s)
+        t_hi = searchsorted2(ru, ra, users, ts)
+        blocks = user_tail_blocks(users, requests.column("request_id").to_numpy(), t_lo, t_hi)
+        # Each user's events once, in its first row's lists; no events in its other rows.
+        ev = raw.take(pa.array(blocks.positions))
+        ev_off = np.zeros(len(users) + 1, dtype=np.int64)
+        np.cumsum(blocks.stored, out=ev_off[1:])
+        off = pa.array(ev_off.astype(np.int32))
+        cols["tail_len"] = pa.array((t_hi - t_lo).astype(np.int32))
+        cols[TAIL_BLOCK] = pa.array(blocks.block)
+        cols[TAIL_START] = pa.array(blocks.start)
         for f in stype:
             vals = (ev.column(f.name).combine_chunks().cast(f.type) if f.name in ev.column_names
                     else pa.nulls(ev.num_rows, f.type))
@@ -163,8 +239,7 @@ def build_thin_rows(
     for c in requests.column_names:
         if c not in cols:
             cols[c] = requests.column(c)
-    out = pa.table(cols)
-    return out.sort_by([(c, "ascending") for c in ("bucket", *ROW_ORDER)])
+    return pa.table(cols)  # already in (bucket, *ROW_ORDER) order
 
 
 def thin_store_id(dt: DeltaTable) -> str | None:
@@ -230,6 +305,9 @@ def write_thin(
     elif os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ThinTableError(f"{out}: exists and is not a thin table")
     rows = build_thin_rows(store, req, path=path, where=requests_path)
+    # Registered before the first row is written (idempotent), so that ``forget`` finds every
+    # table holding examples of a user, even one whose writer was killed after its commit.
+    register_thin_table(store, out if "://" in out else os.path.abspath(out))
     from deltalake import CommitProperties, write_deltalake
 
     write_deltalake(
@@ -248,8 +326,6 @@ def write_thin(
     # Written through ``existing`` (delta-rs moves it to the new version), or opened once.
     dt = existing if existing is not None else DeltaTable(out, storage_options=storage_options())
     checkpoint_if_due(dt)
-    if path == "log":
-        register_thin_table(store, out if "://" in out else os.path.abspath(out))
     n_tail = int(pc.sum(rows.column("tail_len")).as_py() or 0) if path == "log" else 0
     return {
         "path": path,

@@ -32,14 +32,12 @@ because the delta-rs runtime the parent has used does not survive a fork.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-import queue
 import threading
-import time
-import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -51,6 +49,7 @@ import torch
 from deltalake.exceptions import DeltaError
 
 from lmat_platform.exceptions import LmatError, ThinTableError
+from lmat_platform.hashing import bucket_of
 from lmat_platform.kernels import is_sorted3, warm_up
 from lmat_platform.protocol.thin import (
     ROW_ORDER,
@@ -60,8 +59,9 @@ from lmat_platform.protocol.thin import (
 )
 from lmat_platform.reader.batch import Batch
 from lmat_platform.reader.buffers import BufferPool, shared_pool
-from lmat_platform.reader.errors import ReaderTimeoutError, ReaderWorkerError, StoreUnreachableError
-from lmat_platform.reader.prefetch import POLL_S, Prefetcher
+from lmat_platform.reader.errors import ReaderWorkerError, StoreUnreachableError
+from lmat_platform.reader.prefetch import Prefetcher
+from lmat_platform.reader.workers import WorkerPool, worker_loop
 from lmat_platform.reconstruct import (
     THIN_KEYS,
     ReadContext,
@@ -148,27 +148,45 @@ def plan_units(
 def assign_units(
     units: list[WorkUnit], n_consumers: int, *, seed: int, epoch: int, shuffle: bool
 ) -> list[list[WorkUnit]]:
-    """Deal units to consumers: each unit to the consumer with the fewest rows so far (ties:
-    lowest index), in bucket order, or with ``shuffle`` in an order drawn from
-    ``(seed, epoch)``: buckets in random order, the slices of one bucket together (in random
-    order). Every consumer then meets a bucket's slices one after another, so it decodes the
-    bucket's thin rows once per pass, not once per slice. Deterministic on every rank."""
-    order = list(range(len(units)))
+    """Deal units to consumers, then order each consumer's units. Deterministic on every rank.
+
+    Dealing is the same every epoch, so a persistent worker reads the same buckets each pass
+    (and finds them in its decoded cache when it has room): whole buckets, largest first, each
+    to the least loaded consumer (ties: lowest index), so each bucket's thin rows are decoded
+    by one consumer; then, while a consumer has more than the largest unit's rows above
+    another, its last unit moves to the least loaded one (so loads differ by at most one
+    unit's rows, and only such moves split a bucket between consumers).
+
+    With ``shuffle`` each consumer's units come in an order drawn from ``(seed, epoch)``:
+    its buckets in random order, the slices of one bucket together (in random order), so a
+    consumer meets a bucket's slices one after another and decodes its thin rows once per
+    pass; without, in bucket order."""
+    span = max((u.rows for u in units), default=0)
+    groups: dict[int, list[int]] = {}
+    for i, u in enumerate(units):
+        groups.setdefault(u.bucket, []).append(i)
+    size = {b: sum(units[i].rows for i in g) for b, g in groups.items()}
+    loads = np.zeros(n_consumers, dtype=np.int64)
+    out: list[list[int]] = [[] for _ in range(n_consumers)]
+    for b in sorted(groups, key=lambda b: (-size[b], b)):
+        c = int(np.argmin(loads))
+        out[c].extend(groups[b])
+        loads[c] += size[b]
+    while n_consumers > 1:
+        hi, lo = int(np.argmax(loads)), int(np.argmin(loads))
+        if loads[hi] - loads[lo] <= span or not out[hi]:
+            break
+        i = out[hi].pop()
+        out[lo].append(i)
+        loads[hi] -= units[i].rows
+        loads[lo] += units[i].rows
+    out = [sorted(idx) for idx in out]
     if shuffle:
         rng = np.random.default_rng([seed, epoch])
-        groups: dict[int, list[int]] = {}
-        for i, u in enumerate(units):
-            groups.setdefault(u.bucket, []).append(i)
-        keys = sorted(groups)
-        order = [i for g in rng.permutation(len(keys))
-                 for i in rng.permutation(groups[keys[g]]).tolist()]
-    loads = np.zeros(n_consumers, dtype=np.int64)
-    out: list[list[WorkUnit]] = [[] for _ in range(n_consumers)]
-    for i in order:
-        c = int(np.argmin(loads))
-        out[c].append(units[i])
-        loads[c] += units[i].rows
-    return out
+        rank = {b: k for k, b in enumerate(rng.permutation(sorted({u.bucket for u in units})))}
+        within = rng.permutation(len(units))
+        out = [sorted(idx, key=lambda i: (rank[units[i].bucket], within[i])) for idx in out]
+    return [[units[i] for i in idx] for idx in out]
 
 
 def windows_of(units: list[WorkUnit], shuffle_buffer: int) -> list[list[int]]:
@@ -275,6 +293,8 @@ class _UnitReader:
         ds, frags = self._thin_files()
         rows = _thin_bucket(frags.get(bucket, []), ds.schema, self.spec.thin_columns,
                             event_columns(self.spec.ctx.tenant), self.spec.ctx.schema)
+        # Users whose forget is pending are not served (their rows are being deleted).
+        rows = rows.without_users(self.spec.ctx.hidden)
         self._cached = (bucket, rows)
         return rows
 
@@ -411,10 +431,10 @@ def _thin_bucket(
         **{c: (*base, "tail", c, str(store_schema.field(c).type)) for c in events},
     }
     got = {c: dc.get(k) for c, k in keys.items()}
-    off = dc.get((*base, "tail_off"))
+    spans = dc.get((*base, "tail_spans"))
     ordered = dc.get((*base, "tails_sorted"))
-    if off is not None and ordered is not None and all(v is not None for v in got.values()):
-        return ThinRows(pa.table({c: got[c] for c in scalars}), off,
+    if spans is not None and ordered is not None and all(v is not None for v in got.values()):
+        return ThinRows(pa.table({c: got[c] for c in scalars}), spans[0], spans[1],
                         {c: got[c] for c in events}, ordered)
     if frags:
         # Files were added to or replaced in this bucket since it was last kept: what was kept
@@ -426,25 +446,28 @@ def _thin_bucket(
         if prev is not None and prev != base:
             # The old file set's pieces, and the units prepared from its rows.
             dc.discard_where(lambda k: k[:len(prev)] == prev)
+    # The files' rows are flattened together (a row may point into tails stored in another
+    # row of its user, in any file of the bucket), then merged in (user, request time,
+    # request id) order by moving their spans: tail events are never copied to merge.
     parts = [frag.to_table(schema=schema, columns=columns) for frag in frags]
     parts = [t for t in parts if t.num_rows]
-    if not parts:
-        rows = schema.empty_table().select(columns)
-    else:
-        rows = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-        order = [rows.column(k).to_numpy() for k in ROW_ORDER]
+    rows = (schema.empty_table().select(columns) if not parts
+            else pa.concat_tables(parts) if len(parts) > 1 else parts[0])
+    thin = ThinRows.from_table(rows, events, store_schema)
+    if parts:
+        order = [column_array(thin.table, k).to_numpy() for k in ROW_ORDER]
         if not is_sorted3(*order):
             # lmat writes each file in this order; several files, or a file from elsewhere,
             # are merged here.
-            rows = rows.take(pa.array(np.lexsort(order[::-1])))
-        rows = rows.combine_chunks()
-    thin = ThinRows.from_table(rows, events, store_schema)
+            thin = thin.take(np.lexsort(order[::-1]))
+    thin = replace(thin, table=thin.table.combine_chunks())
     for c in scalars:
         a = column_array(thin.table, c)
         dc.put(keys[c], a, a.nbytes, evict=False)
     for c in events:
         dc.put(keys[c], thin.tails[c], thin.tails[c].nbytes, evict=False)
-    dc.put((*base, "tail_off"), thin.tail_off, thin.tail_off.nbytes, evict=False)
+    dc.put((*base, "tail_spans"), (thin.t_start, thin.t_end),
+           thin.t_start.nbytes + thin.t_end.nbytes, evict=False)
     dc.put((*base, "tails_sorted"), thin.tails_sorted, 8, evict=False)
     return thin
 
@@ -504,13 +527,21 @@ def _piece(w: _Window, a: int, b: int) -> dict[str, Any]:
     }
 
 
-def _batch(pieces: list[dict[str, Any]], columns: tuple[str, ...], pool: BufferPool) -> Batch:
+#: Arrays for one batch's columns: (values, dtype) each -> writable arrays.
+Alloc = Callable[[list[tuple[int, np.dtype]]], list[np.ndarray]]
+
+
+def _pool_alloc(pool: BufferPool) -> Alloc:
+    return lambda sizes: [pool.empty(n, dt) for n, dt in sizes]
+
+
+def _batch(pieces: list[dict[str, Any]], columns: tuple[str, ...], alloc: Alloc) -> Batch:
     """One batch from pieces of one or more windows: every column's values are copied from
     the plans' sources straight into the batch's own buffer (one write per value), taken from
     ``pool`` (memory already touched, once the consumer has dropped an earlier batch)."""
     total = sum(q["n"] for q in pieces)
     # Every plan's sources of a column have the store schema's type, so one dtype.
-    outs = [pool.empty(total, pieces[0]["plan"].head[c].dtype) for c in columns]
+    outs = alloc([(total, pieces[0]["plan"].head[c].dtype) for c in columns])
     o = 0
     for q in pieces:
         # All columns of a piece in one compiled call (segments checked once).
@@ -540,8 +571,9 @@ def _batch(pieces: list[dict[str, Any]], columns: tuple[str, ...], pool: BufferP
     )
 
 
-def iter_consumer(spec: ConsumerSpec) -> Iterator[tuple[int, Batch]]:
-    """The batches of one consumer from row ``spec.start_row`` on, as (stream end row, batch)."""
+def iter_consumer(spec: ConsumerSpec, alloc: Alloc | None = None) -> Iterator[tuple[int, Batch]]:
+    """The batches of one consumer from row ``spec.start_row`` on, as (stream end row, batch).
+    ``alloc`` gives each batch's value arrays (default: this process's buffer pool)."""
     B = spec.batch_size
     total = spec.total_rows
     wins = windows_of(spec.units, spec.shuffle_buffer)
@@ -551,7 +583,7 @@ def iter_consumer(spec: ConsumerSpec) -> Iterator[tuple[int, Batch]]:
     if spec.start_row >= total or first >= len(wins):
         return
     reader = _UnitReader(spec)
-    pool = shared_pool()
+    alloc = alloc or _pool_alloc(shared_pool())
     todo = [i for w in wins[first:] for i in w]
 
     def produce() -> Iterator[Sequences]:
@@ -582,10 +614,10 @@ def iter_consumer(spec: ConsumerSpec) -> Iterator[tuple[int, Batch]]:
                 pos += b - a
                 a = b
                 if pending_rows == B:
-                    yield pos, _batch(pending, spec.ctx.tenant.columns, pool)
+                    yield pos, _batch(pending, spec.ctx.tenant.columns, alloc)
                     pending, pending_rows = [], 0
         if pending_rows and not spec.drop_last:
-            yield pos, _batch(pending, spec.ctx.tenant.columns, pool)
+            yield pos, _batch(pending, spec.ctx.tenant.columns, alloc)
     finally:
         units.close()
 
@@ -593,61 +625,10 @@ def iter_consumer(spec: ConsumerSpec) -> Iterator[tuple[int, Batch]]:
 # ---------------------------------------------------------------------------------- workers
 
 
-def _worker_main(spec: ConsumerSpec, q: Any, stop: Any) -> None:
-    """Body of a worker process: stream the consumer's batches into ``q``."""
-    torch.set_num_threads(1)
-
-    def put(msg: tuple[Any, ...]) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(msg, timeout=POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    try:
-        for end, batch in iter_consumer(spec):
-            if not put(("batch", end, batch)):
-                return
-        put(("done", None, None))
-    except BaseException as e:
-        tb = traceback.format_exc()
-        try:
-            import pickle
-
-            payload: Any = pickle.dumps(e)
-        except Exception:  # the exception itself may not pickle; its text always does
-            payload = None
-        put(("error", (payload, type(e).__name__, str(e), tb), None))
-    # Tensors travel as shared-memory handles served by this process: stay alive until the
-    # main process has taken everything and says stop.
-    while not stop.wait(POLL_S):
-        pass
-
-
-class _RemoteTraceback(Exception):
-    def __init__(self, tb: str):
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return f"\n\nTraceback in the reader worker:\n{self.tb}"
-
-
-def _raise_remote(info: tuple[bytes | None, str, str, str], worker: int) -> None:
-    import pickle
-
-    payload, name, msg, tb = info
-    exc: BaseException | None = None
-    if payload is not None:
-        try:
-            exc = pickle.loads(payload)
-        except Exception:
-            exc = None
-    if exc is None:
-        exc = ReaderWorkerError(f"reader worker {worker} failed: {name}: {msg}")
-    raise exc from _RemoteTraceback(tb)
+def _worker_main(w: int, tasks: Any, out: Any, stop: Any, current: Any,
+                 flags: torch.Tensor) -> None:
+    """Body of a persistent worker process (see :mod:`lmat_platform.reader.workers`)."""
+    worker_loop(w, tasks, out, stop, current, flags, iter_consumer)
 
 
 def _mp_context() -> Any:
@@ -658,7 +639,8 @@ def _mp_context() -> Any:
     ctx = torch.multiprocessing.get_context(method)
     if method == "forkserver":
         # Import the heavy modules once in the server; each worker then forks from it cheaply.
-        ctx.set_forkserver_preload(["lmat_platform.reader.loader"])
+        ctx.set_forkserver_preload(["lmat_platform.reader.loader",
+                                    "lmat_platform.reader.workers"])
     return ctx
 
 
@@ -766,6 +748,22 @@ def _thin_info_of(dt: Any) -> _ThinInfo:
     return _ThinInfo(dt.version(), rows, schema, lo, hi, t.num_rows)
 
 
+def _without_hidden(info: _ThinInfo, uri: str, hidden: np.ndarray, n_buckets: int) -> _ThinInfo:
+    """``info`` with the rows of users whose forget is pending taken out of the row counts (a
+    pass does not serve them); counted from the user column of their buckets only."""
+    if not len(hidden):
+        return info
+    _, frags = _thin_dataset(uri, info.version)
+    rows = dict(info.bucket_rows)
+    for b in np.unique(bucket_of(hidden, n_buckets)).tolist():
+        if not rows.get(b):
+            continue
+        u = pa.concat_arrays([column_array(f.to_table(columns=["user_id"]), "user_id")
+                              for f in frags.get(b, [])])
+        rows[b] -= int(np.isin(u.to_numpy(), hidden).sum())
+    return replace(info, bucket_rows=rows)
+
+
 class SequenceLoader(torch.utils.data.IterableDataset):
     """Batches of a tenant's reconstructed sequences for every request of a thin table.
 
@@ -795,6 +793,9 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         max_unit_rows: rows per work unit (default :data:`UNIT_ROWS`).
         timeout_s: longest wait for one batch or unit before :class:`ReaderTimeoutError`.
         pin_memory: return batches in page-locked memory (when an accelerator is present).
+        persistent_workers: keep the worker processes (and what each has decoded and
+            compiled) from one pass to the next; :meth:`close` stops them. False: workers
+            start and stop with every pass.
     """
 
     def __init__(
@@ -816,6 +817,7 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         max_unit_rows: int | None = None,
         timeout_s: float | None = 600.0,
         pin_memory: bool = False,
+        persistent_workers: bool = True,
     ):
         super().__init__()
         if batch_size < 1:
@@ -839,6 +841,8 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         self.drop_last = drop_last
         self.timeout_s = timeout_s
         self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self._pool: WorkerPool | None = None
         # Raises TenantError for a column the store does not have.
         self.ctx = ReadContext.build(self.store, tenant, verify=verify)
         #: Summary tenants (spec section 10): batches get summaries and tails from the server.
@@ -851,7 +855,8 @@ class SequenceLoader(torch.utils.data.IterableDataset):
                     f"tenant '{tenant.name}': column '{c}' has type {typ}, which has no tensor "
                     "form (SequenceLoader reads numeric, boolean and timestamp columns)"
                 )
-        self.info = _thin_info(self.store, self.thin_uri)
+        self.info = _without_hidden(_thin_info(self.store, self.thin_uri), self.thin_uri,
+                                    self.ctx.hidden, self.store.n_buckets)
         n_snap = len(self.ctx.watermarks)
         if self.info.snap_max is not None and (
             self.info.snap_max >= n_snap or (self.info.snap_min or 0) < -1
@@ -1008,88 +1013,44 @@ class SequenceLoader(torch.utils.data.IterableDataset):
     def _iter_workers(
         self, specs: list[ConsumerSpec], first: int
     ) -> Iterator[tuple[int, int, Batch]]:
-        ctx = _mp_context()
-        _check_workers_can_start(ctx)
-        n = len(specs)
-        heard = [False] * n  # whether worker w sent anything (else it died starting up)
-        stop = ctx.Event()
-        queues = [ctx.Queue(maxsize=self.prefetch) for _ in range(n)]
-        procs = [
-            ctx.Process(target=_worker_main, args=(s, q, stop), daemon=True,
-                        name=f"lmat-reader-{s.consumer}")
-            for s, q in zip(specs, queues, strict=True)
-        ]
-        for p in procs:
-            p.start()
-        try:
-            active = [True] * n
-            w = first % n
-            while any(active):
-                if not active[w]:
-                    w = (w + 1) % n
-                    continue
-                try:
-                    kind, a, b = self._get(queues[w], procs[w], w)
-                except ReaderWorkerError as e:
-                    if heard[w] or procs[w].exitcode != 1:
-                        raise
-                    raise ReaderWorkerError(f"{e}. {_startup_failure_hint(ctx)}") from e
-                heard[w] = True
-                if kind == "batch":
-                    yield w, a, b
-                elif kind == "done":
-                    active[w] = False
-                else:
-                    _raise_remote(a, w)
-                w = (w + 1) % n
-        finally:
-            stop.set()
-            for q in queues:
-                # Drop what is queued so the workers' feeder threads can exit. A dropped batch
-                # can fail to unpickle (its worker may already be gone with the shared memory
-                # it served): nothing is lost, so any error just moves on, and at most the
-                # queue's capacity plus the message in flight is read.
-                for _ in range(self.prefetch + 2):
-                    try:
-                        q.get_nowait()
-                    except queue.Empty:
-                        break
-                    except Exception:  # noqa: BLE001 - discarded message, see above
-                        continue
-            for p in procs:
-                p.join(timeout=5)
-                if p.is_alive():
-                    p.terminate()
-                    p.join(timeout=5)
-            for q in queues:
-                q.close()
-                q.join_thread()
+        pool = self._pool
+        if pool is None or pool.n != len(specs) or not pool.alive():
+            if pool is not None:
+                pool.close()
+            ctx = _mp_context()
+            _check_workers_can_start(ctx)
+            pool = self._pool = WorkerPool(len(specs), prefetch=self.prefetch,
+                                           timeout_s=self.timeout_s, ctx=ctx,
+                                           target=_worker_main)
 
-    def _get(self, q: Any, proc: Any, w: int) -> tuple[str, Any, Any]:
-        t0 = time.monotonic()
-        while True:
-            try:
-                return q.get(timeout=POLL_S)
-            except (EOFError, ConnectionError) as e:
-                # The worker's end of the queue, or the shared memory of a batch, is gone.
-                proc.join(timeout=POLL_S)
-                raise ReaderWorkerError(
-                    f"reader worker {w} (pid {proc.pid}) stopped mid-message "
-                    f"(exit code {proc.exitcode}): {type(e).__name__}: {e}"
-                ) from e
-            except queue.Empty:
-                if not proc.is_alive():
-                    # It may have put its last message just before exiting.
-                    try:
-                        return q.get(timeout=POLL_S)
-                    except queue.Empty:
-                        raise ReaderWorkerError(
-                            f"reader worker {w} (pid {proc.pid}) exited with code "
-                            f"{proc.exitcode} without reporting an error"
-                        ) from None
-                waited = time.monotonic() - t0
-                if self.timeout_s is not None and waited > self.timeout_s:
-                    raise ReaderTimeoutError(
-                        f"no batch from reader worker {w} in {waited:.0f} s "
-                        f"(timeout_s={self.timeout_s})"
-                    ) from None
+        def on_error(w: int, e: ReaderWorkerError) -> BaseException:
+            if pool.heard[w] or pool.procs[w].exitcode != 1:
+                return e
+            return ReaderWorkerError(f"{e}. {_startup_failure_hint(pool.ctx)}")
+
+        ok = False
+        try:
+            yield from pool.run(specs, first, on_error)
+            ok = True
+        finally:
+            if not ok and not pool.alive():
+                pool.close()
+            if not self.persistent_workers:
+                self.close()
+
+    def close(self) -> None:
+        """Stop this loader's worker processes (they are kept between passes otherwise, and
+        stop with the loader or the process)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Worker processes belong to the process that started them.
+        state = self.__dict__.copy()
+        state["_pool"] = None
+        return state
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
