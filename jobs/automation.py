@@ -22,16 +22,17 @@ ingest_job = dg.define_asset_job(
 daily_job = dg.define_asset_job(
     "daily_snapshot_job",
     selection=dg.AssetSelection.assets("uih_snapshot").downstream()
-    - dg.AssetSelection.assets("sequence_model"),
+    - dg.AssetSelection.assets("sequence_model", "vista_summarizer"),
     partitions_def=DAILY,
     description="Publish the day's snapshot, then rebuild everything downstream of it: the tier "
-    "layout, the day's thin tables, the tenants and the storage report.",
+    "layout, the day's thin tables, the tenants, the storage report and the day's summaries.",
 )
 
 train_job = dg.define_asset_job(
     "train_job",
-    selection=dg.AssetSelection.assets("sequence_model"),
-    description="Train the causal sequence model through SequenceLoader (config: TrainConfig).",
+    selection=dg.AssetSelection.assets("sequence_model", "vista_summarizer"),
+    description="Train the causal sequence model and the VISTA summarizer through SequenceLoader "
+    "(config: TrainConfig, SummarizerConfig).",
 )
 
 daily_snapshot_schedule = dg.build_schedule_from_partitioned_job(

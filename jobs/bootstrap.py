@@ -59,7 +59,12 @@ def materialize_all(
         )
         if not results[-1].success:
             return results
-    rest = include if include is not None else dg.AssetSelection.all() - daily
+    # Partitioned assets outside the daily set (the summary tier) need a trained model first:
+    # the daily job computes them, every snapshot missed included.
+    later = [k for a in assets if a.partitions_def is not None for k in a.keys
+             if k.to_user_string() not in DAILY_ASSETS]
+    rest = include if include is not None else (
+        dg.AssetSelection.all() - daily - dg.AssetSelection.assets(*later))
     results.append(
         dg.materialize(
             [*assets, *checks],

@@ -13,7 +13,7 @@ The environment is read here, when the definitions are built, never at import ti
 
 import dagster as dg
 
-from assets import LmatResource, build_assets, build_checks
+from assets import SUMMARY_CHECKS, LmatResource, build_assets, build_checks
 from jobs import automation
 
 
@@ -23,7 +23,7 @@ def build_defs(resource: LmatResource | None = None) -> dg.Definitions:
     tenants = resource.tenants()
     return dg.Definitions(
         assets=build_assets(tenants),
-        asset_checks=build_checks(tenants),
+        asset_checks=[*build_checks(tenants), *SUMMARY_CHECKS],
         jobs=[automation.ingest_job, automation.daily_job, automation.train_job],
         schedules=[automation.daily_snapshot_schedule],
         sensors=[automation.landing_sensor],

@@ -36,6 +36,8 @@ ASSETS = {
         False,
         {"thin_examples", "tenant_retrieval", "tenant_ranking"},
     ),
+    "vista_summarizer": ("summaries", False, {"thin_examples", "uih_tier"}),
+    "vista_summaries": ("summaries", True, {"uih_snapshot", "vista_summarizer"}),
 }
 
 CHECKS = {
@@ -51,6 +53,8 @@ CHECKS = {
     "tenant_retrieval:o2o_parity": False,
     "tenant_ranking:no_future_leakage": True,
     "tenant_ranking:o2o_parity": False,
+    "vista_summaries:summary_recompute": True,
+    "vista_summaries:summary_point_in_time": True,
 }
 
 JOBS = {
@@ -63,8 +67,9 @@ JOBS = {
         "tenant_retrieval",
         "tenant_ranking",
         "storage_report",
+        "vista_summaries",
     },
-    "train_job": {"sequence_model"},
+    "train_job": {"sequence_model", "vista_summarizer"},
 }
 
 

@@ -15,7 +15,8 @@ from lmat_platform.train import load_model, pad_sequences
 from lmat_platform.ui import land_workload
 
 CFG = WorkloadConfig(seed=3, n_users=40, days=3, events_per_day=1500, requests_per_day=200)
-TRAIN = {"ops": {"sequence_model": {"config": {"batch_size": 64, "epochs": 2, "device": "cpu"}}}}
+TRAIN = {"ops": {"sequence_model": {"config": {"batch_size": 64, "epochs": 2, "device": "cpu"}},
+                 "vista_summarizer": {"config": {"max_steps": 5, "d": 16, "k": 4}}}}
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,7 @@ def test_every_asset_materializes_and_every_check_passes(
         "tenant_ranking",
         "storage_report",
         "sequence_model",
+        "vista_summarizer",
     }
     evaluations = [e for r in runs for e in r.get_asset_check_evaluations()]
     failed = [

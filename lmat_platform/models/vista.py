@@ -428,8 +428,8 @@ class TargetAttentionRanker(nn.Module):
 
     For candidate c of request b: ``o = softmax(e_c W_q [S_b; T_b]^T) [S_b; T_b] W_v`` over the
     K summary tokens ``S_b`` (projected) and the tail events ``T_b`` (item embedding plus a
-    recency position), masked where absent; score = ``<MLP([o, e_c, o * e_c]), 1>``. Candidates
-    are independent: cost per candidate is O((K + N) d).
+    recency position), masked where absent; score = ``<e_c, W_o o> + b_c``. Candidates are
+    independent: cost per candidate is O((K + N) d).
     """
 
     def __init__(self, cfg: RankerConfig):
@@ -443,7 +443,9 @@ class TargetAttentionRanker(nn.Module):
         self.q = nn.Linear(cfg.d, cfg.d)
         self.k = nn.Linear(cfg.d, cfg.d)
         self.v = nn.Linear(cfg.d, cfg.d)
-        self.mlp = nn.Sequential(nn.Linear(3 * cfg.d, cfg.d), nn.SiLU(), nn.Linear(cfg.d, 1))
+        self.o = nn.Sequential(nn.Linear(cfg.d, cfg.d), nn.SiLU(), nn.Linear(cfg.d, cfg.d))
+        self.bias = nn.Embedding(cfg.n_items, 1)
+        nn.init.zeros_(self.bias.weight)
 
     def memory(self, summary: torch.Tensor, summary_mask: torch.Tensor, tail: torch.Tensor,
                tail_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -471,6 +473,71 @@ class TargetAttentionRanker(nn.Module):
         # A request with nothing to attend to reads a zero vector.
         logits = logits.masked_fill(~m[:, None, :], float("-inf"))
         att = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
-        o = torch.einsum("bcm,bmd->bcd", att, v)
-        ee = e[None].expand(o.shape[0], -1, -1) if shared else e
-        return self.mlp(torch.cat([o, ee, o * ee], dim=-1)).squeeze(-1)
+        o = self.o(torch.einsum("bcm,bmd->bcd", att, v))
+        b = self.bias(torch.remainder(candidates, self.cfg.n_items)).squeeze(-1)
+        if shared:
+            return torch.einsum("bcd,cd->bc", o, e) + b[None]
+        return torch.einsum("bcd,bcd->bc", o, e) + b
+
+
+# ---------------------------------------------------------------------------- training loop
+
+
+def batch_events(batch: object, max_len: int) -> tuple[torch.Tensor, ...]:
+    """Padded (item, action, event_ts, mask) of a reader batch's sequences (their last
+    ``max_len`` events), from its jagged ``values`` (``item_id``, ``action``, ``event_ts``)."""
+    v = batch.values  # type: ignore[attr-defined]
+    lens = batch.lengths.numpy()  # type: ignore[attr-defined]
+    off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    return pad_events(v["item_id"].numpy(), v["action"].numpy(), v["event_ts"].numpy(), off,
+                      max_len)
+
+
+def train_summarizer(
+    store: object, thin_uri: str, tenant: object, *, cfg: VistaConfig | None = None,
+    epochs: int = 1, batch_size: int = 64, lr: float = 3e-3, max_len: int = 256,
+    max_steps: int | None = None, seed: int = 0,
+) -> tuple[Summarizer, dict[str, float]]:
+    """Train a summarizer with :func:`reconstruction_loss` on the histories
+    :class:`~lmat_platform.reader.SequenceLoader` rebuilds for ``tenant`` (it must read
+    ``item_id``, ``action`` and ``event_ts``). Returns the model (eval mode) and metrics."""
+    import time
+
+    from lmat_platform.reader import SequenceLoader
+
+    cols = set(tenant.columns)  # type: ignore[attr-defined]
+    missing = {"item_id", "action", "event_ts"} - cols
+    if missing:
+        raise ValueError(f"tenant '{tenant.name}' lacks columns {sorted(missing)} the "  # type: ignore[attr-defined]
+                         "summarizer reads")
+    torch.manual_seed(seed)
+    model = Summarizer(cfg or VistaConfig())
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    loader = SequenceLoader(store, thin_uri, tenant=tenant, batch_size=batch_size,  # type: ignore[arg-type]
+                            shuffle=True, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    examples = 0
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for b in loader:
+            loss = reconstruction_loss(model, *batch_events(b, max_len), generator=g)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+            examples += len(b)
+            if max_steps is not None and len(losses) >= max_steps:
+                break
+        if max_steps is not None and len(losses) >= max_steps:
+            break
+    secs = time.perf_counter() - t0
+    log.info("summarizer: %d steps, loss %.3f -> %.3f", len(losses),
+             losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
+    return model.eval(), {
+        "steps": float(len(losses)), "examples": float(examples), "seconds": secs,
+        "first_loss": losses[0] if losses else float("nan"),
+        "final_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
+    }

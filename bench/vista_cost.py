@@ -1,0 +1,241 @@
+"""VISTA cost: downstream time per example as histories grow, and summary refresh time.
+
+Run: ``.venv/bin/python -m bench.vista_cost [--max-len 1000000] [--k 32 --d 64]``
+
+One real store, one user per history length (1K, 10K, 100K, 1M events by default), all in
+snapshot 0, then snapshots with new events. It measures, with ``torch`` on one thread:
+
+1. **Downstream time per example** for each history length: VISTA (serve the request's summary
+   and tail from the store point in time, then target attention from C candidates to the K
+   summary tokens + N tail events), against full target attention (the same candidates
+   attending, softmax, to the whole history's item embeddings, i.e. what a model without
+   summaries reads and computes; the history's read is not counted, only its compute).
+2. **Summary refresh time per snapshot** for snapshots adding 1K, 10K and 100K new events to
+   those users (incremental: previous state + new events), against a full recompute of the
+   same users' summaries from scratch.
+
+Results go to ``bench/results/vista_cost.json`` and are printed as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+import lmat_platform as lmat
+from lmat_platform.hashing import bucket_of
+from lmat_platform.models.vista import (
+    RankerConfig,
+    Summarizer,
+    TargetAttentionRanker,
+    VistaConfig,
+)
+from lmat_platform.summaries import (
+    SummaryServer,
+    compute_summaries,
+    recompute_check,
+    register_summarizer,
+    storage_report,
+)
+from lmat_platform.summaries.tier import _tier_rows
+from lmat_platform.tenants import SummarySpec, Tenant
+
+log = logging.getLogger(__name__)
+
+T0 = 1_700_000_000_000_000
+US = 1_000_000
+
+
+def _events(user: int, n: int, start_id: int, t_lo: int, t_hi: int, rng: np.random.Generator
+            ) -> pa.Table:
+    ts = np.sort(rng.integers(t_lo, t_hi, n))
+    return pa.table({
+        "user_id": pa.array(np.full(n, user, np.int64)),
+        "event_id": pa.array(np.arange(start_id, start_id + n, dtype=np.int64)),
+        "event_ts": pa.array(ts),
+        "arrival_ts": pa.array(ts + 1),
+        "item_id": pa.array(rng.integers(1, 50_000, n)),
+        "action": pa.array(rng.integers(0, 4, n).astype(np.int16)),
+    })
+
+
+def _time(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
+    fn()  # warm
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default="1000,10000,100000,1000000")
+    ap.add_argument("--k", type=int, default=32, help="summary tokens")
+    ap.add_argument("--d", type=int, default=64, help="token width")
+    ap.add_argument("--tail", type=int, default=32, help="tail events served")
+    ap.add_argument("--candidates", type=int, default=64, help="candidates scored per example")
+    ap.add_argument("--new", default="1000,10000,100000", help="new events per refresh")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--out", default="bench/results/vista_cost.json")
+    ap.add_argument("--root", default=None, help="work folder (default: a temporary one)")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(1)
+    lengths = [int(x) for x in a.lengths.split(",")]
+    news = [int(x) for x in a.new.split(",")]
+    root = Path(a.root or tempfile.mkdtemp(prefix="vista-cost-"))
+    rng = np.random.default_rng(0)
+    store = lmat.init_store(str(root / "store"), n_buckets=4)
+    day = 86_400 * US
+    parts, eid = [], 0
+    for i, n in enumerate(lengths):
+        parts.append(_events(i + 1, n, eid, T0, T0 + 300 * day, rng))
+        eid += n
+    pq.write_table(pa.concat_tables(parts), str(root / "e0.parquet"))
+    t = time.perf_counter()
+    lmat.ingest_files(store, [str(root / "e0.parquet")])
+    lmat.publish_snapshot(store, T0 + 301 * day)
+    log.info("ingested and published %d events in %.1fs", eid, time.perf_counter() - t)
+    torch.manual_seed(0)
+    cfg = VistaConfig(n_items=50_000, d=a.d, k=a.k, heads=4, layers=2)
+    model = Summarizer(cfg).eval()
+    version = register_summarizer(store, "vista", model)
+    t = time.perf_counter()
+    compute_summaries(store, version, 0, published_at=T0 + 301 * day, summarizer=model)
+    first_s = time.perf_counter() - t
+    out: dict = {"config": {"k": a.k, "d": a.d, "tail": a.tail, "candidates": a.candidates,
+                            "lengths": lengths, "threads": 1},
+                 "first_summaries_s": first_s, "events": eid}
+    # ---- refresh: snapshots adding new events to every user
+    refresh = []
+    tw = T0 + 301 * day
+    for k, n in enumerate(news, start=1):
+        per = [n // len(lengths)] * len(lengths)
+        per[0] += n - sum(per)
+        parts = []
+        for i, m in enumerate(per):
+            parts.append(_events(i + 1, m, eid, tw, tw + day, rng))
+            eid += m
+        tw += day
+        f = root / f"e{k}.parquet"
+        pq.write_table(pa.concat_tables(parts), str(f))
+        lmat.ingest_files(store, [str(f)])
+        lmat.publish_snapshot(store, tw + 1)
+        t = time.perf_counter()
+        compute_summaries(store, version, k, published_at=tw + 1, summarizer=model)
+        inc = time.perf_counter() - t
+        t = time.perf_counter()
+        rep = recompute_check(store, version, k)
+        full = time.perf_counter() - t
+        refresh.append({"snapshot": k, "new_events": n, "incremental_s": inc,
+                        "history_events": eid, "recompute_from_scratch_s": full,
+                        "recompute_ok": rep.ok, "max_state_rel_err": rep.max_state_rel_err,
+                        "max_token_steps": rep.max_token_steps})
+        log.info("refresh %s", refresh[-1])
+    out["refresh"] = refresh
+    # ---- tails not yet in a snapshot, then requests after every summary
+    parts = [_events(i + 1, a.tail // 2, eid + i * a.tail, tw, tw + 3600 * US, rng)
+             for i in range(len(lengths))]
+    eid += a.tail * len(lengths)
+    pq.write_table(pa.concat_tables(parts), str(root / "tail.parquet"))
+    lmat.ingest_files(store, [str(root / "tail.parquet")])
+    req_ts = tw + 2 * 3600 * US
+    tenant = Tenant("vista", ("item_id",), a.tail, summary=SummarySpec("vista", a.tail))
+    server = SummaryServer(store, tenant)
+    ranker = TargetAttentionRanker(RankerConfig(n_items=50_000, d=a.d, summary_d=a.d,
+                                                tail_len=a.tail)).eval()
+    items = torch.nn.Embedding(50_000, a.d)
+    cand = torch.randint(1, 50_000, (1, a.candidates))
+    down = []
+    for i, n in enumerate(lengths):
+        u = np.array([i + 1])
+        ts = np.array([req_ts])
+        got = server.serve(u, ts)
+        assert got.mask[0], "every user has a summary"
+
+        def vista_step(got=got) -> torch.Tensor:  # type: ignore[no-untyped-def]
+            tail = torch.zeros(1, a.tail, dtype=torch.int64)
+            n_t = int(got.tail_lengths[0])
+            tail[0, a.tail - n_t:] = torch.from_numpy(got.tail_values["item_id"].astype(np.int64))
+            tm = torch.arange(a.tail)[None] >= a.tail - n_t
+            with torch.no_grad():
+                return ranker(torch.from_numpy(got.summary), torch.from_numpy(got.mask), tail,
+                              tm, cand)
+
+        def serve_and_step(u=u, ts=ts) -> torch.Tensor:  # type: ignore[no-untyped-def]
+            g = server.serve(u, ts)
+            return vista_step(g)
+
+        # Full target attention over the whole history (its item ids read once, outside).
+        hist = _tier_rows(store, int(bucket_of(u, store.n_buckets)[0]), u, lo=0, hi=2**31 - 1,
+                          columns=["item_id"]).column("item_id").to_numpy()
+        hist_t = torch.from_numpy(np.ascontiguousarray(hist % 50_000))
+
+        def full_step(hist_t=hist_t) -> torch.Tensor:  # type: ignore[no-untyped-def]
+            with torch.no_grad():
+                q = items(cand[0])  # [C, d]
+                out = torch.zeros(a.candidates, a.d)
+                # Chunked softmax over L keys (memory bounded, same arithmetic).
+                m = torch.full((a.candidates, 1), float("-inf"))
+                den = torch.zeros(a.candidates, 1)
+                for s in range(0, len(hist_t), 65_536):
+                    kv = items(hist_t[s:s + 65_536])
+                    lg = q @ kv.T / a.d ** 0.5
+                    mn = torch.maximum(m, lg.max(dim=1, keepdim=True).values)
+                    w = torch.exp(lg - mn)
+                    scale = torch.exp(m - mn)
+                    out = out * scale + w @ kv
+                    den = den * scale + w.sum(dim=1, keepdim=True)
+                    m = mn
+                return (out / den * q).sum(-1)
+
+        rep = max(1, a.repeat if n < 1_000_000 else 1)
+        down.append({
+            "history_events": int(len(hist)),
+            "vista_model_ms": 1e3 * _time(vista_step, a.repeat),
+            "vista_serve_and_model_ms": 1e3 * _time(serve_and_step, a.repeat),
+            "full_attention_model_ms": 1e3 * _time(full_step, rep),
+            "tail_served": int(got.tail_lengths[0]),
+        })
+        log.info("downstream %s", down[-1])
+    out["downstream"] = down
+    base = down[0]
+    out["downstream_ratio_max_over_1k"] = {
+        k: max(d[k] for d in down) / base[k]
+        for k in ("vista_model_ms", "vista_serve_and_model_ms", "full_attention_model_ms")}
+    out["storage"] = storage_report(store, version)
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(_table(out))
+    return out
+
+
+def _table(out: dict) -> str:  # type: ignore[type-arg]
+    lines = ["| history events | VISTA model ms | VISTA serve+model ms | full attention ms |",
+             "|---:|---:|---:|---:|"]
+    for d in out["downstream"]:
+        lines.append(f"| {d['history_events']:,} | {d['vista_model_ms']:.2f} | "
+                     f"{d['vista_serve_and_model_ms']:.1f} | {d['full_attention_model_ms']:.1f} |")
+    lines += ["", "| snapshot | new events | history events | incremental s | from scratch s |",
+              "|---:|---:|---:|---:|---:|"]
+    for r in out["refresh"]:
+        lines.append(f"| {r['snapshot']} | {r['new_events']:,} | {r['history_events']:,} | "
+                     f"{r['incremental_s']:.2f} | {r['recompute_from_scratch_s']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
