@@ -1,21 +1,22 @@
-"""A small sequential recommender trained through :class:`~lmat_platform.reader.SequenceLoader`.
+"""The training loop: a next-item model trained through :class:`~lmat_platform.reader.SequenceLoader`.
 
-The model is a causal transformer over the tenant's item sequence (a SASRec-style encoder) that
-predicts the request's binary label from the last position's state. It exists to show the
-platform end to end (thin rows -> reader -> batches -> training) and to measure the reader under a
-real training loop: examples/s and the share of step time spent waiting for data.
+Every example is a thin row (batch path): the loader rebuilds the request's history H(u, T)
+through the tenant's projection, and the model (:class:`~lmat_platform.models.sasrec.SASRec`)
+predicts the request's label item with cross-entropy over the whole catalogue.
 
-Input layout. A batch arrives jagged (values + lengths); the model takes the last ``max_seq_len``
-items of each sequence, right-padded behind a BOS token, worked for two requests with
-``max_seq_len = 3``::
-
-    lengths          = [4, 1]
-    values[item_id]  = [a b c d | e]
-    tokens           = [[BOS b c d]      lengths after cut = [3, 1]
-                        [BOS e 0 0]]     read-out position = [3, 1]
-
-Item ids are hashed into ``n_item_buckets`` embedding rows (0 is padding, 1 is BOS), so the model
-has a fixed size whatever the catalogue.
+* **Evaluation** (:mod:`~lmat_platform.models.evaluate`) after every epoch on the validation
+  requests, full ranking, HR@K / NDCG@K with and without seen-item filtering; early stopping on
+  validation NDCG@10 with ``patience`` epochs; the test requests are scored once, by the best
+  model. Evaluation reads each request's whole visible history (the ``eval_tenant``): the model
+  sees its last ``max_len`` items, the seen-item filter all of them.
+* **Checkpoints**: model, optimizer, RNG state, the loader's ``state_dict()`` (where the pass
+  stands) and the run's history are written together, atomically, every ``checkpoint_every``
+  steps and after every epoch. A run started again on the same ``out_dir`` resumes from the
+  checkpoint and continues the interrupted pass at the next unseen batch; on CPU its result
+  equals an uninterrupted run's.
+* **Outputs** under ``out_dir``: ``model.pt`` (config + state dict of the best model),
+  ``metrics.json`` (per-epoch history, best validation, test, throughput, the share of step
+  time spent waiting for data), ``training.png`` (loss and validation curves), ``checkpoint.pt``.
 """
 
 from __future__ import annotations
@@ -25,100 +26,74 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
+import numpy as np
 import torch
-from torch import nn
 
+from lmat_platform.datasets.pipeline import PreparedDataset
+from lmat_platform.models.evaluate import RankingAccumulator, most_popular_scores, seen_mask
+from lmat_platform.models.sasrec import SASRec, SASRecConfig, load_sasrec
 from lmat_platform.tenants import Tenant
 
 log = logging.getLogger(__name__)
 
-PAD, BOS, FIRST_ITEM = 0, 1, 2
+CHECKPOINT_FILE = "checkpoint.pt"
+MODEL_FILE = "model.pt"
+METRICS_FILE = "metrics.json"
+PLOT_FILE = "training.png"
+WHOLE_HISTORY = 1_000_000
+"""``max_len`` of a tenant that keeps a request's whole visible history."""
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """Shape of :class:`CausalSeqModel`."""
+class TrainConfig:
+    """How :func:`train_next_item` trains."""
 
-    n_item_buckets: int = 50_000
-    """Hashed item vocabulary (embedding rows for items)."""
-    max_seq_len: int = 64
-    """Most recent items the model attends to (the tenant's sequence is cut to this)."""
-    d_model: int = 32
-    """Width of embeddings and the transformer."""
-    n_heads: int = 2
-    """Attention heads."""
-    n_layers: int = 1
-    """Transformer encoder layers."""
-    dropout: float = 0.1
-    """Dropout inside the encoder."""
-
-
-class CausalSeqModel(nn.Module):
-    """Item embedding + learned positions + causal transformer encoder + a logit head."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.items = nn.Embedding(cfg.n_item_buckets + FIRST_ITEM, cfg.d_model, padding_idx=PAD)
-        self.pos = nn.Embedding(cfg.max_seq_len + 1, cfg.d_model)
-        layer = nn.TransformerEncoderLayer(
-            cfg.d_model,
-            cfg.n_heads,
-            dim_feedforward=4 * cfg.d_model,
-            dropout=cfg.dropout,
-            batch_first=True,
-            norm_first=True,
-        )
-        self.encoder = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, 1)
-
-    def forward(self, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """Logits [B] from ``tokens`` [B, S] (right-padded) read out at position ``last`` [B]."""
-        s = tokens.shape[1]
-        pos = torch.arange(s, device=tokens.device)
-        x = self.items(tokens) + self.pos(pos)[None, :, :]
-        causal = torch.triu(torch.ones(s, s, dtype=torch.bool, device=tokens.device), diagonal=1)
-        h = self.encoder(x, mask=causal, src_key_padding_mask=tokens == PAD)
-        h = self.norm(h[torch.arange(len(last), device=tokens.device), last])
-        return self.head(h).squeeze(-1)
-
-
-def pad_sequences(
-    items: torch.Tensor, lengths: torch.Tensor, *, max_seq_len: int, n_item_buckets: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Jagged ``items`` (1-D, concatenated) + ``lengths`` [B] -> (tokens [B, S], last [B]).
-
-    Keeps the last ``max_seq_len`` items of each sequence, behind a BOS token (see the module
-    docstring); ``last`` is the position to read the prediction from.
-    """
-    lengths = lengths.to(torch.int64)
-    b = len(lengths)
-    kept = torch.clamp(lengths, max=max_seq_len)
-    width = int(kept.max().item()) + 1 if b else 1
-    tokens = torch.zeros(b, width, dtype=torch.int64, device=items.device)
-    tokens[:, 0] = BOS
-    if len(items):
-        starts = torch.cumsum(lengths, 0) - lengths
-        owner = torch.repeat_interleave(torch.arange(b, device=items.device), lengths)
-        idx = torch.arange(len(items), device=items.device) - starts[owner]
-        col = idx - (lengths - kept)[owner]
-        keep = col >= 0
-        ids = torch.remainder(items[keep].to(torch.int64), n_item_buckets) + FIRST_ITEM
-        tokens[owner[keep], col[keep] + 1] = ids
-    return tokens, kept
+    epochs: int = 200
+    """Most passes over the training requests."""
+    batch_size: int = 256
+    """Requests per step."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    weight_decay: float = 0.0
+    """Adam weight decay."""
+    patience: int = 10
+    """Stop after this many epochs without a better validation NDCG@10 (0: never stop early)."""
+    max_steps: int | None = None
+    """Stop after this many steps in all (None: no limit)."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints inside an epoch (a checkpoint also ends every epoch)."""
+    num_workers: int = 0
+    """SequenceLoader worker processes."""
+    device: str = "auto"
+    """auto (CUDA if available, else CPU), cpu or cuda."""
+    seed: int = 0
+    """Seed of the model's init, dropout and the loader's shuffle."""
+    eval_batch_size: int = 512
+    """Requests per evaluation batch."""
+    item_column: str = "item_id"
+    """Tenant column holding item indices 1..n_items."""
+    label_column: str = "label"
+    """Request column holding the target item index."""
+    k: int = 10
+    """Cut-off of HR@K and NDCG@K (early stopping uses NDCG@K)."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's default)."""
+    loss: str = "all"
+    """``all``: every position of a request's sequence predicts the next item (the newest
+    predicts the label); ``last``: only the label (see :meth:`SASRec.loss`)."""
 
 
 @dataclass
 class TrainResult:
-    """What a training run produced: metrics, and where the model was saved."""
+    """What a training run produced."""
 
     metrics: dict[str, Any]
-    model_path: str | None
-    losses: list[float] = field(default_factory=list)
+    model_path: str
+    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -128,60 +103,174 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def train_model(
-    store: str,
-    thin_uri: str,
-    tenant: Tenant,
+def whole_history(tenant: Tenant) -> Tenant:
+    """``tenant`` without its length limit (what evaluation and the seen-item filter read)."""
+    return replace(tenant, name=f"{tenant.name}-whole", max_len=WHOLE_HISTORY)
+
+
+def evaluate_batches(
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batches: Iterable[Any],
     *,
-    out_dir: str | None = None,
-    model: ModelConfig | None = None,
+    n_items: int,
     item_column: str = "item_id",
     label_column: str = "label",
-    epochs: int = 1,
-    batch_size: int = 256,
-    lr: float = 3e-3,
-    max_steps: int | None = None,
-    num_workers: int = 0,
-    device: Literal["auto", "cpu", "cuda"] | str = "auto",
-    seed: int = 0,
-    log_every: int = 20,
-) -> TrainResult:
-    """Train :class:`CausalSeqModel` on ``thin_uri``'s requests, read through ``SequenceLoader``.
+    ks: tuple[int, ...] = (10,),
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """HR@K / NDCG@K (and ``_filtered``) of ``score(items, lengths) -> [B, n_items + 1]`` over
+    reader batches; the seen items are each batch's whole sequence."""
+    acc = RankingAccumulator(ks=ks)
+    with torch.no_grad():
+        for batch in batches:
+            b = batch.to(device) if device is not None else batch
+            items, lengths = b.values[item_column], b.lengths
+            s = score(items, lengths)
+            acc.update(s, b.context[label_column],
+                       seen=seen_mask(items, lengths, n_items + 1))
+    return acc.result()
 
-    Logs loss, examples/s and the share of step time spent waiting for the next batch. Saves the
-    model (``model.pt``, state dict and config) and ``metrics.json`` under ``out_dir`` if given.
-    """
+
+def _loader(store: str, thin: str, tenant: Tenant, *, batch_size: int, shuffle: bool,
+            seed: int, num_workers: int) -> Any:
     from lmat_platform.reader import SequenceLoader
 
-    if item_column not in tenant.columns:
-        raise ValueError(
-            f"tenant '{tenant.name}' has no column '{item_column}' (columns: {list(tenant.columns)})"
+    return SequenceLoader(store, thin, tenant=tenant, batch_size=batch_size, shuffle=shuffle,
+                          seed=seed, num_workers=num_workers)
+
+
+def evaluate_model(
+    net: SASRec,
+    store: str,
+    thin: str,
+    tenant: Tenant,
+    *,
+    config: TrainConfig = TrainConfig(),
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """Full-ranking metrics of ``net`` on the requests of ``thin`` (whole histories read)."""
+    was = net.training
+    net.eval()
+    loader = _loader(store, thin, whole_history(tenant), batch_size=config.eval_batch_size,
+                     shuffle=False, seed=0, num_workers=0)
+    try:
+        return evaluate_batches(
+            lambda items, lengths: net.scores(net.tokens(items, lengths)), loader,
+            n_items=net.cfg.n_items, item_column=config.item_column,
+            label_column=config.label_column, ks=(config.k,), device=device,
         )
-    cfg = model or ModelConfig()
-    dev = resolve_device(device)
-    torch.manual_seed(seed)
-    net = CausalSeqModel(cfg).to(dev)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr)
-    loss_fn = nn.BCEWithLogitsLoss()
-    loader = SequenceLoader(
-        store,
-        thin_uri,
-        tenant=tenant,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        shuffle=True,
-        seed=seed,
+    finally:
+        net.train(was)
+
+
+def evaluate_popular(
+    counts: torch.Tensor,
+    store: str,
+    thin: str,
+    tenant: Tenant,
+    *,
+    config: TrainConfig = TrainConfig(),
+) -> dict[str, float]:
+    """The most-popular baseline (``counts`` [n_items + 1], see ``most_popular_scores``)."""
+    loader = _loader(store, thin, whole_history(tenant), batch_size=config.eval_batch_size,
+                     shuffle=False, seed=0, num_workers=0)
+    return evaluate_batches(
+        lambda items, lengths: counts.expand(len(lengths), -1), loader,
+        n_items=len(counts) - 1, item_column=config.item_column,
+        label_column=config.label_column, ks=(config.k,),
     )
 
-    losses: list[float] = []
-    examples = steps = 0
-    wait_s = step_s = 0.0
-    positives = 0.0
+
+def _atomic_save(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_next_item(
+    store: str,
+    thin_train: str,
+    tenant: Tenant,
+    *,
+    n_items: int,
+    out_dir: str,
+    model: SASRecConfig | None = None,
+    config: TrainConfig = TrainConfig(),
+    valid_thin: str | None = None,
+    test_thin: str | None = None,
+    popular_items: np.ndarray | None = None,
+    resume: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train a next-item model on ``thin_train``'s requests read through ``SequenceLoader``.
+
+    ``tenant`` decides what the training batches hold (its ``max_len`` is the history length
+    the model is trained on); ``model.max_len`` defaults to it. With ``valid_thin``, every epoch
+    is evaluated and training stops early; the best epoch's model is kept. ``popular_items`` (the
+    training ratings' item indices) adds the most-popular baseline to the metrics. ``on_step(step)`` is called
+    after every optimizer step (after any checkpoint of that step).
+    """
+    if config.item_column not in tenant.columns:
+        raise ValueError(
+            f"tenant '{tenant.name}' has no column '{config.item_column}' "
+            f"(columns: {list(tenant.columns)})"
+        )
+    cfg = model or SASRecConfig(n_items=n_items, max_len=min(tenant.max_len, 200))
+    if cfg.n_items != n_items:
+        raise ValueError(f"model.n_items {cfg.n_items} differs from n_items {n_items}")
+    os.makedirs(out_dir, exist_ok=True)
+    dev = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    net = SASRec(cfg).to(dev)
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    loader = _loader(store, thin_train, tenant, batch_size=config.batch_size, shuffle=True,
+                     seed=config.seed, num_workers=config.num_workers)
+
+    ck_path = os.path.join(out_dir, CHECKPOINT_FILE)
+    st: dict[str, Any] = {
+        "epoch": 0, "step": 0, "history": [], "best": None, "bad_epochs": 0,
+        "epoch_loss": 0.0, "epoch_examples": 0, "epoch_batches": 0,
+        "wait_s": 0.0, "step_s": 0.0, "examples": 0, "stopped": None,
+    }
+    best_state: dict[str, torch.Tensor] | None = None
+    mid_pass = False  # resuming inside a pass: the loader continues it
+    if resume and os.path.exists(ck_path):
+        ck = torch.load(ck_path, map_location=dev, weights_only=False)
+        if ck["model_config"] != cfg.as_dict():
+            raise ValueError(
+                f"{ck_path}: saved for model {ck['model_config']}, not {cfg.as_dict()}; "
+                "use another out_dir or resume=False"
+            )
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng"])
+        st = ck["state"]
+        best_state = ck["best_state"]
+        if not ck["loader"]["complete"]:
+            loader.load_state_dict(ck["loader"])
+            mid_pass = True
+        log.info("resumed %s at epoch %d step %d", ck_path, st["epoch"], st["step"])
+
+    def checkpoint() -> None:
+        _atomic_save({
+            "model": net.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+            "loader": loader.state_dict(), "state": st, "best_state": best_state,
+            "model_config": cfg.as_dict(), "train_config": asdict(config),
+        }, ck_path)
+
     t_start = time.perf_counter()
     net.train()
-    for epoch in range(epochs):
+    while st["stopped"] is None and st["epoch"] < config.epochs:
+        if not mid_pass:
+            loader.set_epoch(st["epoch"])
+        mid_pass = False
         it = iter(loader)
-        while max_steps is None or steps < max_steps:
+        while True:
+            if config.max_steps is not None and st["step"] >= config.max_steps:
+                st["stopped"] = "max_steps"
+                break
             t0 = time.perf_counter()
             try:
                 batch = next(it)
@@ -189,79 +278,204 @@ def train_model(
                 break
             batch = batch.to(dev)
             t1 = time.perf_counter()
-            tokens, last = pad_sequences(
-                batch.values[item_column],
-                batch.lengths,
-                max_seq_len=cfg.max_seq_len,
-                n_item_buckets=cfg.n_item_buckets,
-            )
-            y = batch.context[label_column].to(torch.float32)
-            loss = loss_fn(net(tokens, last), y)
+            tokens = net.tokens(batch.values[config.item_column], batch.lengths)
+            loss, n_targets = net.loss(tokens, batch.context[config.label_column],
+                                       positions=config.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             value = float(loss.item())  # syncs the device, so step timing is honest
             t2 = time.perf_counter()
-            wait_s += t1 - t0
-            step_s += t2 - t0
-            steps += 1
-            examples += len(y)
-            positives += float(y.sum().item())
-            losses.append(value)
-            if steps % log_every == 0:
-                log.info(
-                    "epoch %d step %d loss %.4f  %.0f examples/s  data wait %.0f%%",
-                    epoch,
-                    steps,
-                    value,
-                    examples / max(step_s, 1e-9),
-                    100 * wait_s / max(step_s, 1e-9),
-                )
-        if max_steps is not None and steps >= max_steps:
+            st["wait_s"] += t1 - t0
+            st["step_s"] += t2 - t0
+            st["step"] += 1
+            n = len(batch.lengths)
+            st["examples"] += n
+            st["epoch_examples"] += n
+            st["epoch_loss"] += value * n_targets
+            st["targets"] = st.get("targets", 0) + n_targets
+            st["epoch_targets"] = st.get("epoch_targets", 0) + n_targets
+            st["epoch_batches"] += 1
+            if st["step"] % config.checkpoint_every == 0:
+                checkpoint()
+            if on_step is not None:
+                on_step(st["step"])
+        if st["stopped"] is not None:
             break
-    wall = time.perf_counter() - t_start
-    tail = losses[-max(1, len(losses) // 5) :] if losses else []
+        row: dict[str, Any] = {
+            "epoch": st["epoch"],
+            "train_loss": st["epoch_loss"] / max(st.get("epoch_targets", 0), 1),
+            "examples": st["epoch_examples"],
+            "step": st["step"],
+        }
+        if valid_thin is not None:
+            row["valid"] = evaluate_model(net, store, valid_thin, tenant, config=config,
+                                          device=dev)
+            key = f"ndcg@{config.k}"
+            if st["best"] is None or row["valid"][key] > st["best"]["valid"][key]:
+                st["best"], st["bad_epochs"] = row, 0
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            else:
+                st["bad_epochs"] += 1
+            log.info("epoch %d: loss %.4f, valid HR@%d %.4f NDCG@%d %.4f", st["epoch"],
+                     row["train_loss"], config.k, row["valid"][f"hr@{config.k}"], config.k,
+                     row["valid"][key])
+        else:
+            log.info("epoch %d: loss %.4f", st["epoch"], row["train_loss"])
+        st["history"].append(row)
+        st["epoch"] += 1
+        st["epoch_loss"], st["epoch_examples"], st["epoch_batches"] = 0.0, 0, 0
+        st["epoch_targets"] = 0
+        if config.patience and st["bad_epochs"] >= config.patience:
+            st["stopped"] = "early_stopping"
+        checkpoint()
+    if st["stopped"] is None:
+        st["stopped"] = "epochs"
+    checkpoint()
+
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    model_path = os.path.join(out_dir, MODEL_FILE)
+    _atomic_save({"state_dict": net.state_dict(), "config": cfg.as_dict(),
+                  "tenant": tenant.as_dict()}, model_path)
     metrics: dict[str, Any] = {
-        "tenant": tenant.name,
+        "tenant": tenant.as_dict(),
+        "model": cfg.as_dict(),
+        "train": asdict(config),
         "device": str(dev),
-        "epochs": epochs,
-        "steps": steps,
-        "examples": examples,
-        "positive_rate": positives / examples if examples else 0.0,
-        "first_loss": losses[0] if losses else math.nan,
-        "final_loss": sum(tail) / len(tail) if tail else math.nan,
-        "examples_per_s": examples / step_s if step_s > 0 else 0.0,
-        "data_wait_share": wait_s / step_s if step_s > 0 else 0.0,
-        "wall_s": wall,
+        "epochs_run": len(st["history"]),
+        "steps": st["step"],
+        "examples": st["examples"],
+        "stopped": st["stopped"],
+        "examples_per_s": st["examples"] / st["step_s"] if st["step_s"] else 0.0,
+        "targets": st.get("targets", 0),
+        "targets_per_s": st.get("targets", 0) / st["step_s"] if st["step_s"] else 0.0,
+        "data_wait_share": st["wait_s"] / st["step_s"] if st["step_s"] else 0.0,
+        "step_s": st["step_s"],
+        "wall_s_this_process": time.perf_counter() - t_start,
         "parameters": sum(p.numel() for p in net.parameters()),
-        "model": asdict(cfg),
+        "first_loss": st["history"][0]["train_loss"] if st["history"] else math.nan,
+        "final_loss": st["history"][-1]["train_loss"] if st["history"] else math.nan,
+        "history": st["history"],
     }
-    log.info(
-        "trained %s: %d steps, %d examples, final loss %.4f, %.0f examples/s, data wait %.0f%%",
-        tenant.name,
-        steps,
-        examples,
-        metrics["final_loss"],
-        metrics["examples_per_s"],
-        100 * metrics["data_wait_share"],
+    if st["best"] is not None:
+        metrics["best_epoch"] = st["best"]["epoch"]
+        metrics["valid"] = st["best"]["valid"]
+    if test_thin is not None:
+        metrics["test"] = evaluate_model(net, store, test_thin, tenant, config=config, device=dev)
+    if popular_items is not None:
+        pop = most_popular_scores(popular_items, n_items + 1)
+        metrics["most_popular"] = {
+            name: evaluate_popular(pop, store, thin, tenant, config=config)
+            for name, thin in (("valid", valid_thin), ("test", test_thin)) if thin is not None
+        }
+    with open(os.path.join(out_dir, METRICS_FILE), "w") as f:
+        json.dump(metrics, f, indent=2, default=str)
+    plot_history(metrics, os.path.join(out_dir, PLOT_FILE))
+    log.info("trained %s: %d epochs, %d steps, %.0f examples/s, data wait %.1f%%%s",
+             tenant.name, metrics["epochs_run"], st["step"], metrics["examples_per_s"],
+             100 * metrics["data_wait_share"],
+             f", test {metrics['test']}" if "test" in metrics else "")
+    return TrainResult(metrics, model_path, st["history"])
+
+
+def plot_history(metrics: dict[str, Any], path: str) -> None:
+    """Training loss and validation HR/NDCG per epoch, with the most-popular baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = metrics.get("history", [])
+    k = metrics["train"]["k"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ep = [h["epoch"] for h in hist]
+    a1.plot(ep, [h["train_loss"] for h in hist], marker=".")
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("train cross-entropy")
+    if hist and "valid" in hist[0]:
+        for m in (f"hr@{k}", f"ndcg@{k}"):
+            a2.plot(ep, [h["valid"][m] for h in hist], marker=".", label=f"valid {m}")
+        pop = metrics.get("most_popular", {}).get("valid")
+        if pop:
+            for m, ls in ((f"hr@{k}", ":"), (f"ndcg@{k}", "--")):
+                a2.axhline(pop[m], color="grey", ls=ls, label=f"most popular {m}")
+        a2.legend(fontsize=7)
+    a2.set_xlabel("epoch")
+    a2.set_title(f"{metrics['model']['block']}, max_len {metrics['model']['max_len']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_model(path: str, *, map_location: str = "cpu") -> SASRec:
+    """A model saved by :func:`train_next_item`."""
+    return load_sasrec(path, map_location=map_location)
+
+
+def train_on_dataset(
+    prep: PreparedDataset,
+    out_dir: str,
+    *,
+    max_len: int = 50,
+    model: SASRecConfig | None = None,
+    config: TrainConfig = TrainConfig(),
+    stride: int | None = None,
+    resume: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train and evaluate on a data set from :func:`~lmat_platform.datasets.prepare_dataset`.
+
+    The tenant reads ``item_id`` with ``max_len`` (``WHOLE_HISTORY`` or anything at least the
+    longest history: the whole history); the most-popular baseline counts the training
+    ratings' items. ``stride`` picks the training requests (each user's last and every
+    stride-th before it, :func:`~lmat_platform.datasets.pipeline.strided_requests`); the
+    default is every request for the ``last`` loss and ``max(1, max_len // 2)`` for ``all``,
+    where each request trains every position of its window, so each training rating is a
+    target in about two windows whatever the length.
+    """
+    import pyarrow.parquet as pq
+
+    from lmat_platform.datasets.pipeline import training_thin
+    from lmat_platform.datasets.ratings import requests_file
+
+    tenant = Tenant("next_item", (config.item_column,), max_len)
+    model_len = min(max_len, prep.max_history)
+    if stride is None:
+        stride = 1 if config.loss == "last" else max(1, model_len // 2)
+    cfg = model or SASRecConfig(n_items=prep.n_items, max_len=model_len)
+    train_items = pq.read_table(os.path.join(prep.import_dir, requests_file("train")),
+                                columns=["label"])["label"].to_numpy()
+    res = train_next_item(
+        prep.store, training_thin(prep, stride), tenant, n_items=prep.n_items, out_dir=out_dir,
+        model=cfg, config=config, valid_thin=prep.thin["valid"], test_thin=prep.thin["test"],
+        popular_items=train_items, resume=resume, on_step=on_step,
     )
-    path = None
-    if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, "model.pt")
-        tmp = f"{path}.tmp-{os.getpid()}"
-        torch.save(
-            {"state_dict": net.state_dict(), "config": asdict(cfg), "tenant": tenant.as_dict()}, tmp
-        )
-        os.replace(tmp, path)
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump({**metrics, "losses": losses}, f, indent=2, default=str)
-    return TrainResult(metrics, path, losses)
+    res.metrics["dataset"] = {"source": prep.source, "root": prep.root,
+                              "tie_order": prep.imported.get("tie_order"),
+                              "ratings": prep.ratings, "users": prep.users,
+                              "train_stride": stride,
+                              "items": prep.n_items}
+    with open(os.path.join(out_dir, METRICS_FILE), "w") as f:
+        json.dump(res.metrics, f, indent=2, default=str)
+    return res
 
 
-def load_model(path: str, *, map_location: str = "cpu") -> CausalSeqModel:
-    """Load a model saved by :func:`train_model`."""
-    blob = torch.load(path, map_location=map_location, weights_only=True)
-    net = CausalSeqModel(ModelConfig(**blob["config"]))
-    net.load_state_dict(blob["state_dict"])
-    return net
+def catalogue_size(store: str, column: str = "item_id") -> int:
+    """The largest item index stored in ``column`` (tier and raw log): the ``n_items`` a model
+    over a store's own item ids needs."""
+    import pyarrow.compute as pc
+
+    from lmat_platform.store.core import as_store, delta_dataset
+
+    st = as_store(store)
+    top = 0
+    for name in ("uih", "raw"):
+        dt = st.open_table(name)
+        if dt is None:
+            continue
+        col = delta_dataset(dt).to_table(columns=[column]).column(column)
+        if len(col):
+            top = max(top, int(pc.max(col).as_py()))
+    return top

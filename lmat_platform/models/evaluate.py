@@ -183,7 +183,7 @@ def most_popular_scores(train_items: np.ndarray | torch.Tensor, n_items: int) ->
 
     Column 0 (padding) scores ``-inf``. Every request gets the same scores.
     """
-    items = torch.as_tensor(np.asarray(train_items), dtype=torch.int64)
+    items = torch.as_tensor(np.array(train_items, dtype=np.int64))
     counts = torch.bincount(items, minlength=n_items)[:n_items].to(torch.float32)
     counts[0] = -math.inf
     return counts

@@ -1,0 +1,204 @@
+"""A real data set through the platform: import, ingest, snapshots, thin rows.
+
+``prepare_dataset("ml-100k", root)`` leaves under ``root``::
+
+    import/        events.parquet, items.parquet, requests-{all,train,valid,test}.parquet
+    store/         the lmat store: events ingested, snapshots published through the data's time
+    thin-train/    thin rows (batch path, pointer only) of the training requests
+    thin-valid/    ... of the validation requests (one per user)
+    thin-test/     ... of the test requests (one per user)
+    prepared.json  what was built (counts, paths); its presence makes a rerun a no-op
+
+Snapshots: ``n_snapshots`` watermarks at evenly spaced quantiles of the events' arrival times,
+the last one just after the final arrival, each published the moment its watermark passes
+(``published_at = watermark``). A request at T gets its head from the newest snapshot published
+by T and its tail from the later tier and raw log, so every request exercises the pointer
+protocol of spec section 5.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from lmat_platform.datasets.fetch import DATASETS, fetch_ratings
+from lmat_platform.datasets.ratings import (
+    EVENTS_FILE,
+    TieOrder,
+    import_ratings,
+    read_ratings,
+    requests_file,
+)
+from lmat_platform.exceptions import LmatError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+PREPARED_FILE = "prepared.json"
+
+
+@dataclass
+class PreparedDataset:
+    """Paths and counts of a data set prepared by :func:`prepare_dataset`."""
+
+    root: str
+    source: str
+    store: str
+    import_dir: str
+    thin: dict[str, str]
+    """Thin table of each split (``train``, ``valid``, ``test``)."""
+    n_items: int
+    """Catalogue size; item indices are 1..n_items (0 is padding)."""
+    users: int
+    ratings: int
+    max_history: int
+    """Longest H(u, T) of any request (the 'whole history' length)."""
+    snapshots: int
+    imported: dict[str, Any] = field(default_factory=dict)
+    ingest: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def load(cls, root: str) -> PreparedDataset:
+        """The description a previous :func:`prepare_dataset` left under ``root``."""
+        path = os.path.join(root, PREPARED_FILE)
+        if not os.path.exists(path):
+            raise LmatError(f"{root}: not a prepared data set (no {PREPARED_FILE})")
+        with open(path) as f:
+            return cls(**json.load(f))
+
+
+def slice_users(ratings: pa.Table, n_users: int) -> pa.Table:
+    """The ratings of the ``n_users`` smallest user ids (a small, real slice for tests)."""
+    users = np.unique(ratings["user_id"].to_numpy())[:n_users]
+    return ratings.filter(pc.is_in(ratings["user_id"], pa.array(users)))
+
+
+def snapshot_watermarks(arrival_ts: np.ndarray, n_snapshots: int) -> list[int]:
+    """Strictly increasing watermarks at quantiles of ``arrival_ts``; the last is after all."""
+    if n_snapshots < 1:
+        raise ValueError(f"n_snapshots must be >= 1, but got {n_snapshots}")
+    qs = np.quantile(arrival_ts, np.arange(1, n_snapshots) / n_snapshots).astype(np.int64)
+    marks = sorted({int(q) for q in qs} | {int(arrival_ts.max()) + 1})
+    return marks
+
+
+def prepare_dataset(
+    source: str,
+    root: str,
+    *,
+    tie_order: TieOrder = "hidden",
+    n_snapshots: int = 8,
+    n_buckets: int = 8,
+    users: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> PreparedDataset:
+    """Fetch (a known name) or read (a file) ``source`` and build everything under ``root``.
+
+    ``users`` keeps only that many users (the smallest ids): a real slice for tests.
+    Rerunning on a finished ``root`` returns its description without doing anything.
+    """
+    from lmat_platform.protocol import write_thin
+    from lmat_platform.store import ingest_files, init_store, publish_snapshot
+
+    done = os.path.join(root, PREPARED_FILE)
+    if os.path.exists(done):
+        return PreparedDataset.load(root)
+    say = progress or (lambda _m: None)
+    path = fetch_ratings(source) if source in DATASETS else source
+    ratings = read_ratings(path)
+    if users is not None:
+        ratings = slice_users(ratings, users)
+    imp_dir = os.path.join(root, "import")
+    imp = import_ratings(ratings, imp_dir, tie_order=tie_order)
+    say(f"imported {imp.ratings} ratings: {imp.users} users, {imp.items} items")
+
+    store_dir = os.path.join(root, "store")
+    if os.path.exists(store_dir):
+        raise LmatError(f"{store_dir}: exists from an unfinished run; remove {root} and rerun")
+    store = init_store(store_dir, n_buckets=n_buckets)
+    ing = ingest_files(store, [os.path.join(imp_dir, EVENTS_FILE)])
+    if ing.accepted != imp.ratings:
+        raise LmatError(
+            f"ingest accepted {ing.accepted} of {imp.ratings} events ({ing.as_dict()})"
+        )
+    say(f"ingested {ing.accepted} events")
+    arrival = pq.read_table(os.path.join(imp_dir, EVENTS_FILE), columns=["arrival_ts"])
+    marks = snapshot_watermarks(arrival["arrival_ts"].to_numpy(), n_snapshots)
+    for w in marks:
+        publish_snapshot(store, w, published_at=w)
+    say(f"published {len(marks)} snapshots")
+    thin = {}
+    for s in SPLITS:
+        thin[s] = os.path.join(root, f"thin-{s}")
+        write_thin(store, os.path.join(imp_dir, requests_file(s)), thin[s], path="examples")
+    say("wrote thin rows of the train, valid and test requests")
+    hist = _max_history(ratings, imp_dir)
+    prep = PreparedDataset(
+        root=os.path.abspath(root), source=source, store=store.root, import_dir=imp_dir,
+        thin=thin, n_items=imp.items, users=imp.users, ratings=imp.ratings,
+        max_history=hist, snapshots=len(marks), imported=imp.as_dict(), ingest=ing.as_dict(),
+    )
+    tmp = f"{done}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(prep.as_dict(), f, indent=2, default=str)
+    os.replace(tmp, done)
+    return prep
+
+
+def _max_history(ratings: pa.Table, imp_dir: str) -> int:
+    del ratings
+    ev = pq.read_table(os.path.join(imp_dir, EVENTS_FILE), columns=["user_id"])
+    return int(np.bincount(np.unique(ev["user_id"].to_numpy(), return_inverse=True)[1]).max())
+
+
+def strided_requests(requests: pa.Table, stride: int) -> pa.Table:
+    """Per user, the last request and every ``stride``-th one before it (by ``request_ts``,
+    then ``request_id``), in input order. ``stride = 1`` keeps every request."""
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, but got {stride}")
+    if stride == 1:
+        return requests
+    user = requests["user_id"].to_numpy()
+    order = np.lexsort((requests["request_id"].to_numpy(), requests["request_ts"].to_numpy(),
+                        user))
+    u = user[order]
+    n = len(u)
+    last = np.ones(n, dtype=bool)
+    last[:-1] = u[:-1] != u[1:]
+    # Position counted back from each user's last request.
+    end = np.minimum.accumulate(np.where(last, np.arange(n), n)[::-1])[::-1]
+    keep = np.zeros(n, dtype=bool)
+    keep[order] = (end - np.arange(n)) % stride == 0
+    return requests.filter(pa.array(keep))
+
+
+def training_thin(prep: PreparedDataset, stride: int) -> str:
+    """Thin table of the training requests kept by :func:`strided_requests` (built once)."""
+    from deltalake import DeltaTable
+
+    from lmat_platform.protocol import write_thin
+
+    if stride == 1:
+        return prep.thin["train"]
+    out = os.path.join(prep.root, f"thin-train-s{stride}")
+    if DeltaTable.is_deltatable(out):
+        return out
+    src = pq.read_table(os.path.join(prep.import_dir, requests_file("train")))
+    req = os.path.join(prep.root, "import", f"requests-train-s{stride}.parquet")
+    tmp = f"{req}.tmp-{os.getpid()}"
+    pq.write_table(strided_requests(src, stride), tmp)
+    os.replace(tmp, req)
+    write_thin(prep.store, req, out, path="examples")
+    return out

@@ -1,0 +1,136 @@
+"""The training loop on a real slice of MovieLens-100K: a tiny run end to end, and resuming a
+run that was interrupted (in process, and by SIGKILL) gives the uninterrupted run's model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lmat_platform.datasets import fetch_ratings, prepare_dataset, read_ratings
+from lmat_platform.datasets.pipeline import slice_users
+from lmat_platform.models.sasrec import SASRecConfig
+from lmat_platform.train import (
+    CHECKPOINT_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    PLOT_FILE,
+    TrainConfig,
+    load_model,
+    train_on_dataset,
+)
+
+USERS = 12
+
+
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("train-slice")
+    src = root / "slice.parquet"
+    pq.write_table(slice_users(read_ratings(fetch_ratings("ml-100k")), USERS), src)
+    return prepare_dataset(str(src), str(root / "prepared"), n_snapshots=3, n_buckets=2)
+
+
+def _model(prep) -> SASRecConfig:
+    return SASRecConfig(n_items=prep.n_items, max_len=10, d_model=16, n_layers=1)
+
+
+CFG = TrainConfig(epochs=2, batch_size=32, checkpoint_every=3, threads=1, patience=0)
+
+
+def test_tiny_run_writes_model_metrics_and_plot(prep, tmp_path) -> None:
+    res = train_on_dataset(prep, str(tmp_path), max_len=10, model=_model(prep), config=CFG)
+    m = json.loads((tmp_path / METRICS_FILE).read_text())
+    assert m["epochs_run"] == 2 and len(m["history"]) == 2
+    assert m["examples"] > 0 and m["targets"] > m["examples"]  # every position is a target
+    assert 0 <= m["data_wait_share"] < 1 and m["examples_per_s"] > 0
+    for part in ("valid", "test"):
+        assert m[part]["n"] == USERS
+        assert 0 <= m[part]["hr@10"] <= m[part]["hr@10_filtered"] <= 1
+        assert m["most_popular"][part]["n"] == USERS
+    assert m["dataset"]["train_stride"] == 5
+    assert (tmp_path / PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
+    net = load_model(str(tmp_path / MODEL_FILE))
+    assert net.cfg.max_len == 10 and res.model_path == str(tmp_path / MODEL_FILE)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(step: int):
+    def hook(s: int) -> None:
+        if s == step:
+            raise _Stop
+
+    return hook
+
+
+def _same_weights(a: str, b: str) -> None:
+    sa, sb = load_model(a).state_dict(), load_model(b).state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_interrupted_run_resumes_to_the_same_model(prep, tmp_path) -> None:
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train_on_dataset(prep, str(full), max_len=10, model=_model(prep), config=CFG)
+    steps = json.loads((full / METRICS_FILE).read_text())["steps"]
+    # A step between two checkpoints, past the first epoch's end.
+    stop = next(s for s in range(steps // 2 + 1, steps) if s % CFG.checkpoint_every == 2)
+    with pytest.raises(_Stop):
+        train_on_dataset(prep, str(cut), max_len=10, model=_model(prep), config=CFG,
+                         on_step=_stop_at(stop))
+    ck = torch.load(cut / CHECKPOINT_FILE, weights_only=False)
+    assert 0 < ck["state"]["step"] < stop  # the checkpoint is behind the interruption
+    assert not (cut / MODEL_FILE).exists()
+    train_on_dataset(prep, str(cut), max_len=10, model=_model(prep), config=CFG)
+    _same_weights(str(full / MODEL_FILE), str(cut / MODEL_FILE))
+    a = json.loads((full / METRICS_FILE).read_text())
+    b = json.loads((cut / METRICS_FILE).read_text())
+    assert a["test"] == b["test"] and a["steps"] == b["steps"]
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+
+
+@pytest.mark.slow
+def test_killed_cli_run_resumes_to_the_same_model(prep, tmp_path) -> None:
+    """``lmat train`` killed with SIGKILL part way, then run again, ends where an uninterrupted
+    run ends."""
+    args = [sys.executable, "-m", "lmat_platform.cli", "train", prep.root, "--max-len", "10",
+            "--d-model", "16", "--layers", "1", "--epochs", "3", "--batch-size", "16",
+            "--checkpoint-every", "1", "--threads", "1", "--patience", "0"]
+    env = {**os.environ, "LMAT_QUIET": "1"}
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    p = subprocess.run([*args, "--out", str(full)], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    total = json.loads(p.stdout)["steps"]
+    proc = subprocess.Popen([*args, "--out", str(cut)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    ck = cut / CHECKPOINT_FILE
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ck.exists():
+            try:
+                if torch.load(ck, weights_only=False)["state"]["step"] >= 3:
+                    break
+            except (EOFError, RuntimeError):
+                pass
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = torch.load(ck, weights_only=False)["state"]["step"]
+    assert 3 <= done < total
+    assert not (cut / MODEL_FILE).exists()
+    p = subprocess.run([*args, "--out", str(cut)], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["steps"] == total
+    _same_weights(str(full / MODEL_FILE), str(cut / MODEL_FILE))
