@@ -30,6 +30,7 @@ from lmat_platform.protocol import open_thin
 from lmat_platform.reconstruct import concat_sequences
 from lmat_platform.store import SnapshotInfo, Store
 from lmat_platform.store.core import delta_dataset
+from lmat_platform.store.retention import accepted_events
 
 #: Buckets of a day's thin rows whose pointers are verified against the tier's checksums.
 POINTER_SAMPLE_BUCKETS = 4
@@ -250,7 +251,8 @@ def build_tenant_checks(tenant: lmat.Tenant) -> list[dg.AssetChecksDefinition]:
     )
     def _leakage(lmat_store: LmatResource) -> dg.AssetCheckResult:
         store = lmat_store.open()
-        events = store.read_table("raw", columns=["event_id", "arrival_ts", "event_ts", "action"])
+        # Every accepted event: the raw log's and, where it has retired them, the tier's.
+        events = accepted_events(store, columns=["event_id", "arrival_ts", "event_ts", "action"])
         reports = {}
         for kind in THIN_KINDS:
             parts = list(lmat.iter_reconstruct(store, lmat_store.thin_uri(kind), probe))
@@ -289,7 +291,7 @@ def build_tenant_checks(tenant: lmat.Tenant) -> list[dg.AssetChecksDefinition]:
             got = concat_sequences(parts, tenant.columns).to_table()
             got = got.filter(pc.is_in(got.column("request_id"), sample.column("request_id")))
             users = pc.unique(sample.column("user_id"))
-            events = store.read_table("raw", filters=pads.field("user_id").isin(users))
+            events = accepted_events(store, users=users.to_numpy(zero_copy_only=False))
             want = validate.reference_sequences(events, sample, tenant)
             r = validate.compare_outputs(got, want, name=kind)
             rep.checked += r.checked

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from lmat_platform.hashing import bucket_of
 from lmat_platform.schema import normalize_requests, read_parquet_file
-from lmat_platform.store.core import Store, as_store, delta_dataset
+from lmat_platform.store.core import Store, as_store
 from lmat_platform.store.deletion import pending_users
 from lmat_platform.store.uih import COMPRESSION
 from lmat_platform.tenants import Tenant, union_tenant
@@ -96,15 +96,13 @@ def write_fat_rows(
             req = requests.filter(pa.array(buckets == b))
             users = np.setdiff1d(req.column("user_id").to_numpy(), hidden)
             if raw is not None:
-                import pyarrow.dataset as pads
+                from lmat_platform.store.retention import accepted_events
 
-                ds = delta_dataset(raw)
                 cols = list(dict.fromkeys(["user_id", "event_id", "event_ts", "arrival_ts",
                                            "action", *tenant.columns]))
-                ev = ds.to_table(
-                    columns=cols,
-                    filter=(pads.field("bucket") == b) & pads.field("user_id").isin(pa.array(users)),
-                )
+                # Every accepted event: the raw log's, and the tier's where the raw log has
+                # retired them (spec section 3).
+                ev = accepted_events(store, users=users, buckets=np.array([b]), columns=cols)
             else:
                 ev = pa.table({c: pa.array([], pa.int64()) for c in ("user_id", "event_id",
                                "event_ts", "arrival_ts", "action", *tenant.columns)})

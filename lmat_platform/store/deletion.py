@@ -406,6 +406,12 @@ def vacuum(store: Store | str, *, retention_hours: int | None = None) -> dict[st
         raise LmatError(f"vacuum: --retention-hours must be >= 0, but got {hours}")
     out: dict[str, int] = {}
     with store.write_lock():
+        if retention_hours is None:
+            # One stored copy (spec 3): snapshots older than the store's retention leave the
+            # raw log first, so this vacuum removes their raw files too.
+            from lmat_platform.store.retention import retire_raw
+
+            retire_raw(store)
         uris = store_tables(store) + registered_thin_tables(store)
         for uri in uris:
             try:

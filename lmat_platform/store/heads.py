@@ -11,16 +11,19 @@ events only:
   fixes its ``(event_ts, event_id)`` order, so the previous checksum plus the new events' sum is
   exactly the checksum of the merged head, wherever late events land in it;
 - ``markers[j]`` is a lower bound of the ``event_ts`` of the head's ``MARKER_LENGTHS[j]``-th last
-  event (``NO_MARKER``: the head is shorter, or read it all). The reader only needs a lower bound
+  event (``NO_MARKER``: the head is shorter, or it is within the slack below: read it all). The reader only needs a lower bound
   (rows older than it cannot be among the last L; it still cuts to L itself). Each marker
   carries its *count*, the number of head events at or after it. Extending: a previous marker's
   count grows by the new events at or after it; a new event is a candidate with the new events
   after it plus what the previous markers guarantee; each length takes the newest candidate
-  whose count reaches it. When no candidate's count is within 2x of its length (the marker went
-  stale: the user's new events outran it), the user's recent rows, from the marker of the next
-  longer length on, are read from the tier and its markers recomputed exactly. A length L's
-  marker goes stale only after about L new events of the user, and its refresh reads about 4L
-  of them: amortized, a constant number of rows per new event, whatever the history holds.
+  whose count reaches it. When no candidate's count is within its *slack* (twice its length,
+  or one row group of the tier if that is more: the reader reads whole row groups, so more
+  precision saves it nothing) the marker went stale (the user's new events outran it): the
+  user's recent rows, from the marker of the next longer length on, are read from the tier and
+  its markers recomputed exactly. A length's marker goes stale only after about its slack in
+  new events of the user, and its refresh reads about twice that: amortized, a constant number
+  of rows per new event, whatever the history holds (and with 8,192-row row groups, a user
+  needs thousands of new events before any refresh).
 
 The state extended from is ``heads_latest/`` (Delta, partitioned by bucket): each user's newest
 summary with its marker counts, one row per user. Publish reads its touched buckets' rows and
@@ -70,8 +73,9 @@ def _first_ge(a, lo, hi, x):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
-def _extend(ranks, plen, pmark, pcnt, nts, nstart, nend):  # type: ignore[no-untyped-def]
-    """Per user: new length, markers, counts, and whether a refresh is needed (and from when).
+def _extend(ranks, slack, plen, pmark, pcnt, nts, nstart, nend):  # type: ignore[no-untyped-def]
+    """Per user: new length, markers, counts, and whether a refresh is needed (and from when):
+    a length's marker is stale when its count exceeds ``slack`` for that length.
 
     ``pmark``/``pcnt``: previous markers and counts (count <= 0: none); ``nts[nstart:nend]``
     the user's new events' times, ascending."""
@@ -88,11 +92,14 @@ def _extend(ranks, plen, pmark, pcnt, nts, nstart, nend):  # type: ignore[no-unt
         total = plen[u] + n
         # Candidates: previous markers with their counts grown by the new events at or after
         # them, and new events with the new events after them plus the previous guarantee.
-        cm = np.empty(R + n, dtype=np.int64)
-        cc = np.empty(R + n, dtype=np.int64)
-        k = 0
+        cm = np.empty(R + n + 1, dtype=np.int64)
+        cc = np.empty(R + n + 1, dtype=np.int64)
+        # The whole head is always a candidate (no marker: read it all), counting every event.
+        cm[0] = i64min
+        cc[0] = total
+        k = 1
         for j in range(R):
-            if pcnt[u, j] > 0:
+            if pcnt[u, j] > 0 and pmark[u, j] > i64min:
                 cm[k] = pmark[u, j]
                 cc[k] = pcnt[u, j] + (b - _first_ge(nts, a, b, pmark[u, j]))
                 k += 1
@@ -102,7 +109,8 @@ def _extend(ranks, plen, pmark, pcnt, nts, nstart, nend):  # type: ignore[no-unt
             x = nts[i]
             g = 0
             for j in range(R):
-                if pcnt[u, j] > 0 and pmark[u, j] >= x and pcnt[u, j] > g:
+                if pcnt[u, j] > 0 and pmark[u, j] > i64min and pmark[u, j] >= x \
+                        and pcnt[u, j] > g:
                     g = pcnt[u, j]
             cm[k] = x
             cc[k] = (b - _first_ge(nts, a, b, x)) + g
@@ -112,22 +120,20 @@ def _extend(ranks, plen, pmark, pcnt, nts, nstart, nend):  # type: ignore[no-unt
             m = ranks[j]
             if total < m:
                 break
-            best = -1
-            for c in range(k):
-                if cc[c] >= m and (best < 0 or cm[c] > cm[best]
-                                   or (cm[c] == cm[best] and cc[c] > cc[best])):
+            best = 0  # the whole head: total >= m
+            for c in range(1, k):
+                if cc[c] >= m and (cm[c] > cm[best] or (cm[c] == cm[best] and cc[c] > cc[best])):
                     best = c
-            if best < 0 or cc[best] > 2 * m:
+            if cc[best] > slack[j]:
                 worst = j
-            if best >= 0:
-                mark[u, j] = cm[best]
-                cnt[u, j] = cc[best]
+            mark[u, j] = cm[best]
+            cnt[u, j] = cc[best]
         if worst >= 0:
             stale[u] = True
-            # Read from the marker of the next longer length if it is fresh (at most 2x its
-            # length after it), else the whole history.
+            # Read from the marker of the next longer length if it is fresh (within its
+            # slack), else the whole history.
             nxt = worst + 1
-            if nxt < R and cnt[u, nxt] > 0 and cnt[u, nxt] <= 2 * ranks[nxt]:
+            if nxt < R and cnt[u, nxt] > 0 and cnt[u, nxt] <= slack[nxt]:
                 cutoff[u] = mark[u, nxt]
     return mark, cnt, stale, cutoff
 
@@ -148,6 +154,23 @@ def _exact(ranks, ts, start, end, mark, cnt, rows):  # type: ignore[no-untyped-d
             cnt[rows[u], j] = b - _first_ge(ts, a, b, x)
 
 
+def marker_slack(row_group_rows: int) -> np.ndarray:
+    """The most head events a length's marker may count before it is refreshed: twice the
+    length, or a row group of the tier if that is more (the reader reads whole row groups, so
+    a marker more precise than a row group saves it nothing)."""
+    return np.maximum(STALE_FACTOR * np.array(MARKER_LENGTHS, dtype=np.int64), row_group_rows)
+
+
+def warm_kernels() -> None:
+    """Load (or compile) this module's kernels now, on tiny inputs: a process's first call
+    otherwise pays numba's cache load (about 1.5 s here) inside its first publish."""
+    ranks = np.array(MARKER_LENGTHS, dtype=np.int64)
+    z = np.zeros(1, np.int64)
+    mark, cnt, _, _ = _extend(ranks, 2 * ranks, z, np.zeros((1, _NM), np.int64),
+                              np.zeros((1, _NM), np.int64), z, z, np.ones(1, np.int64))
+    _exact(ranks, z, z, z, mark, cnt, z)
+
+
 def _empty_latest() -> pa.Table:
     return pa.table({
         "bucket": pa.array([], pa.int32()), "user_id": pa.array([], pa.int64()),
@@ -161,23 +184,31 @@ def _list_col(m: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(m.ravel()), _NM).cast(pa.list_(pa.int64()))
 
 
-def _latest_rows(store: Store, buckets: np.ndarray, before: int) -> pa.Table:
-    """Each user's newest summary before snapshot ``before`` in ``buckets``, with counts."""
+def _latest_rows(store: Store, buckets: np.ndarray, before: int, users: np.ndarray) -> pa.Table:
+    """The newest summary before snapshot ``before`` of each of ``users`` (in ``buckets``) that
+    has one, with counts."""
     dt = store.open_table(LATEST)
     if dt is None:
         return _bootstrap(store, buckets, before)
     f = pads.field("bucket").isin(pa.array(buckets.astype(np.int32))) & (
         pads.field("snapshot_id") < before)
     t = delta_dataset(dt).to_table(filter=f)
-    return _newest_per_user(t)
+    return _newest_per_user(t, users)
 
 
-def _newest_per_user(t: pa.Table) -> pa.Table:
+def _newest_per_user(t: pa.Table, users: np.ndarray | None = None) -> pa.Table:
+    """Each user's row with the highest snapshot (only ``users``' if given): the order is
+    found on the two key columns, and only the rows kept are gathered."""
     if t.num_rows == 0:
         return t
-    t = t.sort_by([("user_id", "ascending"), ("snapshot_id", "ascending")])
     u = t.column("user_id").to_numpy()
-    last = np.flatnonzero(np.r_[u[1:] != u[:-1], True])
+    sn = t.column("snapshot_id").to_numpy()
+    idx = np.arange(len(u))
+    if users is not None:
+        idx = idx[np.isin(u, users)]
+    o = idx[np.lexsort((sn[idx], u[idx]))]
+    uo = u[o]
+    last = o[np.flatnonzero(np.r_[uo[1:] != uo[:-1], True])] if len(o) else o
     return t.take(pa.array(last))
 
 
@@ -223,7 +254,7 @@ def extend_heads(store: Store, k: int, new: pa.Table) -> tuple[pa.Table, pa.Tabl
         cs_new = np.add.reduceat(fp, first) if U else np.zeros(0, np.uint64)
 
     # Previous summaries, aligned to (bucket, user) order.
-    prev = _latest_rows(store, np.unique(ubucket), k)
+    prev = _latest_rows(store, np.unique(ubucket), k, users)
     plen = np.zeros(U, np.int64)
     pcs = np.zeros(U, np.uint64)
     pmark = np.full((U, _NM), NO_MARKER, np.int64)
@@ -242,7 +273,8 @@ def extend_heads(store: Store, k: int, new: pa.Table) -> tuple[pa.Table, pa.Tabl
         pmark[has] = pm[src]
         pcnt[has] = pc[src]
     ranks = np.array(MARKER_LENGTHS, dtype=np.int64)
-    mark, cnt, stale, cutoff = _extend(ranks, plen, pmark, pcnt, nts, nstart, nend)
+    mark, cnt, stale, cutoff = _extend(ranks, marker_slack(store.config.row_group_rows), plen,
+                                       pmark, pcnt, nts, nstart, nend)
 
     # Stale markers: recompute exactly from the user's recent rows in the tier (snapshot <= k).
     rows = np.flatnonzero(stale)

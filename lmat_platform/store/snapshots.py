@@ -30,7 +30,7 @@ from lmat_platform.exceptions import WatermarkError
 from lmat_platform.hashing import as_signed, event_fingerprint
 from lmat_platform.store import heads as heads_mod
 from lmat_platform.store import uih
-from lmat_platform.store.core import Store, as_store, delta_dataset, now_us
+from lmat_platform.store.core import Store, as_store, now_us
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,11 @@ def _raw_range(store: Store, lo: int | None, hi: int) -> pa.Table:
     f = pads.field("arrival_ts") < hi
     if lo is not None:
         f &= pads.field("arrival_ts") >= lo
-    return delta_dataset(raw).to_table(filter=f)
+    # Only the files whose arrival range meets [lo, hi) (from the log's statistics): publish
+    # costs the new events, however many older ones the raw log still holds.
+    from lmat_platform.store.retention import raw_range_dataset
+
+    return raw_range_dataset(store, raw, lo, hi).to_table(filter=f)
 
 
 def _write_heads(store: Store, k: int, changed: pa.Table | None) -> None:

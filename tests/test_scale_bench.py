@@ -1,0 +1,33 @@
+"""The scale benchmark (issue 15) runs end to end at a tiny size and reports every measure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.bench
+def test_scale_bench_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.chdir(ROOT)
+    from bench import scale
+
+    out = tmp_path / "scale.json"
+    assert scale.main(["--events", "60000", "--steps", "20000,60000", "--users", "500",
+                       "--chunk", "20000", "--batch", "2000", "--requests", "100",
+                       "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    steps = res["steps"]
+    assert [s["events"] >= t for s, t in zip(steps, (20000, 60000), strict=True)] == [True, True]
+    for s in steps:
+        assert s["ingest"]["accepted"] == 2000 - 20 and s["ingest"]["duplicates"] == 20
+        assert s["ingest"]["dedup_read"]["row_groups_read"] >= 1
+        assert s["publish"]["events"] == 2000 - 20
+        assert set(s["read"]) == {"256", "2048", "16384"}
+        assert all(r["examples"] == 100 for r in s["read"].values())
+        assert s["bytes_per_event"]["live"]["uih"] > 0 and s["peak_rss_mb"] > 0
+    assert (tmp_path / "scale.png").exists()
