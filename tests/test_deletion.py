@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from lmat_platform.exceptions import LmatError
+from lmat_platform.exceptions import LmatError, ThinTableError
 from lmat_platform.fatrows import write_fat_rows
 from lmat_platform.reader import SequenceLoader
 from lmat_platform.reconstruct import materialize
@@ -227,6 +227,27 @@ def test_a_killed_forget_is_invisible_to_readers_and_a_rerun_finishes_it(
         assert u not in read_delta(t).column("user_id").to_pylist()
         got = _materialized(st, t, tmp_path / f"after-{i}.parquet")
         assert got.equals(_others(before[t], u))
+
+
+def test_a_loader_built_before_a_forget_refuses_to_serve_the_user(
+    synth_store: SynthStore
+) -> None:
+    """A loader pins its thin table version, which still holds a user forgotten since: its
+    next pass is refused (it would serve their requests); a new loader serves the rest."""
+    s = synth_store
+    st = s.store
+    u = _victim(s)
+    before = _loader_rows(st, s.thin_log)
+    loader = SequenceLoader(st, s.thin_log, tenant=ALL, batch_size=64)
+    thin_users = set(read_delta(s.thin_log).column("user_id").to_pylist())
+    absent = next(v for v in sorted(set(read(st, "raw").column("user_id").to_pylist()))
+                  if v not in thin_users)
+    forget_users(st, [absent])  # holds no request of this table: the pass goes on
+    assert sum(len(b.request_id) for b in loader) == len(before)
+    forget_users(st, [u])
+    with pytest.raises(ThinTableError, match="build a new SequenceLoader"):
+        next(iter(loader))
+    assert _loader_rows(st, s.thin_log) == {r: v for r, v in before.items() if v[0] != u}
 
 
 def test_any_forget_finishes_an_earlier_killed_one(synth_store: SynthStore) -> None:
