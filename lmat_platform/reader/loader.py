@@ -84,6 +84,7 @@ from lmat_platform.store.core import (
     derived,
     derived_keyed,
 )
+from lmat_platform.store.deletion import forgotten_users, pending_users
 from lmat_platform.tenants import Tenant
 
 log = logging.getLogger(__name__)
@@ -855,6 +856,8 @@ class SequenceLoader(torch.utils.data.IterableDataset):
                     f"tenant '{tenant.name}': column '{c}' has type {typ}, which has no tensor "
                     "form (SequenceLoader reads numeric, boolean and timestamp columns)"
                 )
+        #: Users tombstoned since the loader was built whose rows it was found not to hold.
+        self._tombs_checked = np.zeros(0, dtype=np.int64)
         self.info = _without_hidden(_thin_info(self.store, self.thin_uri), self.thin_uri,
                                     self.ctx.hidden, self.store.n_buckets)
         n_snap = len(self.ctx.watermarks)
@@ -979,7 +982,26 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         self._progress = replace(self._resume, rows_done=list(self._resume.rows_done))
 
     # ------------------------------------------------------------------ iteration
+    def _check_tombstones(self) -> None:
+        """Refuse a pass while the loader's pinned rows hold requests of a user forgotten since
+        it was built (spec 7: no reader serves them from the forget on); a new loader, pinned
+        after the tombstone, does not serve them."""
+        new = np.union1d(np.setdiff1d(forgotten_users(self.store), self.ctx.forgotten),
+                         np.setdiff1d(pending_users(self.store), self.ctx.hidden))
+        new = np.setdiff1d(new, self._tombs_checked)
+        if not len(new):
+            return
+        left = _without_hidden(self.info, self.thin_uri, new, self.store.n_buckets)
+        if left.bucket_rows != self.info.bucket_rows:
+            raise ThinTableError(
+                f"{self.thin_uri}: user(s) {new[:5].tolist()} were forgotten after this loader "
+                f"was built, and its pinned version {self.info.version} holds their requests: "
+                "build a new SequenceLoader"
+            )
+        self._tombs_checked = np.union1d(self._tombs_checked, new)
+
     def __iter__(self) -> Iterator[Batch]:
+        self._check_tombstones()
         per_rank, offset = self._consumers()
         if torch.utils.data.get_worker_info() is not None:
             # Inside a user's DataLoader worker: this process is one consumer; no resume.

@@ -17,9 +17,10 @@ Layout::
                         publish extends)
       ids/              Delta: the accepted-id index (event_id sorted, user_id): the duplicate
                         check reads only the files and row groups a batch's ids can be in
-      forgotten/        Delta: forgotten users
-      thin_tables/      Delta: thin example tables written by ``log`` (their tails are purged
-                        by ``forget``)
+      forgotten/        Delta: the tombstone registry, one row per forgotten user (pending
+                        until the physical deletion completes; store/deletion.py)
+      thin_tables/      Delta: thin example tables written by ``log`` and ``examples``
+                        (``forget`` deletes its users' rows from each; store/thin_registry.py)
 """
 
 from __future__ import annotations
