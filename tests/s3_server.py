@@ -14,10 +14,12 @@ requests (PUT, POST, DELETE); reads stay concurrent.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -53,6 +55,7 @@ def _serve() -> None:
     )
     from werkzeug.serving import make_server
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     app = DomainDispatcherApplication(create_backend_app)
     server = make_server(
         "127.0.0.1", 0, _AtomicWrites(app), threaded=True, request_handler=MotoRequestHandler
@@ -75,20 +78,25 @@ class S3Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 30.0) -> S3Server:
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,  # its own process group, stopped as a whole
-        )
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()))  # type: ignore[union-attr]
-        reader.start()
-        reader.join(timeout_s)
-        if not line or not line[0].startswith("port="):
-            self.stop()
-            raise RuntimeError(f"moto S3 server did not start within {timeout_s}s")
+        # Its stderr (warnings and errors only) is read back if it fails to start.
+        with tempfile.TemporaryFile(mode="w+") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__)],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                start_new_session=True,  # its own process group, stopped as a whole
+            )
+            line: list[str] = []
+            reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()))  # type: ignore[union-attr]
+            reader.start()
+            reader.join(timeout_s)
+            if not line or not line[0].startswith("port="):
+                self.stop()
+                log.seek(0)
+                raise RuntimeError(
+                    f"moto S3 server did not start within {timeout_s}s: {log.read()[-2000:]}"
+                )
         self.port = int(line[0].strip().split("=", 1)[1])
         return self
 

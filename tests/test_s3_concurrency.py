@@ -119,7 +119,7 @@ def _assert_snapshots_exact(st: Store) -> None:
 # ---------------------------------------------------------------------- concurrent commands
 def test_same_file_three_times_and_another_file_at_once(s3_store_uri: str, tmp_path: Path) -> None:
     """Defect 2 of issue 13: without a lock, two ingests of one file put every row in twice
-    (2 of 3 trials; this test failed 3 of 3 runs on that code). Now one writer ingests the file,
+    (2 of 3 trials; this test failed 2 of 2 runs on that code). Now one writer ingests the file,
     the others find its ingest record, and the other file lands whole beside it."""
     st = init_store(s3_store_uri, n_buckets=4, row_group_rows=64)
     same = _events(tmp_path / "same.parquet", 0, 3000)
