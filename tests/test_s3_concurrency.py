@@ -178,10 +178,14 @@ def test_ingest_and_two_publishes_at_once(s3_store_uri: str, tmp_path: Path) -> 
 _HOLDER = textwrap.dedent(
     """
     import sys, time
+    import pyarrow as pa
     from lmat_platform.store import open_store
-    with open_store(sys.argv[1]).write_lock():
+    st = open_store(sys.argv[1])
+    with st.write_lock():
         print("locked", flush=True)
         time.sleep(float(sys.argv[2]))
+        st.append("probe", pa.table({"x": [1]}), op="probe")  # a commit after the wait
+        print("committed", flush=True)
     print("released", flush=True)
     """
 )
@@ -239,7 +243,7 @@ def test_stalled_writer_that_lost_its_lease_fails_instead_of_succeeding(
     s3_server: S3Server, s3_store_uri: str
 ) -> None:
     """A writer stopped (SIGSTOP) for longer than its lease loses it to the next writer; when it
-    resumes it finds the lease taken and exits with an error, not with success."""
+    resumes, its next commit is refused before it lands and it exits with an error."""
     st = init_store(s3_store_uri, n_buckets=4, row_group_rows=64)
     holder = _holder(s3_store_uri, LEASE_S)
     os.kill(holder.pid, signal.SIGSTOP)
@@ -247,8 +251,9 @@ def test_stalled_writer_that_lost_its_lease_fails_instead_of_succeeding(
         with st.write_lock(timeout_s=30):
             # We hold it now; the stopped writer comes back while we do.
             os.kill(holder.pid, signal.SIGCONT)
-            _, err = holder.communicate(timeout=30)
+            out, err = holder.communicate(timeout=30)
             assert _lease(s3_server, s3_store_uri).owner.split(":")[1] == str(os.getpid())
+            assert st.open_table("probe") is None and "committed" not in out
     finally:
         if holder.poll() is None:
             os.kill(holder.pid, signal.SIGKILL)

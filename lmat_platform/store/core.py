@@ -140,7 +140,13 @@ class Store:
     def open_table(self, name: str, *, version: int | None = None) -> DeltaTable | None:
         """The Delta table ``name`` at ``version`` (latest if None); None if never written.
 
-        A fresh object the caller may write through; readers use :meth:`shared_table`."""
+        A fresh object the caller may write through; readers use :meth:`shared_table`.
+        In a process that took this object store's lease and lost it, raises
+        :class:`ConcurrencyError` (writers open the table they commit to just before)."""
+        if not self.is_local:
+            from lmat_platform.store.lease import check_lease
+
+            check_lease(self.root)
         try:
             return DeltaTable(
                 self.table_uri(name), version=version, storage_options=storage_options()

@@ -17,8 +17,9 @@ server's clock against the server's clock (the response's ``Date`` minus the obj
 ``Last-Modified``, plus one second for their whole-second resolution), so writers' clocks do not
 matter. A writer killed with SIGKILL stops renewing; the next writer takes over once the lease is
 that old. A holder that cannot renew before its lease would expire (a network partition, a
-process stopped for longer than the lease) has lost it: :meth:`StoreLease.check` then raises,
-and the writer stops rather than reporting success.
+process stopped for longer than the lease) has lost it: :func:`check_lease`, which every table
+open for a commit makes, and the end of ``Store.write_lock`` then raise, and the writer stops
+rather than reporting success.
 
 Release overwrites the lease with a released one rather than deleting it: conditional DELETE is
 newer than conditional PUT on S3-compatible servers (moto 5.1.10 ignores ``If-Match`` on DELETE),
@@ -136,6 +137,20 @@ def _s3_client() -> Any:
         read_timeout=15,
     )
     return boto3.client("s3", endpoint_url=endpoint or None, region_name=region, config=config)
+
+
+#: The leases this process holds, by store root: what :func:`check_lease` looks at.
+_HELD: dict[str, StoreLease] = {}
+
+
+def check_lease(root: str) -> None:
+    """Raise :class:`ConcurrencyError` if this process holds the lease of store ``root`` and has
+    lost it; a no-op otherwise. :meth:`Store.open_table` calls it, so a writer that lost its lease
+    (stopped, partitioned) stops at its next table open, which every commit path makes just before
+    it commits."""
+    lease = _HELD.get(root.rstrip("/"))
+    if lease is not None:
+        lease.check()
 
 
 class _LeaseObject:
@@ -282,6 +297,8 @@ class StoreLease:
     def release(self) -> None:
         """Stop renewing and mark the lease released (a no-op if it was lost)."""
         self._stop.set()
+        if _HELD.get(self.root) is self:
+            del _HELD[self.root]
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -355,6 +372,7 @@ class StoreLease:
         with self._lock:
             self._info, self._etag, self._lost = info, etag, None
             self._valid_until = t0 + info.duration_s
+        _HELD[self.root] = self
         log.info("%s: holding the store lease as %s", self.root, self._owner)
         self._stop.clear()
         self._thread = threading.Thread(
