@@ -307,16 +307,18 @@ class Summarizer(nn.Module):
             j = i + 1
             while j < len(todo) and (j + 1 - i) * min(int(lens[todo[j]]), chunk) <= budget:
                 j += 1
-            rows = todo[i:j]
-            done = np.zeros(len(rows), dtype=np.int64)
+            group = todo[i:j]
+            done = np.zeros(len(group), dtype=np.int64)
             while True:
-                left = lens[rows] - done
+                left = lens[group] - done
                 act = left > 0
                 if not act.any():
                     break
-                w = int(min(left.max(), chunk))
-                take = np.minimum(left, w)
-                pos = offsets[rows][:, None] + done[:, None] + np.arange(w)[None, :]
+                # Only rows with events left: a long history does not drag finished rows along.
+                rows, d0, lf = group[act], done[act], left[act]
+                w = int(min(lf.max(), chunk))
+                take = np.minimum(lf, w)
+                pos = offsets[rows][:, None] + d0[:, None] + np.arange(w)[None, :]
                 m = np.arange(w)[None, :] < take[:, None]
                 pos = np.where(m, pos, 0)
                 mt = torch.from_numpy(m)
@@ -329,11 +331,8 @@ class Summarizer(nn.Module):
                 _, lasts, _ = self._stack(x, mt, sub, acc=torch.float64)
                 kv[r] = torch.stack(lasts, dim=1)
                 n[r] = sub.n + torch.from_numpy(take)
-                last_idx = np.minimum(offsets[rows] + done + np.maximum(take - 1, 0),
-                                      max(len(ts) - 1, 0))
-                upd = torch.from_numpy(act)
-                last_ts[r] = torch.where(upd, tt[torch.from_numpy(last_idx)], sub.last_ts)
-                done = done + take
+                last_ts[r] = tt[torch.from_numpy(offsets[rows] + d0 + take - 1)]
+                done[act] += take
             i = j
         return VistaState(kv, n, last_ts)
 
