@@ -48,18 +48,13 @@ class _AtomicWrites:
 
 
 def _serve() -> None:
-    from moto.moto_server.werkzeug_app import (
-        DomainDispatcherApplication,
-        MotoRequestHandler,
-        create_backend_app,
-    )
-    from werkzeug.serving import make_server
+    from moto.moto_server import werkzeug_app
+    from werkzeug.serving import WSGIRequestHandler, make_server
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
-    app = DomainDispatcherApplication(create_backend_app)
-    server = make_server(
-        "127.0.0.1", 0, _AtomicWrites(app), threaded=True, request_handler=MotoRequestHandler
-    )
+    app = werkzeug_app.DomainDispatcherApplication(werkzeug_app.create_backend_app)
+    handler = getattr(werkzeug_app, "MotoRequestHandler", WSGIRequestHandler)  # moto >= 5.1.x
+    server = make_server("127.0.0.1", 0, _AtomicWrites(app), threaded=True, request_handler=handler)
     os.environ["MOTO_PORT"] = str(server.server_port)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"port={server.server_port}", flush=True)

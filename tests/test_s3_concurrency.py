@@ -116,6 +116,29 @@ def _assert_snapshots_exact(st: Store) -> None:
     assert rep.ok, rep.problems
 
 
+def test_server_answers_conditional_writes_as_s3_does(s3_server: S3Server, s3_env: dict) -> None:
+    """The lease and delta-rs's commits rely on these answers; one moto release answered 500
+    instead of 412 (and 5.1.0 ignored If-Match), so the pinned version is checked here."""
+    from botocore.exceptions import ClientError
+
+    c, b = s3_server.client(), s3_env["LMAT_TEST_BUCKET"]
+
+    def status(**kw: str) -> int:
+        try:
+            r = c.put_object(Bucket=b, Key="k", Body=os.urandom(8), **kw)
+        except ClientError as e:
+            return int(e.response["ResponseMetadata"]["HTTPStatusCode"])
+        return int(r["ResponseMetadata"]["HTTPStatusCode"])
+
+    assert status(IfMatch='"0123"') in (404, 412)  # no object yet
+    assert status(IfNoneMatch="*") == 200
+    etag = c.head_object(Bucket=b, Key="k")["ETag"]
+    assert status(IfNoneMatch="*") == 412
+    assert status(IfMatch='"0123"') == 412
+    assert status(IfMatch=etag) == 200
+    assert status(IfMatch=etag) == 412  # that write changed the ETag
+
+
 # ---------------------------------------------------------------------- concurrent commands
 def test_same_file_three_times_and_another_file_at_once(s3_store_uri: str, tmp_path: Path) -> None:
     """Defect 2 of issue 13: without a lock, two ingests of one file put every row in twice
