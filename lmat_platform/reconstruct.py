@@ -392,6 +392,29 @@ def _shared_spans(
     return t_start, t_end, tails
 
 
+def own_tails(rows: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Thin ``rows`` in thin format 1: each streamed row's own tail, in (event_ts, event_id)
+    order, in its own ``tail_<field>`` lists (typed as in ``schema``, the store's event
+    schema); ``tail_block`` and ``tail_start``, where present, all null (same schema). Readers
+    take either format (also mixed in one table); this is for tools that edit or inspect
+    single rows' tails."""
+    fields = [c.removeprefix(TAIL_PREFIX) for c in rows.column_names
+              if c.startswith(TAIL_PREFIX) and c not in THIN_KEYS]
+    thin = ThinRows.from_table(rows, fields, schema)
+    pos = pa.array(expand_positions(thin.t_start, thin.t_end))
+    off = np.zeros(rows.num_rows + 1, dtype=np.int32)
+    np.cumsum(thin.t_end - thin.t_start, out=off[1:])
+    mask = (pc.is_null(column_array(rows, "tail_len")) if "tail_len" in rows.column_names
+            else pa.array(np.ones(rows.num_rows, dtype=bool)))
+    cols = {c: (pa.nulls(rows.num_rows, rows.schema.field(c).type)
+                if c in (TAIL_BLOCK, TAIL_START) else rows.column(c))
+            for c in rows.column_names if not (c.startswith(TAIL_PREFIX) and c not in THIN_KEYS)}
+    for f in fields:
+        cols[TAIL_PREFIX + f] = pa.ListArray.from_arrays(pa.array(off), thin.tails[f].take(pos),
+                                                         mask=mask)
+    return pa.table(cols).select(rows.column_names)
+
+
 @dataclass
 class ReadContext:
     """Everything a pass needs besides the rows: picklable, cheap to build once per pass."""

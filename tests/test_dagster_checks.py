@@ -19,6 +19,7 @@ from assets.checks import pointer_report
 from jobs.bootstrap import DAILY_ASSETS
 from jobs.definitions import build_defs
 from lmat_platform import quality
+from lmat_platform.reconstruct import own_tails
 from lmat_platform.store import SnapshotInfo
 from lmat_platform.store.core import delta_dataset
 from lmat_platform.synth import WorkloadConfig
@@ -125,16 +126,18 @@ def test_injected_leakage_fails_blocking_check_and_stops_downstream(
     res, _ = deployment
     # A buggy streaming logger: one logged tail holds an event that arrived after the request.
     uri = res.thin_uri("log")
-    thin = delta_dataset(DeltaTable(uri)).to_table()
     raw = delta_dataset(DeltaTable(str(Path(res.store) / "raw"))).to_table()
+    # Each row's own tail in its lists (thin format 1, which readers accept), so one row's
+    # tail can be edited alone.
+    thin = own_tails(delta_dataset(DeltaTable(uri)).to_table(), raw.schema)
     users = thin.column("user_id").to_numpy()
     ts = thin.column("request_ts").to_numpy()
     ru, ra = raw.column("user_id").to_numpy(), raw.column("arrival_ts").to_numpy()
     row = next(i for i in range(thin.num_rows) if ((ru == users[i]) & (ra >= ts[i])).any())
     j = int(np.flatnonzero((ru == users[row]) & (ra >= ts[row]))[0])
     for name in thin.column_names:
-        if not name.startswith("tail_"):
-            continue
+        if not name.startswith("tail_") or name in ("tail_block", "tail_start"):
+            continue  # (the pointer into a user's shared tail: null in format 1)
         if name == "tail_len":
             lens = thin.column(name).to_pylist()
             lens[row] = (lens[row] or 0) + 1

@@ -28,6 +28,7 @@ from lmat_platform.exceptions import TenantError, ThinTableError
 from lmat_platform.reader import Batch, SequenceLoader, StoreUnreachableError, plan_units
 from lmat_platform.reader.loader import assign_units
 from lmat_platform.reader.prefetch import Prefetcher
+from lmat_platform.reconstruct import own_tails
 
 TENANT = lmat.Tenant("ranking", ("item_id", "action", "dwell_ms", "event_ts"), 300)
 ACTIONS = lmat.Tenant("retrieval", ("item_id",), 64, actions=(1, 2), window_days=1.5)
@@ -81,7 +82,6 @@ def test_thin_files_in_any_row_order_read_the_same(rs: ReaderStore, reference: d
     files in that order and cuts split buckets as zero-copy slices. A file written in another
     order is sorted when read (so that slices stay user-contiguous); either way every request
     comes once, as materialized."""
-    import numpy as np
     import pyarrow as pa
     from deltalake import DeltaTable, write_deltalake
 
@@ -106,7 +106,6 @@ def test_tails_stored_out_of_order_read_the_same(rs: ReaderStore, reference: dic
     """lmat stores each tail in (event_ts, event_id) order, which the kernel uses in place. A
     writer that stores them in another order is detected (each row's tail is checked once
     per bucket) and its tails are ordered before merging: the same sequences."""
-    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
     from deltalake import DeltaTable, write_deltalake
@@ -145,30 +144,6 @@ def test_tails_stored_out_of_order_read_the_same(rs: ReaderStore, reference: dic
     path = str(tmp_path / "m.parquet")
     lmat.materialize(rs.store, out, TENANT, path)
     assert same(materialized(path, TENANT.columns), reference[TENANT.name])
-
-
-def own_tails(t: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Thin rows in the older format (thin format 1): each row's own tail, sorted by
-    (event_ts, event_id), in its own lists; no tail_block or tail_start."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from lmat_platform.protocol.pointers import expand_positions
-    from lmat_platform.protocol.thin import TAIL_BLOCK, TAIL_PREFIX, TAIL_START
-    from lmat_platform.reconstruct import THIN_KEYS, ThinRows
-
-    fields = [c.removeprefix(TAIL_PREFIX) for c in t.column_names
-              if c.startswith(TAIL_PREFIX) and c not in THIN_KEYS]
-    thin = ThinRows.from_table(t, fields, schema)
-    pos = pa.array(expand_positions(thin.t_start, thin.t_end))
-    off = pa.array(np.concatenate([[0], np.cumsum(thin.t_end - thin.t_start)]).astype(np.int32))
-    mask = pc.is_null(t.column("tail_len").combine_chunks())
-    cols = {c: t.column(c) for c in t.column_names
-            if c not in (TAIL_BLOCK, TAIL_START) and not (c.startswith(TAIL_PREFIX)
-                                                          and c not in THIN_KEYS)}
-    for f in fields:
-        cols[TAIL_PREFIX + f] = pa.ListArray.from_arrays(off, thin.tails[f].take(pos), mask=mask)
-    return pa.table(cols)
 
 
 def test_thin_tables_of_the_older_format_read_the_same(rs: ReaderStore, reference: dict,

@@ -468,6 +468,11 @@ def _read_row_groups(
     """Row groups of a tier file, decoded once per process: each (row group, column) is served
     from the decoded cache when it is there, and what is missing is decoded and cached."""
     dc = cache()
+    if not dc.max_bytes:
+        # Nothing is kept: one decode, without cutting it into row groups to keep.
+        fs, root = store.filesystem()
+        with fs.open_input_file(f"{root}/uih/{f.path}") as fh:
+            return pq.ParquetFile(fh, metadata=md).read_row_groups(groups, columns=columns)
     base = (store.store_id, f.path, f.size)
     got: dict[tuple[int, str], pa.Array] = {}
     for g in groups:
