@@ -142,12 +142,12 @@ class SummaryServer:
     def _rows(self, users: np.ndarray, max_s: int) -> pa.Table | None:
         if not len(users):
             return None
-        dt = self.store.open_table("summaries")
-        if dt is None:
+        ds = self.store.derived("summaries", "dataset", delta_dataset)
+        if ds is None:
             return None
         f = ((pads.field("version") == self.version) & (pads.field("snapshot_id") <= max_s)
              & pads.field("user_id").isin(pa.array(users)))
-        return delta_dataset(dt).to_table(
+        return ds.to_table(
             columns=["user_id", "snapshot_id", "head_len", "head_checksum", "tokens", "scales"],
             filter=f).sort_by([("user_id", "ascending"), ("snapshot_id", "ascending")])
 

@@ -151,13 +151,14 @@ def _tier_rows(store: Store, bucket: int, users: np.ndarray, *, lo: int, hi: int
     """Tier rows of ``users`` (sorted) in one bucket with ``lo <= snapshot_id <= hi``, in fold
     order ``(user, snapshot_id, event_ts, event_id)``. Files outside the snapshot range are
     skipped from their statistics, row groups by user range."""
-    dt = store.open_table("uih")
+    # The tier's live files, listed once per table version and process.
+    files = store.derived("uih", "summary-tier-files", uih.list_files) or []
     keys = ["user_id", "snapshot_id", "event_ts", "event_id"]
     cols = list(dict.fromkeys([*keys, *columns]))
     chunks = []
-    if dt is not None and len(users):
+    if len(users):
         fs, root = store.filesystem()
-        for f in uih.list_files(dt):
+        for f in files:
             if f.bucket != bucket:
                 continue
             if (f.max_snapshot is not None and f.max_snapshot < lo) or (
@@ -179,15 +180,17 @@ def _tier_rows(store: Store, bucket: int, users: np.ndarray, *, lo: int, hi: int
     return t.sort_by([(c, "ascending") for c in keys])
 
 
-def _states(store: Store, version: str, bucket: int, users: np.ndarray, before: int
+def _states(store: Store, version: str, buckets: np.ndarray, users: np.ndarray, before: int
             ) -> pa.Table | None:
-    """Each user's newest stored state of ``version`` with ``snapshot_id < before``."""
-    dt = store.open_table("summary_state")
-    if dt is None or not len(users):
+    """Each user's newest stored state of ``version`` with ``snapshot_id < before`` (one read
+    for every bucket a snapshot touched)."""
+    ds = store.derived("summary_state", "dataset", delta_dataset)
+    if ds is None or not len(users):
         return None
-    f = ((pads.field("bucket") == bucket) & (pads.field("version") == version)
+    f = ((pads.field("bucket").isin(pa.array(np.unique(buckets).astype(np.int32))))
+         & (pads.field("version") == version)
          & (pads.field("snapshot_id") < before) & pads.field("user_id").isin(pa.array(users)))
-    t = delta_dataset(dt).to_table(filter=f)
+    t = ds.to_table(filter=f)
     if t.num_rows == 0:
         return None
     t = t.sort_by([("user_id", "ascending"), ("snapshot_id", "descending")])
@@ -263,9 +266,12 @@ def compute_summaries(
         if sdt is None or (sdt.transaction_version(txn) or -1) < snapshot_id:
             parts, states = [], []
             if heads is not None and heads.num_rows:
+                prev = _states(store, version, heads.column("bucket").to_numpy(),
+                               heads.column("user_id").to_numpy(), snapshot_id)
                 for b in np.unique(heads.column("bucket").to_numpy()).tolist():
                     h = heads.filter(pads.field("bucket") == b).sort_by("user_id")
-                    s, st, ne = _compute_bucket(store, model, version, snapshot_id, h)
+                    pb = None if prev is None else prev.filter(pads.field("bucket") == b)
+                    s, st, ne = _compute_bucket(store, model, version, snapshot_id, h, pb)
                     parts.append(s)
                     states.append(st)
                     n_events += ne
@@ -305,17 +311,16 @@ def compute_summaries(
     return entry
 
 
-def _compute_bucket(store: Store, model: Summarizer, version: str, k: int, heads: pa.Table
-                    ) -> tuple[pa.Table, pa.Table, int]:
+def _compute_bucket(store: Store, model: Summarizer, version: str, k: int, heads: pa.Table,
+                    prev: pa.Table | None) -> tuple[pa.Table, pa.Table, int]:
     users = heads.column("user_id").to_numpy()
     head_len = heads.column("head_len").to_numpy()
     b = int(heads.column("bucket")[0].as_py())
     cols = ["item_id", "action", "event_ts", "event_id"]
     new = _tier_rows(store, b, users, lo=k, hi=k, columns=cols)
-    prev = _states(store, version, b, users, k)
     state = VistaState.zeros(model.cfg, len(users))
     csum = np.zeros(len(users), dtype=np.uint64)
-    if prev is not None:
+    if prev is not None and prev.num_rows:
         pu = prev.column("user_id").to_numpy()
         at = np.searchsorted(users, pu)
         kv = np.stack([np.frombuffer(x, dtype=np.float64) for x in
