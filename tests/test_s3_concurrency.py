@@ -70,7 +70,7 @@ def _lmat(*args: str) -> subprocess.Popen[str]:
     )
 
 
-def _run_together(*commands: tuple[str, ...], timeout: float = 120) -> list[tuple[int, str, str]]:
+def _run_together(*commands: tuple[str, ...], timeout: float = 300) -> list[tuple[int, str, str]]:
     """Start every command at once (real processes); their (exit code, stdout, stderr)."""
     procs = [_lmat(*c) for c in commands]
     out = []
