@@ -523,3 +523,20 @@ def test_units_dealt_by_bucket_and_the_same_every_epoch() -> None:
         assert max(loads) - min(loads) <= max(u.rows for u in units)
     assert [[(u.bucket, u.part) for u in us] for us in dealt[0]] != \
         [[(u.bucket, u.part) for u in us] for us in dealt[1]]
+
+
+def test_cache_off_passes_read_the_same(rs: ReaderStore, reference: dict) -> None:
+    """With the decoded cache off (LMAT_DECODE_CACHE_MB=0) every pass decodes the thin rows
+    and tier row groups again, and yields the same sequences, pass after pass."""
+    from lmat_platform.store.cache import cache, configure
+
+    budget = cache().max_bytes / (1 << 20)
+    configure(0)
+    try:
+        loader = SequenceLoader(rs.store, rs.thin, tenant=TENANT, batch_size=64,
+                                max_unit_rows=50)
+        for _ in range(2):
+            assert same(collect(list(loader)), reference[TENANT.name])
+        assert cache().stats()["entries"] == 0
+    finally:
+        configure(budget)
