@@ -479,3 +479,24 @@ def catalogue_size(store: str, column: str = "item_id") -> int:
         if len(col):
             top = max(top, int(pc.max(col).as_py()))
     return top
+
+
+def evaluate_saved(prep: PreparedDataset, run_dir: str, *, config: TrainConfig = TrainConfig()
+                   ) -> dict[str, dict[str, float]]:
+    """Test metrics of the model saved in ``run_dir`` and of the most-popular baseline."""
+    import pyarrow.parquet as pq
+
+    from lmat_platform.datasets.ratings import requests_file
+
+    net = load_model(os.path.join(run_dir, MODEL_FILE))
+    blob = torch.load(os.path.join(run_dir, MODEL_FILE), map_location="cpu", weights_only=True)
+    t = blob["tenant"]
+    tenant = Tenant(t["name"], tuple(t["columns"]), int(t["max_len"]))
+    train_items = pq.read_table(os.path.join(prep.import_dir, requests_file("train")),
+                                columns=["label"])["label"].to_numpy()
+    pop = most_popular_scores(train_items, prep.n_items + 1)
+    return {
+        "test": evaluate_model(net, prep.store, prep.thin["test"], tenant, config=config),
+        "most_popular": evaluate_popular(pop, prep.store, prep.thin["test"], tenant,
+                                         config=config),
+    }

@@ -102,3 +102,29 @@ def test_most_popular_scores() -> None:
 def test_target_out_of_range_is_an_error() -> None:
     with pytest.raises(ValueError, match="targets must lie"):
         target_ranks(torch.zeros(1, 3), torch.tensor([3]))
+
+
+def test_beats_baseline_fails_at_or_below_the_baseline() -> None:
+    from lmat_platform.models.evaluate import beats_baseline
+
+    assert beats_baseline({"hr@10": 0.13}, {"hr@10": 0.05})[0]
+    ok, msg = beats_baseline({"hr@10": 0.05}, {"hr@10": 0.05})
+    assert not ok and "not above" in msg
+    assert not beats_baseline({"hr@10": 0.01}, {"hr@10": 0.05})[0]
+
+
+def test_model_reads_the_newest_items_right_aligned() -> None:
+    from lmat_platform.models.sasrec import SASRec, SASRecConfig, left_pad
+
+    t = left_pad(torch.tensor([1, 2, 3, 4, 5]), torch.tensor([4, 0, 1]), max_len=3, bos=9)
+    assert t.tolist() == [[2, 3, 4], [0, 0, 9], [0, 0, 5]]
+    net = SASRec(SASRecConfig(n_items=8, max_len=3, d_model=8, n_layers=1)).eval()
+    s = net.scores(t)
+    assert s.shape == (3, 9) and torch.isinf(s[:, 0]).all() and torch.isfinite(s[:, 1:]).all()
+    # Causal and padding-blind: a history's state does not depend on the padding width.
+    wide = left_pad(torch.tensor([5]), torch.tensor([1]), max_len=3, bos=9)
+    narrow = torch.tensor([[5]])
+    assert torch.allclose(net.scores(wide), net.scores(narrow), atol=1e-5)
+    loss, n = net.loss(t, torch.tensor([5, 6, 7]), positions="all")
+    assert n == 3 + 1 + 1 and torch.isfinite(loss)  # 2 inner targets + label, BOS, label
+    assert net.loss(t, torch.tensor([5, 6, 7]), positions="last")[1] == 3

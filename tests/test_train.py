@@ -134,3 +134,36 @@ def test_killed_cli_run_resumes_to_the_same_model(prep, tmp_path) -> None:
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["steps"] == total
     _same_weights(str(full / MODEL_FILE), str(cut / MODEL_FILE))
+
+
+@pytest.mark.slow
+def test_real_data_asset_group_materializes_and_checks(tmp_path) -> None:
+    """The real_data group on a 15-user slice: every asset, metrics in metadata, and the
+    quality check's verdict equal to the evaluation's figures."""
+    import dagster as dg
+
+    from assets import LmatResource
+    from assets.real_data import REAL_DATA_ASSETS, REAL_DATA_CHECKS
+    from lmat_platform.models.evaluate import beats_baseline
+
+    res = LmatResource(store=str(tmp_path / "s"), landing=str(tmp_path / "l"),
+                       outputs=str(tmp_path / "o"))
+    data = {"users": 15, "n_snapshots": 3}
+    model = {**data, "max_len": 10, "epochs": 2, "patience": 0, "threads": 1}
+    ops = {"real_ratings": data, "real_store": data, "real_snapshots": data,
+           "real_thin_rows": data, "real_model": model, "real_evaluation": model}
+    out = dg.materialize(
+        [*REAL_DATA_ASSETS, *REAL_DATA_CHECKS], resources={"lmat_store": res},
+        run_config={"ops": {k: {"config": v} for k, v in ops.items()}},
+    )
+    assert out.success
+    mats = {m.asset_key.to_user_string(): m.metadata for m in
+            (e.event_specific_data.materialization for e in out.get_asset_materialization_events())}
+    assert set(mats) == {a.key.to_user_string() for a in REAL_DATA_ASSETS}
+    assert mats["real_ratings"]["users"].value == 15
+    ev = mats["real_evaluation"]
+    test_hr = ev["test_hr@10"].value
+    pop_hr = ev["most_popular_hr@10"].value
+    assert "test_ndcg@10_filtered" in ev
+    (check,) = out.get_asset_check_evaluations()
+    assert check.passed == beats_baseline({"hr@10": test_hr}, {"hr@10": pop_hr})[0]

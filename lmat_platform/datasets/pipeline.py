@@ -33,12 +33,14 @@ import pyarrow.parquet as pq
 from lmat_platform.datasets.fetch import DATASETS, fetch_ratings
 from lmat_platform.datasets.ratings import (
     EVENTS_FILE,
+    ImportResult,
     TieOrder,
     import_ratings,
     read_ratings,
     requests_file,
 )
 from lmat_platform.exceptions import LmatError
+from lmat_platform.store.ingest import IngestResult
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,90 @@ def snapshot_watermarks(arrival_ts: np.ndarray, n_snapshots: int) -> list[int]:
     return marks
 
 
+def import_stage(
+    source: str, root: str, *, tie_order: TieOrder = "hidden", users: int | None = None
+) -> ImportResult:
+    """Stage 1: fetch (a known name) or read (a file) ``source``; write ``root/import``."""
+    path = fetch_ratings(source) if source in DATASETS else source
+    ratings = read_ratings(path)
+    if users is not None:
+        ratings = slice_users(ratings, users)
+    return import_ratings(ratings, os.path.join(root, "import"), tie_order=tie_order)
+
+
+def ingest_stage(root: str, *, n_buckets: int = 8) -> IngestResult:
+    """Stage 2: create ``root/store`` (if new) and ingest the imported events (idempotent: an
+    already ingested file is skipped)."""
+    from lmat_platform.exceptions import StoreNotFoundError
+    from lmat_platform.store import ingest_files, init_store, open_store
+
+    store_dir = os.path.join(root, "store")
+    try:
+        store = open_store(store_dir)
+    except StoreNotFoundError:
+        store = init_store(store_dir, n_buckets=n_buckets)
+    events = os.path.join(root, "import", EVENTS_FILE)
+    res = ingest_files(store, [events])
+    n = pq.read_metadata(events).num_rows
+    if res.skipped_files == 0 and res.accepted != n:
+        raise LmatError(
+            f"{events}: ingest accepted {res.accepted} of {n} events ({res.as_dict()})"
+        )
+    return res
+
+
+def snapshot_stage(root: str, *, n_snapshots: int = 8) -> list[int]:
+    """Stage 3: publish the snapshots (see the module docstring); published ones are kept."""
+    from lmat_platform.store import list_snapshots, publish_snapshot
+
+    store = os.path.join(root, "store")
+    arrival = pq.read_table(os.path.join(root, "import", EVENTS_FILE), columns=["arrival_ts"])
+    marks = snapshot_watermarks(arrival["arrival_ts"].to_numpy(), n_snapshots)
+    have = {s.watermark for s in list_snapshots(store)}
+    for w in marks:
+        if w not in have:
+            publish_snapshot(store, w, published_at=w)
+    return marks
+
+
+def thin_stage(root: str) -> dict[str, str]:
+    """Stage 4: thin rows (batch path) of each split's requests; existing tables are kept."""
+    from deltalake import DeltaTable
+
+    from lmat_platform.protocol import write_thin
+
+    thin = {}
+    for s in SPLITS:
+        thin[s] = os.path.join(root, f"thin-{s}")
+        if not DeltaTable.is_deltatable(thin[s]):
+            req = os.path.join(root, "import", requests_file(s))
+            write_thin(os.path.join(root, "store"), req, thin[s], path="examples")
+    return thin
+
+
+def finish_stage(
+    root: str, source: str, imp: ImportResult, ing: IngestResult | None, snapshots: int,
+    thin: dict[str, str],
+) -> PreparedDataset:
+    """Stage 5: write ``prepared.json`` (what training reads)."""
+    ev = pq.read_table(os.path.join(root, "import", EVENTS_FILE), columns=["user_id"])
+    longest = int(np.unique(ev["user_id"].to_numpy(), return_counts=True)[1].max())
+    prep = PreparedDataset(
+        root=os.path.abspath(root), source=source,
+        store=os.path.abspath(os.path.join(root, "store")),
+        import_dir=os.path.abspath(os.path.join(root, "import")),
+        thin={k: os.path.abspath(v) for k, v in thin.items()}, n_items=imp.items,
+        users=imp.users, ratings=imp.ratings, max_history=longest, snapshots=snapshots,
+        imported=imp.as_dict(), ingest=ing.as_dict() if ing is not None else {},
+    )
+    done = os.path.join(root, PREPARED_FILE)
+    tmp = f"{done}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(prep.as_dict(), f, indent=2, default=str)
+    os.replace(tmp, done)
+    return prep
+
+
 def prepare_dataset(
     source: str,
     root: str,
@@ -104,63 +190,26 @@ def prepare_dataset(
     users: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> PreparedDataset:
-    """Fetch (a known name) or read (a file) ``source`` and build everything under ``root``.
+    """Fetch (a known name) or read (a file) ``source`` and build everything under ``root``:
+    :func:`import_stage`, :func:`ingest_stage`, :func:`snapshot_stage`, :func:`thin_stage`,
+    :func:`finish_stage`.
 
     ``users`` keeps only that many users (the smallest ids): a real slice for tests.
-    Rerunning on a finished ``root`` returns its description without doing anything.
+    Rerunning on a finished ``root`` returns its description without doing anything; on an
+    unfinished one, it finishes the work (every stage is idempotent).
     """
-    from lmat_platform.protocol import write_thin
-    from lmat_platform.store import ingest_files, init_store, publish_snapshot
-
-    done = os.path.join(root, PREPARED_FILE)
-    if os.path.exists(done):
+    if os.path.exists(os.path.join(root, PREPARED_FILE)):
         return PreparedDataset.load(root)
     say = progress or (lambda _m: None)
-    path = fetch_ratings(source) if source in DATASETS else source
-    ratings = read_ratings(path)
-    if users is not None:
-        ratings = slice_users(ratings, users)
-    imp_dir = os.path.join(root, "import")
-    imp = import_ratings(ratings, imp_dir, tie_order=tie_order)
+    imp = import_stage(source, root, tie_order=tie_order, users=users)
     say(f"imported {imp.ratings} ratings: {imp.users} users, {imp.items} items")
-
-    store_dir = os.path.join(root, "store")
-    if os.path.exists(store_dir):
-        raise LmatError(f"{store_dir}: exists from an unfinished run; remove {root} and rerun")
-    store = init_store(store_dir, n_buckets=n_buckets)
-    ing = ingest_files(store, [os.path.join(imp_dir, EVENTS_FILE)])
-    if ing.accepted != imp.ratings:
-        raise LmatError(
-            f"ingest accepted {ing.accepted} of {imp.ratings} events ({ing.as_dict()})"
-        )
+    ing = ingest_stage(root, n_buckets=n_buckets)
     say(f"ingested {ing.accepted} events")
-    arrival = pq.read_table(os.path.join(imp_dir, EVENTS_FILE), columns=["arrival_ts"])
-    marks = snapshot_watermarks(arrival["arrival_ts"].to_numpy(), n_snapshots)
-    for w in marks:
-        publish_snapshot(store, w, published_at=w)
+    marks = snapshot_stage(root, n_snapshots=n_snapshots)
     say(f"published {len(marks)} snapshots")
-    thin = {}
-    for s in SPLITS:
-        thin[s] = os.path.join(root, f"thin-{s}")
-        write_thin(store, os.path.join(imp_dir, requests_file(s)), thin[s], path="examples")
+    thin = thin_stage(root)
     say("wrote thin rows of the train, valid and test requests")
-    hist = _max_history(ratings, imp_dir)
-    prep = PreparedDataset(
-        root=os.path.abspath(root), source=source, store=store.root, import_dir=imp_dir,
-        thin=thin, n_items=imp.items, users=imp.users, ratings=imp.ratings,
-        max_history=hist, snapshots=len(marks), imported=imp.as_dict(), ingest=ing.as_dict(),
-    )
-    tmp = f"{done}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(prep.as_dict(), f, indent=2, default=str)
-    os.replace(tmp, done)
-    return prep
-
-
-def _max_history(ratings: pa.Table, imp_dir: str) -> int:
-    del ratings
-    ev = pq.read_table(os.path.join(imp_dir, EVENTS_FILE), columns=["user_id"])
-    return int(np.bincount(np.unique(ev["user_id"].to_numpy(), return_inverse=True)[1]).max())
+    return finish_stage(root, source, imp, ing, len(marks), thin)
 
 
 def strided_requests(requests: pa.Table, stride: int) -> pa.Table:
@@ -202,3 +251,21 @@ def training_thin(prep: PreparedDataset, stride: int) -> str:
     os.replace(tmp, req)
     write_thin(prep.store, req, out, path="examples")
     return out
+
+
+def import_result(root: str) -> ImportResult:
+    """The :class:`ImportResult` that :func:`import_stage` recorded under ``root``."""
+    from lmat_platform.datasets.ratings import META_FILE
+
+    path = os.path.join(root, "import", META_FILE)
+    if not os.path.exists(path):
+        raise LmatError(f"{root}: nothing imported yet (no {path})")
+    with open(path) as f:
+        return ImportResult(**json.load(f))
+
+
+def snapshot_count(root: str) -> int:
+    """Snapshots published in ``root``'s store."""
+    from lmat_platform.store import list_snapshots
+
+    return len(list_snapshots(os.path.join(root, "store")))

@@ -187,3 +187,13 @@ def most_popular_scores(train_items: np.ndarray | torch.Tensor, n_items: int) ->
     counts = torch.bincount(items, minlength=n_items)[:n_items].to(torch.float32)
     counts[0] = -math.inf
     return counts
+
+
+def beats_baseline(
+    model: dict[str, float], baseline: dict[str, float], *, key: str = "hr@10"
+) -> tuple[bool, str]:
+    """Whether ``model[key]`` is strictly above ``baseline[key]``, and a one-line verdict."""
+    a, b = float(model[key]), float(baseline[key])
+    if a > b:
+        return True, f"{key} {a:.4f} is above the baseline's {b:.4f}"
+    return False, f"{key} {a:.4f} is not above the baseline's {b:.4f}"
