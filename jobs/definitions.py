@@ -14,6 +14,7 @@ The environment is read here, when the definitions are built, never at import ti
 import dagster as dg
 
 from assets import SUMMARY_CHECKS, LmatResource, build_assets, build_checks
+from assets.real_data import REAL_DATA_ASSETS, REAL_DATA_CHECKS
 from jobs import automation
 
 
@@ -22,8 +23,8 @@ def build_defs(resource: LmatResource | None = None) -> dg.Definitions:
     resource = resource or LmatResource.from_env()
     tenants = resource.tenants()
     return dg.Definitions(
-        assets=build_assets(tenants),
-        asset_checks=[*build_checks(tenants), *SUMMARY_CHECKS],
+        assets=[*build_assets(tenants), *REAL_DATA_ASSETS],
+        asset_checks=[*build_checks(tenants), *SUMMARY_CHECKS, *REAL_DATA_CHECKS],
         jobs=[automation.ingest_job, automation.daily_job, automation.train_job],
         schedules=[automation.daily_snapshot_schedule],
         sensors=[automation.landing_sensor],

@@ -38,6 +38,12 @@ ASSETS = {
     ),
     "vista_summarizer": ("summaries", False, {"thin_examples", "uih_tier"}),
     "vista_summaries": ("summaries", True, {"uih_snapshot", "vista_summarizer"}),
+    "real_ratings": ("real_data", False, set()),
+    "real_store": ("real_data", False, {"real_ratings"}),
+    "real_snapshots": ("real_data", False, {"real_store"}),
+    "real_thin_rows": ("real_data", False, {"real_snapshots"}),
+    "real_model": ("real_data", False, {"real_thin_rows"}),
+    "real_evaluation": ("real_data", False, {"real_model"}),
 }
 
 CHECKS = {
@@ -55,6 +61,7 @@ CHECKS = {
     "tenant_ranking:o2o_parity": False,
     "vista_summaries:summary_recompute": True,
     "vista_summaries:summary_point_in_time": True,
+    "real_evaluation:beats_most_popular": False,
 }
 
 JOBS = {

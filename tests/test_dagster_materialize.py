@@ -11,7 +11,7 @@ from assets import LmatResource
 from jobs.bootstrap import materialize_all
 from jobs.definitions import build_defs
 from lmat_platform.synth import WorkloadConfig
-from lmat_platform.train import load_model, pad_sequences
+from lmat_platform.train import load_model
 from lmat_platform.ui import land_workload
 
 CFG = WorkloadConfig(seed=3, n_users=40, days=3, events_per_day=1500, requests_per_day=200)
@@ -132,12 +132,9 @@ def test_training_asset_trains_through_the_reader(
     assert math.isfinite(model["final_loss"]) and model["final_loss"] < model["first_loss"]
     assert model["examples_per_s"] > 0 and 0 <= model["data_wait_share"] < 1
     net = load_model(model["model_path"])
-    tokens, last = pad_sequences(
-        torch.tensor([5, 6, 7, 8, 9]), torch.tensor([4, 0, 1]), max_seq_len=3, n_item_buckets=100
-    )
-    assert tokens.tolist() == [[1, 8, 9, 10], [1, 0, 0, 0], [1, 11, 0, 0]]
-    assert last.tolist() == [3, 0, 1]
-    assert net(tokens, last).shape == (3,)
+    tokens = net.tokens(torch.tensor([5, 6, 7, 8, 9]), torch.tensor([4, 0, 1]))
+    assert tokens[0, -4:].tolist() == [5, 6, 7, 8] and tokens[1, -1] == net.bos
+    assert net.scores(tokens).shape == (3, model["n_items"] + 1)
 
 
 def test_rerunning_a_day_is_a_no_op(
