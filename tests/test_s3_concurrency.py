@@ -154,6 +154,19 @@ def test_same_file_three_times_and_another_file_at_once(s3_store_uri: str, tmp_p
     _assert_exactly_once(_fresh(st), {same: range(0, 3000), other: range(10_000, 11_500)})
 
 
+def test_two_inits_at_once_one_store(s3_store_uri: str, s3_env: dict) -> None:
+    """Without a conditional create both could succeed, the later one overwriting the first's
+    identity; now one creates the store and the other is refused (exit 2, one line). A missing
+    bucket is named in one line."""
+    res = _run_together(("init", s3_store_uri), ("init", s3_store_uri))
+    assert sorted(r[0] for r in res) == [0, 2], [r[2] for r in res]
+    created, refused = sorted(res, key=lambda r: r[0])
+    assert "a store already exists here" in one_line_error(refused[2])
+    assert open_store(s3_store_uri).store_id == json.loads(created[1])["store_id"]
+    with pytest.raises(LmatError, match="s3://no-such-bucket-lmat/store/_lmat.json: .*NoSuchBucket"):
+        init_store("s3://no-such-bucket-lmat/store")
+
+
 def test_ingest_and_two_publishes_at_once(s3_store_uri: str, tmp_path: Path) -> None:
     """An ingest and two publishes race. Whatever the order: watermarks strictly increase (a
     publish whose watermark is no longer above the newest is refused: exit 2, one line naming

@@ -498,10 +498,11 @@ def init_store(
     }
     payload = json.dumps(meta, indent=2).encode()
     if _is_uri(root):
-        fs, path = pafs.FileSystem.from_uri(root)
-        fs.create_dir(path, recursive=True)
-        with fs.open_output_stream(f"{path}/{META_FILE}") as f:
-            f.write(payload)
+        from lmat_platform.store.lease import create_if_absent
+
+        # A conditional create: of two concurrent inits, one creates the store, one is refused.
+        if not create_if_absent(root, META_FILE, payload):
+            raise StoreExistsError(f"{root}: a store already exists here")
     else:
         local = root.removeprefix("file://")
         if os.path.exists(local) and not os.path.isdir(local):

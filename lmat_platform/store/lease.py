@@ -153,20 +153,31 @@ def check_lease(root: str) -> None:
         lease.check()
 
 
-class _LeaseObject:
-    """The lease object on S3 and the three conditional operations on it."""
+def create_if_absent(root: str, name: str, data: bytes) -> bool:
+    """Create object ``name`` under the ``s3://`` store ``root`` unless it exists (one
+    ``If-None-Match: *`` PUT): True if this call created it; of concurrent callers, one is."""
+    return _LeaseObject(root, name).put_bytes(data, if_match=None) is not None
 
-    def __init__(self, root: str):
+
+class _LeaseObject:
+    """The lease object (or another object of the store) on S3, and conditional writes of it."""
+
+    def __init__(self, root: str, name: str = LEASE_FILE):
         scheme, _, rest = root.partition("://")
         bucket, _, prefix = rest.partition("/")
         if scheme.lower() not in _S3_SCHEMES or not bucket:
             raise LmatError(
                 f"{root}: writing needs a store lease, which lmat has for s3:// stores only"
             )
-        self.uri = f"{root.rstrip('/')}/{LEASE_FILE}"
+        self.uri = f"{root.rstrip('/')}/{name}"
         self.bucket = bucket
-        self.key = f"{prefix.strip('/')}/{LEASE_FILE}" if prefix.strip("/") else LEASE_FILE
+        self.key = f"{prefix.strip('/')}/{name}" if prefix.strip("/") else name
         self.client = _s3_client()
+
+    def _error(self, what: str, e: Exception) -> LmatError:
+        code, status = self._code(e)
+        why = f"{code} (HTTP {status})" if code else str(e)
+        return LmatError(f"{self.uri}: could not {what} it: {why}")
 
     @staticmethod
     def _code(e: Exception) -> tuple[str, int]:
@@ -178,15 +189,17 @@ class _LeaseObject:
 
     def read(self) -> _Seen | None:
         """The lease as it is now; None if there is none."""
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             r = self.client.get_object(Bucket=self.bucket, Key=self.key)
         except ClientError as e:
             code, status = self._code(e)
-            if status == 404 or code in ("NoSuchKey", "404", "NotFound"):
+            if code != "NoSuchBucket" and (status == 404 or code in ("NoSuchKey", "NotFound")):
                 return None
-            raise
+            raise self._error("read", e) from e
+        except BotoCoreError as e:
+            raise self._error("read", e) from e
         body = r["Body"].read()
         modified: _dt.datetime = r["LastModified"]
         date = r.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
@@ -198,14 +211,17 @@ class _LeaseObject:
     def put(self, info: LeaseInfo, *, if_match: str | None) -> str | None:
         """Write ``info`` if the lease is absent (``if_match`` None) or still has ETag
         ``if_match``; its new ETag, or None when the condition failed."""
-        from botocore.exceptions import ClientError
+        return self.put_bytes(info.to_bytes(), if_match=if_match)
+
+    def put_bytes(self, data: bytes, *, if_match: str | None) -> str | None:
+        from botocore.exceptions import BotoCoreError, ClientError
 
         cond = {"IfMatch": if_match} if if_match is not None else {"IfNoneMatch": "*"}
         try:
             r = self.client.put_object(
                 Bucket=self.bucket,
                 Key=self.key,
-                Body=info.to_bytes(),
+                Body=data,
                 ContentType="application/json",
                 **cond,
             )
@@ -213,11 +229,13 @@ class _LeaseObject:
             code, status = self._code(e)
             # 412: the condition failed; 409: a concurrent conditional write is in flight
             # (S3 answers ConditionalRequestConflict); 404: If-Match on a lease gone since.
-            if status in (404, 409, 412) or code in (
+            if code != "NoSuchBucket" and (status in (404, 409, 412) or code in (
                 "PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"
-            ):
+            )):
                 return None
-            raise
+            raise self._error("write", e) from e
+        except BotoCoreError as e:
+            raise self._error("write", e) from e
         return str(r["ETag"])
 
 
