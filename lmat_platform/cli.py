@@ -276,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verbose", dest="ui_verbose", action="store_true",
                    help="show Dagster's own log (default: in files under dagster_home/)")
     s.set_defaults(func=cmd_ui)
+
+    from lmat_platform.summaries.commands import add_commands as add_summary_commands
+
+    add_summary_commands(sub, _progress)  # train-summarizer, summarize (VISTA)
     return p
 
 

@@ -302,3 +302,28 @@ def _one_thread() -> object:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def test_cli_summarize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from tests.helpers import one_line_error, run_main
+
+    store = lmat.init_store(str(tmp_path / "s"), n_buckets=2, row_group_rows=64)
+    pq.write_table(_events(4), str(tmp_path / "e.parquet"))
+    lmat.ingest_files(store, [str(tmp_path / "e.parquet")])
+    for k in range(2):
+        lmat.publish_snapshot(store, _watermark(k))
+    rc, out, err = run_main(capsys, ["summarize", store.root, "--model", "m"])
+    assert rc == 2 and "no summarizer registered" in one_line_error(err) and out == ""
+    v = register_summarizer(store, "m", Summarizer(CFG))
+    rc, out, err = run_main(capsys, ["summarize", store.root, "--model", "m", "--check",
+                                     "--publish-delay-minutes", "30"])
+    assert rc == 0, err
+    got = json.loads(out)
+    assert got["version"] == v and [c["snapshot_id"] for c in got["computed"]] == [0, 1]
+    assert got["check"]["ok"] and got["snapshots"] == 2
+    assert [e.published_at for e in summary_registry(store, v)] == [
+        _watermark(k) + 30 * 60_000_000 for k in range(2)]
+    rc, out, _ = run_main(capsys, ["summarize", store.root, "--model", "m"])
+    assert rc == 0 and json.loads(out)["computed"] == []

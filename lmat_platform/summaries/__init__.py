@@ -1,44 +1,44 @@
 """The summary tier (VISTA, spec section 10): versioned, incremental, point-in-time summaries
-of whole histories, and what the reader needs to serve them."""
+of whole histories, and what the reader needs to serve them.
 
-from lmat_platform.summaries.serving import (
-    ServedSummaries,
-    ServingReport,
-    SummaryServer,
-    check_served,
-)
-from lmat_platform.summaries.tier import (
-    SUMMARY_TABLES,
-    RecomputeReport,
-    SummaryError,
-    SummaryRegistryEntry,
-    compute_pending,
-    compute_summaries,
-    load_summarizer,
-    recompute_check,
-    register_summarizer,
-    resolve_version,
-    storage_report,
-    summarizer_versions,
-    summary_registry,
-)
+* :mod:`~lmat_platform.summaries.tier`: summarizers, the tier's tables, incremental computation,
+  the from-scratch recompute check, storage;
+* :mod:`~lmat_platform.summaries.serving`: point-in-time serving and its check;
+* :mod:`~lmat_platform.summaries.commands`: ``lmat train-summarizer`` and ``lmat summarize``.
 
-__all__ = [
-    "SUMMARY_TABLES",
-    "RecomputeReport",
-    "ServedSummaries",
-    "ServingReport",
-    "SummaryError",
-    "SummaryRegistryEntry",
-    "SummaryServer",
-    "check_served",
-    "compute_pending",
-    "compute_summaries",
-    "load_summarizer",
-    "recompute_check",
-    "register_summarizer",
-    "resolve_version",
-    "storage_report",
-    "summarizer_versions",
-    "summary_registry",
-]
+Names are loaded on first use: the tier imports torch, and ``lmat`` must start without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "ServedSummaries": "serving",
+    "ServingReport": "serving",
+    "SummaryServer": "serving",
+    "check_served": "serving",
+    "SUMMARY_TABLES": "tier",
+    "RecomputeReport": "tier",
+    "SummaryError": "tier",
+    "SummaryRegistryEntry": "tier",
+    "compute_pending": "tier",
+    "compute_summaries": "tier",
+    "load_summarizer": "tier",
+    "recompute_check": "tier",
+    "register_summarizer": "tier",
+    "resolve_version": "tier",
+    "storage_report": "tier",
+    "summarizer_versions": "tier",
+    "summary_registry": "tier",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'lmat_platform.summaries' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"lmat_platform.summaries.{mod}"), name)
