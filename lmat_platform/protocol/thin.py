@@ -1,17 +1,21 @@
 """Thin example tables: the streaming path (``log``) and the batch path (``examples``).
 
 A thin row is the request's own columns plus the versioned pointer, clustered by the user
-bucket of the UIH tier::
+bucket of the UIH tier. On the streaming path a user's tail events are stored once per file,
+in the lists of the user's first row, in arrival order; each row points at its run of them
+(thin format 2)::
 
-    request_id | user_id | request_ts | bucket | snapshot_id | head_len | head_checksum | tail_len | tail_item_id | ...
-    -----------+---------+------------+--------+-------------+----------+---------------+----------+--------------+----
-    17         | 42      | T          | 3      | 5           | 1203     | 0x9c..        | 2        | [i1, i2]     |    streaming
-    18         | 42      | T'         | 3      | 5           | 1203     | 0x9c..        | null     | null         |    batch
+    request_id | user_id | request_ts | snapshot_id | head_len | head_checksum | tail_len | tail_block | tail_start | tail_item_id
+    -----------+---------+------------+-------------+----------+---------------+----------+------------+------------+-------------
+    17         | 42      | T1         | 5           | 1203     | 0x9c..        | 2        | 17         | 0          | [i1, i2, i3]   streaming
+    19         | 42      | T2         | 5           | 1203     | 0x9c..        | 3        | 17         | 0          | []             streaming
+    18         | 42      | T'         | 5           | 1203     | 0x9c..        | null     | null       | null       | null           batch
 
-On the streaming path ``tail`` is the physical copy of the events with ``W_S <= arrival_ts < T``
-that serving saw, stored as one list column per event field (``tail_item_id``, ...) with its
-length in ``tail_len``; on the batch path ``tail_len`` is null and the tail is read from the
-raw log.
+Request 17's tail is ``[i1, i2]``, request 19's ``[i1, i2, i3]``: the events with
+``W_S <= arrival_ts < T`` that serving saw, one list column per event field (``tail_item_id``,
+...). A row with a null ``tail_block`` holds its own tail in its lists (thin format 1, written
+before; still read). On the batch path ``tail_len`` is null and the tail is read from the raw
+log.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ TAIL_PREFIX = "tail_"
 #: ``tail_start`` on. Rows with a null ``tail_block`` hold their own tail (format 1, or none).
 TAIL_BLOCK = "tail_block"
 TAIL_START = "tail_start"
-#: The thin format ``log`` writes (recorded in each commit's metadata as ``lmat.thin_format``).
+#: The thin format ``log`` and ``examples`` write, recorded in each commit's metadata as
+#: ``lmat.thin_format`` (readers go by each row's columns: both formats mix in one table).
 THIN_FORMAT = 2
 #: ``ROW_ORDER`` (the order of a thin file's rows) and ``thin_writer_properties`` live with the
 #: store's registry of thin tables (:mod:`lmat_platform.store.thin_registry`): deletion
@@ -319,7 +324,8 @@ def write_thin(
             {STORE_ID_KEY: store.store_id, "kind": "lmat thin examples"}
         ),
         schema_mode="merge" if existing is not None else None,
-        commit_properties=CommitProperties(custom_metadata={"lmat.op": path}),
+        commit_properties=CommitProperties(custom_metadata={
+            "lmat.op": path, "lmat.thin_format": str(THIN_FORMAT)}),
         writer_properties=thin_writer_properties(),
         storage_options=storage_options(),
     )
