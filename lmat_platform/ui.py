@@ -231,7 +231,7 @@ def prepare(
     logfile = target.dagster_home / "bootstrap.log"
     say(
         f"first start: materializing the asset graph and running its checks for {len(days)} days "
-        f"(about a minute; log: {'here' if verbose else logfile})"
+        f"(a minute or more on 2 cores; log: {'here' if verbose else logfile})"
     )
     t0 = time.monotonic()
     code = _run_child(

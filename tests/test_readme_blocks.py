@@ -110,6 +110,20 @@ def test_slow_block_runs_as_written(block: Block, tmp_path: Path) -> None:
             assert got.returncode == 0, f"README line {b.line}:\n{got.stderr[-3000:]}"
 
 
+def test_the_markers_the_readme_names_select_tests() -> None:
+    """`pytest -m slow` and `pytest -m bench` (named in the README) each select real tests; the
+    modules carrying each marker are counted from the source, without collecting the suite."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    tests = Path(__file__).resolve().parent
+    for mark in ("slow", "bench"):
+        assert f"pytest -m {mark}" in text
+        users = [p.name for p in sorted(tests.glob("test_*.py"))
+                 if re.search(rf"pytest\.mark\.{mark}\b", p.read_text())]
+        assert users, f"no test is marked {mark}, so `pytest -m {mark}` selects nothing"
+
+
 def test_demo_command_is_the_readme_line() -> None:
     assert demo_command() == ".venv/bin/lmat demo"
 
