@@ -1,0 +1,348 @@
+"""Passes that keep nothing from earlier passes, worker processes, and a training loop's data
+stall (issue 16), on the suite's standard 3-tenant workload (:mod:`bench.workload`).
+
+Run on demand::
+
+    python -m bench.cold_pass                    # default scale, about 10 minutes on 2 cores
+    python -m bench.cold_pass --scale tiny       # seconds (what the smoke test runs)
+    python -m bench.cold_pass --workdir DIR      # reuse a workload built there earlier
+
+Every figure comes from a fresh subprocess per (reader, tenant), so nothing is shared between
+readers, and the readers alternate round by round (``--rounds``), so the machine's noise falls
+on all of them alike; each figure is the median over rounds of the median of ``--reps`` passes:
+
+* ``fat_union``: the union fat rows (max_len 16384, every tenant's columns, one file per
+  training day), pyarrow to torch, lists cut to the tenant's max_len;
+* ``fat_own``: a fat file cut to the tenant's own length and columns (``write_fat_rows``);
+* ``lmat_warm``: :class:`SequenceLoader`, a later pass of one process, decoded cache on
+  (``LMAT_DECODE_CACHE_MB`` default: the tier's row groups, decoded thin rows and prepared
+  units kept from the earlier pass). Labelled warm: a training job's later epochs;
+* ``lmat_cold_wN``: the same with ``LMAT_DECODE_CACHE_MB=0`` (every pass decodes, checks and
+  looks up again; files in the OS page cache, as for the fat readers), ``num_workers`` N
+  (0, 1, 2), passes after the process's first (worker processes persist across passes);
+* ``first_batch_s``: time from ``SequenceLoader(...)`` to its first batch in a fresh process
+  with the cache off (imports done before; with workers, their start included);
+* ``stall``: a training loop whose step keeps the main process busy (a spin, holding the GIL
+  as Python training code does) for ``--step-factor`` (2) times the time a single-process
+  cache-off reader needs per batch, measured just before in the same process; reported is the
+  share of the loop's time spent waiting for the next batch, with 0 and 2 workers.
+
+Also the thin bytes of the workload: streaming thin rows (tails stored once per user and
+file), batch-path thin rows and the UIH tier, per request. Writes ``--out`` (JSON) and prints
+a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("bench.cold_pass")
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCH = 512
+READERS = ("fat_union", "fat_own", "lmat_warm", "lmat_cold_w0", "lmat_cold_w1", "lmat_cold_w2")
+
+
+# ------------------------------------------------------------------------------ children
+
+
+def _tenant(name: str) -> Any:
+    from bench.workload import TENANTS
+
+    return next(t for t in TENANTS if t.name == name)
+
+
+def _passes(make: Any, reps: int) -> dict[str, Any]:
+    """One untimed pass, then ``reps`` timed ones of ``make()``'s batches."""
+    secs: list[float] = []
+    n = 0
+    first = None
+    for i in range(reps + 1):
+        t0 = time.perf_counter()
+        n = 0
+        for b in make():
+            if first is None:
+                first = time.perf_counter() - t0
+            n += len(b)
+        if i:
+            secs.append(time.perf_counter() - t0)
+    med = statistics.median(secs)
+    return {"examples": n, "seconds": med, "all_seconds": [round(s, 4) for s in secs],
+            "examples_per_s": n / med, "first_pass_first_batch_s": first}
+
+
+def child_fat(setup: dict[str, Any], tenant: str, which: str, reps: int) -> dict[str, Any]:
+    from bench.bench_reader import fat_batches
+    from bench.peers import fat_union_batches
+
+    t = _tenant(tenant)
+    if which == "fat_union":
+        return _passes(lambda: fat_union_batches(setup["fat_files"], t, BATCH), reps)
+    own = setup["fat_own"][tenant]
+    return _passes(lambda: fat_batches(own, list(t.columns), BATCH), reps)
+
+
+def child_lmat(setup: dict[str, Any], tenant: str, workers: int, reps: int) -> dict[str, Any]:
+    from lmat_platform.reader import SequenceLoader
+
+    t = _tenant(tenant)
+    t0 = time.perf_counter()
+    loader = SequenceLoader(setup["store"], setup["thin"], tenant=t, batch_size=BATCH,
+                            num_workers=workers)
+    it = iter(loader)
+    next(it)
+    first = time.perf_counter() - t0
+    for _ in it:
+        pass
+    first_pass = time.perf_counter() - t0
+    out = _passes(lambda: loader, reps)
+    loader.close()
+    out["first_batch_s"] = first
+    out["first_pass_s"] = first_pass
+    return out
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def child_stall(setup: dict[str, Any], tenant: str, factor: float, passes: int) -> dict[str, Any]:
+    """The training loop: a step of ``factor`` x the single-process reader's time per batch."""
+    from lmat_platform.reader import SequenceLoader
+
+    t = _tenant(tenant)
+    single = SequenceLoader(setup["store"], setup["thin"], tenant=t, batch_size=BATCH)
+    for _ in single:  # start-up
+        pass
+    secs, nb = [], 0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        nb = sum(1 for _ in single)
+        secs.append(time.perf_counter() - t0)
+    per_batch = statistics.median(secs) / nb
+    step = factor * per_batch
+    out: dict[str, Any] = {"reader_s_per_batch": per_batch, "step_s": step, "batches": nb}
+    for workers in (0, 2):
+        loader = SequenceLoader(setup["store"], setup["thin"], tenant=t, batch_size=BATCH,
+                                num_workers=workers)
+        for _ in loader:  # the first pass starts the workers; not timed
+            pass
+        waits, totals = [], []
+        for _ in range(passes):
+            wait = 0.0
+            t0 = time.perf_counter()
+            it = iter(loader)
+            while True:
+                a = time.perf_counter()
+                try:
+                    b = next(it)
+                except StopIteration:
+                    break
+                wait += time.perf_counter() - a
+                _spin(step)
+                del b
+            totals.append(time.perf_counter() - t0)
+            waits.append(wait)
+        loader.close()
+        out[f"w{workers}"] = {
+            "wait_share": statistics.median(w / tt for w, tt in zip(waits, totals, strict=True)),
+            "all_wait_shares": [round(w / tt, 4) for w, tt in zip(waits, totals, strict=True)],
+            "loop_s": statistics.median(totals),
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------ driver
+
+
+def build(work: Path, scale_name: str) -> dict[str, Any]:
+    """The suite's workload plus one fat file per tenant cut to its own length (reused when
+    ``work`` holds one already)."""
+    import pyarrow.parquet as pq
+
+    from bench.workload import SCALES, TENANTS, build_union_workload, dir_bytes
+
+    done = work / "cold_setup.json"
+    if done.exists():
+        return json.loads(done.read_text())  # type: ignore[no-any-return]
+    from lmat_platform.fatrows import write_fat_rows
+    from lmat_platform.store import open_store
+
+    b = build_union_workload(work, SCALES[scale_name])
+    st = open_store(b.store)
+    req = pq.read_table(b.requests_file)
+    own = {}
+    for t in TENANTS:
+        own[t.name] = str(work / f"fat-own-{t.name}.parquet")
+        write_fat_rows(st, req, t, own[t.name])
+    setup = {
+        "store": b.store, "thin": b.thin, "fat_files": b.fat_files, "fat_own": own,
+        "requests": b.requests, "events": b.events, "config": b.config,
+        "bytes": {
+            "thin_streaming": dir_bytes(b.thin), "thin_batch": dir_bytes(work / "thin-batch"),
+            "uih": dir_bytes(Path(b.store) / "uih"),
+            "fat_union": sum(dir_bytes(f) for f in b.fat_files),
+            **{f"fat_own_{k}": dir_bytes(v) for k, v in own.items()},
+        },
+    }
+    done.write_text(json.dumps(setup))
+    return setup
+
+
+def _child(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.cold_pass", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT,
+                         env={**os.environ, **(env or {})})
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def run(work: Path, scale_name: str, rounds: int, reps: int, factor: float,
+        stall_passes: int) -> dict[str, Any]:
+    from bench.workload import TENANTS
+
+    setup = build(work, scale_name)
+    sf = work / "cold_setup.json"
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        t.name: {r: [] for r in READERS} for t in TENANTS}
+    for rnd in range(rounds):
+        for t in TENANTS:
+            for r in READERS:
+                log.info("round %d: %s %s", rnd, t.name, r)
+                base = ["--child", r, "--setup", str(sf), "--tenant", t.name, "--reps", str(reps)]
+                env = {"LMAT_DECODE_CACHE_MB": "0"} if r.startswith("lmat_cold") else {}
+                runs[t.name][r].append(_child(base, env))
+                # What is measured so far, in case the run is cut short.
+                (work / "cold_partial.json").write_text(json.dumps(runs))
+    stall = {}
+    for t in TENANTS:
+        log.info("stall: %s", t.name)
+        stall[t.name] = _child(["--child", "stall", "--setup", str(sf), "--tenant", t.name,
+                                "--factor", str(factor), "--reps", str(stall_passes)],
+                               {"LMAT_DECODE_CACHE_MB": "0"})
+    table: dict[str, dict[str, Any]] = {}
+    for t in TENANTS:
+        row: dict[str, Any] = {}
+        for r in READERS:
+            got = runs[t.name][r]
+            row[r] = statistics.median(g["examples_per_s"] for g in got)
+            if r.startswith("lmat_cold"):
+                row[f"{r}_first_batch_s"] = statistics.median(g["first_batch_s"] for g in got)
+        row["cold_over_fat_union"] = row["lmat_cold_w0"] / row["fat_union"]
+        row["cold_over_fat_own"] = row["lmat_cold_w0"] / row["fat_own"]
+        row["w2_over_w0"] = row["lmat_cold_w2"] / row["lmat_cold_w0"]
+        table[t.name] = row
+    n = setup["requests"]
+    by = setup["bytes"]
+    thin = {
+        "requests": n,
+        "streaming_thin_bytes_per_request": by["thin_streaming"] / n,
+        "batch_thin_bytes_per_request": by["thin_batch"] / n,
+        "uih_bytes_per_request": by["uih"] / n,
+        "streaming_over_batch": by["thin_streaming"] / max(by["thin_batch"], 1),
+        "streaming_over_uih": by["thin_streaming"] / max(by["uih"], 1),
+    }
+    return {"setup": setup, "rounds": rounds, "reps": reps, "table": table, "runs": runs,
+            "stall": stall, "thin_bytes": thin, "cpu_count": os.cpu_count(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def markdown(res: dict[str, Any]) -> str:
+    from bench.workload import TENANTS
+
+    names = [t.name for t in TENANTS]
+    lens = {t.name: t.max_len for t in TENANTS}
+    head = "| reader | " + " | ".join(f"{n} ({lens[n]})" for n in names) + " |"
+    out = [head, "|---|" + "---:|" * len(names)]
+    label = {
+        "fat_union": "union fat rows, pyarrow to torch (examples/s)",
+        "fat_own": "fat file cut to the tenant's length",
+        "lmat_cold_w0": "lmat, decoded cache off, later pass (`num_workers=0`)",
+        "lmat_cold_w1": "lmat, decoded cache off, later pass (`num_workers=1`)",
+        "lmat_cold_w2": "lmat, decoded cache off, later pass (`num_workers=2`)",
+        "lmat_warm": "lmat, **warm**: later pass, decoded cache on",
+    }
+    tab = res["table"]
+    for r in ("fat_union", "fat_own", "lmat_cold_w0", "lmat_cold_w1", "lmat_cold_w2",
+              "lmat_warm"):
+        out.append(f"| {label[r]} | " + " | ".join(f"{tab[n][r] / 1e3:,.1f}K" for n in names)
+                   + " |")
+    for w in (0, 2):
+        out.append(f"| lmat, first batch of a fresh process, cache off (`num_workers={w}`) | "
+                   + " | ".join(f"{tab[n][f'lmat_cold_w{w}_first_batch_s']:.2f} s"
+                                for n in names) + " |")
+    out.append("| cache off / union fat | " + " | ".join(
+        f"{tab[n]['cold_over_fat_union']:.1f}x" for n in names) + " |")
+    out.append("| cache off / own-length fat | " + " | ".join(
+        f"{tab[n]['cold_over_fat_own']:.2f}x" for n in names) + " |")
+    out.append("| 2 workers / 0 workers (cache off) | " + " | ".join(
+        f"{tab[n]['w2_over_w0']:.2f}x" for n in names) + " |")
+    st = res["stall"]
+    out.append("| training loop, step = 2x reader time: data-wait share, 0 workers | " + " | ".join(
+        f"{100 * st[n]['w0']['wait_share']:.1f}%" for n in names) + " |")
+    out.append("| the same, 2 workers | " + " | ".join(
+        f"{100 * st[n]['w2']['wait_share']:.1f}%" for n in names) + " |")
+    tb = res["thin_bytes"]
+    out.append("")
+    out.append(f"Thin bytes per request ({tb['requests']:,} requests): streaming "
+               f"{tb['streaming_thin_bytes_per_request']:.0f} B, batch "
+               f"{tb['batch_thin_bytes_per_request']:.0f} B "
+               f"(streaming / batch {tb['streaming_over_batch']:.2f}x); UIH tier "
+               f"{tb['uih_bytes_per_request']:.0f} B (streaming / tier "
+               f"{tb['streaming_over_uih']:.2f}x).")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--scale", default="default", help="bench.workload scale (tiny|default|large)")
+    p.add_argument("--workdir", default=None, help="where the workload is (or is built)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cold_pass.json"))
+    p.add_argument("--rounds", type=int, default=2, help="rounds of every reader (alternated)")
+    p.add_argument("--reps", type=int, default=3, help="timed passes per child (median)")
+    p.add_argument("--factor", type=float, default=2.0,
+                   help="training step / single-process reader time per batch")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--setup", help=argparse.SUPPRESS)
+    p.add_argument("--tenant", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        setup = json.loads(Path(args.setup).read_text())
+        if args.child.startswith("fat"):
+            res = child_fat(setup, args.tenant, args.child, args.reps)
+        elif args.child == "lmat_warm":
+            res = child_lmat(setup, args.tenant, 0, args.reps)
+        elif args.child.startswith("lmat_cold_w"):
+            res = child_lmat(setup, args.tenant, int(args.child[-1]), args.reps)
+        elif args.child == "stall":
+            res = child_stall(setup, args.tenant, args.factor, args.reps)
+        else:
+            raise SystemExit(f"--child: unknown reader {args.child!r}")
+        print(json.dumps(res))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="lmat-cold-"))
+    res = run(work, args.scale, args.rounds, args.reps, args.factor, stall_passes=2)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    md = markdown(res)
+    Path(args.out).with_suffix(".md").write_text(md + "\n")
+    print(md)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
