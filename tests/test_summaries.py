@@ -327,3 +327,24 @@ def test_cli_summarize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         _watermark(k) + 30 * 60_000_000 for k in range(2)]
     rc, out, _ = run_main(capsys, ["summarize", store.root, "--model", "m"])
     assert rc == 0 and json.loads(out)["computed"] == []
+
+
+def test_snapshot_published_after_server_built(tmp_path: Path) -> None:
+    """Events of a snapshot published after the server was pinned are read once (raw log),
+    not twice (raw log and tier)."""
+    store = lmat.init_store(str(tmp_path / "s"), n_buckets=2, row_group_rows=64)
+    ev = _events(5)
+    pq.write_table(ev, str(tmp_path / "e.parquet"))
+    lmat.ingest_files(store, [str(tmp_path / "e.parquet")])
+    register_summarizer(store, "m", Summarizer(CFG))
+    lmat.publish_snapshot(store, _watermark(0))
+    lmat.summaries.compute_pending(store, lmat.summaries.resolve_version(store, "m"),
+                                   publish_delay_us=0)
+    tenant = parse_tenants({"tenants": [{"name": "t", "columns": ["item_id"], "max_len": 500,
+                                         "summary": {"model": "m", "tail_len": 500}}]})["t"]
+    server = SummaryServer(store, tenant)
+    lmat.publish_snapshot(store, _watermark(1))
+    t = _watermark(1) + HOUR_US
+    got = server.serve(np.array([2]), np.array([t]))
+    assert got.snapshot_id[0] == 0
+    assert got.tail_values["item_id"].tolist() == _naive_tail(ev, 2, t, _watermark(0), 500)

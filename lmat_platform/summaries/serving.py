@@ -38,6 +38,7 @@ from lmat_platform.exceptions import TenantError
 from lmat_platform.protocol.pointers import HeadIndex
 from lmat_platform.protocol.thin import read_raw_range
 from lmat_platform.store.core import Store, as_store, delta_dataset
+from lmat_platform.store.deletion import pending_users
 from lmat_platform.store.snapshots import list_snapshots
 from lmat_platform.summaries.tier import (
     _tier_rows,
@@ -136,6 +137,13 @@ class SummaryServer:
         wm = np.full(b, _NO_TIME, np.int64)
         wm[s >= 0] = self.watermarks[s[s >= 0]]
         lens, values = self._tails(users, ts, s, wm)
+        # A user whose forget is under way is served nothing (as every reader does).
+        gone = np.isin(users, pending_users(self.store))
+        if gone.any():
+            summary[gone], mask[gone], head_len[gone], head_cs[gone] = 0, False, 0, 0
+            keep = np.repeat(~gone, lens)
+            values = {c: v[keep] for c, v in values.items()}
+            lens = np.where(gone, 0, lens)
         return ServedSummaries(self.version, summary, mask, s, head_len, head_cs, pub, wm,
                                lens, values)
 
@@ -168,8 +176,10 @@ class SummaryServer:
         # Tier rows of the snapshots after the oldest S served (they arrived at or after W_S).
         bk = bucket_of(uu, self.store.n_buckets)
         for bb in np.unique(bk).tolist():
-            t = _tier_rows(self.store, int(bb), uu[bk == bb], lo=smin + 1, hi=2**31 - 1,
-                           columns=need)
+            # Only snapshots pinned at build: a later one's events are still read from the
+            # raw log below (from the pinned newest watermark on), not twice.
+            t = _tier_rows(self.store, int(bb), uu[bk == bb], lo=smin + 1,
+                           hi=len(self.watermarks) - 1, columns=need)
             parts.append(t.select(need))
         # The raw log's events not in any snapshot yet.
         lo = int(self.watermarks[-1]) if len(self.watermarks) else None
