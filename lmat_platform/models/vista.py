@@ -280,6 +280,7 @@ class Summarizer(nn.Module):
     def _seeds(self, kvs: list[torch.Tensor], n: torch.Tensor) -> torch.Tensor:
         s = self.seed[None].expand(len(n), -1, -1)
         for layer, kv in zip(self.layers, kvs, strict=True):
+            assert isinstance(layer, LinearAttentionLayer)
             s = layer.seeds(s, kv, n)
         return self.final(s) * (n > 0)[:, None, None].to(s.dtype)
 

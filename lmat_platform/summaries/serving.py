@@ -191,8 +191,9 @@ class SummaryServer:
         eu = ev.column("user_id").to_numpy()
         arr = ev.column("arrival_ts").to_numpy()
         ets = ev.column("event_ts").to_numpy()
-        keep_a = (np.ones(len(eu), bool) if self.tenant.actions is None else
-                  np.isin(ev.column("action").to_numpy(), self.tenant.action_array))
+        acts = self.tenant.action_array
+        keep_a = (np.ones(len(eu), bool) if acts is None else
+                  np.isin(ev.column("action").to_numpy(), acts))
         win = self.tenant.window_us
         starts = np.searchsorted(eu, users, side="left")
         ends = np.searchsorted(eu, users, side="right")
