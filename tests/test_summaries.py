@@ -348,3 +348,25 @@ def test_snapshot_published_after_server_built(tmp_path: Path) -> None:
     got = server.serve(np.array([2]), np.array([t]))
     assert got.snapshot_id[0] == 0
     assert got.tail_values["item_id"].tolist() == _naive_tail(ev, 2, t, _watermark(0), 500)
+
+
+def test_tail_goes_through_the_tenant_projection(built: tuple[Store, str, pa.Table]) -> None:
+    """The tail keeps the tenant's actions and window, then its last min(tail_len, max_len)."""
+    store, _, ev = built
+    tenant = parse_tenants({"tenants": [{
+        "name": "p", "columns": ["item_id", "action"], "max_len": 3, "actions": [1, 2],
+        "window_days": 0.25, "summary": {"model": "vista", "tail_len": 10}}]})["p"]
+    t = _watermark(1) + LAG // 2  # summary of snapshot 0 served (Q_1 > t)
+    users = np.arange(1, N_USERS + 1)
+    got = SummaryServer(store, tenant).serve(users, np.full(N_USERS, t))
+    pos = 0
+    for i, u in enumerate(users.tolist()):
+        rows = [r for r in ev.to_pylist() if r["user_id"] == u and r["arrival_ts"] < t
+                and r["arrival_ts"] >= _watermark(0) and r["action"] in (1, 2)
+                and r["event_ts"] >= t - 6 * HOUR_US]
+        rows.sort(key=lambda r: (r["event_ts"], r["event_id"]))
+        want = rows[-3:]
+        n = int(got.tail_lengths[i])
+        assert got.tail_values["item_id"][pos:pos + n].tolist() == [r["item_id"] for r in want]
+        assert got.tail_values["action"][pos:pos + n].tolist() == [r["action"] for r in want]
+        pos += n
