@@ -428,8 +428,9 @@ class TargetAttentionRanker(nn.Module):
 
     For candidate c of request b: ``o = softmax(e_c W_q [S_b; T_b]^T) [S_b; T_b] W_v`` over the
     K summary tokens ``S_b`` (projected) and the tail events ``T_b`` (item embedding plus a
-    recency position), masked where absent; score = ``<e_c, W_o o> + b_c``. Candidates are
-    independent: cost per candidate is O((K + N) d).
+    recency position), masked where absent, with values ``W_v = MLP(memory)`` (computed once per
+    request, not per candidate); score = ``<e_c, o> + b_c``. Candidates are independent: cost
+    per candidate is O((K + N) d).
     """
 
     def __init__(self, cfg: RankerConfig):
@@ -442,8 +443,7 @@ class TargetAttentionRanker(nn.Module):
         self.kind = nn.Embedding(2, cfg.d)
         self.q = nn.Linear(cfg.d, cfg.d)
         self.k = nn.Linear(cfg.d, cfg.d)
-        self.v = nn.Linear(cfg.d, cfg.d)
-        self.o = nn.Sequential(nn.Linear(cfg.d, cfg.d), nn.SiLU(), nn.Linear(cfg.d, cfg.d))
+        self.v = nn.Sequential(nn.Linear(cfg.d, cfg.d), nn.SiLU(), nn.Linear(cfg.d, cfg.d))
         self.bias = nn.Embedding(cfg.n_items, 1)
         nn.init.zeros_(self.bias.weight)
 
@@ -473,7 +473,7 @@ class TargetAttentionRanker(nn.Module):
         # A request with nothing to attend to reads a zero vector.
         logits = logits.masked_fill(~m[:, None, :], float("-inf"))
         att = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
-        o = self.o(torch.einsum("bcm,bmd->bcd", att, v))
+        o = torch.einsum("bcm,bmd->bcd", att, v)
         b = self.bias(torch.remainder(candidates, self.cfg.n_items)).squeeze(-1)
         if shared:
             return torch.einsum("bcd,cd->bc", o, e) + b[None]
