@@ -138,15 +138,22 @@ def cmd_compact(a: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_info(a: argparse.Namespace) -> dict[str, Any]:
     from lmat_platform.store import disk_bytes, list_snapshots, open_store
+    from lmat_platform.store.snapshots import publish_intents
 
     st = open_store(a.store)
     snaps = list_snapshots(st)
+    # A publish that started and did not finish (ingest fences at its watermark until a re-run).
+    unfinished = {k: w for k, w in publish_intents(st).items() if k >= len(snaps)}
     return {
         "store": st.root,
         "store_id": st.store_id,
         "n_buckets": st.n_buckets,
         "snapshots": len(snaps),
         "latest_watermark": snaps[-1].watermark if snaps else None,
+        "unfinished_publish": (
+            {"snapshot_id": min(unfinished), "watermark": unfinished[min(unfinished)]}
+            if unfinished else None
+        ),
         "bytes": disk_bytes(st),
     }
 

@@ -391,6 +391,11 @@ def check_store(world: World, model: Model) -> list[str]:
         if held != below:
             problems.append(f"snapshot {s.snapshot_id} (W={s.watermark}): missing "
                             f"{sorted(below - held)[:5]}, unexpected {sorted(held - below)[:5]}")
+    from lmat_platform.store.thin_registry import registered_thin_tables
+
+    unregistered = {world.thin(n) for n in model.thin} - set(registered_thin_tables(store))
+    if unregistered:
+        problems.append(f"thin tables forget would not find: {sorted(unregistered)}")
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
         code = main(["validate", world.store])

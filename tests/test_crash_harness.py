@@ -8,6 +8,7 @@ writing command, killed after and before each commit, and writes the summary to
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lmat_platform.store import open_store
-from tests.crash_harness import SCENARIOS, Harness, write_summary
+from tests.crash_harness import SCENARIOS, Harness, Trial, write_summary
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +62,15 @@ def test_publish_interrupted_must_be_finished_with_its_watermark(harness: Harnes
     store = harness.world.store
     first = harness.runner.run(["snapshot", store, "--watermark", "3000"], kill_after=1)
     assert first.killed and len(first.commits) == 1
+    info = json.loads(harness.runner.run(["info", store]).stdout)
+    assert info["unfinished_publish"] == {"snapshot_id": 2, "watermark": 3000}
     other = harness.runner.run(["snapshot", store, "--watermark", "2500"])
     assert other.code == 2
     assert "interrupted at --watermark 3000" in other.stderr
     done = harness.runner.run(["snapshot", store, "--watermark", "3000"])
     assert done.code == 0, done.stderr
+    info = json.loads(harness.runner.run(["info", store]).stdout)
+    assert info["unfinished_publish"] is None and info["latest_watermark"] == 3000
 
 
 @pytest.mark.parametrize("name", ["snapshot", "ingest"])
@@ -78,11 +83,17 @@ def test_crash_sweep_default(harness: Harness, name: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_crash_sweep_full(tmp_path: Path) -> None:
     """Every writing command, killed after and before each of its commits."""
     h = Harness(tmp_path / "h")
+
+    def report(t: Trial) -> None:
+        if t.problems:
+            print(f"FAILED {t.scenario} {t.mode} {t.n}: {t.problems[:2]}", flush=True)
+
     try:
-        sweep = h.sweep(list(SCENARIOS), modes=("after", "before"))
+        sweep = h.sweep(list(SCENARIOS), modes=("after", "before"), progress=report)
     finally:
         h.close()
     out = os.environ.get("LMAT_CRASH_SUMMARY") or str(tmp_path / "crash-summary.json")
