@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from typing import Any
 
 from lmat_platform.exceptions import LmatError
 
@@ -35,8 +36,10 @@ def _writable(path: str) -> bool:
 def ensure_cache_dir() -> str | None:
     """Make sure numba can cache lmat's kernels; returns the fallback folder it was pointed
     at, or None when numba's own choices work (nothing changed)."""
-    from numba.core import config
+    from numba.core import config as _config
     from numba.misc.appdirs import AppDirs
+
+    config: Any = _config  # numba sets its settings at run time (no attributes for mypy)
 
     here = os.path.dirname(os.path.abspath(__file__))
     if config.CACHE_DIR and _writable(config.CACHE_DIR):

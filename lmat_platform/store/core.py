@@ -651,9 +651,7 @@ def install_commit_hooks() -> None:
     write = _hooked("write", orig_write)
     for mod in (deltalake, dwriter, dwriter_mod):
         mod.write_deltalake = write  # type: ignore[attr-defined]
-    dtxn.create_table_with_add_actions = _hooked(  # type: ignore[assignment]
-        "create", dtxn.create_table_with_add_actions
-    )
+    dtxn.create_table_with_add_actions = _hooked("create", dtxn.create_table_with_add_actions)
     for cls, names in (
         (dtable.DeltaTable, ("delete", "update", "restore", "repair", "vacuum",
                              "create_write_transaction", "create_checkpoint",
