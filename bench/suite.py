@@ -693,7 +693,6 @@ def _affinity(out: dict[str, Any], st: Any, rows: pa.Table, scale: Scale, b: Bui
 
 def ablations_section(b: Built, scale: Scale, rp: dict[str, Any]) -> dict[str, Any]:
     """Data affinity off/on and prefetch off/on."""
-    import pyarrow.dataset as pads
     from deltalake import DeltaTable
 
     from lmat_platform.store import open_store
@@ -703,7 +702,14 @@ def ablations_section(b: Built, scale: Scale, rp: dict[str, Any]) -> dict[str, A
     thin_ds = delta_dataset(DeltaTable(b.thin))
     req_ids = pq.read_table(b.requests_file, columns=["request_id"]).column("request_id")
     sample = _sample(req_ids.to_numpy(), scale.per_request_sample, 3)
-    rows = thin_ds.to_table(filter=pads.field("request_id").isin(pa.array(sample)))
+    # Each sampled row with its own tail (thin format 1): a per-request lookup reads that row
+    # alone, not the row of its user that stores the user's shared tail events.
+    from lmat_platform.reconstruct import own_tails
+
+    raw_dt = st.open_table("raw")
+    assert raw_dt is not None
+    rows = own_tails(thin_ds.to_table(), pa.schema(raw_dt.schema().to_arrow()))
+    rows = rows.filter(pa.compute.is_in(rows.column("request_id"), pa.array(sample)))
     out: dict[str, Any] = {"affinity": {}, "prefetch": {}}
     # Affinity is about decoding a bucket once for all its requests: measure both sides with
     # the decoded cache off, or "off" would be served from memory instead of re-read.

@@ -584,3 +584,41 @@ def test_shared_pool_budget_from_the_environment(monkeypatch: pytest.MonkeyPatch
     assert off.allocated == 0 and a.nbytes == MIN_BYTES
     assert buffers.shared_pool() is off
     monkeypatch.setattr(buffers, "_SHARED", None)
+
+
+def test_spans_sorted_and_block_sorted_tails_match_numpy() -> None:
+    """Per-span order checks, and each request's run of its block in (ts, id) order, against
+    a plain numpy reference on random blocks with ties and late events."""
+    import numpy as np
+
+    from lmat_platform.kernels import block_sorted_tails, spans_sorted
+
+    rng = np.random.default_rng(11)
+    sizes = rng.integers(0, 12, size=30)
+    b_lo = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    b_hi = (b_lo + sizes).astype(np.int64)
+    n = int(sizes.sum())
+    ts = rng.integers(0, 6, size=n).astype(np.int64)  # ties on ts; ids break them
+    ids = rng.permutation(n).astype(np.int64)
+    r_blk, r_lo, r_hi = [], [], []
+    for blk, (lo, hi) in enumerate(zip(b_lo, b_hi, strict=True)):
+        for _ in range(int(rng.integers(0, 4))):
+            a = int(rng.integers(lo, hi + 1))
+            r_blk.append(blk)
+            r_lo.append(a)
+            r_hi.append(int(rng.integers(a, hi + 1)))
+    r_blk_a, r_lo_a, r_hi_a = (np.array(x, dtype=np.int64) for x in (r_blk, r_lo, r_hi))
+    idx, start = block_sorted_tails(ts, ids, b_lo, b_hi, r_blk_a, r_lo_a, r_hi_a)
+    for j in range(len(r_blk)):
+        pos = np.arange(r_lo[j], r_hi[j])
+        want = pos[np.lexsort((ids[pos], ts[pos]))]
+        got = idx[start[j]:start[j] + len(pos)]
+        assert got.tolist() == want.tolist()
+    ok = spans_sorted(r_lo_a, r_hi_a, ts, ids)
+    for j in range(len(r_blk)):
+        pos = np.arange(r_lo[j], r_hi[j])
+        key = list(zip(ts[pos].tolist(), ids[pos].tolist(), strict=True))
+        assert bool(ok[j]) == (key == sorted(key))
+    with pytest.raises(ValueError, match="outside its block"):
+        block_sorted_tails(ts, ids, b_lo, b_hi, np.array([0]), np.array([0]),
+                           np.array([int(b_hi[0]) + 1]))
