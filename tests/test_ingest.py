@@ -504,15 +504,25 @@ def test_sigkill_part_way_leaves_whole_batches_and_a_rerun_completes(tmp_path: P
     paths, info = _batch_files(tmp_path / "in", 24, 300, seed=1)
     rng = random.Random(20240601)
     landed: list[int] = []
+    log_dir = Path(store.root) / "ingests" / "_delta_log"
+
+    def n_commits() -> int:
+        return len(list(log_dir.glob("*.json"))) if log_dir.exists() else 0
+
     for _ in range(5):
-        delay = rng.uniform(0.9, 1.5)
         p = subprocess.Popen(
             [sys.executable, "-c", _INGEST_SCRIPT, store.root, *paths],
             cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(delay)
+        # Kill once this run has recorded a file, then after a random extra delay, so the kill
+        # lands part way through a batch whatever the machine's load (fixed delays did not:
+        # under load every kill landed before the interpreter had imported lmat).
+        start = n_commits()
+        while p.poll() is None and n_commits() <= start:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.4))
         p.send_signal(signal.SIGKILL)
         p.wait()
         landed.append(len(check_whole_batches(store, info)))
