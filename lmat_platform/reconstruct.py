@@ -675,9 +675,14 @@ def _prepare(ctx: ReadContext, bucket: int, rows: pa.Table | ThinRows) -> Prepar
         h_users, h_cut = h_users[o], h_cut[o]
     starts = np.flatnonzero(np.r_[True, h_users[1:] != h_users[:-1]]) if len(h_users) else \
         np.zeros(0, dtype=np.int64)
+    files = ctx.files.get(bucket, []) if len(h_users) else []
+    if t.actions is None and len(h_users):
+        # Stripes of a compaction no request's last L can reach (uih.stripe_skippable).
+        s_min = int(S[has_head].min())
+        files = [f for f in files if not uih.stripe_skippable(f, L, s_min)]
     br = uih.read_bucket(
         ctx.store,
-        ctx.files.get(bucket, []) if len(h_users) else [],
+        files,
         users=h_users[starts],
         cutoffs=np.minimum.reduceat(h_cut, starts) if len(starts) else h_cut[:0],
         columns=t.columns,

@@ -125,3 +125,20 @@ def test_forget_removes_the_users_ids(tmp_path: Path) -> None:
     res = ingest_files(store, [_batch(tmp_path / "b.parquet", ids[:10], users=users[:10],
                                       ts0=10_000)])
     assert (res.accepted, res.duplicates) == (5, 5)
+
+
+def test_vacuum_keeps_the_index_caught_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmat_platform.store import publish_snapshot, vacuum
+
+    store = init_store(str(tmp_path / "s"), n_buckets=2, row_group_rows=64, retention_hours=0)
+    ingest_files(store, [_batch(tmp_path / "a.parquet", np.arange(0, 600))])
+    publish_snapshot(store, 10_000)
+    vacuum(store)  # retires the raw log's published rows and expires its log entries
+    assert read(store, "raw").num_rows == 0
+
+    def no_rebuild(*args: object, **kwargs: object) -> int:
+        raise AssertionError("the index was rebuilt")
+
+    monkeypatch.setattr(idindex, "rebuild", no_rebuild)
+    res = ingest_files(store, [_batch(tmp_path / "b.parquet", np.arange(500, 700), ts0=20_000)])
+    assert (res.accepted, res.duplicates) == (100, 100)  # retired ids are still duplicates

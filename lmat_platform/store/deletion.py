@@ -406,12 +406,18 @@ def vacuum(store: Store | str, *, retention_hours: int | None = None) -> dict[st
         raise LmatError(f"vacuum: --retention-hours must be >= 0, but got {hours}")
     out: dict[str, int] = {}
     with store.write_lock():
+        from lmat_platform.store import idindex
+
         if retention_hours is None:
             # One stored copy (spec 3): snapshots older than the store's retention leave the
             # raw log first, so this vacuum removes their raw files too.
             from lmat_platform.store.retention import retire_raw
 
             retire_raw(store)
+        # The accepted-id index follows the raw log's ingest commits; catch it up before
+        # their log entries expire below (else the next ingest would have to rebuild it), and
+        # mark the vacuum's own commits covered after.
+        idindex.catch_up(store)
         uris = store_tables(store) + registered_thin_tables(store)
         for uri in uris:
             try:
@@ -423,6 +429,7 @@ def vacuum(store: Store | str, *, retention_hours: int | None = None) -> dict[st
             )
             out[uri] = len(files)
             _expire_log(uri, hours)
+        idindex.cover_maintenance(store)
     return out
 
 

@@ -239,6 +239,19 @@ def catch_up(store: Store) -> int:
     return len(ids)
 
 
+def cover_maintenance(store: Store) -> None:
+    """Record the raw log's latest version as covered without reading it: only for a writer
+    holding the store's lock that caught the index up (:func:`catch_up`) and has made no
+    ingest commit since (``vacuum``: its own commits are vacuum records, and it expires the
+    log entries :func:`catch_up` would otherwise have to read)."""
+    raw = store.open_table("raw")
+    done = indexed_through(store)
+    if raw is None or done is None or done >= raw.version():
+        return
+    _commit(store, [], op="index_ids", txn=(APP_ID, raw.version()),
+            metadata={"raw_version": raw.version(), "ids": 0, "maintenance": 1})
+
+
 def rebuild(store: Store) -> int:
     """Rewrite the index from every accepted event the store holds (raw log and tier), in
     memory bounded by :data:`MAX_FILE_ROWS` ids; for stores whose raw log expired the commits

@@ -14,7 +14,9 @@ latest version serves every snapshot: the head of snapshot S is the rows with
 ::
 
     uih/bucket=3/g-000007-<uuid>.parquet      rows of snapshot 7 for bucket 3, sorted
-    uih/bucket=3/c-000009-<uuid>.parquet      compaction of snapshots 0..9 for bucket 3
+    uih/bucket=3/c-000009-s0-<uuid>.parquet   compaction of snapshots 0..9 for bucket 3:
+    uih/bucket=3/c-000009-s1-<uuid>.parquet   one file per stripe (each user's last 256
+                                              events, the 257th..2048th last, ...)
 
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -243,7 +246,7 @@ def _compact_tier(
     files_in = 0
     max_snap = -1
     for b, fl in sorted(by_bucket.items()):
-        if b not in want or len(fl) < min_files:
+        if b not in want or _units(fl) < min_files:
             continue
         parts = []
         for f in fl:
@@ -257,7 +260,7 @@ def _compact_tier(
         merged = merged.append_column(
             "bucket", pa.array(np.full(merged.num_rows, b, dtype=np.int32))
         )
-        actions += write_files(store, merged, prefix=f"c-{max_snap:06d}", data_change=False)
+        actions += _write_stripes(store, merged, max_snap)
         ts = now_us() // 1000
         actions += [RemoveAction(f.path, False, ts, f.size, {"bucket": str(b)}) for f in fl]
         files_in += len(fl)
@@ -273,6 +276,54 @@ def _compact_tier(
     )
     log.info("compacted %d files into %d (tier version %d)", files_in, n_out, version)
     return {"buckets": n_out, "files_in": files_in, "files_out": n_out, "version": version}
+
+
+def _units(files: list[TierFile]) -> int:
+    """Files of a bucket as compaction counts them: the stripes of one compaction are one."""
+    stripes = {m.group(1) for f in files if (m := _STRIPE_NAME.search(f.path))}
+    return len(stripes) + sum(1 for f in files if not _STRIPE_NAME.search(f.path))
+
+
+def _write_stripes(store: Store, merged: pa.Table, max_snap: int) -> list[AddAction]:
+    """A bucket's compacted rows as one file per *stripe*: each user's last 256 events, the
+    257th..2048th last, the 2049th..16384th last, then the rest (:data:`STRIPES`), each file
+    sorted by (user_id, event_ts, event_id). A tenant whose ``max_len`` fits in the stripes
+    before one never reads that stripe's file for requests at or after this compaction's
+    snapshot (:func:`stripe_skippable`), however its row groups mix users."""
+    merged = sort_events(merged)
+    u = merged.column("user_id").to_numpy()
+    n = len(u)
+    if n == 0:
+        return []
+    ends = np.searchsorted(u, u, side="right")
+    rank = ends - np.arange(n)  # 1 = the user's last event
+    stripe = np.searchsorted(np.array(STRIPES), rank, side="left")
+    adds: list[AddAction] = []
+    for s_ in np.unique(stripe).tolist():
+        part = merged.filter(pa.array(stripe == s_))
+        adds += write_files(store, part, prefix=f"c-{max_snap:06d}-s{s_}", data_change=False)
+    return adds
+
+
+#: Compacted files are cut into stripes by rank from each user's end: stripe ``s`` holds the
+#: events ranked ``STRIPES[s-1] + 1 .. STRIPES[s]`` from the user's last (stripe 0: the last
+#: ``STRIPES[0]``; the final stripe: the rest).
+STRIPES = (256, 2048, 16384)
+_STRIPE_NAME = re.compile(r"(?:^|/)c-(\d{6})-s(\d)-")
+
+
+def stripe_skippable(f: TierFile, max_len: int, min_snapshot: int) -> bool:
+    """Whether a tenant of ``max_len`` without an action filter can skip file ``f`` for
+    requests whose snapshots are all at least ``min_snapshot``: ``f`` is a stripe of a
+    compaction at snapshot K <= ``min_snapshot`` holding only events ranked beyond
+    ``max_len`` from their user's end at K. Later events only push those further back (the
+    last L of a later head are among the last L at K and the newer events), so none of them
+    can be among a request's last ``max_len``."""
+    m = _STRIPE_NAME.search(f.path)
+    if m is None:
+        return False
+    k, s = int(m.group(1)), int(m.group(2))
+    return s >= 1 and k <= min_snapshot and max_len <= STRIPES[s - 1]
 
 
 @dataclass(frozen=True)
