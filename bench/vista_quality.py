@@ -154,6 +154,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--d", type=int, default=32)
     ap.add_argument("--tail", type=int, default=8)
     ap.add_argument("--summarizer-steps", type=int, default=300)
+    ap.add_argument("--summarizer-batch", type=int, default=64)
+    ap.add_argument("--summarizer-len", type=int, default=256,
+                    help="most recent events of a history a summarizer training step reads")
+    ap.add_argument("--sasrec-full-len", type=int, default=0,
+                    help="max_len of the whole-history SASRec (0: the longest history)")
     ap.add_argument("--stride", type=int, default=4, help="training requests: every stride-th")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--patience", type=int, default=3)
@@ -181,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     thin_train = training_thin(prep, a.stride)
     # 1. summarizer and the summary tier
     t = time.perf_counter()
-    hist_tenant = Tenant("vista_hist", ("item_id", "action", "event_ts"), 256)
+    hist_tenant = Tenant("vista_hist", ("item_id", "action", "event_ts"), a.summarizer_len)
     cfg = VistaConfig(n_items=prep.n_items + 1, n_actions=8, d=a.d, k=a.k, heads=2, layers=2,
                       window=16)
     from lmat_platform.summaries import summarizer_versions
@@ -191,16 +196,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         version = have[-1]
         out["summarizer"] = {"version": version, "reused": True}
     else:
-        model, m = train_summarizer(prep.store, thin_train, hist_tenant, cfg=cfg, batch_size=64,
-                                    lr=3e-3, max_len=256, max_steps=a.summarizer_steps)
+        model, m = train_summarizer(prep.store, thin_train, hist_tenant, cfg=cfg,
+                                    batch_size=a.summarizer_batch, lr=3e-3,
+                                    max_len=a.summarizer_len, max_steps=a.summarizer_steps)
         version = register_summarizer(prep.store, "vista", model)
         out["summarizer"] = {"version": version, **m}
     log.info("summarizer: %s", out["summarizer"])
+    save(out, a.out)
     t = time.perf_counter()
     compute_pending(prep.store, version, model_name="vista", publish_delay_us=0)
     out["summary_tier"] = {"compute_s": time.perf_counter() - t,
                            **storage_report(prep.store, version)}
     log.info("summary tier: %s", out["summary_tier"])
+    save(out, a.out)
     # 2. the downstream ranker on what the loader serves
     tenant = Tenant("vista_rank", ("item_id",), a.tail, summary=SummarySpec("vista", a.tail))
     t = time.perf_counter()
@@ -217,12 +225,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        patience=a.patience, lr=a.lr, batch_size=256, seed=0)
     out["vista"] = res
     log.info("VISTA test: %s", res["test"])
+    save(out, a.out)
     # 3. SASRec baselines through the real-data training loop
     if not a.skip_sasrec:
         tc = TrainConfig(epochs=a.epochs, patience=a.patience, device="cpu", threads=a.threads,
                          batch_size=256)
-        for name, max_len in (("sasrec_full", prep.max_history), ("sasrec_k_plus_tail",
-                                                                   a.k + a.tail)):
+        full = a.sasrec_full_len or prep.max_history
+        for name, max_len in (("sasrec_k_plus_tail", a.k + a.tail), ("sasrec_full", full)):
             t = time.perf_counter()
             r = train_on_dataset(prep, os.path.join(root, name), max_len=max_len, config=tc,
                                  resume=False)
@@ -230,11 +239,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "best_valid": r.metrics.get("valid"),
                          "most_popular": r.metrics.get("most_popular"), "train_s": time.perf_counter() - t}
             log.info("%s: %s", name, out[name])
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=2, default=str)
+            save(out, a.out)
+    save(out, a.out)
     print(_table(out))
     return out
+
+
+def save(out: dict[str, Any], path: str) -> None:
+    """Written after every stage, so a long run interrupted keeps what it measured."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2, default=str)
 
 
 def _table(out: dict[str, Any]) -> str:
@@ -242,7 +257,8 @@ def _table(out: dict[str, Any]) -> str:
             "|---|---|---:|---:|---:|---:|"]
     c = out["config"]
     for name, reads in (("vista", f"{c['k']} summary tokens + last {c['tail']} events"),
-                        ("sasrec_full", "whole history"),
+                        ("sasrec_full", f"last {out.get('sasrec_full', {}).get('max_len')} "
+                                        "events (whole history)"),
                         ("sasrec_k_plus_tail", f"last {c['k'] + c['tail']} events")):
         r = out.get(name)
         if not r or not r.get("test"):
