@@ -219,13 +219,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"  grown to {stored:,} events (ingest {g_in['wall_s']} s, publish "
                   f"{g_pub['wall_s']} s)", flush=True)
         comp = _child("compact", root)
-        # The measured hour: 50K events, 1% of them re-sent recent events.
-        ev = wl.events(args.batch, HOUR, dup_share=0.01)
-        f = work / f"hour-{target}.parquet"
-        pq.write_table(ev, f)
-        ing = _child("ingest", root, file=f)
-        pub = _child("publish", root, watermark=wl.clock)
-        stored += ing["accepted"]
+        # The measured hours: 50K events each, 1% of them re-sent recent events; the step
+        # reports the median hour (a shared machine's noise hits single runs).
+        ings, pubs = [], []
+        for h in range(args.hours):
+            ev = wl.events(args.batch, HOUR, dup_share=0.01)
+            f = work / f"hour-{target}-{h}.parquet"
+            pq.write_table(ev, f)
+            ings.append(_child("ingest", root, file=f))
+            pubs.append(_child("publish", root, watermark=wl.clock))
+            stored += ings[-1]["accepted"]
+        ing = sorted(ings, key=lambda r: r["wall_s"])[len(ings) // 2]
+        pub = sorted(pubs, key=lambda r: r["wall_s"])[len(pubs) // 2]
         disk = _disk(root)
         # Requests right after the snapshot, users by activity (batch path: pointers only).
         rng = np.random.default_rng(target)
@@ -243,6 +248,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "events": stored,
             "compact": comp,
             "ingest": ing,
+            "ingest_s_all": [r["wall_s"] for r in ings],
+            "publish_s_all": [r["wall_s"] for r in pubs],
             "ingest_events_per_s": args.batch / max(ing["wall_s"], 1e-9),
             "publish": pub,
             "publish_us_per_event": pub["wall_s"] / max(pub["events"], 1) * 1e6,
@@ -253,7 +260,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                + [r["peak_rss_mb"] for r in reads.values()]),
         }
         result["steps"].append(step)
-        print(json.dumps({"events": stored, "ingest_s": ing["wall_s"], "publish_s": pub["wall_s"],
+        print(json.dumps({"events": stored, "ingest_s": [r["wall_s"] for r in ings],
+                          "publish_s": [r["wall_s"] for r in pubs],
                           "dedup_read": ing.get("dedup_read"),
                           "head_rows_read": pub["head_rows_read"],
                           "bytes_per_example": {L: round(r["bytes_per_example"])
@@ -311,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users", type=int, default=50_000)
     ap.add_argument("--days", type=float, default=180)
     ap.add_argument("--batch", type=int, default=50_000, help="events of the measured hour")
+    ap.add_argument("--hours", type=int, default=3, help="measured hours per step (median)")
     ap.add_argument("--chunk", type=int, default=2_000_000, help="events per bulk file")
     ap.add_argument("--requests", type=int, default=2_000)
     ap.add_argument("--buckets", type=int, default=16)

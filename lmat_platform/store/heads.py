@@ -62,7 +62,7 @@ _NM = len(MARKER_LENGTHS)
 
 
 @njit(cache=True, nogil=True)
-def _first_ge(a, lo, hi, x):  # type: ignore[no-untyped-def]
+def _first_ge(a, lo, hi, x):  # type: ignore[no-untyped-def,unused-ignore]
     while lo < hi:
         mid = (lo + hi) >> 1
         if a[mid] < x:
@@ -73,7 +73,7 @@ def _first_ge(a, lo, hi, x):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
-def _extend(ranks, slack, plen, pmark, pcnt, nts, nstart, nend):  # type: ignore[no-untyped-def]
+def _extend(ranks, slack, plen, pmark, pcnt, nts, nstart, nend):  # type: ignore[no-untyped-def,unused-ignore]
     """Per user: new length, markers, counts, and whether a refresh is needed (and from when):
     a length's marker is stale when its count exceeds ``slack`` for that length.
 
@@ -139,7 +139,7 @@ def _extend(ranks, slack, plen, pmark, pcnt, nts, nstart, nend):  # type: ignore
 
 
 @njit(cache=True, nogil=True)
-def _exact(ranks, ts, start, end, mark, cnt, rows):  # type: ignore[no-untyped-def]
+def _exact(ranks, ts, start, end, mark, cnt, rows):  # type: ignore[no-untyped-def,unused-ignore]
     """Exact markers of refreshed users from their rows ``ts[start:end]`` (ascending: the
     user's events at or after its cutoff), for the lengths those rows cover."""
     for u in range(len(rows)):

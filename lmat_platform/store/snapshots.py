@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from lmat_platform.engines import Engine
 from lmat_platform.exceptions import WatermarkError
 from lmat_platform.hashing import as_signed, event_fingerprint
 from lmat_platform.store import heads as heads_mod
@@ -115,9 +116,11 @@ def resolve_snapshot(published_at: np.ndarray, request_ts: np.ndarray) -> np.nda
 
 
 def publish_snapshot(
-    store: Store | str, watermark: int, *, published_at: int | None = None
+    store: Store | str, watermark: int, *, published_at: int | None = None,
+    engine: Engine | None = None,
 ) -> SnapshotInfo:
-    """Publish the next snapshot (spec section 3). ``published_at`` defaults to the watermark."""
+    """Publish the next snapshot (spec section 3). ``published_at`` defaults to the watermark;
+    ``engine`` writes the tier's files (:mod:`lmat_platform.engines`; None: this process)."""
     store = as_store(store)
     if published_at is None:
         published_at = watermark
@@ -183,7 +186,8 @@ def publish_snapshot(
                 delta = delta.append_column(
                     "snapshot_id", pa.array(np.full(n_events, k, dtype=np.int32))
                 )
-                adds = uih.write_files(store, delta, prefix=f"g-{k:06d}", data_change=True)
+                adds = uih.write_files(store, delta, prefix=f"g-{k:06d}", data_change=True,
+                                       engine=engine)
                 version = uih.commit(
                     store,
                     adds,

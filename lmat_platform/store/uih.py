@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction
 from deltalake.transaction import AddAction, RemoveAction
 
+from lmat_platform.engines import Engine, LocalEngine
 from lmat_platform.kernels import is_sorted3, row_groups_wanted
 from lmat_platform.store.cache import cache
 from lmat_platform.store.core import Store, now_us
@@ -82,37 +83,43 @@ def _stats_json(t: pa.Table) -> str:
 
 
 def write_files(
-    store: Store, table: pa.Table, *, prefix: str, data_change: bool
+    store: Store, table: pa.Table, *, prefix: str, data_change: bool, engine: Engine | None = None
 ) -> list[AddAction]:
     """Write ``table`` (with a ``bucket`` column) as one sorted file per bucket; return the adds.
 
-    The files are not visible to anyone until the adds are committed.
+    The files are not visible to anyone until the adds are committed. ``engine``: where each
+    bucket's file is written (:mod:`lmat_platform.engines`; None: in this process).
     """
-    fs, root = store.filesystem()
-    adds = []
     buckets = table.column("bucket").to_numpy()
     order = np.argsort(buckets, kind="stable")
     bsorted = buckets[order]
     uniq, starts = np.unique(bsorted, return_index=True)
     ends = np.append(starts[1:], len(bsorted))
-    for b, s, e in zip(uniq.tolist(), starts.tolist(), ends.tolist(), strict=True):
-        part = sort_events(table.take(pa.array(order[s:e])).drop_columns(["bucket"]))
-        rel = f"bucket={b}/{prefix}-{uuid.uuid4().hex}.parquet"
-        full = f"{root}/uih/{rel}"
-        fs.create_dir(f"{root}/uih/bucket={b}", recursive=True)
-        with fs.open_output_stream(full) as out:
-            pq.write_table(
-                part,
-                out,
-                row_group_size=store.config.row_group_rows,
-                compression=COMPRESSION,
-                write_statistics=True,
-            )
-        size = fs.get_file_info(full).size or 0
-        adds.append(
-            AddAction(rel, size, {"bucket": str(b)}, now_us() // 1000, data_change, _stats_json(part))
+    items = [(store, b, table.take(pa.array(order[s:e])).drop_columns(["bucket"]), prefix,
+              data_change)
+             for b, s, e in zip(uniq.tolist(), starts.tolist(), ends.tolist(), strict=True)]
+    return (engine or LocalEngine()).map(_write_bucket, items)
+
+
+def _write_bucket(item: tuple[Store, int, pa.Table, str, bool]) -> AddAction:
+    """One bucket's rows as one sorted file (a task of any engine)."""
+    store, b, part, prefix, data_change = item
+    fs, root = store.filesystem()
+    part = sort_events(part)
+    rel = f"bucket={b}/{prefix}-{uuid.uuid4().hex}.parquet"
+    full = f"{root}/uih/{rel}"
+    fs.create_dir(f"{root}/uih/bucket={b}", recursive=True)
+    with fs.open_output_stream(full) as out:
+        pq.write_table(
+            part,
+            out,
+            row_group_size=store.config.row_group_rows,
+            compression=COMPRESSION,
+            write_statistics=True,
         )
-    return adds
+    size = fs.get_file_info(full).size or 0
+    return AddAction(rel, size, {"bucket": str(b)}, now_us() // 1000, data_change,
+                     _stats_json(part))
 
 
 def commit(
@@ -212,7 +219,8 @@ def file_metadata(store: Store, rel: str) -> pq.FileMetaData:
 
 
 def compact_buckets(
-    store: Store, *, buckets: Sequence[int] | None = None, min_files: int = 2
+    store: Store, *, buckets: Sequence[int] | None = None, min_files: int = 2,
+    engine: Engine | None = None,
 ) -> dict[str, int]:
     """Merge each bucket's tier files into one sorted file (a layout-only rewrite), and bin-pack
     the head summaries (one small file per bucket and snapshot otherwise, which readers open
@@ -222,7 +230,7 @@ def compact_buckets(
     in and out must match, which :func:`lmat_platform.validate.check_uih_commits` verifies.
     """
     with store.write_lock():
-        out = _compact_tier(store, buckets=buckets, min_files=min_files)
+        out = _compact_tier(store, buckets=buckets, min_files=min_files, engine=engine)
         heads = store.open_table("heads")
         if heads is not None:
             metrics = heads.optimize.compact()
@@ -231,7 +239,7 @@ def compact_buckets(
 
 
 def _compact_tier(
-    store: Store, *, buckets: Sequence[int] | None, min_files: int
+    store: Store, *, buckets: Sequence[int] | None, min_files: int, engine: Engine | None = None
 ) -> dict[str, int]:
     dt = store.open_table("uih")
     if dt is None:
@@ -260,7 +268,7 @@ def _compact_tier(
         merged = merged.append_column(
             "bucket", pa.array(np.full(merged.num_rows, b, dtype=np.int32))
         )
-        actions += _write_stripes(store, merged, max_snap)
+        actions += _write_stripes(store, merged, max_snap, engine)
         ts = now_us() // 1000
         actions += [RemoveAction(f.path, False, ts, f.size, {"bucket": str(b)}) for f in fl]
         files_in += len(fl)
@@ -284,7 +292,9 @@ def _units(files: list[TierFile]) -> int:
     return len(stripes) + sum(1 for f in files if not _STRIPE_NAME.search(f.path))
 
 
-def _write_stripes(store: Store, merged: pa.Table, max_snap: int) -> list[AddAction]:
+def _write_stripes(
+    store: Store, merged: pa.Table, max_snap: int, engine: Engine | None = None
+) -> list[AddAction]:
     """A bucket's compacted rows as one file per *stripe*: each user's last 256 events, the
     257th..2048th last, the 2049th..16384th last, then the rest (:data:`STRIPES`), each file
     sorted by (user_id, event_ts, event_id). A tenant whose ``max_len`` fits in the stripes
@@ -301,7 +311,8 @@ def _write_stripes(store: Store, merged: pa.Table, max_snap: int) -> list[AddAct
     adds: list[AddAction] = []
     for s_ in np.unique(stripe).tolist():
         part = merged.filter(pa.array(stripe == s_))
-        adds += write_files(store, part, prefix=f"c-{max_snap:06d}-s{s_}", data_change=False)
+        adds += write_files(store, part, prefix=f"c-{max_snap:06d}-s{s_}", data_change=False,
+                            engine=engine)
     return adds
 
 
