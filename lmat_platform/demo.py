@@ -180,6 +180,7 @@ def run_demo(
         }
     say("writing fat rows for the union of tenants (the baseline)")
     fat = write_fat_rows(store, all_req, list(tenants.values()), str(root_p / "fat_union.parquet"))
+    fat_bytes = int(str(fat["bytes"]))
     summary = {
         "dir": str(root_p),
         "store": store_dir,
@@ -197,7 +198,7 @@ def run_demo(
         "duplicates": totals["duplicates"],
         "quarantined": totals["quarantined"],
         "snapshots": len(list_snapshots(store)),
-        "storage": storage_accounting(store, store_dir, thin_log, thin_batch, int(fat["bytes"])),
+        "storage": storage_accounting(store, store_dir, thin_log, thin_batch, fat_bytes),
         "parity": parity,
         "ok": all(p["ok"] for p in parity.values()),
         "reader_command": reader_command(store_dir, thin_batch, tenants_path, "ranking"),
