@@ -80,7 +80,8 @@ def cmd_ingest(a: argparse.Namespace) -> dict[str, Any]:
 def cmd_snapshot(a: argparse.Namespace) -> dict[str, Any]:
     from lmat_platform.store import publish_snapshot
 
-    return publish_snapshot(a.store, a.watermark, published_at=a.published_at).as_dict()
+    return publish_snapshot(a.store, a.watermark, published_at=a.published_at,
+                            engine=_engine(a)).as_dict()
 
 
 def cmd_thin(a: argparse.Namespace) -> dict[str, Any]:
@@ -133,7 +134,21 @@ def cmd_vacuum(a: argparse.Namespace) -> dict[str, Any]:
 def cmd_compact(a: argparse.Namespace) -> dict[str, Any]:
     from lmat_platform.store import compact_buckets, open_store
 
-    return compact_buckets(open_store(a.store), min_files=a.min_files)
+    return compact_buckets(open_store(a.store), min_files=a.min_files, engine=_engine(a))
+
+
+def _engine(a: argparse.Namespace) -> Any:
+    """``--engine``: where the tier's files are written (lmat_platform.engines)."""
+    from lmat_platform.engines import get_engine
+
+    return None if a.engine == "local" else get_engine(a.engine, address=a.ray_address)
+
+
+def _engine_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="write the tier's files here, or as Ray tasks (one per bucket)")
+    s.add_argument("--ray-address", default="auto",
+                   help="with --engine ray: the cluster (default: the running local one)")
 
 
 def cmd_info(a: argparse.Namespace) -> dict[str, Any]:
@@ -215,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("store")
     s.add_argument("--watermark", required=True, type=_int_us("--watermark"))
     s.add_argument("--published-at", type=_int_us("--published-at"), default=None)
+    _engine_args(s)
     s.set_defaults(func=cmd_snapshot)
 
     for name, text in (("log", "streaming path: thin rows with pointer and tail"),
@@ -257,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("compact", help="merge each bucket's tier files (layout only)")
     s.add_argument("store")
     s.add_argument("--min-files", type=int, default=2)
+    _engine_args(s)
     s.set_defaults(func=cmd_compact)
 
     s = sub.add_parser("info", help="describe a store")
