@@ -60,7 +60,7 @@ class RayEngine:
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         if not items:
             return []
-        task = self._ray.remote(num_cpus=1)(_on_node)
+        task: Any = self._ray.remote(num_cpus=1)(_on_node)
         got = self._ray.get([task.remote(fn, x) for x in items])
         self.nodes = {n for _, n in got}
         return [r for r, _ in got]
