@@ -799,33 +799,59 @@ def spans_sorted(start: np.ndarray, end: np.ndarray, a: np.ndarray, b: np.ndarra
 
 @njit(cache=True, nogil=True)
 def _block_sorted_tails(ts, ids, b_lo, b_hi, r_blk, r_lo, r_hi):  # type: ignore[no-untyped-def,unused-ignore]
-    # Requests are grouped by block (r_blk non-decreasing); each block is sorted once.
-    n = 0
-    for j in range(len(r_lo)):
-        n += r_hi[j] - r_lo[j]
-    idx = np.empty(n, dtype=np.int64)
-    start = np.empty(len(r_lo), dtype=np.int64)
+    # Requests are grouped by block (r_blk non-decreasing). Each block is sorted once and kept
+    # as one sorted copy; a request whose events are consecutive in it points into it, and
+    # only a request with a gap (an event that sorts among its own but arrived after it) gets
+    # a copy of its own.
+    R = len(r_lo)
+    cap = 0
+    prev = -1
+    for j in range(R):
+        cap += r_hi[j] - r_lo[j]
+        if r_blk[j] != prev:
+            cap += b_hi[r_blk[j]] - b_lo[r_blk[j]]
+            prev = r_blk[j]
+    idx = np.empty(cap, dtype=np.int64)
+    start = np.empty(R, dtype=np.int64)
     o = 0
     j = 0
-    while j < len(r_lo):
+    while j < R:
         blk = r_blk[j]
         lo = b_lo[blk]
         m = b_hi[blk] - lo
-        key_i = ids[lo:lo + m]
-        o1 = np.argsort(key_i, kind="mergesort")
+        o1 = np.argsort(ids[lo:lo + m], kind="mergesort")
         key_t = ts[lo:lo + m][o1]
         perm = o1[np.argsort(key_t, kind="mergesort")]
-        while j < len(r_lo) and r_blk[j] == blk:
+        base = o
+        for k in range(m):
+            idx[o] = lo + perm[k]
+            o += 1
+        while j < R and r_blk[j] == blk:
             a = r_lo[j] - lo
             b = r_hi[j] - lo
-            start[j] = o
+            first = -1
+            last = -1
+            cnt = 0
             for k in range(m):
                 p = perm[k]
                 if a <= p < b:
-                    idx[o] = lo + p
-                    o += 1
+                    if first < 0:
+                        first = k
+                    last = k
+                    cnt += 1
+            if cnt == 0:
+                start[j] = base
+            elif last - first + 1 == cnt:
+                start[j] = base + first
+            else:
+                start[j] = o
+                for k in range(m):
+                    p = perm[k]
+                    if a <= p < b:
+                        idx[o] = lo + p
+                        o += 1
             j += 1
-    return idx, start
+    return idx[:o], start
 
 
 def block_sorted_tails(
@@ -833,9 +859,10 @@ def block_sorted_tails(
     r_blk: np.ndarray, r_lo: np.ndarray, r_hi: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each request's span ``[r_lo[j], r_hi[j])`` of its block ``[b_lo[r_blk[j]],
-    b_hi[r_blk[j]])`` (events in arrival order) in ``(ts, ids)`` order: the positions to
-    gather, all requests concatenated, and where each request's start among them. Each block
-    is sorted once for all of its requests (``r_blk`` grouped)."""
+    b_hi[r_blk[j]])`` (events in arrival order) in ``(ts, ids)`` order: positions to gather,
+    and where among them each request's ``r_hi[j] - r_lo[j]`` events start. Each block is
+    sorted once (``r_blk`` grouped) and gathered once; a request's events start inside that
+    sorted copy when they are consecutive in it, and only otherwise have their own copy."""
     if len(r_blk) and bool((np.diff(r_blk) < 0).any()):
         raise ValueError("block_sorted_tails: requests are not grouped by block")
     if len(r_blk) and (bool((r_lo < b_lo[r_blk]).any()) or bool((r_hi > b_hi[r_blk]).any())

@@ -12,18 +12,20 @@ How a pass is scheduled::
   :func:`~lmat_platform.reconstruct.prepare_unit` (one pruned read of the bucket's UIH files
   serves every request of the unit: data affinity, no per-example lookups; kept in the decoded
   cache for later passes) and one :func:`~lmat_platform.reconstruct.plan_unit` every pass.
-* Units are planned from the Delta log alone (row counts per bucket; no data read), shuffled by
-  ``(seed, epoch)`` when ``shuffle``, and dealt greedily by row count to the
-  ``world_size x max(num_workers, 1)`` consumers, so every rank computes the same plan and every
-  request goes to exactly one consumer.
+* Units are planned from the Delta log alone (row counts per bucket; no data read) and dealt
+  to the ``world_size x max(num_workers, 1)`` consumers by bucket, the same way every epoch
+  (:func:`assign_units`), so every rank computes the same plan, every request goes to exactly
+  one consumer, and a consumer decodes disjoint buckets; with ``shuffle`` each consumer takes
+  its units in an order drawn from ``(seed, epoch)``.
 * A consumer reads its units in order, a background thread one or more units ahead
   (:mod:`~lmat_platform.reader.prefetch`). Consecutive units are grouped into **windows** of at
   most ``shuffle_buffer`` rows; with ``shuffle`` the rows of a window are permuted by
   ``(seed, epoch, consumer, window)`` (a bounded shuffle buffer). Batches are cut every
   ``batch_size`` rows of the consumer's stream.
-* With ``num_workers > 0`` each consumer of the rank runs in its own process and the main
-  process takes batches from the workers round-robin, so the order of batches is a pure function
-  of the plan. That makes ``state_dict()`` small (rows consumed per consumer and whose turn it
+* With ``num_workers > 0`` each consumer of the rank runs in its own process, kept across
+  passes, and the main process takes batches from the workers round-robin (each batch one
+  shared-memory buffer: :mod:`~lmat_platform.reader.workers`), so the order of batches is a
+  pure function of the plan. That makes ``state_dict()`` small (rows consumed per consumer and whose turn it
   is) and resuming exact: a worker restarts at the window holding its next row.
 
 Worker processes start with ``forkserver`` (``spawn`` where unavailable): ``fork`` is unsafe
