@@ -83,27 +83,30 @@ def _stats_json(t: pa.Table) -> str:
 
 
 def write_files(
-    store: Store, table: pa.Table, *, prefix: str, data_change: bool, engine: Engine | None = None
+    store: Store, table: pa.Table, *, prefix: str, data_change: bool, engine: Engine | None = None,
+    row_group_rows: int | None = None,
 ) -> list[AddAction]:
     """Write ``table`` (with a ``bucket`` column) as one sorted file per bucket; return the adds.
 
     The files are not visible to anyone until the adds are committed. ``engine``: where each
     bucket's file is written (:mod:`lmat_platform.engines`; None: in this process).
+    ``row_group_rows``: rows per row group (None: the store's).
     """
     buckets = table.column("bucket").to_numpy()
     order = np.argsort(buckets, kind="stable")
     bsorted = buckets[order]
     uniq, starts = np.unique(bsorted, return_index=True)
     ends = np.append(starts[1:], len(bsorted))
+    rg = row_group_rows or store.config.row_group_rows
     items = [(store, b, table.take(pa.array(order[s:e])).drop_columns(["bucket"]), prefix,
-              data_change)
+              data_change, rg)
              for b, s, e in zip(uniq.tolist(), starts.tolist(), ends.tolist(), strict=True)]
     return (engine or LocalEngine()).map(_write_bucket, items)
 
 
-def _write_bucket(item: tuple[Store, int, pa.Table, str, bool]) -> AddAction:
+def _write_bucket(item: tuple[Store, int, pa.Table, str, bool, int]) -> AddAction:
     """One bucket's rows as one sorted file (a task of any engine)."""
-    store, b, part, prefix, data_change = item
+    store, b, part, prefix, data_change, rg = item
     fs, root = store.filesystem()
     part = sort_events(part)
     rel = f"bucket={b}/{prefix}-{uuid.uuid4().hex}.parquet"
@@ -113,7 +116,7 @@ def _write_bucket(item: tuple[Store, int, pa.Table, str, bool]) -> AddAction:
         pq.write_table(
             part,
             out,
-            row_group_size=store.config.row_group_rows,
+            row_group_size=rg,
             compression=COMPRESSION,
             write_statistics=True,
         )
@@ -311,8 +314,11 @@ def _write_stripes(
     adds: list[AddAction] = []
     for s_ in np.unique(stripe).tolist():
         part = merged.filter(pa.array(stripe == s_))
+        # The first stripe in smaller row groups: a short tenant reads a row group for each
+        # user it serves, so its bytes follow the row group's size, not the user's history.
+        rg = min(store.config.row_group_rows, 4 * STRIPES[0]) if s_ == 0 else None
         adds += write_files(store, part, prefix=f"c-{max_snap:06d}-s{s_}", data_change=False,
-                            engine=engine)
+                            engine=engine, row_group_rows=rg)
     return adds
 
 
