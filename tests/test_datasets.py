@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from collections import defaultdict
 
 import numpy as np
@@ -15,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lmat_platform.cli import main
 from lmat_platform.datasets import fetch_ratings, import_ratings, prepare_dataset, read_ratings
 from lmat_platform.datasets.pipeline import slice_users, strided_requests
 from lmat_platform.datasets.ratings import EVENTS_FILE, requests_file
@@ -160,28 +159,24 @@ def test_strided_requests_keep_each_users_last() -> None:
     assert strided_requests(t, 10)["request_id"].to_pylist() == [5, 7]
 
 
-def test_bad_ratings_file_is_one_line_error_naming_the_column(tmp_path) -> None:
+def test_bad_ratings_file_is_one_line_error_naming_the_column(tmp_path, capsys) -> None:
     bad = tmp_path / "ratings.csv"
     bad.write_text("userId,movieId,stars\n1,2,3\n")
     with pytest.raises(SchemaError, match="ratings.csv: no rating column"):
         read_ratings(str(bad))
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "-m", "lmat_platform.cli", "import", str(bad),
-                        "--out", str(out)], capture_output=True, text=True)
-    assert p.returncode == 2
-    assert p.stderr.strip().count("\n") == 0 and "ratings.csv" in p.stderr
+    assert main(["import", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "ratings.csv" in err
     assert not out.exists()
 
 
-def test_cli_import_events_only(ml_slice: pa.Table, tmp_path) -> None:
+def test_cli_import_events_only(ml_slice: pa.Table, tmp_path, capsys) -> None:
     src = tmp_path / "r.csv"
     import pyarrow.csv as pcsv
 
     pcsv.write_csv(ml_slice.rename_columns(["userId", "movieId", "rating", "timestamp", "row"])
                    .drop_columns(["row"]), src)
-    p = subprocess.run([sys.executable, "-m", "lmat_platform.cli", "import", str(src),
-                        "--out", str(tmp_path / "o"), "--events-only"],
-                       capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout)
+    assert main(["import", str(src), "--out", str(tmp_path / "o"), "--events-only"]) == 0
+    out = json.loads(capsys.readouterr().out)
     assert out["ratings"] == ml_slice.num_rows and out["users"] == SLICE_USERS

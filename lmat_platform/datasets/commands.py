@@ -1,11 +1,11 @@
-"""The real-data subcommands of ``lmat``: ``import``, ``train`` and ``ladder``.
+"""The real-data subcommands of ``lmat``: ``import`` and ``train``.
 
 ``lmat import SOURCE --out DIR`` imports a ratings file or a known data set (``ml-100k``,
 ``ml-latest-small``) and builds the store, snapshots and thin rows under DIR (``--events-only``:
 only the event and request Parquet files). ``lmat train DATA --out DIR`` trains and evaluates the
 next-item model on a prepared directory or a data set name (prepared on first use under
-``$LMAT_DATA_DIR/prepared``), resuming from DIR's checkpoint if there is one. ``lmat ladder``
-trains the same model at several history lengths (``bench/ml_ladder.py`` has the full ladder).
+``$LMAT_DATA_DIR/prepared``), resuming from DIR's checkpoint if there is one. The
+sequence-length ladder is ``python -m bench.ml_ladder``.
 """
 
 from __future__ import annotations
