@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-sasrec", action="store_true")
+    ap.add_argument("--skip-vista", action="store_true")
     ap.add_argument("--reuse-summarizer", action="store_true",
                     help="use the newest summarizer already registered in the prepared store")
     ap.add_argument("--out", default="bench/results/vista_quality.json")
@@ -184,48 +185,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "snapshots": prep.snapshots, "max_history": prep.max_history}}
     log.info("prepared %s in %.0fs", prep.root, time.perf_counter() - t0)
     thin_train = training_thin(prep, a.stride)
-    # 1. summarizer and the summary tier
-    t = time.perf_counter()
-    hist_tenant = Tenant("vista_hist", ("item_id", "action", "event_ts"), a.summarizer_len)
-    cfg = VistaConfig(n_items=prep.n_items + 1, n_actions=8, d=a.d, k=a.k, heads=2, layers=2,
-                      window=16)
-    from lmat_platform.summaries import summarizer_versions
+    if not a.skip_vista:
+        # 1. summarizer and the summary tier
+        t = time.perf_counter()
+        hist_tenant = Tenant("vista_hist", ("item_id", "action", "event_ts"), a.summarizer_len)
+        cfg = VistaConfig(n_items=prep.n_items + 1, n_actions=8, d=a.d, k=a.k, heads=2, layers=2,
+                          window=16)
+        from lmat_platform.summaries import summarizer_versions
 
-    have = summarizer_versions(prep.store, "vista")
-    if a.reuse_summarizer and have:
-        version = have[-1]
-        out["summarizer"] = {"version": version, "reused": True}
-    else:
-        model, m = train_summarizer(prep.store, thin_train, hist_tenant, cfg=cfg,
-                                    batch_size=a.summarizer_batch, lr=3e-3,
-                                    max_len=a.summarizer_len, max_steps=a.summarizer_steps)
-        version = register_summarizer(prep.store, "vista", model)
-        out["summarizer"] = {"version": version, **m}
-    log.info("summarizer: %s", out["summarizer"])
-    save(out, a.out)
-    t = time.perf_counter()
-    compute_pending(prep.store, version, model_name="vista", publish_delay_us=0)
-    out["summary_tier"] = {"compute_s": time.perf_counter() - t,
-                           **storage_report(prep.store, version)}
-    log.info("summary tier: %s", out["summary_tier"])
-    save(out, a.out)
-    # 2. the downstream ranker on what the loader serves
-    tenant = Tenant("vista_rank", ("item_id",), a.tail, summary=SummarySpec("vista", a.tail))
-    t = time.perf_counter()
-    tr = collect(prep.store, thin_train, tenant, seen=False)
-    va = collect(prep.store, prep.thin["valid"], tenant, seen=True)
-    te = collect(prep.store, prep.thin["test"], tenant, seen=True)
-    out["served"] = {
-        "seconds": time.perf_counter() - t, "train_requests": len(tr["label"]),
-        "test_with_summary": float(te["mask"].float().mean()),
-        "test_mean_tail": float(te["tail_mask"].sum(1).float().mean()),
-    }
-    log.info("served: %s", out["served"])
-    res = train_ranker(tr, va, te, n_items=prep.n_items, d=a.d, tail=a.tail, epochs=a.epochs,
-                       patience=a.patience, lr=a.lr, batch_size=256, seed=0)
-    out["vista"] = res
-    log.info("VISTA test: %s", res["test"])
-    save(out, a.out)
+        have = summarizer_versions(prep.store, "vista")
+        if a.reuse_summarizer and have:
+            version = have[-1]
+            out["summarizer"] = {"version": version, "reused": True}
+        else:
+            model, m = train_summarizer(prep.store, thin_train, hist_tenant, cfg=cfg,
+                                        batch_size=a.summarizer_batch, lr=3e-3,
+                                        max_len=a.summarizer_len, max_steps=a.summarizer_steps)
+            version = register_summarizer(prep.store, "vista", model)
+            out["summarizer"] = {"version": version, **m}
+        log.info("summarizer: %s", out["summarizer"])
+        save(out, a.out)
+        t = time.perf_counter()
+        compute_pending(prep.store, version, model_name="vista", publish_delay_us=0)
+        out["summary_tier"] = {"compute_s": time.perf_counter() - t,
+                               **storage_report(prep.store, version)}
+        log.info("summary tier: %s", out["summary_tier"])
+        save(out, a.out)
+        # 2. the downstream ranker on what the loader serves
+        tenant = Tenant("vista_rank", ("item_id",), a.tail, summary=SummarySpec("vista", a.tail))
+        t = time.perf_counter()
+        tr = collect(prep.store, thin_train, tenant, seen=False)
+        va = collect(prep.store, prep.thin["valid"], tenant, seen=True)
+        te = collect(prep.store, prep.thin["test"], tenant, seen=True)
+        out["served"] = {
+            "seconds": time.perf_counter() - t, "train_requests": len(tr["label"]),
+            "test_with_summary": float(te["mask"].float().mean()),
+            "test_mean_tail": float(te["tail_mask"].sum(1).float().mean()),
+        }
+        log.info("served: %s", out["served"])
+        res = train_ranker(tr, va, te, n_items=prep.n_items, d=a.d, tail=a.tail, epochs=a.epochs,
+                           patience=a.patience, lr=a.lr, batch_size=256, seed=0)
+        out["vista"] = res
+        log.info("VISTA test: %s", res["test"])
+        save(out, a.out)
     # 3. SASRec baselines through the real-data training loop
     if not a.skip_sasrec:
         tc = TrainConfig(epochs=a.epochs, patience=a.patience, device="cpu", threads=a.threads,
@@ -237,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  resume=False)
             out[name] = {"max_len": max_len, "test": r.metrics.get("test"),
                          "best_valid": r.metrics.get("valid"),
-                         "most_popular": r.metrics.get("most_popular"), "train_s": time.perf_counter() - t}
+                         "most_popular": r.metrics.get("most_popular"),
+                         "train_s": time.perf_counter() - t}
             log.info("%s: %s", name, out[name])
             save(out, a.out)
     save(out, a.out)
