@@ -15,7 +15,7 @@ input one (tied, as in SASRec): ``scores = h_last @ E[0..n_items].T`` with colum
 
 Blocks. ``sasrec``: post-LayerNorm multi-head softmax attention and a GELU feed-forward (the
 layout of RecBole's SASRec). ``hstu``: the HSTU block of Zhai et al. 2024 (pointwise SiLU
-attention normalized by the sequence length, and a gating ``U``), one projection in, one out.
+attention normalized by ``max_len``, and a gating ``U``), one projection in, one out.
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ class _HSTUBlock(nn.Module):
         self.ln_attn = nn.LayerNorm(cfg.d_model)
         self.f2 = nn.Linear(cfg.d_model, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
+        self.n = cfg.max_len  # a fixed normalizer: outputs do not depend on padding width
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
@@ -120,7 +121,7 @@ class _HSTUBlock(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, s, self.h, d // self.h).transpose(1, 2)
 
-        w = F.silu(heads(q) @ heads(k).transpose(-1, -2)) / s
+        w = F.silu(heads(q) @ heads(k).transpose(-1, -2)) / self.n
         w = w * allowed[:, None].to(w.dtype)
         a = (self.drop(w) @ heads(v)).transpose(1, 2).reshape(b, s, d)
         return x + self.drop(self.f2(self.ln_attn(a) * u))
