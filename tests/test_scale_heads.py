@@ -115,3 +115,19 @@ def test_markers_more_precise_than_a_row_group_are_not_refreshed(tmp_path: Path)
         publish_snapshot(store, int(e[-1]) + 10)
         assert int(store.open_table("heads").history(1)[0]["lmat.rows_read"]) == 0
     _check_heads(store, 12)  # lower bounds within a row group (1,024) of the 64..512 lengths
+
+
+def test_store_published_before_heads_latest_is_extended_from_its_heads(tmp_path: Path) -> None:
+    import shutil
+
+    rng = np.random.default_rng(9)
+    store = init_store(str(tmp_path / "s"), n_buckets=2, row_group_rows=64)
+    for k in range(3):
+        n = 150
+        users = rng.integers(1, 6, n).astype(np.int64)
+        ats = (10 + k) * HOUR + np.sort(rng.integers(0, HOUR, n))
+        ingest_files(store, [_events(tmp_path / f"e{k}.parquet", users, ats - 7, ats, k * n)])
+        if k == 2:  # a store written before heads_latest existed
+            shutil.rmtree(tmp_path / "s" / LATEST)
+        publish_snapshot(store, (11 + k) * HOUR)
+    _check_heads(store, 2)
