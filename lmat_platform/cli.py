@@ -301,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show Dagster's own log (default: in files under dagster_home/)")
     s.set_defaults(func=cmd_ui)
 
+    from lmat_platform.datasets.commands import add_commands  # import, train (real data)
+
+    add_commands(sub, _progress)
     from lmat_platform.summaries.commands import add_commands as add_summary_commands
 
     add_summary_commands(sub, _progress)  # train-summarizer, summarize (VISTA)
