@@ -241,6 +241,43 @@ def test_forgotten_user_gets_zero_summary(tmp_path: Path) -> None:
     assert recompute_check(store, v, 2).ok
 
 
+def test_pending_forget_is_served_nothing(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forget killed after its tombstone (rows not deleted yet): serve() called directly
+    gives the user no summary and no tail, as every reader hides a pending user."""
+    from lmat_platform.store import deletion
+
+    store = lmat.init_store(str(tmp_path / "s"), n_buckets=2, row_group_rows=64)
+    ev = _events(3)
+    pq.write_table(ev, str(tmp_path / "e.parquet"))
+    lmat.ingest_files(store, [str(tmp_path / "e.parquet")])
+    v = register_summarizer(store, "m", Summarizer(CFG))
+    lmat.publish_snapshot(store, _watermark(0))
+    compute_summaries(store, v, 0, published_at=_watermark(0))
+    tenant = parse_tenants({"tenants": [{"name": "t", "columns": ["item_id"], "max_len": 8,
+                                         "summary": {"model": "m", "tail_len": 4}}]})["t"]
+    server = SummaryServer(store, tenant)
+    req = np.array([2, 1]), np.array([_watermark(3)] * 2)
+    before = server.serve(*req)
+    assert before.mask[0] and before.tail_lengths[0] > 0
+
+    def killed(*a: object, **k: object) -> None:
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(deletion, "_purge", killed)
+    with pytest.raises(RuntimeError):
+        lmat.forget_users(store, [2])
+    assert deletion.pending_users(store).tolist() == [2]
+    assert 2 in read_summary_rows(store, v).column("user_id").to_pylist()
+    got = server.serve(*req)
+    assert not got.mask[0] and not got.summary[0].any() and got.tail_lengths[0] == 0
+    assert got.head_len[0] == 0 and got.head_checksum[0] == 0
+    # Everyone else is served exactly as before.
+    assert got.mask[1] == before.mask[1] and np.array_equal(got.summary[1], before.summary[1])
+    assert got.tail_values["item_id"].tolist() == before.tail_values["item_id"][
+        before.tail_lengths[0]:].tolist()
+
+
 def test_loader_batches_carry_summaries(built: tuple[Store, str, pa.Table],
                                         tmp_path: Path) -> None:
     store, version, _ = built
