@@ -83,11 +83,12 @@ class SlotWriter:
             offs.append(need)
             need += _aligned(n * np.dtype(dt).itemsize)
         free = [k for k in range(len(self.flags)) if int(self.flags[k]) == 0]
-        fits = [k for k in free if self.slots[k] is not None and self.slots[k].numel() >= need]
+        fits = {k: s.numel() for k in free
+                if (s := self.slots[k]) is not None and s.numel() >= need}
         self.layout = [(o, n * np.dtype(dt).itemsize) for o, (n, dt) in zip(offs, sizes,
                                                                              strict=True)]
         if fits:
-            k = min(fits, key=lambda i: self.slots[i].numel())  # type: ignore[union-attr]
+            k = min(fits, key=fits.__getitem__)
             new = False
         elif free:
             # A slot never made, or too small: (re)made with head room.
@@ -338,7 +339,7 @@ class WorkerPool:
                         ) from None
                     continue
             if msg[1] == pid:
-                return msg  # type: ignore[no-any-return]
+                return msg
             # From a pass that was cancelled: its slot is free again.
             self.heard[w] = True
             if msg[0] == "batch":
