@@ -268,14 +268,6 @@ class StoreLease:
         self._thread: threading.Thread | None = None
 
     # ---------------------------------------------------------------- public
-    @property
-    def owner(self) -> str:
-        return self._owner
-
-    @property
-    def held(self) -> bool:
-        return self._etag is not None and self._lost is None
-
     def acquire(self) -> None:
         """Take the lease, waiting while another writer holds it; :class:`ConcurrencyError`
         naming the store and the holder after ``timeout_s``."""
