@@ -7,8 +7,9 @@ predicts the request's label item with cross-entropy over the whole catalogue.
 * **Evaluation** (:mod:`~lmat_platform.models.evaluate`) after every epoch on the validation
   requests, full ranking, HR@K / NDCG@K with and without seen-item filtering; early stopping on
   validation NDCG@10 with ``patience`` epochs; the test requests are scored once, by the best
-  model. Evaluation reads each request's whole visible history (the ``eval_tenant``): the model
-  sees its last ``max_len`` items, the seen-item filter all of them.
+  model. Evaluation reads each request's whole visible history (:func:`whole_history`) once
+  per run (:func:`eval_batches`): the model sees its last ``max_len`` items, the seen-item
+  filter all of them.
 * **Checkpoints**: model, optimizer, RNG state, the loader's ``state_dict()`` (where the pass
   stands) and the run's history are written together, atomically, every ``checkpoint_every``
   steps and after every epoch. A run started again on the same ``out_dir`` resumes from the
@@ -139,23 +140,28 @@ def _loader(store: str, thin: str, tenant: Tenant, *, batch_size: int, shuffle: 
                           seed=seed, num_workers=num_workers)
 
 
+def eval_batches(
+    store: str, thin: str, tenant: Tenant, *, config: TrainConfig = TrainConfig()
+) -> list[Any]:
+    """The requests of ``thin`` as reader batches holding each request's whole visible history,
+    read once: every evaluation of the same requests (each epoch's, the baseline's) reuses them."""
+    return list(_loader(store, thin, whole_history(tenant), batch_size=config.eval_batch_size,
+                        shuffle=False, seed=0, num_workers=0))
+
+
 def evaluate_model(
     net: SASRec,
-    store: str,
-    thin: str,
-    tenant: Tenant,
+    batches: Iterable[Any],
     *,
     config: TrainConfig = TrainConfig(),
     device: torch.device | None = None,
 ) -> dict[str, float]:
-    """Full-ranking metrics of ``net`` on the requests of ``thin`` (whole histories read)."""
+    """Full-ranking metrics of ``net`` on ``batches`` (from :func:`eval_batches`)."""
     was = net.training
     net.eval()
-    loader = _loader(store, thin, whole_history(tenant), batch_size=config.eval_batch_size,
-                     shuffle=False, seed=0, num_workers=0)
     try:
         return evaluate_batches(
-            lambda items, lengths: net.scores(net.tokens(items, lengths)), loader,
+            lambda items, lengths: net.scores(net.tokens(items, lengths)), batches,
             n_items=net.cfg.n_items, item_column=config.item_column,
             label_column=config.label_column, ks=(config.k,), device=device,
         )
@@ -165,17 +171,14 @@ def evaluate_model(
 
 def evaluate_popular(
     counts: torch.Tensor,
-    store: str,
-    thin: str,
-    tenant: Tenant,
+    batches: Iterable[Any],
     *,
     config: TrainConfig = TrainConfig(),
 ) -> dict[str, float]:
-    """The most-popular baseline (``counts`` [n_items + 1], see ``most_popular_scores``)."""
-    loader = _loader(store, thin, whole_history(tenant), batch_size=config.eval_batch_size,
-                     shuffle=False, seed=0, num_workers=0)
+    """The most-popular baseline (``counts`` [n_items + 1], see ``most_popular_scores``) on
+    ``batches`` (from :func:`eval_batches`)."""
     return evaluate_batches(
-        lambda items, lengths: counts.expand(len(lengths), -1), loader,
+        lambda items, lengths: counts.expand(len(lengths), -1), batches,
         n_items=len(counts) - 1, item_column=config.item_column,
         label_column=config.label_column, ks=(config.k,),
     )
@@ -235,6 +238,13 @@ def train_next_item(
         "wait_s": 0.0, "step_s": 0.0, "examples": 0, "stopped": None,
     }
     best_state: dict[str, torch.Tensor] | None = None
+    evals: dict[str, list[Any]] = {}  # each evaluation set's batches, read at first use
+
+    def eval_set(thin: str) -> list[Any]:
+        if thin not in evals:
+            evals[thin] = eval_batches(store, thin, tenant, config=config)
+        return evals[thin]
+
     mid_pass = False  # resuming inside a pass: the loader continues it
     if resume and os.path.exists(ck_path):
         ck = torch.load(ck_path, map_location=dev, weights_only=False)
@@ -309,8 +319,7 @@ def train_next_item(
             "step": st["step"],
         }
         if valid_thin is not None:
-            row["valid"] = evaluate_model(net, store, valid_thin, tenant, config=config,
-                                          device=dev)
+            row["valid"] = evaluate_model(net, eval_set(valid_thin), config=config, device=dev)
             key = f"ndcg@{config.k}"
             if st["best"] is None or row["valid"][key] > st["best"]["valid"][key]:
                 st["best"], st["bad_epochs"] = row, 0
@@ -363,11 +372,11 @@ def train_next_item(
         metrics["best_epoch"] = st["best"]["epoch"]
         metrics["valid"] = st["best"]["valid"]
     if test_thin is not None:
-        metrics["test"] = evaluate_model(net, store, test_thin, tenant, config=config, device=dev)
+        metrics["test"] = evaluate_model(net, eval_set(test_thin), config=config, device=dev)
     if popular_items is not None:
         pop = most_popular_scores(popular_items, n_items + 1)
         metrics["most_popular"] = {
-            name: evaluate_popular(pop, store, thin, tenant, config=config)
+            name: evaluate_popular(pop, eval_set(thin), config=config)
             for name, thin in (("valid", valid_thin), ("test", test_thin)) if thin is not None
         }
     with open(os.path.join(out_dir, METRICS_FILE), "w") as f:
@@ -488,15 +497,15 @@ def evaluate_saved(prep: PreparedDataset, run_dir: str, *, config: TrainConfig =
 
     from lmat_platform.datasets.ratings import requests_file
 
-    net = load_model(os.path.join(run_dir, MODEL_FILE))
-    blob = torch.load(os.path.join(run_dir, MODEL_FILE), map_location="cpu", weights_only=True)
-    t = blob["tenant"]
+    path = os.path.join(run_dir, MODEL_FILE)
+    net = load_model(path)
+    t = torch.load(path, map_location="cpu", weights_only=True)["tenant"]
     tenant = Tenant(t["name"], tuple(t["columns"]), int(t["max_len"]))
     train_items = pq.read_table(os.path.join(prep.import_dir, requests_file("train")),
                                 columns=["label"])["label"].to_numpy()
     pop = most_popular_scores(train_items, prep.n_items + 1)
+    test = eval_batches(prep.store, prep.thin["test"], tenant, config=config)
     return {
-        "test": evaluate_model(net, prep.store, prep.thin["test"], tenant, config=config),
-        "most_popular": evaluate_popular(pop, prep.store, prep.thin["test"], tenant,
-                                         config=config),
+        "test": evaluate_model(net, test, config=config),
+        "most_popular": evaluate_popular(pop, test, config=config),
     }
