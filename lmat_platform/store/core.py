@@ -249,13 +249,9 @@ class Store:
         if not self.is_local:
             from lmat_platform.store.lease import StoreLease
 
-            lease = StoreLease(self.root, timeout_s=timeout_s)
-            lease.acquire()
-            try:
+            with StoreLease(self.root, timeout_s=timeout_s) as lease:
                 yield
                 lease.check()
-            finally:
-                lease.release()
             return
         path = os.path.join(self.root, "_lock")
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
