@@ -117,6 +117,8 @@ class SlotWriter:
     def pack(self, batch: Batch) -> dict[str, Any]:
         """The message for a batch made by the last :meth:`alloc`: slot, layout and small
         arrays, or the batch itself when it is in ordinary memory."""
+        if self.last is None:
+            return {"batch": batch}
         small = {
             "request_id": batch.request_id.numpy(), "lengths": batch.lengths.numpy(),
             "user_id": None if batch.user_id is None else batch.user_id.numpy(),
@@ -124,8 +126,6 @@ class SlotWriter:
             "context": {c: v.numpy() for c, v in batch.context.items()},
             "bytes_read": batch.bytes_read, "thin_bytes_read": batch.thin_bytes_read,
         }
-        if self.last is None:
-            return {"batch": batch}
         k, new = self.last
         cols = [(c, str(v.numpy().dtype), o, nb)
                 for (c, v), (o, nb) in zip(batch.values.items(), self.layout, strict=True)]
@@ -189,14 +189,13 @@ class SlotReader:
 
     def __init__(self, flags: torch.Tensor):
         self.flags = flags
-        self.slots: list[torch.Tensor | None] = [None] * len(flags)
+        #: Each slot's bytes (the array keeps the shared tensor's storage alive).
         self.bases: list[np.ndarray | None] = [None] * len(flags)
         self.out: set[int] = set()
 
     def _adopt(self, meta: dict[str, Any]) -> int:
         k = int(meta["slot"])
         if meta["new"] is not None:
-            self.slots[k] = meta["new"]
             self.bases[k] = meta["new"].numpy()
         return k
 
