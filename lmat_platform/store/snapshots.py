@@ -335,17 +335,8 @@ def read_user_keys(
     keys = ["user_id", "event_ts", "event_id", "snapshot_id"]
     if dt is None:
         return {c: np.array([], dtype=np.int64) for c in keys}
-    fs, root = store.filesystem()
-    chunks = []
-    for f in uih.list_files(dt):
-        if f.bucket != bucket:
-            continue
-        md = uih.file_metadata(store, f.path)
-        rgs = uih.row_groups_for_users(md, users)
-        if not rgs:
-            continue
-        with fs.open_input_file(f"{root}/uih/{f.path}") as fh:
-            chunks.append(pq.ParquetFile(fh).read_row_groups(rgs, columns=keys))
+    chunks = uih.read_user_row_groups(
+        store, [f for f in uih.list_files(dt) if f.bucket == bucket], users, keys)
     if not chunks:
         return {c: np.array([], dtype=np.int64) for c in keys}
     t = pa.concat_tables(chunks)

@@ -398,6 +398,23 @@ def row_groups_for_users(md: pq.FileMetaData, users: np.ndarray) -> list[int]:
     return np.flatnonzero(i1 > i0).tolist()
 
 
+def read_user_row_groups(
+    store: Store, files: Sequence[TierFile], users: np.ndarray, columns: Sequence[str]
+) -> list[pa.Table]:
+    """``columns`` of the row groups of ``files`` whose user range holds one of ``users``
+    (sorted), one table per file read; rows are not filtered (callers keep what they need)."""
+    chunks: list[pa.Table] = []
+    fs, root = store.filesystem()
+    for f in files:
+        md = file_metadata(store, f.path)
+        rgs = row_groups_for_users(md, users)
+        if not rgs:
+            continue
+        with fs.open_input_file(f"{root}/uih/{f.path}") as fh:
+            chunks.append(pq.ParquetFile(fh, metadata=md).read_row_groups(rgs, columns=columns))
+    return chunks
+
+
 def _row_groups_wanted(
     st: RowGroupStats, users: np.ndarray, cutoffs: np.ndarray, max_snapshot: int,
     min_ts: int | None,

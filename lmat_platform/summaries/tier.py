@@ -157,19 +157,10 @@ def _tier_rows(store: Store, bucket: int, users: np.ndarray, *, lo: int, hi: int
     cols = list(dict.fromkeys([*keys, *columns]))
     chunks = []
     if len(users):
-        fs, root = store.filesystem()
-        for f in files:
-            if f.bucket != bucket:
-                continue
-            if (f.max_snapshot is not None and f.max_snapshot < lo) or (
-                    f.min_snapshot is not None and f.min_snapshot > hi):
-                continue
-            md = uih.file_metadata(store, f.path)
-            rgs = uih.row_groups_for_users(md, users)
-            if not rgs:
-                continue
-            with fs.open_input_file(f"{root}/uih/{f.path}") as fh:
-                t = pq.ParquetFile(fh, metadata=md).read_row_groups(rgs, columns=cols)
+        live = [f for f in files if f.bucket == bucket and not (
+            (f.max_snapshot is not None and f.max_snapshot < lo)
+            or (f.min_snapshot is not None and f.min_snapshot > hi))]
+        for t in uih.read_user_row_groups(store, live, users, cols):
             s = t.column("snapshot_id").to_numpy()
             keep = np.isin(t.column("user_id").to_numpy(), users) & (s >= lo) & (s <= hi)
             chunks.append(t.filter(pa.array(keep)))
