@@ -1,5 +1,5 @@
-"""Passes that keep nothing from earlier passes, worker processes, and a training loop's data
-stall (issue 16), on the suite's standard 3-tenant workload (:mod:`bench.workload`).
+"""Passes with the decoded cache off, worker processes, and a training loop's data stall
+(issue 16), on the suite's standard 3-tenant workload (:mod:`bench.workload`).
 
 Run on demand::
 
@@ -18,10 +18,14 @@ on all of them alike; each figure is the median over rounds of the median of ``-
   (``LMAT_DECODE_CACHE_MB`` default: the tier's row groups, decoded thin rows and prepared
   units kept from the earlier pass). Labelled warm: a training job's later epochs;
 * ``lmat_cold_wN``: the same with ``LMAT_DECODE_CACHE_MB=0`` (every pass decodes, checks and
-  looks up again; files in the OS page cache, as for the fat readers), ``num_workers`` N
-  (0, 1, 2), passes after the process's first (worker processes persist across passes);
+  looks up its rows again; files in the OS page cache, as for the fat readers), ``num_workers``
+  N (0, 1, 2), passes after the process's first (worker processes persist across passes).
+  Not a pass that keeps nothing: the loader's table metadata (snapshot, tier and head file
+  lists, the thin table's file list), the tier files' Parquet footers and the compiled kernels
+  stay from the process's first pass;
 * ``first_batch_s``: time from ``SequenceLoader(...)`` to its first batch in a fresh process
-  with the cache off (imports done before; with workers, their start included);
+  with the cache off (imports done before; with workers, their start included): the figure
+  with nothing kept in the process (the OS page cache is warm: earlier children read the files);
 * ``stall``: a training loop whose step keeps the main process busy (a spin, holding the GIL
   as Python training code does) for ``--step-factor`` (2) times the time a single-process
   cache-off reader needs per batch, measured just before in the same process; reported is the
