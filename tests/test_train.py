@@ -16,6 +16,8 @@ import torch
 
 from lmat_platform.datasets import fetch_ratings, prepare_dataset, read_ratings
 from lmat_platform.datasets.pipeline import slice_users
+from lmat_platform.datasets.ratings import EVENTS_FILE, requests_file
+from lmat_platform.models.evaluate import RankingAccumulator, most_popular_scores
 from lmat_platform.models.sasrec import SASRecConfig
 from lmat_platform.train import (
     CHECKPOINT_FILE,
@@ -56,9 +58,28 @@ def test_tiny_run_writes_model_metrics_and_plot(prep, tmp_path) -> None:
         assert 0 <= m[part]["hr@10"] <= m[part]["hr@10_filtered"] <= 1
         assert m["most_popular"][part]["n"] == USERS
     assert m["dataset"]["train_stride"] == 5
+    for part in ("valid", "test"):  # the baseline, recomputed from the imported files alone
+        assert m["most_popular"][part] == pytest.approx(_most_popular(prep, part))
     assert (tmp_path / PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
     net = load_model(str(tmp_path / MODEL_FILE))
     assert net.cfg.max_len == 10 and res.model_path == str(tmp_path / MODEL_FILE)
+
+
+def _most_popular(prep, split: str) -> dict[str, float]:
+    """HR@10 / NDCG@10 (and filtered) of the training labels' counts on ``split``'s requests,
+    the seen items being the user's events that arrived before the request."""
+    imp = prep.import_dir
+    train = pq.read_table(os.path.join(imp, requests_file("train")))["label"].to_numpy()
+    req = pq.read_table(os.path.join(imp, requests_file(split))).to_pandas()
+    ev = pq.read_table(os.path.join(imp, EVENTS_FILE)).to_pandas()
+    scores = most_popular_scores(train, prep.n_items + 1).expand(len(req), -1)
+    seen = torch.zeros(scores.shape, dtype=torch.bool)
+    for i, r in enumerate(req.itertuples()):
+        h = ev[(ev.user_id == r.user_id) & (ev.arrival_ts < r.request_ts)].item_id.to_numpy()
+        seen[i, torch.tensor(h)] = True
+    acc = RankingAccumulator(ks=(10,))
+    acc.update(scores, torch.as_tensor(req.label.to_numpy()), seen=seen)
+    return acc.result()
 
 
 class _Stop(Exception):
