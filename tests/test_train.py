@@ -78,7 +78,7 @@ def _most_popular(prep, split: str) -> dict[str, float]:
         h = ev[(ev.user_id == r.user_id) & (ev.arrival_ts < r.request_ts)].item_id.to_numpy()
         seen[i, torch.tensor(h)] = True
     acc = RankingAccumulator(ks=(10,))
-    acc.update(scores, torch.as_tensor(req.label.to_numpy()), seen=seen)
+    acc.update(scores, torch.tensor(req.label.to_numpy()), seen=seen)
     return acc.result()
 
 
