@@ -14,9 +14,9 @@ import dagster as dg
 import numpy as np
 
 import lmat_platform as lmat
+from assets.checks import _day_rows
 from assets.partitions import DAILY, day_range_us
 from assets.resources import LmatResource
-from lmat_platform.store.core import delta_dataset
 
 #: Users per snapshot whose summaries the recompute check folds from scratch.
 RECOMPUTE_SAMPLE_USERS = 64
@@ -199,21 +199,14 @@ def summary_recompute(
 def summary_point_in_time(
     context: dg.AssetCheckExecutionContext, lmat_store: LmatResource
 ) -> dg.AssetCheckResult:
-    import pyarrow.dataset as pads
-
-    from lmat_platform.protocol import open_thin
     from lmat_platform.summaries import SummaryServer, check_served, summarizer_versions
 
     store = lmat_store.open()
     model = _model_of(context)
     if not summarizer_versions(store, model):
         return dg.AssetCheckResult(passed=True, metadata={"status": "no summarizer registered"})
-    lo, hi = day_range_us(context.partition_key)
-    dt = open_thin(store, lmat_store.thin_uri("examples"))
-    req = delta_dataset(dt).to_table(
-        columns=["user_id", "request_ts"],
-        filter=(pads.field("request_ts") >= lo) & (pads.field("request_ts") < hi))
-    req = req.slice(0, SERVE_SAMPLE_REQUESTS)
+    req = _day_rows(store, lmat_store.thin_uri("examples"), context.partition_key,
+                    ["user_id", "request_ts"]).slice(0, SERVE_SAMPLE_REQUESTS)
     tenant = lmat.Tenant("vista_check", ("item_id",), 64,
                          summary=lmat.tenants.SummarySpec(model, 16))
     server = SummaryServer(store, tenant)
