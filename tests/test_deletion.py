@@ -13,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -87,16 +87,22 @@ def _materialized(st: Store | str, thin: str, out: Path) -> pa.Table:
     return pq.read_table(str(out)).sort_by("request_id")
 
 
+def _batch_rows(batches: Iterable[Any]) -> Iterator[tuple[int, tuple[int, list[int]]]]:
+    """(request_id, (user, event ids)) of every request of ``batches``."""
+    for b in batches:
+        off = np.concatenate([[0], np.cumsum(b.lengths.numpy())])
+        ev = b.values["event_id"].tolist()
+        for i, (r, u) in enumerate(zip(b.request_id.tolist(), b.user_id.tolist(), strict=True)):
+            yield r, (u, ev[off[i]:off[i + 1]])
+
+
 def _loader_rows(st: Store | str, thin: str) -> dict[int, tuple[int, list[int]]]:
     """request_id -> (user, event ids) over one loader pass (several units and batches)."""
     loader = SequenceLoader(st, thin, tenant=ALL, batch_size=13, max_unit_rows=16)
     out: dict[int, tuple[int, list[int]]] = {}
-    for b in loader:
-        off = np.concatenate([[0], np.cumsum(b.lengths.numpy())])
-        ev = b.values["event_id"].tolist()
-        for i, (r, u) in enumerate(zip(b.request_id.tolist(), b.user_id.tolist(), strict=True)):
-            assert r not in out
-            out[r] = (u, ev[off[i]:off[i + 1]])
+    for r, row in _batch_rows(loader):
+        assert r not in out
+        out[r] = row
     assert len(out) == loader.num_requests
     return out
 
@@ -502,12 +508,7 @@ def test_ray_backend_does_not_serve_a_pending_user(synth_store: SynthStore) -> N
                                         max_unit_rows=16))
     finally:
         ray.shutdown()
-    got: dict[int, tuple[int, list[int]]] = {}
-    for b in batches:
-        off = np.concatenate([[0], np.cumsum(b.lengths.numpy())])
-        ev = b.values["event_id"].tolist()
-        for i, (r, uu) in enumerate(zip(b.request_id.tolist(), b.user_id.tolist(), strict=True)):
-            got[r] = (uu, ev[off[i]:off[i + 1]])
+    got = dict(_batch_rows(batches))
     assert got == want
 
 
