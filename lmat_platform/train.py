@@ -441,8 +441,9 @@ def train_on_dataset(
     ratings' items. ``stride`` picks the training requests (each user's last and every
     stride-th before it, :func:`~lmat_platform.datasets.pipeline.strided_requests`); the
     default is every request for the ``last`` loss and ``max(1, max_len // 2)`` for ``all``,
-    where each request trains every position of its window, so each training rating is a
-    target in about two windows whatever the length.
+    where each request trains every position of its window, so a training rating is a target
+    in about two windows when its user has more than ``max_len`` of them, in one when the window
+    covers the user's whole history (see docs/real_data.md, "Loss").
     """
     import pyarrow.parquet as pq
 
