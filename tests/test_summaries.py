@@ -163,6 +163,8 @@ def test_point_in_time_adversarial(built: tuple[Store, str, pa.Table]) -> None:
             users += [u] * 6
     users_a, ts_a = np.array(users), np.array(ts)
     got = server.serve(users_a, ts_a)
+    stored = {(r["user_id"], r["snapshot_id"]): r
+              for r in read_summary_rows(store, version).to_pylist()}
     for i, (u, t) in enumerate(zip(users, ts, strict=True)):
         # Newest k with Q_k <= t.
         ks = [k for k in range(N_SNAPS) if _watermark(k) + LAG <= t]
@@ -179,6 +181,13 @@ def test_point_in_time_adversarial(built: tuple[Store, str, pa.Table]) -> None:
         assert bool(got.mask[i]) == bool(head_users)
         if not got.mask[i]:
             assert not got.summary[i].any()
+        else:
+            # The stored row of the newest snapshot <= S that touched the user, dequantized.
+            row = stored[(u, max(k for k in range(want_s + 1) if (u, k) in stored))]
+            q = np.frombuffer(row["tokens"], np.int8).reshape(CFG.k, CFG.d).astype(np.float32)
+            sc = np.frombuffer(row["scales"], np.float32)
+            np.testing.assert_array_equal(got.summary[i], q * sc[:, None])
+            assert got.head_len[i] == row["head_len"]
     rep = check_served(store, version, users_a, ts_a, got)
     assert rep.ok, rep.problems
     assert rep.checked == len(users)
