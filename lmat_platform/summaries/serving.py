@@ -125,13 +125,13 @@ class SummaryServer:
                 idx = _newest_at_or_before(rows, users, s)
                 hit = idx >= 0
                 mask[hit] = True
-                tok = rows.column("tokens")
-                scl = rows.column("scales")
-                for i in np.flatnonzero(hit):
-                    j = int(idx[i])
-                    q = np.frombuffer(tok[j].as_py(), np.int8).reshape(self.k, self.d)
-                    sc = np.frombuffer(scl[j].as_py(), np.float32)
-                    summary[i] = dequantize(q, sc)
+                # Every served row's tokens and scales decoded at once (fixed-size values).
+                sel = pa.array(idx[hit])
+                q = np.frombuffer(b"".join(rows.column("tokens").take(sel).to_pylist()),
+                                  np.int8).reshape(-1, self.k, self.d)
+                sc = np.frombuffer(b"".join(rows.column("scales").take(sel).to_pylist()),
+                                   np.float32).reshape(-1, self.k)
+                summary[hit] = dequantize(q, sc)
                 head_len[hit] = rows.column("head_len").to_numpy()[idx[hit]]
                 head_cs[hit] = rows.column("head_checksum").to_numpy()[idx[hit]]
         wm = np.full(b, _NO_TIME, np.int64)
