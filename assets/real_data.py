@@ -56,6 +56,11 @@ def _root(res: LmatResource, c: RealDataConfig) -> str:
     return os.path.join(res.outputs, "real_data", tag)
 
 
+def _run_dir(root: str, c: RealModelConfig) -> str:
+    """Where ``real_model`` trains and ``real_evaluation`` reads the model."""
+    return os.path.join(root, "runs", f"{c.block}-len{c.max_len}")
+
+
 def _evaluation_path(res: LmatResource) -> str:
     return os.path.join(res.outputs, "real_data", EVALUATION_FILE)
 
@@ -136,7 +141,7 @@ def real_model(config: RealModelConfig, lmat_store: LmatResource) -> dg.Material
     from lmat_platform.train import TrainConfig, train_on_dataset
 
     prep = PreparedDataset.load(_root(lmat_store, config))
-    out = os.path.join(prep.root, "runs", f"{config.block}-len{config.max_len}")
+    out = _run_dir(prep.root, config)
     res = train_on_dataset(
         prep, out, max_len=config.max_len,
         model=SASRecConfig(n_items=prep.n_items, max_len=min(config.max_len, prep.max_history),
@@ -164,7 +169,7 @@ def real_evaluation(config: RealModelConfig, lmat_store: LmatResource) -> dg.Mat
     from lmat_platform.train import evaluate_saved
 
     prep = PreparedDataset.load(_root(lmat_store, config))
-    run = os.path.join(prep.root, "runs", f"{config.block}-len{config.max_len}")
+    run = _run_dir(prep.root, config)
     ev = evaluate_saved(prep, run)
     path = _evaluation_path(lmat_store)
     with open(path, "w") as f:
