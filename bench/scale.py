@@ -6,7 +6,9 @@ each step, then vacuumed with the store's retention (``--retention-hours``, 0 by
 raw log keeps only the unpublished rest), as a store fed for months would be. The bulk history spans ``--days`` days at the
 largest step (so a smaller step is the same store earlier in its life). Event ids are assigned in
 arrival order (as snowflake ids or per-producer sequences are). At every step it measures, each
-operation in its own process (so peak RSS is the operation's own, and nothing is cached):
+operation in its own process with ``LMAT_DECODE_CACHE_MB=0`` (so peak RSS is the operation's
+own, and nothing decoded is kept between operations; the files just written are in the OS page
+cache):
 
 - ingest of one 50K-event file (``--batch``): the next hour's events, 1% of them re-sent copies
   of recent events (duplicates); seconds, events/s, peak RSS, what the duplicate check read;
@@ -15,7 +17,11 @@ operation in its own process (so peak RSS is the operation's own, and nothing is
 - bytes on disk per stored event, by table (files on disk, and those the latest versions use);
 - bytes of the tier read per example, examples/s and peak RSS of a loader pass (decoded cache
   off) for tenants of ``max_len`` 256, 2048 and 16384, over ``--requests`` batch-path requests
-  right after the last snapshot;
+  right after the last snapshot. ``bytes_per_example`` is the loader's count: compressed bytes
+  of the tier column chunks in the row groups it reads (from the files' footers; with the cache
+  off each is read from the file); ``io_read_bytes_per_example`` is what the process read
+  through read calls during the pass (``rchar`` of ``/proc/self/io``: tier and thin files,
+  footers, table logs), measured;
 
 and writes ``bench/results/scale.json`` (after every step, so a long run keeps what it measured)
 and ``scale.png``. Run::
@@ -51,6 +57,15 @@ TENANT_LENS = (256, 2048, 16384)
 # ----------------------------------------------------------------------------- child operations
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _io_read_bytes() -> int | None:
+    """Bytes this process has read through read calls so far (Linux; None elsewhere)."""
+    try:
+        text = Path("/proc/self/io").read_text()
+    except OSError:
+        return None
+    return next(int(v) for k, v in (ln.split(":") for ln in text.splitlines()) if k == "rchar")
 
 
 def _op(args: argparse.Namespace) -> dict[str, Any]:
@@ -111,14 +126,18 @@ def _op(args: argparse.Namespace) -> dict[str, Any]:
         tenant = Tenant(name=f"L{args.max_len}", columns=("item_id", "action"),
                         max_len=args.max_len)
         loader = SequenceLoader(store.root, args.thin, tenant=tenant, batch_size=512)
+        io0 = _io_read_bytes()
         t0 = time.perf_counter()
         n = events = uih_bytes = 0
         for b in loader:
             n += len(b)
             events += int(b.lengths.sum())
             uih_bytes += b.bytes_read - b.thin_bytes_read
+        io1 = _io_read_bytes()
         out.update({"examples": n, "events": events, "uih_bytes": uih_bytes,
-                    "bytes_per_example": uih_bytes / max(n, 1)})
+                    "bytes_per_example": uih_bytes / max(n, 1),
+                    "io_read_bytes_per_example": None if io0 is None or io1 is None
+                    else (io1 - io0) / max(n, 1)})
     out["wall_s"] = round(time.perf_counter() - t0, 3)
     out["peak_rss_mb"] = round(_rss_mb(), 1)
     return out

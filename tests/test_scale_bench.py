@@ -29,5 +29,8 @@ def test_scale_bench_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         assert s["publish"]["events"] == 2000 - 20
         assert set(s["read"]) == {"256", "2048", "16384"}
         assert all(r["examples"] == 100 for r in s["read"].values())
+        # The loader's count of tier bytes is backed by what the process really read.
+        assert all(r["io_read_bytes_per_example"] >= r["bytes_per_example"] > 0
+                   for r in s["read"].values())
         assert s["bytes_per_event"]["live"]["uih"] > 0 and s["peak_rss_mb"] > 0
     assert (tmp_path / "scale.png").exists()
