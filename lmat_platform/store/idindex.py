@@ -135,13 +135,16 @@ def _write_file(store: Store, ids: np.ndarray, users: np.ndarray, *, data_change
 def _commit(
     store: Store, actions: list[AddAction | RemoveAction], *, op: str,
     txn: tuple[str, int] | None, metadata: dict[str, object] | None = None,
-) -> None:
+    dt: DeltaTable | None = None,
+) -> DeltaTable:
+    """Commit ``actions`` to the index (``dt``: the index as the caller just opened it, else
+    opened here); returns the index after the commit."""
     custom = {"lmat.op": op, **{f"lmat.{k}": str(v) for k, v in (metadata or {}).items()}}
     props = CommitProperties(
         custom_metadata=custom,
         app_transactions=[Transaction(app_id=txn[0], version=txn[1])] if txn else None,
     )
-    dt = store.open_table(TABLE)
+    dt = dt if dt is not None else store.open_table(TABLE)
     if dt is None:
         from deltalake import Schema as DSchema
         from deltalake.transaction import create_table_with_add_actions
@@ -150,11 +153,14 @@ def _commit(
             store.table_uri(TABLE), DSchema.from_arrow(SCHEMA), list(actions),  # type: ignore[arg-type]
             mode="error", commit_properties=props,
         )
+        dt = store.open_table(TABLE)
+        assert dt is not None
     else:
         dt.create_write_transaction(list(actions), "append", SCHEMA, commit_properties=props)
         dt = store.open_table(TABLE)
         assert dt is not None
         checkpoint_if_due(dt)
+    return dt
 
 
 def indexed_through(store: Store) -> int | None:
@@ -165,16 +171,17 @@ def indexed_through(store: Store) -> int | None:
 def add_ids(store: Store, ids: np.ndarray, users: np.ndarray, *, raw_version: int) -> None:
     """Index the ids of an accepted batch (unique among themselves and in the index), in one
     commit that records ``raw_version`` as covered; idempotent per raw version."""
-    done = indexed_through(store)
+    dt = store.open_table(TABLE)  # opened once for the check, the commit and the merge
+    done = dt.transaction_version(APP_ID) if dt is not None else None
     if done is not None and done >= raw_version:
         return
     actions: list[AddAction | RemoveAction] = []
     if len(ids):
         o = np.argsort(ids, kind="stable")
         actions.append(_write_file(store, ids[o], users[o], data_change=True))
-    _commit(store, actions, op="index_ids", txn=(APP_ID, raw_version),
-            metadata={"raw_version": raw_version, "ids": len(ids)})
-    merge_ids(store)
+    dt = _commit(store, actions, op="index_ids", txn=(APP_ID, raw_version),
+                 metadata={"raw_version": raw_version, "ids": len(ids)}, dt=dt)
+    merge_ids(store, dt)
 
 
 def _raw_commit_adds(store: Store, version: int) -> tuple[str | None, list[str]] | None:
@@ -356,11 +363,12 @@ def accepted_mask(store: Store, ids: np.ndarray, stats: LookupStats | None = Non
     return hit[np.searchsorted(q, ids)]
 
 
-def merge_ids(store: Store) -> int:
+def merge_ids(store: Store, dt: DeltaTable | None = None) -> int:
     """Merge index files of one size class, eight at a time, while the result stays under
     :data:`MAX_FILE_ROWS` (a layout-only commit); returns the files merged. Amortized, each id
-    is rewritten O(log) times; the log keeps O(log) small files."""
-    dt = store.open_table(TABLE)
+    is rewritten O(log) times; the log keeps O(log) small files. ``dt``: the index's latest
+    version if the caller has it open (else opened here)."""
+    dt = dt if dt is not None else store.open_table(TABLE)
     if dt is None:
         return 0
     by_class: dict[int, list[_IdFile]] = {}
@@ -381,7 +389,7 @@ def merge_ids(store: Store) -> int:
             actions += [RemoveAction(f.path, False, ts, f.size, {}) for f in take]
             merged += len(take)
     if actions:
-        _commit(store, actions, op="merge_ids", txn=None, metadata={"files_in": merged})
+        _commit(store, actions, op="merge_ids", txn=None, metadata={"files_in": merged}, dt=dt)
     return merged
 
 
