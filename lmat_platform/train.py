@@ -204,6 +204,7 @@ def train_next_item(
     popular_items: np.ndarray | None = None,
     resume: bool = True,
     on_step: Callable[[int], None] | None = None,
+    dataset: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train a next-item model on ``thin_train``'s requests read through ``SequenceLoader``.
 
@@ -211,7 +212,8 @@ def train_next_item(
     the model is trained on); ``model.max_len`` defaults to it. With ``valid_thin``, every epoch
     is evaluated and training stops early; the best epoch's model is kept. ``popular_items`` (the
     training ratings' item indices) adds the most-popular baseline to the metrics. ``on_step(step)`` is called
-    after every optimizer step (after any checkpoint of that step).
+    after every optimizer step (after any checkpoint of that step). ``dataset`` (what the data
+    is) goes into the metrics as is.
     """
     if config.item_column not in tenant.columns:
         raise ValueError(
@@ -379,6 +381,8 @@ def train_next_item(
             name: evaluate_popular(pop, eval_set(thin), config=config)
             for name, thin in (("valid", valid_thin), ("test", test_thin)) if thin is not None
         }
+    if dataset is not None:
+        metrics["dataset"] = dataset
     with open(os.path.join(out_dir, METRICS_FILE), "w") as f:
         json.dump(metrics, f, indent=2, default=str)
     plot_history(metrics, os.path.join(out_dir, PLOT_FILE))
@@ -457,19 +461,14 @@ def train_on_dataset(
     cfg = model or SASRecConfig(n_items=prep.n_items, max_len=model_len)
     train_items = pq.read_table(os.path.join(prep.import_dir, requests_file("train")),
                                 columns=["label"])["label"].to_numpy()
-    res = train_next_item(
+    return train_next_item(
         prep.store, training_thin(prep, stride), tenant, n_items=prep.n_items, out_dir=out_dir,
         model=cfg, config=config, valid_thin=prep.thin["valid"], test_thin=prep.thin["test"],
         popular_items=train_items, resume=resume, on_step=on_step,
+        dataset={"source": prep.source, "root": prep.root,
+                 "tie_order": prep.imported.get("tie_order"), "ratings": prep.ratings,
+                 "users": prep.users, "train_stride": stride, "items": prep.n_items},
     )
-    res.metrics["dataset"] = {"source": prep.source, "root": prep.root,
-                              "tie_order": prep.imported.get("tie_order"),
-                              "ratings": prep.ratings, "users": prep.users,
-                              "train_stride": stride,
-                              "items": prep.n_items}
-    with open(os.path.join(out_dir, METRICS_FILE), "w") as f:
-        json.dump(res.metrics, f, indent=2, default=str)
-    return res
 
 
 def catalogue_size(store: str, column: str = "item_id") -> int:
