@@ -37,10 +37,10 @@ def _check_heads(store: Store, k: int) -> None:
     h = read(store, "heads")
     h = h.filter(pa.array(h.column("snapshot_id").to_numpy() == k))
     got = {r["user_id"]: r for r in h.to_pylist()}
+    tier = read(store, "uih")
     for b in np.unique(h.column("bucket").to_numpy()).tolist():
         users = np.array(sorted(u for u, r in got.items() if r["bucket"] == b), np.int64)
         ref = head_summaries(store, b, users, k).to_pylist()
-        tier = read(store, "uih")
         for want in ref:
             r = got[want["user_id"]]
             assert (r["head_len"], r["head_checksum"]) == (want["head_len"], want["head_checksum"])
