@@ -112,12 +112,10 @@ def vista_summaries(
     context: dg.AssetExecutionContext, config: SummariesConfig, lmat_store: LmatResource
 ) -> dg.MaterializeResult:
     from lmat_platform.summaries import (
-        compute_summaries,
-        load_summarizer,
+        compute_pending,
         resolve_version,
         storage_report,
         summarizer_versions,
-        summary_registry,
     )
 
     store = lmat_store.open()
@@ -128,20 +126,16 @@ def vista_summaries(
                       "vista_summarizer, in train_job); later days compute every snapshot missed",
         })
     version = resolve_version(store, config.model)
-    model = load_summarizer(store, version)
     day = _day_snapshots(store, context.partition_key)
-    done = {e.snapshot_id for e in summary_registry(store, version)}
-    last = max((s.snapshot_id for s in day), default=-1)
-    computed = []
     t0 = time.perf_counter()
-    for s in lmat.list_snapshots(store):
-        if s.snapshot_id <= last and s.snapshot_id not in done:
-            q = (None if config.publish_delay_minutes < 0
-                 else s.published_at + config.publish_delay_minutes * 60_000_000)
-            e = compute_summaries(store, version, s.snapshot_id, model_name=config.model,
-                                  summarizer=model, published_at=q)
-            computed.append({"snapshot_id": e.snapshot_id, "users": e.users, "events": e.events,
-                             "published_at": e.published_at})
+    # The day's snapshots and every earlier one missed, in order.
+    entries = compute_pending(
+        store, version, model_name=config.model,
+        publish_delay_us=(None if config.publish_delay_minutes < 0
+                          else config.publish_delay_minutes * 60_000_000),
+        through=max((s.snapshot_id for s in day), default=-1))
+    computed = [{"snapshot_id": e.snapshot_id, "users": e.users, "events": e.events,
+                 "published_at": e.published_at} for e in entries]
     secs = time.perf_counter() - t0
     rep = storage_report(store, version)
     return dg.MaterializeResult(metadata={

@@ -401,15 +401,17 @@ def _empty_states() -> pa.Table:
 
 
 def compute_pending(store: Store | str, version: str, *, model_name: str | None = None,
-                    publish_delay_us: int | None = None) -> list[SummaryRegistryEntry]:
-    """Compute every published snapshot that has no summaries of ``version`` yet, in order,
-    published at ``Q_k = P_k + publish_delay_us`` (None: the wall clock, at least ``P_k``)."""
+                    publish_delay_us: int | None = None, through: int | None = None
+                    ) -> list[SummaryRegistryEntry]:
+    """Compute every published snapshot (up to snapshot ``through``, None: all) that has no
+    summaries of ``version`` yet, in order, published at ``Q_k = P_k + publish_delay_us``
+    (None: the wall clock, at least ``P_k``)."""
     store = as_store(store)
     model = load_summarizer(store, version)
     done = {e.snapshot_id for e in summary_registry(store, version)}
     out = []
     for s in list_snapshots(store):
-        if s.snapshot_id not in done:
+        if s.snapshot_id not in done and (through is None or s.snapshot_id <= through):
             q = None if publish_delay_us is None else s.published_at + publish_delay_us
             out.append(compute_summaries(store, version, s.snapshot_id, model_name=model_name,
                                          published_at=q, summarizer=model))
