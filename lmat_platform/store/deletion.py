@@ -254,7 +254,7 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
 
 
-def _stats_json(t: pa.Table) -> str:
+def file_stats_json(t: pa.Table) -> str:
     """Delta file statistics: row count, null counts, min/max of the integer columns."""
     mins: dict[str, int] = {}
     maxs: dict[str, int] = {}
@@ -332,7 +332,7 @@ def delete_user_rows(
             with fs.open_output_stream(f"{root}/{new}") as out:
                 pq.write_table(t, out, **(parquet_options or {}))
             size = fs.get_file_info(f"{root}/{new}").size or 0
-            actions.append(AddAction(new, size, pv, ts, True, _stats_json(t)))
+            actions.append(AddAction(new, size, pv, ts, True, file_stats_json(t)))
         actions.append(RemoveAction(rel, True, ts, int(sizes[k]), pv))
     if actions:
         dt.create_write_transaction(actions, "append", schema, partition_by=parts or None,

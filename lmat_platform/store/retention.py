@@ -25,13 +25,13 @@ import uuid
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction
 from deltalake.transaction import AddAction, RemoveAction
 
 from lmat_platform.store.core import Store, delta_dataset, now_us
+from lmat_platform.store.deletion import file_stats_json
 
 log = logging.getLogger(__name__)
 
@@ -113,24 +113,13 @@ def retire_raw(store: Store, *, retention_hours: int | None = None,
 
 
 def _write_raw_file(store: Store, part: pa.Table) -> AddAction:
-    import json
-
     fs, root = store.filesystem()
     rel = f"part-retired-{uuid.uuid4().hex}.parquet"
     full = f"{root}/raw/{rel}"
     with fs.open_output_stream(full) as out:
         pq.write_table(part, out, compression="snappy")
     size = fs.get_file_info(full).size or 0
-    mins, maxs, nulls = {}, {}, {}
-    for c in part.column_names:
-        col = part.column(c)
-        nulls[c] = col.null_count
-        if pa.types.is_integer(col.type) and len(col) > col.null_count:
-            mm = pc.min_max(col)
-            mins[c], maxs[c] = mm["min"].as_py(), mm["max"].as_py()
-    stats = json.dumps({"numRecords": part.num_rows, "minValues": mins, "maxValues": maxs,
-                        "nullCount": nulls})
-    return AddAction(rel, size, {}, now_us() // 1000, True, stats)
+    return AddAction(rel, size, {}, now_us() // 1000, True, file_stats_json(part))
 
 
 def raw_range_dataset(store: Store, raw: DeltaTable, lo: int | None, hi: int | None
