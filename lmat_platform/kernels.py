@@ -878,6 +878,66 @@ def block_sorted_tails(
     return idx, start
 
 
+@njit(cache=True, nogil=True)
+def _tail_runs(users, rids, lo, hi):  # type: ignore[no-untyped-def,unused-ignore]
+    n = len(users)
+    block = np.empty(n, dtype=np.int64)
+    start = np.zeros(n, dtype=np.int32)
+    stored = np.zeros(n, dtype=np.int64)
+    run_a = np.empty(n, dtype=np.int64)
+    run_b = np.empty(n, dtype=np.int64)
+    nr = 0
+    first = 0
+    size = 0  # events stored for the current user so far
+    cur = -1  # the user's current run (-1: none yet)
+    for i in range(n):
+        if i == 0 or users[i] != users[i - 1]:
+            if i:
+                stored[first] = size
+            first = i
+            size = 0
+            cur = -1
+        block[i] = rids[first]
+        a = lo[i]
+        b = hi[i]
+        if b <= a:
+            continue
+        if cur >= 0 and run_a[cur] <= a and a <= run_b[cur]:
+            base = size - (run_b[cur] - run_a[cur])
+            if b > run_b[cur]:
+                size += b - run_b[cur]
+                run_b[cur] = b
+            start[i] = base + (a - run_a[cur])
+        else:
+            run_a[nr] = a
+            run_b[nr] = b
+            cur = nr
+            nr += 1
+            start[i] = size
+            size += b - a
+    if n:
+        stored[first] = size
+    return block, start, stored, run_a[:nr], run_b[:nr]
+
+
+def tail_runs(
+    users: np.ndarray, request_ids: np.ndarray, lo: np.ndarray, hi: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Requests grouped by user, each with its run ``[lo[i], hi[i])`` of its user's events:
+    the union of each user's runs, stored once (in one compiled pass; see
+    :func:`lmat_platform.protocol.thin.user_tail_blocks`). Returns per request the request id
+    of its user's first row, its offset among its user's stored events and the events its own
+    row stores (its user's total in the user's first row, else 0); then the stored runs'
+    bounds, user after user."""
+    if not (len(users) == len(request_ids) == len(lo) == len(hi)):
+        raise ValueError("tail_runs: array lengths differ")
+    i64 = np.int64
+    block, start, stored, run_a, run_b = _tail_runs(
+        users.astype(i64, copy=False), request_ids.astype(i64, copy=False),
+        lo.astype(i64, copy=False), hi.astype(i64, copy=False))
+    return block, start, stored, run_a, run_b
+
+
 _WARM = False
 
 
@@ -904,4 +964,5 @@ def warm_up() -> None:
     user_ranges(z, z)
     spans_sorted(z, z, z, z)
     block_sorted_tails(z, z, z[:1], z[:1], z[:0], z[:0], z[:0])
+    tail_runs(z, z, z, z)
     _WARM = True

@@ -622,3 +622,45 @@ def test_spans_sorted_and_block_sorted_tails_match_numpy() -> None:
     with pytest.raises(ValueError, match="outside its block"):
         block_sorted_tails(ts, ids, b_lo, b_hi, np.array([0]), np.array([0]),
                            np.array([int(b_hi[0]) + 1]))
+
+
+def test_tail_runs_store_each_users_events_once() -> None:
+    """Requests grouped by user in request order, each with a run of its user's events (both
+    ends non-decreasing, as snapshot watermark and request time are): every request finds its
+    run at its offset among its user's stored events, in its user's first row; touching or
+    overlapping runs are stored once, a gap is not stored."""
+    import numpy as np
+
+    from lmat_platform.kernels import tail_runs
+
+    rng = np.random.default_rng(5)
+    n = 200
+    users = np.sort(rng.integers(0, 12, n)).astype(np.int64)
+    rids = rng.permutation(10 * n)[:n].astype(np.int64)
+    lo = np.sort(rng.integers(0, 40, n)).astype(np.int64)
+    lo = lo[np.lexsort((lo, users))]
+    hi = lo + rng.integers(0, 12, n)
+    for u in np.unique(users):  # a later request's tail ends no earlier
+        m = users == u
+        hi[m] = np.maximum.accumulate(hi[m])
+    empty = rng.random(n) < 0.1
+    hi[empty] = lo[empty]  # some requests without a tail
+    block, start, stored, run_a, run_b = tail_runs(users, rids, lo, hi)
+    ends = np.cumsum(stored)
+    pos = np.concatenate([np.arange(a, b) for a, b in zip(run_a, run_b, strict=True)])
+    assert len(pos) == int(ends[-1])
+    for i in range(n):
+        f = int(np.flatnonzero(users == users[i])[0])
+        assert block[i] == rids[f] and (stored[i] == 0 or i == f)
+        k = max(int(hi[i] - lo[i]), 0)
+        user_pos = pos[ends[f] - stored[f]:ends[f]]
+        assert user_pos[start[i]:start[i] + k].tolist() == list(range(lo[i], lo[i] + k))
+        # Stored once: a user's stored events are distinct.
+        assert len(set(user_pos.tolist())) == len(user_pos)
+    # Touching runs merge into one; a gap between runs is not stored.
+    one = np.array([1, 1, 1]), np.array([7, 8, 9])
+    _, st, sd, ra, rb = tail_runs(*one, np.array([0, 2, 6]), np.array([2, 4, 8]))
+    assert ra.tolist() == [0, 6] and rb.tolist() == [4, 8]
+    assert st.tolist() == [0, 2, 4] and sd.tolist() == [6, 0, 0]
+    with pytest.raises(ValueError, match="lengths differ"):
+        tail_runs(users, rids[:-1], lo, hi)

@@ -34,6 +34,7 @@ from deltalake.exceptions import TableNotFoundError
 
 from lmat_platform.exceptions import RequestError, ThinTableError
 from lmat_platform.hashing import bucket_of
+from lmat_platform.kernels import tail_runs
 from lmat_platform.protocol.pointers import (
     HeadIndex,
     expand_positions,
@@ -142,43 +143,9 @@ def user_tail_blocks(
     of their user's runs, stored in the user's first row. Overlapping or touching runs are
     stored once; a gap between them (events no request of the user has in its tail) is not
     stored."""
-    n = len(users)
-    block = np.empty(n, dtype=np.int64)
-    start = np.zeros(n, dtype=np.int32)
-    stored = np.zeros(n, dtype=np.int64)
-    runs: list[tuple[int, int]] = []
-    u_l, r_l, lo_l, hi_l = users.tolist(), request_ids.tolist(), lo.tolist(), hi.tolist()
-    first = 0
-    size = 0  # events stored for the current user so far
-    cur = -1  # index in runs of the user's current run (-1: none yet)
-    for i in range(n):
-        if i == 0 or u_l[i] != u_l[i - 1]:
-            if i:
-                stored[first] = size
-            first, size, cur = i, 0, -1
-        block[i] = r_l[first]
-        a, b = lo_l[i], hi_l[i]
-        if b <= a:
-            continue
-        if cur >= 0 and runs[cur][0] <= a <= runs[cur][1]:
-            r0, r1 = runs[cur]
-            base = size - (r1 - r0)
-            if b > r1:
-                runs[cur] = (r0, b)
-                size += b - r1
-            start[i] = base + (a - r0)
-        else:
-            runs.append((a, b))
-            cur = len(runs) - 1
-            start[i] = size
-            size += b - a
-    if n:
-        stored[first] = size
-    if runs:
-        ra = np.array(runs, dtype=np.int64)
-        positions = expand_positions(ra[:, 0], ra[:, 1]).astype(np.int64)
-    else:
-        positions = np.zeros(0, dtype=np.int64)
+    block, start, stored, run_a, run_b = tail_runs(users, request_ids, lo, hi)
+    positions = expand_positions(run_a, run_b).astype(np.int64) if len(run_a) else \
+        np.zeros(0, dtype=np.int64)
     return TailBlocks(block, start, stored, positions)
 
 
