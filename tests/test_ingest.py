@@ -3,6 +3,7 @@ crash safety (SIGKILL part way) and concurrent writers."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -497,6 +498,39 @@ def check_whole_batches(store, info: dict[int, dict]) -> set[int]:
     assert len(rec_ids) == len(set(rec_ids))
     assert len(rec_ids) <= len(by_src)
     return set(by_src)
+
+
+def test_batch_killed_after_its_quarantine_commit_resumes_to_the_same_rows(
+    tmp_path: Path,
+) -> None:
+    """A batch killed right after its quarantine commit (the store's fault switch) is finished
+    by a re-run that matches the landed ``behind_watermark`` rows one for one, repeated
+    ``(event_id, arrival_ts)`` pairs included: the same quarantine and raw log as one clean run."""
+    got = {}
+    for mode in ("clean", "killed"):
+        store = init_store(str(tmp_path / mode), n_buckets=2, row_group_rows=64)
+        ingest_files(store, [write_events(tmp_path / f"{mode}-a.parquet",
+                                          [ev(i, ts=999 + i, arr=1000 + i) for i in range(20)])])
+        publish_snapshot(store, 1010)
+        late = write_events(tmp_path / f"{mode}-b.parquet", [
+            ev(e, ts=a - 1, arr=a) for e, a in ((200, 10), (200, 10), (201, 20), (202, 30),
+                                                (202, 30), (202, 31), (203, 1200), (300, 1200),
+                                                (200, 11))])
+        if mode == "killed":
+            r = subprocess.run([sys.executable, "-m", "lmat_platform.cli", "ingest", store.root,
+                                late], cwd=REPO, capture_output=True, text=True,
+                               env={**os.environ, "LMAT_FAULT_KILL_AFTER_COMMIT": "1"})
+            assert r.returncode == -signal.SIGKILL, r.stderr
+            assert read(store, "quarantine").num_rows == 7
+        res = ingest_files(store, [late])
+        q = read(store, "quarantine")
+        got[mode] = (sorted(zip(q.column("event_id").to_pylist(),
+                                q.column("arrival_ts").to_pylist(),
+                                q.column("reason").to_pylist(), strict=True)),
+                     sorted(read(store, "raw").column("event_id").to_pylist()))
+        assert res.quarantined[REASON_WATERMARK] == 7  # the same decisions in both runs
+    assert got["killed"] == got["clean"]
+    assert len(got["clean"][0]) == 7
 
 
 def test_sigkill_part_way_leaves_whole_batches_and_a_rerun_completes(tmp_path: Path) -> None:

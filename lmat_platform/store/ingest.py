@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -156,6 +155,31 @@ def ingest_files(
     return result
 
 
+def _keys(event_id: pa.ChunkedArray, arrival_ts: pa.ChunkedArray) -> np.ndarray:
+    """(event_id, arrival_ts) per row as one structured array (nulls as 0)."""
+    k = np.empty(len(event_id), dtype=[("e", np.int64), ("t", np.int64)])
+    k["e"] = event_id.fill_null(0).to_numpy()
+    k["t"] = arrival_ts.fill_null(0).to_numpy()
+    return k
+
+
+def _first_of_each(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mask of ``a``: for each key, its first n occurrences in ``a`` (row order), n the
+    times the key occurs in ``b`` (multiset matching, without a Python step per row)."""
+    out = np.zeros(len(a), dtype=bool)
+    if len(a) == 0 or len(b) == 0:
+        return out
+    ub, cnt = np.unique(b, return_counts=True)
+    order = np.argsort(a, kind="stable")
+    s = a[order]
+    new = np.r_[True, s[1:] != s[:-1]]
+    rank = np.arange(len(s)) - np.flatnonzero(new)[np.cumsum(new) - 1]
+    pos = np.minimum(np.searchsorted(ub, s), len(ub) - 1)
+    n = np.where(ub[pos] == s, cnt[pos], 0)
+    out[order[rank < n]] = True
+    return out
+
+
 def _reasons(
     store: Store, table: pa.Table, app_id: str, batch_id: str
 ) -> tuple[np.ndarray, np.ndarray, int]:
@@ -180,16 +204,12 @@ def _reasons(
         assert dt is not None
         f = (pads.field("batch_id") == batch_id) & (pads.field("reason") == REASON_WATERMARK)
         got = delta_dataset(dt).to_table(columns=["event_id", "arrival_ts"], filter=f)
-        left = Counter(zip(got.column("event_id").to_pylist(),
-                           got.column("arrival_ts").to_pylist(), strict=True))
-        if left:
-            eid = table.column("event_id").to_numpy(zero_copy_only=False)
-            ats = table.column("arrival_ts").to_numpy(zero_copy_only=False)
-            for i in np.flatnonzero(reason < 0).tolist():
-                key = (int(eid[i]), int(ats[i]))
-                if left.get(key):
-                    left[key] -= 1
-                    reason[i], landed[i] = 2, True
+        if got.num_rows:
+            cand = np.flatnonzero(reason < 0)
+            hit = cand[_first_of_each(
+                _keys(table.column("event_id"), table.column("arrival_ts"))[cand],
+                _keys(got.column("event_id"), got.column("arrival_ts")))]
+            reason[hit], landed[hit] = 2, True
     if not raw_landed:
         fence = ingest_fence(store)
         if fence is not None:
