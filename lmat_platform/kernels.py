@@ -823,33 +823,33 @@ def _block_sorted_tails(ts, ids, b_lo, b_hi, r_blk, r_lo, r_hi):  # type: ignore
         key_t = ts[lo:lo + m][o1]
         perm = o1[np.argsort(key_t, kind="mergesort")]
         base = o
+        inv = np.empty(m, dtype=np.int64)  # each event's place in the sorted copy
         for k in range(m):
             idx[o] = lo + perm[k]
+            inv[perm[k]] = k
             o += 1
         while j < R and r_blk[j] == blk:
+            # Only the request's own events are looked at (not the whole block).
             a = r_lo[j] - lo
             b = r_hi[j] - lo
-            first = -1
-            last = -1
-            cnt = 0
-            for k in range(m):
-                p = perm[k]
-                if a <= p < b:
-                    if first < 0:
-                        first = k
-                    last = k
-                    cnt += 1
-            if cnt == 0:
+            if b <= a:
                 start[j] = base
-            elif last - first + 1 == cnt:
+                j += 1
+                continue
+            first = inv[a]
+            last = inv[a]
+            for p in range(a + 1, b):
+                if inv[p] < first:
+                    first = inv[p]
+                if inv[p] > last:
+                    last = inv[p]
+            if last - first + 1 == b - a:
                 start[j] = base + first
             else:
                 start[j] = o
-                for k in range(m):
-                    p = perm[k]
-                    if a <= p < b:
-                        idx[o] = lo + p
-                        o += 1
+                for k in np.sort(inv[a:b]):
+                    idx[o] = lo + perm[k]
+                    o += 1
             j += 1
     return idx[:o], start
 
