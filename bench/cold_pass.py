@@ -4,7 +4,7 @@
 Run on demand::
 
     python -m bench.cold_pass                    # default scale, about 10 minutes on 2 cores
-    python -m bench.cold_pass --scale tiny       # seconds (what the smoke test runs)
+    python -m bench.cold_pass --scale tiny       # minutes (tests/test_bench_suite_smoke.py, bench marker)
     python -m bench.cold_pass --workdir DIR      # reuse a workload built there earlier
 
 Every figure comes from a fresh subprocess per (reader, tenant), so nothing is shared between

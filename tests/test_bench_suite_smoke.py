@@ -78,3 +78,29 @@ def test_bench_suite_tiny(tmp_path: Path) -> None:
     assert all({"target", "measured", "goal", "met"} <= set(t) for t in res["targets"])
     assert (out / "results.md").read_text().startswith("# lmat benchmark suite")
     assert all((out / p).is_file() for p in res["plots"]), res["plots"]
+
+
+# The cold-pass benchmark (issue 16, ``bench/cold_pass.py``) end to end at tiny scale: every
+# reader row, the first-batch rows and the data stall reported, every reader on the same requests.
+@pytest.mark.bench
+def test_cold_pass_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.chdir(ROOT)
+    from bench import cold_pass
+    from bench.workload import TENANTS
+
+    out = tmp_path / "cold.json"
+    assert cold_pass.main(["--scale", "tiny", "--workdir", str(tmp_path / "w"), "--rounds", "1",
+                           "--reps", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for t in TENANTS:
+        row = res["table"][t.name]
+        assert all(row[r] > 0 for r in cold_pass.READERS)
+        assert all(row[f"lmat_cold_w{w}_first_batch_s"] > 0 for w in (0, 2))
+        # Every reader served the same requests.
+        n = {res["runs"][t.name][r][0]["examples"] for r in cold_pass.READERS}
+        assert len(n) == 1 and n.pop() > 0
+        for w in ("w0", "w2"):
+            assert 0 <= res["stall"][t.name][w]["wait_share"] < 1
+    md = out.with_suffix(".md").read_text()
+    assert "**warm**" in md and "cache off" in md
