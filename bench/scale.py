@@ -102,6 +102,9 @@ def _op(args: argparse.Namespace) -> dict[str, Any]:
         out["events"] = info.events
         h = store.open_table("heads").history(1)[0]  # type: ignore[union-attr]
         out["head_rows_read"] = int(h.get("lmat.rows_read", 0))
+        # Previous summaries read from heads_latest (the touched users' row groups only).
+        out["latest_rows_read"] = int(h.get("lmat.latest_rows_read", -1))
+        out["touched_users"] = int(h.get("lmat.users", -1))
         out["head_refreshed_users"] = int(h.get("lmat.refreshed_users", 0))
     elif args.op == "compact":
         out.update(compact_buckets(store))
@@ -222,6 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     stored = 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    t_run = time.perf_counter()
     for target in steps:
         while stored < target:
             n = min(args.chunk, target - stored)
@@ -234,7 +238,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["growth"].append({"stored": stored, "ingest_s": g_in["wall_s"],
                                      "ingest_rss_mb": g_in["peak_rss_mb"],
                                      "publish_s": g_pub["wall_s"],
-                                     "publish_rss_mb": g_pub["peak_rss_mb"]})
+                                     "publish_rss_mb": g_pub["peak_rss_mb"],
+                                     "elapsed_s": round(time.perf_counter() - t_run, 1)})
             print(f"  grown to {stored:,} events (ingest {g_in['wall_s']} s, publish "
                   f"{g_pub['wall_s']} s)", flush=True)
         comp = _child("compact", root)
@@ -265,6 +270,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         reads = {L: _child("read", root, thin=thin, max_len=L) for L in TENANT_LENS}
         step = {
             "events": stored,
+            "elapsed_s": round(time.perf_counter() - t_run, 1),
             "compact": comp,
             "ingest": ing,
             "ingest_s_all": [r["wall_s"] for r in ings],
@@ -283,6 +289,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           "publish_s": [r["wall_s"] for r in pubs],
                           "dedup_read": ing.get("dedup_read"),
                           "head_rows_read": pub["head_rows_read"],
+                          "latest_rows_read": pub["latest_rows_read"],
+                          "touched_users": pub["touched_users"],
                           "bytes_per_example": {L: round(r["bytes_per_example"])
                                                 for L, r in reads.items()},
                           "peak_rss_mb": step["peak_rss_mb"]}), flush=True)

@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
 from lmat_platform.exceptions import ConcurrencyError, StoreExistsError, StoreNotFoundError
@@ -202,11 +202,13 @@ class Store:
         metadata: dict[str, Any] | None = None,
         mode: str = "append",
         predicate: str | None = None,
+        writer_properties: WriterProperties | None = None,
     ) -> int:
         """Write ``data`` to table ``name`` in one commit; returns the new version.
 
         ``op`` and ``metadata`` are recorded in the commit; ``txn`` = (app_id, version) makes the
         commit idempotent and traceable (spec: nothing half-written, re-runs are no-ops).
+        ``writer_properties``: the Parquet writer's options (row group size, compression).
         """
         custom = {"lmat.op": op, **{f"lmat.{k}": v for k, v in (metadata or {}).items()}}
         props = CommitProperties(
@@ -221,6 +223,7 @@ class Store:
             partition_by=partition_by if existing is None else None,
             schema_mode="merge" if existing is not None and mode == "append" else None,
             predicate=predicate,
+            writer_properties=writer_properties,
             commit_properties=props,
             storage_options=storage_options(),
         )

@@ -26,10 +26,15 @@ events only:
   needs thousands of new events before any refresh).
 
 The state extended from is ``heads_latest/`` (Delta, partitioned by bucket): each user's newest
-summary with its marker counts, one row per user. Publish reads its touched buckets' rows and
-appends one file per bucket with the touched users' new rows; a bucket whose files outnumber
-:data:`LATEST_FOLD_FILES` is folded to one row per user (an overwrite of that bucket). The
-reader never reads it.
+summary with its marker counts. Every file is sorted by user, in row groups of
+:data:`LATEST_ROW_GROUP` rows, so publish reads only the touched users' previous rows: the files
+whose ``user_id`` range (Delta log statistics) and then the row groups whose range (footer
+statistics) holds a touched user; its cost follows the touched users, not the users (or events)
+the store holds. Publish appends one file per bucket with the touched users' new rows; a bucket
+whose files outnumber :data:`LATEST_FOLD_FILES` folds its newest files to one row per user
+(tiered by size: file i and every newer one are folded when file i holds no more rows than the
+newer ones together, so a row is rewritten O(log) times and a fold reads about what was appended
+since the last one, not the bucket). The reader never reads it.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ import logging
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from deltalake import WriterProperties
 from numba import njit
 
 from lmat_platform.hashing import as_signed, event_fingerprint
@@ -53,8 +60,10 @@ MARKER_LENGTHS = tuple(2**i for i in range(6, 18))
 NO_MARKER = np.iinfo(np.int64).min
 LATEST = "heads_latest"
 LATEST_APP = "lmat-heads-latest"
-#: A bucket of ``heads_latest`` with more files than this is folded to one row per user.
+#: A bucket of ``heads_latest`` with more files than this folds its newest files.
 LATEST_FOLD_FILES = 16
+#: Rows per row group of ``heads_latest`` files (each sorted by user): the unit publish reads.
+LATEST_ROW_GROUP = 512
 #: A marker is stale when its count exceeds this many times its length.
 STALE_FACTOR = 2
 
@@ -184,16 +193,63 @@ def _list_col(m: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(m.ravel()), _NM).cast(pa.list_(pa.int64()))
 
 
-def _latest_rows(store: Store, buckets: np.ndarray, before: int, users: np.ndarray) -> pa.Table:
-    """The newest summary before snapshot ``before`` of each of ``users`` (in ``buckets``) that
-    has one, with counts."""
+def _overlaps(q: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """For ranges [lo[i], hi[i]], whether sorted ``q`` has a value inside."""
+    return np.searchsorted(q, hi, side="right") > np.searchsorted(q, lo, side="left")
+
+
+def _stat_col(t: pa.Table, name: str, default: int) -> np.ndarray:
+    """A statistics column of the Delta log's add actions (``default`` where absent)."""
+    if name not in t.column_names:
+        return np.full(t.num_rows, default, np.int64)
+    return np.array([default if v is None else int(v) for v in t.column(name).to_pylist()],
+                    np.int64)
+
+
+def _latest_rows(store: Store, ubucket: np.ndarray, before: int, users: np.ndarray,
+                 stats: dict[str, int] | None = None) -> pa.Table:
+    """The newest summary before snapshot ``before`` of each of ``users`` (``ubucket``: each
+    one's bucket) that has one, with counts. Reads only the files, then the row groups, whose
+    ``user_id`` range holds one of their bucket's ``users`` (``stats``: counts
+    ``latest_files_read`` and ``latest_rows_read``)."""
     dt = store.open_table(LATEST)
     if dt is None:
-        return _bootstrap(store, buckets, before)
-    f = pads.field("bucket").isin(pa.array(buckets.astype(np.int32))) & (
-        pads.field("snapshot_id") < before)
-    t = delta_dataset(dt).to_table(filter=f)
-    return _newest_per_user(t, users)
+        return _bootstrap(store, np.unique(ubucket), before)
+    stats = stats if stats is not None else {}
+    acts = pa.table(dt.get_add_actions(flatten=True))
+    i64 = np.iinfo(np.int64)
+    fb = _stat_col(acts, "partition.bucket", -1)
+    flo = _stat_col(acts, "min.user_id", i64.min)
+    fhi = _stat_col(acts, "max.user_id", i64.max)
+    fsn = _stat_col(acts, "min.snapshot_id", i64.min)
+    fs, root = store.filesystem()
+    paths = acts.column("path").to_pylist() if acts.num_rows else []
+    parts = []
+    for i in range(acts.num_rows):
+        q = np.unique(users[ubucket == fb[i]])
+        if fsn[i] >= before or not _overlaps(q, flo[i:i + 1], fhi[i:i + 1])[0]:
+            continue
+        with fs.open_input_file(f"{root}/{LATEST}/{paths[i]}") as fh:
+            pf = pq.ParquetFile(fh)
+            md = pf.metadata
+            ci = next(c for c in range(md.num_columns) if md.schema.column(c).path == "user_id")
+            lo = np.full(md.num_row_groups, i64.min, np.int64)
+            hi = np.full(md.num_row_groups, i64.max, np.int64)
+            for g in range(md.num_row_groups):
+                st = md.row_group(g).column(ci).statistics
+                if st is not None and st.has_min_max:
+                    lo[g], hi[g] = st.min, st.max
+            groups = np.flatnonzero(_overlaps(q, lo, hi)).tolist()
+            if not groups:
+                continue
+            t = pf.read_row_groups(groups)
+        stats["latest_files_read"] = stats.get("latest_files_read", 0) + 1
+        stats["latest_rows_read"] = stats.get("latest_rows_read", 0) + t.num_rows
+        t = t.filter(pa.array(t.column("snapshot_id").to_numpy() < before))
+        parts.append(t.append_column("bucket", pa.array(np.full(t.num_rows, fb[i], np.int32))))
+    if not parts:
+        return _empty_latest()
+    return _newest_per_user(pa.concat_tables(parts, promote_options="permissive"), users)
 
 
 def _newest_per_user(t: pa.Table, users: np.ndarray | None = None) -> pa.Table:
@@ -234,7 +290,8 @@ def extend_heads(store: Store, k: int, new: pa.Table) -> tuple[pa.Table, pa.Tabl
     """Head summaries at snapshot k of every user with events in ``new`` (snapshot k's events:
     ``bucket``, ``user_id``, ``event_ts``, ``event_id``), extended from each user's previous
     summary. Returns (rows for ``heads``, rows for ``heads_latest``, counters)."""
-    stats = {"users": 0, "new_events": new.num_rows, "refreshed_users": 0, "rows_read": 0}
+    stats = {"users": 0, "new_events": new.num_rows, "refreshed_users": 0, "rows_read": 0,
+             "latest_files_read": 0, "latest_rows_read": 0}
     if new.num_rows == 0:
         return _empty_latest().drop_columns(["marker_counts"]), _empty_latest(), stats
     new = new.select(["bucket", "user_id", "event_ts", "event_id"]).sort_by(
@@ -254,7 +311,7 @@ def extend_heads(store: Store, k: int, new: pa.Table) -> tuple[pa.Table, pa.Tabl
         cs_new = np.add.reduceat(fp, first) if U else np.zeros(0, np.uint64)
 
     # Previous summaries, aligned to (bucket, user) order.
-    prev = _latest_rows(store, np.unique(ubucket), k, users)
+    prev = _latest_rows(store, ubucket, k, users, stats)
     plen = np.zeros(U, np.int64)
     pcs = np.zeros(U, np.uint64)
     pmark = np.full((U, _NM), NO_MARKER, np.int64)
@@ -311,32 +368,59 @@ def extend_heads(store: Store, k: int, new: pa.Table) -> tuple[pa.Table, pa.Tabl
     return heads, latest, stats
 
 
+def _latest_writer() -> WriterProperties:
+    return WriterProperties(max_row_group_size=LATEST_ROW_GROUP, compression="ZSTD")
+
+
 def write_latest(store: Store, k: int, latest: pa.Table) -> None:
-    """Append snapshot k's newest summaries to ``heads_latest`` (app transaction ``k``), then
-    fold buckets with too many files."""
+    """Append snapshot k's newest summaries (sorted by bucket and user) to ``heads_latest``
+    (app transaction ``k``), then fold buckets with too many files."""
     dt = store.open_table(LATEST)
     if dt is not None and (dt.transaction_version(LATEST_APP) or -1) >= k:
         return
     store.append(LATEST, latest, op="heads_latest", partition_by=["bucket"],
-                 txn=(LATEST_APP, k), metadata={"snapshot_id": k})
+                 txn=(LATEST_APP, k), metadata={"snapshot_id": k},
+                 writer_properties=_latest_writer())
     _fold(store)
 
 
+def fold_from(rows: np.ndarray) -> int:
+    """Which files of a bucket to fold, given their rows oldest first: from the oldest file
+    holding no more rows than all newer files together (at least the newest two), so that the
+    files kept grow geometrically with age and each fold reads about what came after the last."""
+    tail = 0
+    start = max(len(rows) - 2, 0)
+    for i in range(len(rows) - 1, -1, -1):
+        if rows[i] <= tail:
+            start = min(start, i)
+        tail += int(rows[i])
+    return start
+
+
 def _fold(store: Store) -> None:
-    """Rewrite each bucket of ``heads_latest`` holding more than :data:`LATEST_FOLD_FILES`
-    files as one row per user (an overwrite of that bucket: a reader of the old version keeps
-    its files until vacuum)."""
+    """Fold the newest files of each bucket of ``heads_latest`` holding more than
+    :data:`LATEST_FOLD_FILES` files (from :func:`fold_from` on) to one row per user: an
+    overwrite of that bucket's rows from the first folded file's oldest snapshot on, which are
+    all read first, whichever files hold them (a reader of the old version keeps its files
+    until vacuum)."""
     dt = store.open_table(LATEST)
     if dt is None:
         return
     t = pa.table(dt.get_add_actions(flatten=True))
     if t.num_rows == 0:
         return
-    b = np.array(t.column("partition.bucket").to_pylist(), dtype=np.int64)
+    b = _stat_col(t, "partition.bucket", -1)
+    first = _stat_col(t, "min.snapshot_id", np.iinfo(np.int64).min)
+    nrec = _stat_col(t, "num_records", 0)
     ub, n = np.unique(b, return_counts=True)
     for bucket in ub[n > LATEST_FOLD_FILES].tolist():
-        rows = _newest_per_user(delta_dataset(dt).to_table(filter=pads.field("bucket") == bucket))
+        idx = np.flatnonzero(b == bucket)
+        idx = idx[np.argsort(first[idx], kind="stable")]
+        lo = int(first[idx[fold_from(nrec[idx])]])
+        f = (pads.field("bucket") == bucket) & (pads.field("snapshot_id") >= lo)
+        rows = _newest_per_user(delta_dataset(dt).to_table(filter=f))
         store.append(LATEST, rows, op="fold_heads_latest", mode="overwrite",
-                     predicate=f"bucket = {int(bucket)}")
+                     predicate=f"bucket = {int(bucket)} AND snapshot_id >= {lo}",
+                     writer_properties=_latest_writer())
         dt = store.open_table(LATEST)
         assert dt is not None

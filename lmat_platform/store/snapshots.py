@@ -258,7 +258,9 @@ def _write_heads(store: Store, k: int, changed: pa.Table | None) -> None:
     if not heads_done:
         store.append("heads", heads_rows, op="heads", partition_by=["bucket"],
                      txn=("lmat-heads", k), metadata={"refreshed_users": stats["refreshed_users"],
-                                                      "rows_read": stats["rows_read"]})
+                                                      "rows_read": stats["rows_read"],
+                                                      "latest_rows_read": stats["latest_rows_read"],
+                                                      "users": stats["users"]})
     if not latest_done:
         heads_mod.write_latest(store, k, latest_rows)
 
