@@ -283,7 +283,8 @@ class ThinRows:
                    tails, all(p.tails_sorted for p in parts))
 
     @classmethod
-    def from_table(cls, rows: pa.Table, columns: list[str], schema: pa.Schema) -> ThinRows:
+    def from_table(cls, rows: pa.Table, columns: list[str], schema: pa.Schema, *,
+                   limit: int | None = None) -> ThinRows:
         """Flatten the stored tails of ``columns`` (event columns, typed as in ``schema``; a
         field the thin rows lack is all nulls) out of thin ``rows``, and check each row's tail
         holds ``tail_len`` events.
@@ -293,7 +294,11 @@ class ThinRows:
         ``request_id`` is its ``tail_block``, at ``tail_start`` (that row must be among
         ``rows``). Shared events are stored in arrival order; each such request's tail is
         served in ``(event_ts, event_id)`` order, as a zero-copy span where its events already
-        are in that order, else as a sorted copy (each user's events sorted once)."""
+        are in that order, else as a sorted copy (each user's events sorted once).
+
+        ``limit``: such a sorted copy keeps only the request's last ``limit`` events in that
+        order (for a tenant of ``max_len`` ``limit`` without an action filter, which never
+        reaches further back); None keeps every event."""
         rid = rows.column("request_id").to_numpy()
         names = rows.column_names
         R = len(rid)
@@ -327,7 +332,7 @@ class ThinRows:
         ordered = True
         if shared.any():
             t_start, t_end, tails = _shared_spans(rows, rid, lens, shared, stored, off, tails,
-                                                  t_start, t_end)
+                                                  t_start, t_end, limit)
             own = ~shared
             if "event_ts" in tails and "event_id" in tails and own.any() and n_ev:
                 ordered = bool(spans_sorted(t_start[own], t_end[own],
@@ -343,6 +348,7 @@ class ThinRows:
 def _shared_spans(
     rows: pa.Table, rid: np.ndarray, lens: np.ndarray, shared: np.ndarray, stored: np.ndarray,
     off: np.ndarray, tails: dict[str, pa.Array], t_start: np.ndarray, t_end: np.ndarray,
+    limit: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, pa.Array]]:
     """Spans of rows that point into a shared block (see :meth:`ThinRows.from_table`)."""
     blk = column_array(rows, TAIL_BLOCK).to_numpy(zero_copy_only=False)
@@ -383,10 +389,10 @@ def _shared_spans(
     bad, b_own = bad[grp], b_own[grp]
     blocks, r_blk = np.unique(b_own, return_inverse=True)
     idx, first = block_sorted_tails(ts, ids, off[blocks], off[blocks] + stored[blocks],
-                                    r_blk, t_start[bad], t_end[bad])
+                                    r_blk, t_start[bad], t_end[bad], limit)
     n = len(ts)
     t_start[bad] = n + first
-    t_end[bad] = n + first + lens[bad]
+    t_end[bad] = n + first + (lens[bad] if limit is None else np.minimum(lens[bad], limit))
     gather = pa.array(idx)
     tails = {c: pa.concat_arrays([v, v.take(gather)]) for c, v in tails.items()}
     return t_start, t_end, tails
@@ -592,7 +598,7 @@ def prepare_unit(
     if key is not None and ctx.state is not None:
         t = ctx.tenant
         full_key = (*key, "unit", ctx.state, bucket, t.columns, t.max_len, t.actions,
-                    t.window_us, ctx.verify)
+                    t.window_us, ctx.verify, t.summary is None)
         hit = cache().get(full_key)
         if hit is not None:
             return hit
@@ -675,7 +681,11 @@ def _prepare(ctx: ReadContext, bucket: int, rows: pa.Table | ThinRows) -> Prepar
         h_users, h_cut = h_users[o], h_cut[o]
     starts = np.flatnonzero(np.r_[True, h_users[1:] != h_users[:-1]]) if len(h_users) else \
         np.zeros(0, dtype=np.int64)
-    files = ctx.files.get(bucket, []) if len(h_users) else []
+    # Summary tenants (spec section 10): the sequence is the summary's tail, which the summary
+    # server reads (the tier after the summary's snapshot, then the raw log), once; here the
+    # pointers are only checked and no events are read.
+    events = t.summary is None
+    files = ctx.files.get(bucket, []) if len(h_users) and events else []
     if t.actions is None and len(h_users):
         # Stripes of a compaction no request's last L can reach (uih.stripe_skippable).
         s_min = int(S[has_head].min())
@@ -703,8 +713,13 @@ def _prepare(ctx: ReadContext, bucket: int, rows: pa.Table | ThinRows) -> Prepar
     streamed = thin.streamed()
     tail_events = thin.tail_events
     batch = np.flatnonzero(~streamed)
-    if not len(batch) and t.actions is None and thin.tails_sorted:
-        tails: dict[str, pa.Array | pa.ChunkedArray] = {c: thin.tails[c] for c in need}
+    if not events:
+        tails: dict[str, pa.Array | pa.ChunkedArray] = {
+            c: pa.array([], ctx.schema.field(c).type) for c in need}
+        t_start = t_end = np.zeros(R, dtype=np.int64)
+        tail_events = 0
+    elif not len(batch) and t.actions is None and thin.tails_sorted:
+        tails = {c: thin.tails[c] for c in need}
         t_start, t_end = thin.t_start, thin.t_end
     else:
         spans = pa.array(expand_positions(thin.t_start, thin.t_end))

@@ -416,3 +416,70 @@ def test_tail_goes_through_the_tenant_projection(built: tuple[Store, str, pa.Tab
         assert got.tail_values["item_id"][pos:pos + n].tolist() == [r["item_id"] for r in want]
         assert got.tail_values["action"][pos:pos + n].tolist() == [r["action"] for r in want]
         pos += n
+
+
+def test_summary_batches_read_each_event_once(built: tuple[Store, str, pa.Table],
+                                              tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A summary tenant's batch reads each tier row group at most once and the raw log once
+    (the loader checks pointers without reading events; the summary server reads the tails),
+    and a request without a summary does not make the batch's other users read the tier rows
+    their summaries cover: every row group read holds a row some request of the batch needs."""
+    from lmat_platform.protocol import thin as thin_mod
+    from lmat_platform.store import uih
+
+    store, _, ev = built
+    t_late = _watermark(N_SNAPS - 1) + 2 * LAG  # summary of the last snapshot served
+    reqs = [{"request_id": u, "user_id": u, "request_ts": t_late}
+            for u in range(1, N_USERS + 1)]
+    # User 2 also asks before any summary is published: the whole of their tier is needed.
+    reqs.append({"request_id": 100, "user_id": 2, "request_ts": _watermark(0) + LAG // 2})
+    pq.write_table(requests_table(reqs), str(tmp_path / "r.parquet"))
+    lmat.write_thin(store, str(tmp_path / "r.parquet"), str(tmp_path / "thin"), path="examples")
+    tenant = parse_tenants({"tenants": [{"name": "once", "columns": ["item_id"], "max_len": 64,
+                                         "summary": {"model": "vista", "tail_len": 64}}]})["once"]
+    # Which (user, snapshot) rows the batch needs from the tier: after each request's summary.
+    need = {(2, k) for k in range(N_SNAPS)}  # the request without a summary
+    files = {f.path: f for f in uih.list_files(store.open_table("uih"))}
+    reads: list[tuple[str, int]] = []
+    raw_reads = []
+
+    def rec_groups(store_: Store, f: uih.TierFile, groups: list[int], *a: object) -> pa.Table:
+        reads.extend((f.path, g) for g in groups)
+        return real_groups(store_, f, groups, *a)
+
+    def rec_users(store_: Store, fs: list[uih.TierFile], users: np.ndarray,
+                  cols: list[str]) -> list[pa.Table]:
+        for f in fs:
+            md = uih.file_metadata(store_, f.path)
+            reads.extend((f.path, g) for g in uih.row_groups_for_users(md, users))
+        return real_users(store_, fs, users, cols)
+
+    def rec_raw(*a: object, **k: object) -> pa.Table:
+        raw_reads.append(k.get("users"))
+        return real_raw(*a, **k)
+
+    real_groups, real_users, real_raw = (uih._read_row_groups, uih.read_user_row_groups,
+                                         thin_mod.accepted_events)
+    monkeypatch.setattr(uih, "_read_row_groups", rec_groups)
+    monkeypatch.setattr(uih, "read_user_row_groups", rec_users)
+    monkeypatch.setattr(thin_mod, "accepted_events", rec_raw)
+    loader = lmat.SequenceLoader(store, str(tmp_path / "thin"), tenant=tenant,
+                                 batch_size=len(reqs))
+    batches = list(loader)
+    assert len(batches) == 1 and len(batches[0]) == len(reqs)
+    assert len(raw_reads) == 1, f"the raw log was read {len(raw_reads)} times for one batch"
+    assert len(reads) == len(set(reads)), "a tier row group was read twice for one batch"
+    for path, g in reads:
+        got = pq.ParquetFile(f"{store.root}/uih/{path}").read_row_group(
+            g, columns=["user_id", "snapshot_id"]).to_pylist()
+        assert any((r["user_id"], r["snapshot_id"]) in need for r in got), (
+            f"row group {g} of {files[path].path} holds no tier row the batch needs")
+    # And what was served is the tail (all after the last summary but user 2's early request).
+    b = batches[0]
+    order = b.request_id.numpy().tolist()
+    off = np.concatenate([[0], np.cumsum(b.lengths.numpy())])
+    early = order.index(100)
+    want = _naive_tail(ev, 2, _watermark(0) + LAG // 2, None, 64)
+    assert b.values["item_id"][off[early]:off[early + 1]].tolist() == want
+    assert not b.summary_mask[early] and b.summary_mask[order.index(2)]

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from lmat_platform.exceptions import TenantError
 from lmat_platform.reader.batch import Batch
 from lmat_platform.reader.loader import (
     UNIT_VALUES,
@@ -108,6 +109,9 @@ def _ray_dataset(
     store: Store | str, thin: str, *, tenant: Tenant, verify: bool, max_unit_rows: int | None,
     num_cpus: float,
 ) -> tuple[Any, list[str]]:
+    if tenant.summary is not None:
+        raise TenantError(f"tenant '{tenant.name}': summary tenants are served by SequenceLoader "
+                          "(the Ray backend has no summary server)")
     ray = _ray()
     ensure_ray()
     # Ray's units are materialized (Arrow rows), so their size follows a value budget.

@@ -35,6 +35,7 @@ import pyarrow.dataset as pads
 import torch
 
 from lmat_platform.exceptions import TenantError
+from lmat_platform.hashing import bucket_of
 from lmat_platform.protocol.pointers import HeadIndex
 from lmat_platform.protocol.thin import read_raw_range
 from lmat_platform.store.core import Store, as_store, delta_dataset
@@ -168,23 +169,25 @@ class SummaryServer:
         b = len(users)
         if not b:
             return np.zeros(0, np.int64), {c: np.zeros(0) for c in cols}
-        uu = np.unique(users)
-        from lmat_platform.hashing import bucket_of
-
-        smin = int(s.min())
+        uu, inv = np.unique(users, return_inverse=True)
+        # Each user's tail starts after the oldest summary snapshot among its requests (the
+        # first snapshot for a request without one): a user served a summary never reads the
+        # tier rows the summary covers, whatever the other requests of the batch are served.
+        lo_u = np.full(len(uu), np.iinfo(np.int64).max, np.int64)
+        np.minimum.at(lo_u, inv, s.astype(np.int64) + 1)
         parts = []
-        # Tier rows of the snapshots after the oldest S served (they arrived at or after W_S).
         bk = bucket_of(uu, self.store.n_buckets)
         for bb in np.unique(bk).tolist():
             # Only snapshots pinned at build: a later one's events are still read from the
             # raw log below (from the pinned newest watermark on), not twice.
-            t = _tier_rows(self.store, int(bb), uu[bk == bb], lo=smin + 1,
+            t = _tier_rows(self.store, int(bb), uu[bk == bb], lo=lo_u[bk == bb],
                            hi=len(self.watermarks) - 1, columns=need)
             parts.append(t.select(need))
         # The raw log's events not in any snapshot yet.
         lo = int(self.watermarks[-1]) if len(self.watermarks) else None
-        raw = read_raw_range(self.store, uu, lo, int(ts.max()), columns=need)
-        parts.append(raw.select(need))
+        if lo is None or lo < int(ts.max()):
+            raw = read_raw_range(self.store, uu, lo, int(ts.max()), columns=need)
+            parts.append(raw.select(need))
         ev = pa.concat_tables([p.cast(parts[0].schema) for p in parts])
         ev = ev.sort_by([("user_id", "ascending"), ("event_ts", "ascending"),
                          ("event_id", "ascending")])

@@ -146,24 +146,31 @@ def summary_registry(store: Store | str, version: str) -> list[SummaryRegistryEn
 # ---------------------------------------------------------------------------- reading
 
 
-def _tier_rows(store: Store, bucket: int, users: np.ndarray, *, lo: int, hi: int,
+def _tier_rows(store: Store, bucket: int, users: np.ndarray, *, lo: int | np.ndarray, hi: int,
                columns: list[str]) -> pa.Table:
     """Tier rows of ``users`` (sorted) in one bucket with ``lo <= snapshot_id <= hi``, in fold
-    order ``(user, snapshot_id, event_ts, event_id)``. Files outside the snapshot range are
-    skipped from their statistics, row groups by user range."""
+    order ``(user, snapshot_id, event_ts, event_id)``; ``lo`` is one snapshot for all or one per
+    user. A file is read only for the users whose range reaches it (files outside every range
+    are skipped from their statistics), and only its row groups of those users."""
     # The tier's live files, listed once per table version and process.
     files = store.derived("uih", "summary-tier-files", uih.list_files) or []
     keys = ["user_id", "snapshot_id", "event_ts", "event_id"]
     cols = list(dict.fromkeys([*keys, *columns]))
+    lo_u = np.broadcast_to(np.asarray(lo, dtype=np.int64), users.shape)
     chunks = []
     if len(users):
-        live = [f for f in files if f.bucket == bucket and not (
-            (f.max_snapshot is not None and f.max_snapshot < lo)
-            or (f.min_snapshot is not None and f.min_snapshot > hi))]
-        for t in uih.read_user_row_groups(store, live, users, cols):
-            s = t.column("snapshot_id").to_numpy()
-            keep = np.isin(t.column("user_id").to_numpy(), users) & (s >= lo) & (s <= hi)
-            chunks.append(t.filter(pa.array(keep)))
+        first = int(lo_u.min())
+        for f in files:
+            if f.bucket != bucket or (f.min_snapshot is not None and f.min_snapshot > hi) or (
+                    f.max_snapshot is not None and f.max_snapshot < first):
+                continue
+            need = users if f.max_snapshot is None else users[lo_u <= f.max_snapshot]
+            for t in uih.read_user_row_groups(store, [f], need, cols):
+                u = t.column("user_id").to_numpy()
+                s = t.column("snapshot_id").to_numpy()
+                at = np.minimum(np.searchsorted(users, u), len(users) - 1)
+                keep = (users[at] == u) & (s >= lo_u[at]) & (s <= hi)
+                chunks.append(t.filter(pa.array(keep)))
     if not chunks:
         return pa.table({c: pa.array([], pa.int32() if c == "snapshot_id" else pa.int64())
                          for c in cols})
