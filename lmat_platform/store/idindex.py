@@ -261,16 +261,31 @@ def cover_maintenance(store: Store) -> None:
 
 def rebuild(store: Store) -> int:
     """Rewrite the index from every accepted event the store holds (raw log and tier), in
-    memory bounded by :data:`MAX_FILE_ROWS` ids; for stores whose raw log expired the commits
-    the index had not covered. One commit replaces the whole index."""
+    memory bounded by :data:`MAX_FILE_ROWS` ids plus one row group per sorted run; for stores
+    whose raw log expired the commits the index had not covered. One commit replaces the whole
+    index.
+
+    The raw log and the tier overlap (until the raw log's retention drops published rows), so
+    an id can be read twice, in different chunks: each chunk of :data:`MAX_FILE_ROWS` ids is
+    sorted and deduplicated into a run (a local temporary file), and the runs are merged
+    (:func:`_merge_runs`), which drops the ids two runs share."""
+    import tempfile
+
     raw = store.open_table("raw")
     current = raw.version() if raw is not None else -1
     adds: list[AddAction | RemoveAction] = []
     n = 0
-    for ids, users in _all_accepted(store):
-        o = np.argsort(ids, kind="stable")
-        adds.append(_write_file(store, ids[o], users[o], data_change=True))
-        n += len(ids)
+    with tempfile.TemporaryDirectory(prefix="lmat-ids-") as tmp:
+        runs = []
+        for ids, users in _all_accepted(store):
+            ids, first = np.unique(ids, return_index=True)
+            run = f"{tmp}/run-{len(runs)}.parquet"
+            pq.write_table(pa.table({"event_id": ids, "user_id": users[first]}), run,
+                           row_group_size=ROW_GROUP_IDS, compression="none")
+            runs.append(run)
+        for ids, users in _merge_runs(runs):
+            adds.append(_write_file(store, ids, users, data_change=True))
+            n += len(ids)
     dt = store.open_table(TABLE)
     if dt is not None:
         ts = now_us() // 1000
@@ -279,7 +294,54 @@ def rebuild(store: Store) -> int:
     return n
 
 
+def _merge_runs(runs: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Merge sorted runs of unique ids (Parquet files, ``event_id``, ``user_id``) into sorted,
+    unique chunks of at most :data:`MAX_FILE_ROWS` ids (an id in several runs keeps its first
+    run's user), holding one row group per run and one chunk.
+
+    Each round takes, from every run's buffered row group, the ids up to the smallest last id
+    buffered by a run that has more to read (any larger id of that run is still unread):
+    everything at or below it is buffered, so the round's ids are all the ids up to it, and
+    the next round's are larger."""
+    files = [pq.ParquetFile(r) for r in runs]
+    nxt = [0] * len(files)
+    buf: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64),) * 2] * len(files)
+    out_i: list[np.ndarray] = []
+    out_u: list[np.ndarray] = []
+    held = 0
+    while True:
+        for r, f in enumerate(files):
+            while not len(buf[r][0]) and nxt[r] < f.metadata.num_row_groups:
+                t = f.read_row_group(nxt[r])
+                buf[r] = (t.column(0).to_numpy(), t.column(1).to_numpy())
+                nxt[r] += 1
+        more = [buf[r][0][-1] for r, f in enumerate(files)
+                if len(buf[r][0]) and nxt[r] < f.metadata.num_row_groups]
+        bound = min(more) if more else None
+        take_i, take_u = [], []
+        for r, (ids, users) in enumerate(buf):
+            k = len(ids) if bound is None else int(np.searchsorted(ids, bound, side="right"))
+            take_i.append(ids[:k])
+            take_u.append(users[:k])
+            buf[r] = (ids[k:], users[k:])
+        ids = np.concatenate(take_i)
+        if len(ids):
+            ids, first = np.unique(ids, return_index=True)  # first: the earliest run's
+            out_i.append(ids)
+            out_u.append(np.concatenate(take_u)[first])
+            held += len(ids)
+        while held >= MAX_FILE_ROWS or (bound is None and held):
+            ids, users = np.concatenate(out_i), np.concatenate(out_u)
+            yield ids[:MAX_FILE_ROWS], users[:MAX_FILE_ROWS]
+            out_i, out_u = [ids[MAX_FILE_ROWS:]], [users[MAX_FILE_ROWS:]]
+            held = len(out_i[0])
+        if bound is None:
+            return
+
+
 def _all_accepted(store: Store) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every accepted (event_id, user_id) the raw log and the tier hold, in chunks of about
+    :data:`MAX_FILE_ROWS` (an id in both appears twice)."""
     buf_i: list[np.ndarray] = []
     buf_u: list[np.ndarray] = []
     held = 0
@@ -296,10 +358,7 @@ def _all_accepted(store: Store) -> Iterator[tuple[np.ndarray, np.ndarray]]:
                 yield np.concatenate(buf_i), np.concatenate(buf_u)
                 buf_i, buf_u, held = [], [], 0
     if held:
-        ids, users = np.concatenate(buf_i), np.concatenate(buf_u)
-        # The raw log and the tier overlap until the raw log's retention drops published rows.
-        _, first = np.unique(ids, return_index=True)
-        yield ids[first], users[first]
+        yield np.concatenate(buf_i), np.concatenate(buf_u)
 
 
 @functools.lru_cache(maxsize=4096)
