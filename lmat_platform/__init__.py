@@ -1,13 +1,18 @@
 """lmat: versioned late materialization of ultra-long user histories.
 
-The public API, and nothing else. See ``SPEC.md`` for what each piece computes.
+The public API, and nothing else. See ``docs/spec.md`` for what each piece computes.
+
+Names are loaded on first use (PEP 562): ``import lmat_platform`` imports only the error
+classes, so the ``lmat`` command starts without pyarrow, deltalake, numba or torch and each
+subcommand imports what it uses. ``from lmat_platform import SequenceLoader`` and
+``lmat_platform.SequenceLoader`` work as with eager imports.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from lmat_platform import numba_cache as _numba_cache  # noqa: F401  (first: see the module)
 from lmat_platform.exceptions import (
     ImmutabilityError,
     LeakageError,
@@ -18,21 +23,51 @@ from lmat_platform.exceptions import (
     TenantError,
     ThinTableError,
 )
-from lmat_platform.fatrows import write_fat_rows
-from lmat_platform.protocol import POINTER_BYTES, Pointer, write_thin
-from lmat_platform.reconstruct import ReadContext, Sequences, iter_reconstruct, materialize
-from lmat_platform.store import (
-    compact_buckets,
-    disk_bytes,
-    forget_users,
-    ingest_files,
-    init_store,
-    list_snapshots,
-    open_store,
-    publish_snapshot,
-    vacuum,
-)
-from lmat_platform.tenants import Tenant, load_tenants, parse_tenants, union_tenant
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from lmat_platform.fatrows import write_fat_rows
+    from lmat_platform.protocol import POINTER_BYTES, Pointer, write_thin
+    from lmat_platform.reader import Batch, SequenceLoader
+    from lmat_platform.reconstruct import ReadContext, Sequences, iter_reconstruct, materialize
+    from lmat_platform.store import (
+        compact_buckets,
+        disk_bytes,
+        forget_users,
+        ingest_files,
+        init_store,
+        list_snapshots,
+        open_store,
+        publish_snapshot,
+        vacuum,
+    )
+    from lmat_platform.tenants import Tenant, load_tenants, parse_tenants, union_tenant
+
+#: Each lazy name and the module that defines it (the reader imports torch).
+_WHERE = {
+    "write_fat_rows": "fatrows",
+    "POINTER_BYTES": "protocol",
+    "Pointer": "protocol",
+    "write_thin": "protocol",
+    "Batch": "reader",
+    "SequenceLoader": "reader",
+    "ReadContext": "reconstruct",
+    "Sequences": "reconstruct",
+    "iter_reconstruct": "reconstruct",
+    "materialize": "reconstruct",
+    "compact_buckets": "store",
+    "disk_bytes": "store",
+    "forget_users": "store",
+    "ingest_files": "store",
+    "init_store": "store",
+    "list_snapshots": "store",
+    "open_store": "store",
+    "publish_snapshot": "store",
+    "vacuum": "store",
+    "Tenant": "tenants",
+    "load_tenants": "tenants",
+    "parse_tenants": "tenants",
+    "union_tenant": "tenants",
+}
 
 __all__ = [
     "POINTER_BYTES",
@@ -70,9 +105,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # The reader imports torch; keep ``import lmat_platform`` light for the CLI and Dagster.
-    if name in ("SequenceLoader", "Batch"):
-        from lmat_platform import reader
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'lmat_platform' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"lmat_platform.{mod}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
 
-        return getattr(reader, name)
-    raise AttributeError(f"module 'lmat_platform' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -23,6 +23,9 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+# Before any kernel is defined: a writable cache folder for them (see the module).
+from lmat_platform import numba_cache  # noqa: F401
+
 #: Unsigned integer of each element width: fixed-width columns are copied as raw bytes.
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 

@@ -61,5 +61,6 @@ def ensure_cache_dir() -> str | None:
     return fallback
 
 
-# Before any kernel module is imported (the package imports this module first).
+# Before any kernel is defined: every module that defines cached kernels imports this module
+# first (kernels.py directly; store/heads.py through store/uih.py, which imports kernels.py).
 ensure_cache_dir()

@@ -4,6 +4,10 @@ exactly one line on stderr naming the file, column or argument, no traceback, st
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +18,7 @@ import pytest
 from lmat_platform.cli import main
 from lmat_platform.store import open_store
 from tests.helpers import (
+    REPO,
     events_table,
     one_line_error,
     run_lmat,
@@ -233,3 +238,98 @@ def test_forget_takes_several_ids_after_one_user_flag(
     assert table_versions(open_store(root)) == before and tree(root) == files
     code, _, err = run(capsys, ["forget", root, "--user"])
     assert code == 2 and "--user" in one_line_error(err)
+
+
+# --- start-up: each command imports only what it uses ------------------------------------
+
+#: Imported by no command that only parses arguments, reads the store's metadata or checks
+#: its log: machine learning, orchestration and the distributed engine.
+_NEVER_LIGHT = ("torch", "dagster", "ray", "polars", "great_expectations", "matplotlib")
+
+_PROBE = """
+import json, sys
+from lmat_platform.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+print(json.dumps({"code": code, "modules": sorted(m for m in sys.modules if "." not in m)}),
+      file=sys.stderr)
+"""
+
+
+def _imports_of(*args: str) -> tuple[int, set[str]]:
+    """Run ``lmat ARGS`` in a fresh interpreter: (exit code, top-level modules it imported)."""
+    r = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True,
+                       cwd=REPO, timeout=120, env={**os.environ, "LMAT_QUIET": "1"})
+    probe = json.loads(r.stderr.strip().splitlines()[-1])
+    return probe["code"], set(probe["modules"])
+
+
+def test_help_imports_nothing_heavy() -> None:
+    """``lmat --help`` (and an argument error) parse arguments only: no torch, Dagster or Ray,
+    nor pyarrow, deltalake, numba or pandas (the old package imported the whole API first)."""
+    for args in (["--help"], ["snapshot", "--help"], ["no-such-command"]):
+        code, mods = _imports_of(*args)
+        assert code == (0 if "--help" in args else 2), args
+        heavy = mods & {*_NEVER_LIGHT, "pyarrow", "deltalake", "numba", "pandas", "numpy"}
+        assert not heavy, (args, sorted(heavy))
+
+
+def test_store_commands_import_only_the_store(cli_store: str) -> None:
+    """``lmat info`` and ``lmat validate`` need pyarrow and deltalake, not torch, Dagster or
+    Ray; ``validate`` reads the tier's log only, so not the compiled kernels either."""
+    for args in (["info", cli_store], ["validate", cli_store]):
+        code, mods = _imports_of(*args)
+        assert code == 0, args
+        assert {"pyarrow", "deltalake"} <= mods, args  # the probe sees real imports
+        assert not mods & set(_NEVER_LIGHT), (args, sorted(mods & set(_NEVER_LIGHT)))
+    assert "numba" not in mods
+
+
+def test_public_api_loads_on_first_use() -> None:
+    """Every public name of ``lmat_platform`` and ``lmat_platform.store`` resolves to the
+    object its module defines; an unknown name is an AttributeError."""
+    import lmat_platform
+    import lmat_platform.reader
+    import lmat_platform.store
+    import lmat_platform.store.core
+
+    for pkg in (lmat_platform, lmat_platform.store):
+        for name in pkg.__all__:
+            assert getattr(pkg, name) is not None, (pkg.__name__, name)
+        assert set(pkg.__all__) <= set(dir(pkg))
+        with pytest.raises(AttributeError, match="no_such_name"):
+            pkg.no_such_name  # noqa: B018
+    assert lmat_platform.SequenceLoader is lmat_platform.reader.SequenceLoader
+    assert lmat_platform.open_store is lmat_platform.store.core.open_store
+    from lmat_platform import Batch, write_thin  # the ``from`` form goes through the same hook
+
+    assert Batch is lmat_platform.reader.Batch and callable(write_thin)
+
+
+def test_kernel_modules_find_a_cache_folder_when_imported_first(tmp_path: Path) -> None:
+    """The package no longer imports ``numba_cache`` up front, so each module that defines
+    cached kernels must reach it before its kernels are defined: imported first, in a process
+    where numba's own cache folders are unwritable, each imports (numba alone raises 'no
+    locator available')."""
+    pkg = tmp_path / "pkg"
+    shutil.copytree(REPO / "lmat_platform", pkg / "lmat_platform",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for d in [pkg / "lmat_platform", *(p for p in (pkg / "lmat_platform").rglob("*") if p.is_dir())]:
+        (d / "__pycache__").write_text("a file where a folder would go")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(pkg), "NUMBA_CACHE_DIR": str(blocker / "numba"),
+           "HOME": str(blocker), "XDG_CACHE_HOME": str(blocker), "TMPDIR": str(tmp_path / "tmp"),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    kernel_modules = sorted(
+        "lmat_platform." + ".".join(p.relative_to(pkg / "lmat_platform").with_suffix("").parts)
+        for p in (pkg / "lmat_platform").rglob("*.py") if "cache=True" in p.read_text())
+    assert {"lmat_platform.kernels", "lmat_platform.store.heads"} <= set(kernel_modules)
+    for mod in kernel_modules:
+        r = subprocess.run([sys.executable, "-c", f"import {mod}; print({mod}.__file__)"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        assert r.returncode == 0, (mod, r.stderr[-2000:])
+        assert r.stdout.startswith(str(pkg)), r.stdout
