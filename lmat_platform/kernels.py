@@ -801,16 +801,16 @@ def spans_sorted(start: np.ndarray, end: np.ndarray, a: np.ndarray, b: np.ndarra
 
 
 @njit(cache=True, nogil=True)
-def _block_sorted_tails(ts, ids, b_lo, b_hi, r_blk, r_lo, r_hi):  # type: ignore[no-untyped-def,unused-ignore]
+def _block_sorted_tails(ts, ids, b_lo, b_hi, r_blk, r_lo, r_hi, limit):  # type: ignore[no-untyped-def,unused-ignore]
     # Requests are grouped by block (r_blk non-decreasing). Each block is sorted once and kept
     # as one sorted copy; a request whose events are consecutive in it points into it, and
     # only a request with a gap (an event that sorts among its own but arrived after it) gets
-    # a copy of its own.
+    # a copy of its own. Each request keeps only its last ``limit`` events in that order.
     R = len(r_lo)
     cap = 0
     prev = -1
     for j in range(R):
-        cap += r_hi[j] - r_lo[j]
+        cap += min(r_hi[j] - r_lo[j], limit)
         if r_blk[j] != prev:
             cap += b_hi[r_blk[j]] - b_lo[r_blk[j]]
             prev = r_blk[j]
@@ -846,26 +846,41 @@ def _block_sorted_tails(ts, ids, b_lo, b_hi, r_blk, r_lo, r_hi):  # type: ignore
                     first = inv[p]
                 if inv[p] > last:
                     last = inv[p]
+            n = min(b - a, limit)
             if last - first + 1 == b - a:
-                start[j] = base + first
+                start[j] = base + last + 1 - n
             else:
+                # Its last n in sorted order: walk the sorted block back from its last event,
+                # past events of other requests (late arrivals sorted among its own).
                 start[j] = o
-                for k in np.sort(inv[a:b]):
-                    idx[o] = lo + perm[k]
-                    o += 1
+                o += n
+                w = o
+                k = last
+                while w > start[j]:
+                    if a <= perm[k] < b:
+                        w -= 1
+                        idx[w] = lo + perm[k]
+                    k -= 1
             j += 1
     return idx[:o], start
 
 
 def block_sorted_tails(
     ts: np.ndarray, ids: np.ndarray, b_lo: np.ndarray, b_hi: np.ndarray,
-    r_blk: np.ndarray, r_lo: np.ndarray, r_hi: np.ndarray,
+    r_blk: np.ndarray, r_lo: np.ndarray, r_hi: np.ndarray, limit: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each request's span ``[r_lo[j], r_hi[j])`` of its block ``[b_lo[r_blk[j]],
     b_hi[r_blk[j]])`` (events in arrival order) in ``(ts, ids)`` order: positions to gather,
     and where among them each request's ``r_hi[j] - r_lo[j]`` events start. Each block is
     sorted once (``r_blk`` grouped) and gathered once; a request's events start inside that
-    sorted copy when they are consecutive in it, and only otherwise have their own copy."""
+    sorted copy when they are consecutive in it, and only otherwise have their own copy.
+
+    With ``limit``, a request keeps only its last ``min(r_hi[j] - r_lo[j], limit)`` events in
+    that order (a tenant of ``max_len`` limit without an action filter needs no more of a
+    tail): its copy is found by walking the sorted block back from its last event, so the
+    work and the copy follow the events kept, not the span."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"block_sorted_tails: limit must be >= 0, got {limit}")
     if len(r_blk) and bool((np.diff(r_blk) < 0).any()):
         raise ValueError("block_sorted_tails: requests are not grouped by block")
     if len(r_blk) and (bool((r_lo < b_lo[r_blk]).any()) or bool((r_hi > b_hi[r_blk]).any())
@@ -877,7 +892,8 @@ def block_sorted_tails(
     idx, start = _block_sorted_tails(
         ts.astype(i64, copy=False), ids.astype(i64, copy=False), b_lo.astype(i64, copy=False),
         b_hi.astype(i64, copy=False), r_blk.astype(i64, copy=False),
-        r_lo.astype(i64, copy=False), r_hi.astype(i64, copy=False))
+        r_lo.astype(i64, copy=False), r_hi.astype(i64, copy=False),
+        np.iinfo(np.int64).max if limit is None else int(limit))
     return idx, start
 
 

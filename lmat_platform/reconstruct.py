@@ -393,9 +393,20 @@ def _shared_spans(
     n = len(ts)
     t_start[bad] = n + first
     t_end[bad] = n + first + (lens[bad] if limit is None else np.minimum(lens[bad], limit))
-    gather = pa.array(idx)
-    tails = {c: pa.concat_arrays([v, v.take(gather)]) for c, v in tails.items()}
+    tails = {c: _append_taken(v, idx) for c, v in tails.items()}
     return t_start, t_end, tails
+
+
+def _append_taken(v: pa.Array, idx: np.ndarray) -> pa.Array:
+    """``v`` followed by ``v[idx]``: one numpy gather into one new buffer for a null-free
+    fixed-width array (Arrow's take then concat copies twice), Arrow's take otherwise."""
+    a = _fixed_numpy(v) if pa.types.is_integer(v.type) or pa.types.is_floating(v.type) else None
+    if a is None:
+        return pa.concat_arrays([v, v.take(pa.array(idx))])
+    out = np.empty(len(a) + len(idx), dtype=a.dtype)
+    out[:len(a)] = a
+    np.take(a, idx, out=out[len(a):])
+    return pa.array(out)
 
 
 def own_tails(rows: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -622,6 +622,13 @@ def test_spans_sorted_and_block_sorted_tails_match_numpy() -> None:
     with pytest.raises(ValueError, match="outside its block"):
         block_sorted_tails(ts, ids, b_lo, b_hi, np.array([0]), np.array([0]),
                            np.array([int(b_hi[0]) + 1]))
+    # With a limit each request keeps only its last `limit` events in (ts, id) order.
+    for limit in (0, 1, 3):
+        idx, start = block_sorted_tails(ts, ids, b_lo, b_hi, r_blk_a, r_lo_a, r_hi_a, limit)
+        for j in range(len(r_blk)):
+            pos = np.arange(r_lo[j], r_hi[j])
+            want = pos[np.lexsort((ids[pos], ts[pos]))][len(pos) - min(len(pos), limit):]
+            assert idx[start[j]:start[j] + len(want)].tolist() == want.tolist()
 
 
 def test_tail_runs_store_each_users_events_once() -> None:

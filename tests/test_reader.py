@@ -541,3 +541,28 @@ def test_cache_off_passes_read_the_same(rs: ReaderStore, reference: dict) -> Non
         assert cache().stats()["entries"] == 0
     finally:
         configure(budget)
+
+
+def test_short_tenant_keeps_only_the_tail_events_it_can_use(rs: ReaderStore,
+                                                            tmp_path: Path) -> None:
+    """A tenant without an action filter never reaches further back than its last max_len
+    events, so a request's tail that must be copied into (event_ts, event_id) order keeps
+    only its last max_len: fewer events decoded, the same sequences as materialize (which
+    keeps them all)."""
+    from lmat_platform.reader.loader import _thin_bucket, _thin_dataset, tail_limit
+    from lmat_platform.reconstruct import event_columns
+
+    short = lmat.Tenant("short", ("item_id", "action"), 3)
+    path = str(tmp_path / "short.parquet")
+    lmat.materialize(rs.store, rs.thin, short, path)
+    want = materialized(path, short.columns)
+    for unit_rows in (None, 40):
+        loader = SequenceLoader(rs.store, rs.thin, tenant=short, batch_size=32,
+                                max_unit_rows=unit_rows)
+        assert same(collect(list(loader)), want)
+    assert tail_limit(short) == 3 and tail_limit(ACTIONS) is None
+    ds, frags = _thin_dataset(loader.thin_uri, loader.info.version)
+    kept = {lim: sum(len(_thin_bucket(fl, ds.schema, loader.thin_columns, event_columns(short),
+                                      loader.ctx.schema, lim).tails["item_id"])
+                     for fl in frags.values()) for lim in (None, 3)}
+    assert kept[3] < kept[None], kept

@@ -294,8 +294,9 @@ class _UnitReader:
         if self._cached is not None and self._cached[0] == bucket:
             return self._cached[1]
         ds, frags = self._thin_files()
+        t = self.spec.ctx.tenant
         rows = _thin_bucket(frags.get(bucket, []), ds.schema, self.spec.thin_columns,
-                            event_columns(self.spec.ctx.tenant), self.spec.ctx.schema)
+                            event_columns(t), self.spec.ctx.schema, tail_limit(t))
         # Users whose forget is pending are not served (their rows are being deleted).
         rows = rows.without_users(self.spec.ctx.hidden)
         self._cached = (bucket, rows)
@@ -415,13 +416,21 @@ def _thin_bytes(frag: pads.Fragment, columns: list[str]) -> int:
     return int(nbytes)
 
 
+def tail_limit(tenant: Tenant) -> int | None:
+    """How many of a request's last tail events (in order) a tenant can use: its ``max_len``,
+    or None (all) where an action filter may reach further back or a summary server reads
+    the tails itself."""
+    return tenant.max_len if tenant.actions is None and tenant.summary is None else None
+
+
 def _thin_bucket(
     frags: list[pads.Fragment], schema: pa.Schema, columns: list[str], events: list[str],
-    store_schema: pa.Schema,
+    store_schema: pa.Schema, limit: int | None = None,
 ) -> ThinRows:
     """One bucket's thin files as :class:`ThinRows`: ``columns`` read, rows merged in
     (user, request time, request id) order, the tails of ``events`` flattened and typed as in
-    ``store_schema``.
+    ``store_schema``; a request's tail that must be copied to be in order keeps only its last
+    ``limit`` events (:meth:`ThinRows.from_table`).
 
     Decoded once per process: the files are immutable, so the decoded cache
     (:mod:`lmat_platform.store.cache`) keeps each piece, keyed by the bucket's files and the
@@ -431,11 +440,11 @@ def _thin_bucket(
     scalars = [c for c in columns if not c.startswith(TAIL_PREFIX) or c in THIN_KEYS]
     keys: dict[str, tuple[Any, ...]] = {
         **{c: (*base, "col", c) for c in scalars},
-        **{c: (*base, "tail", c, str(store_schema.field(c).type)) for c in events},
+        **{c: (*base, "tail", c, str(store_schema.field(c).type), limit) for c in events},
     }
     got = {c: dc.get(k) for c, k in keys.items()}
-    spans = dc.get((*base, "tail_spans"))
-    ordered = dc.get((*base, "tails_sorted"))
+    spans = dc.get((*base, "tail_spans", limit))
+    ordered = dc.get((*base, "tails_sorted", limit))
     if spans is not None and ordered is not None and all(v is not None for v in got.values()):
         return ThinRows(pa.table({c: got[c] for c in scalars}), spans[0], spans[1],
                         {c: got[c] for c in events}, ordered)
@@ -456,7 +465,7 @@ def _thin_bucket(
     parts = [t for t in parts if t.num_rows]
     rows = (schema.empty_table().select(columns) if not parts
             else pa.concat_tables(parts) if len(parts) > 1 else parts[0])
-    thin = ThinRows.from_table(rows, events, store_schema)
+    thin = ThinRows.from_table(rows, events, store_schema, limit=limit)
     if parts:
         order = [column_array(thin.table, k).to_numpy() for k in ROW_ORDER]
         if not is_sorted3(*order):
@@ -469,9 +478,9 @@ def _thin_bucket(
         dc.put(keys[c], a, a.nbytes, evict=False)
     for c in events:
         dc.put(keys[c], thin.tails[c], thin.tails[c].nbytes, evict=False)
-    dc.put((*base, "tail_spans"), (thin.t_start, thin.t_end),
+    dc.put((*base, "tail_spans", limit), (thin.t_start, thin.t_end),
            thin.t_start.nbytes + thin.t_end.nbytes, evict=False)
-    dc.put((*base, "tails_sorted"), thin.tails_sorted, 8, evict=False)
+    dc.put((*base, "tails_sorted", limit), thin.tails_sorted, 8, evict=False)
     return thin
 
 
