@@ -87,7 +87,7 @@ def vista_summarizer(
     context.log.info(f"summarizer {config.model} version {version}: {metrics}")
     return dg.MaterializeResult(metadata={
         "model": config.model, "version": version, "k": config.k, "d": config.d,
-        **{k: float(v) for k, v in metrics.items()},
+        **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
     })
 
 

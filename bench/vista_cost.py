@@ -10,13 +10,17 @@ snapshot 0, then snapshots with new events. It measures, with ``torch`` on one t
    summary tokens + N tail events), against full target attention (the same candidates
    attending, softmax, to the whole history's item embeddings, i.e. what a model without
    summaries reads and computes; the history's read is not counted, only its compute).
-   Model and serve+model times are best of ``--repeat`` after one warm-up call, so the
-   process's caches (table listings, Parquet footers, OS page cache) are warm: a steady-state
-   cost within a pass. The user's first serve (cold for its row groups; the server built and
+   VISTA times are per example: a batch of ``--batch`` requests of the user served and scored,
+   divided by the batch. Every length is timed in the same ``--repeat`` rounds, in alternating
+   order, after one warm-up call each, and the medians are reported, so a burst of load on a
+   shared machine falls on every length alike; the process's caches (table listings, Parquet
+   footers, OS page cache) are warm: a steady-state cost within a pass. The user's first serve (cold for its row groups; the server built and
    earlier users served before it) is reported apart as ``vista_first_serve_ms``.
 2. **Summary refresh time per snapshot** for snapshots adding 1K, 10K and 100K new events to
    the longest history (incremental: previous state + new events), against a full recompute
-   of the same users' summaries from scratch (once, after the last).
+   of the same users' summaries from scratch (once, after the 100K one); then ``--contrast``
+   (10K) new events to the shortest history: the same new events as the second snapshot,
+   extending a history 1,000x shorter.
 
 Before serving, ``vacuum(retention_hours=0)`` retires the published events from the raw log
 (one stored copy, spec section 3), as a store past its retention holds them.
@@ -77,13 +81,25 @@ def _events(user: int, n: int, start_id: int, t_lo: int, t_hi: int, rng: np.rand
 
 
 def _time(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
-    fn()  # warm
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    """Median of ``repeat`` calls after a warm-up call."""
+    return _alternated([fn], repeat)[0]
+
+
+def _alternated(fns: list, rounds: int) -> list[float]:  # type: ignore[type-arg]
+    """Median seconds of each of ``fns``, measured in ``rounds`` rounds that call every one
+    once, in alternating order (forwards, then backwards), after a warm-up call of each: a
+    burst of load on the machine falls on all of them alike, and the median drops the rounds
+    it hit."""
+    for f in fns:
+        f()
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            t = time.perf_counter()
+            fns[i]()
+            times[i].append(time.perf_counter() - t)
+    return [float(np.median(t)) for t in times]
 
 
 def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
@@ -93,8 +109,16 @@ def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
     ap.add_argument("--d", type=int, default=32, help="token width")
     ap.add_argument("--tail", type=int, default=32, help="tail events served")
     ap.add_argument("--candidates", type=int, default=64, help="candidates scored per example")
-    ap.add_argument("--new", default="1000,10000,100000", help="new events per refresh")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--new", default="1000,10000,100000", help="new events per refresh "
+                    "(each to the longest history)")
+    ap.add_argument("--contrast", type=int, default=10_000, help="then this many new events "
+                    "to the shortest history (0: none): same new events, a 1000x shorter history")
+    ap.add_argument("--repeat", type=int, default=31,
+                    help="alternated rounds of the downstream timings (medians)")
+    ap.add_argument("--batch", type=int, default=32,
+                    help="requests per timed VISTA batch (time per example = batch time / batch)")
+    ap.add_argument("--full-repeat", type=int, default=3,
+                    help="timings of full attention per length (medians; 1 at 1M events)")
     ap.add_argument("--out", default="bench/results/vista_cost.json")
     ap.add_argument("--root", default=None, help="work folder (default: a temporary one)")
     a = ap.parse_args(argv)
@@ -123,15 +147,20 @@ def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
     compute_summaries(store, version, 0, published_at=T0 + 301 * day, summarizer=model)
     first_s = time.perf_counter() - t
     out: dict = {"config": {"k": a.k, "d": a.d, "tail": a.tail, "candidates": a.candidates,
-                            "lengths": lengths, "threads": 1},
+                            "lengths": lengths, "threads": 1, "rounds": a.repeat,
+                            "batch": a.batch, "full_repeat": a.full_repeat},
                  "first_summaries_s": first_s, "events": eid}
     # ---- refresh: snapshots adding new events to every user
     refresh = []
     tw = T0 + 301 * day
-    for k, n in enumerate(news, start=1):
-        # Every new event goes to the longest history: the refresh must cost the new events,
-        # not the history they extend.
-        parts = [_events(len(lengths), n, eid, tw, tw + day, rng)]
+    plan = [(len(lengths), n) for n in news]
+    if a.contrast and news:
+        plan.append((1, a.contrast))
+    for k, (user, n) in enumerate(plan, start=1):
+        # New events go to the longest history, then (contrast) to the shortest: the refresh
+        # must cost the new events, not the history they extend.
+        hist_before = lengths[user - 1] + sum(m for uu, m in plan[:k - 1] if uu == user)
+        parts = [_events(user, n, eid, tw, tw + day, rng)]
         eid += n
         tw += day
         f = root / f"e{k}.parquet"
@@ -141,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
         t = time.perf_counter()
         compute_summaries(store, version, k, published_at=tw + 1, summarizer=model)
         inc = time.perf_counter() - t
-        row = {"snapshot": k, "new_events": n, "incremental_s": inc, "history_events": eid}
+        row = {"snapshot": k, "user": user, "new_events": n, "incremental_s": inc,
+               "user_history_before": hist_before, "history_events": eid}
         if k == len(news):  # one full recompute: its cost is the whole history's
             t = time.perf_counter()
             rep = recompute_check(store, version, k)
@@ -168,33 +198,35 @@ def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
                                                 tail_len=a.tail)).eval()
     items = torch.nn.Embedding(50_000, a.d)
     cand = torch.randint(1, 50_000, (1, a.candidates))
+    B = a.batch
     down = []
-    for i, n in enumerate(lengths):
-        u = np.array([i + 1])
-        ts = np.array([req_ts])
+    model_fns, serve_fns, full_fns = [], [], []
+    for i in range(len(lengths)):
+        u = np.full(B, i + 1)
+        ts = np.full(B, req_ts)
         t = time.perf_counter()
-        got = server.serve(u, ts)
+        got = server.serve(u[:1], ts[:1])
         # The user's first serve (its row groups not read yet in this process); the timings
-        # below are best of ``--repeat`` after a warm-up, with the process's caches warm.
+        # below are medians after a warm-up, with the process's caches warm.
         first_serve = time.perf_counter() - t
         assert got.mask[0], "every user has a summary"
+        got = server.serve(u, ts)
 
         def vista_step(got=got) -> torch.Tensor:  # type: ignore[no-untyped-def]
-            tail = torch.zeros(1, a.tail, dtype=torch.int64)
-            n_t = int(got.tail_lengths[0])
-            tail[0, a.tail - n_t:] = torch.from_numpy(got.tail_values["item_id"].astype(np.int64))
-            tm = torch.arange(a.tail)[None] >= a.tail - n_t
+            lens = torch.from_numpy(got.tail_lengths)
+            tail = torch.zeros(len(lens), a.tail, dtype=torch.int64)
+            tm = torch.arange(a.tail)[None] >= a.tail - lens[:, None]
+            tail[tm] = torch.from_numpy(got.tail_values["item_id"].astype(np.int64))
             with torch.no_grad():
                 return ranker(torch.from_numpy(got.summary), torch.from_numpy(got.mask), tail,
-                              tm, cand)
+                              tm, cand.expand(len(lens), -1))
 
         def serve_and_step(u=u, ts=ts) -> torch.Tensor:  # type: ignore[no-untyped-def]
-            g = server.serve(u, ts)
-            return vista_step(g)
+            return vista_step(server.serve(u, ts))
 
         # Full target attention over the whole history (its item ids read once, outside).
-        hist = _tier_rows(store, int(bucket_of(u, store.n_buckets)[0]), u, lo=0, hi=2**31 - 1,
-                          columns=["item_id"]).column("item_id").to_numpy()
+        hist = _tier_rows(store, int(bucket_of(u[:1], store.n_buckets)[0]), u[:1], lo=0,
+                          hi=2**31 - 1, columns=["item_id"]).column("item_id").to_numpy()
         hist_t = torch.from_numpy(np.ascontiguousarray(hist % 50_000))
 
         def full_step(hist_t=hist_t) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -215,21 +247,30 @@ def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
                     m = mn
                 return (out / den * q).sum(-1)
 
-        rep = max(1, a.repeat if n < 1_000_000 else 1)
-        down.append({
-            "history_events": int(len(hist)),
-            "vista_model_ms": 1e3 * _time(vista_step, a.repeat),
-            "vista_serve_and_model_ms": 1e3 * _time(serve_and_step, a.repeat),
-            "vista_first_serve_ms": 1e3 * first_serve,
-            "full_attention_model_ms": 1e3 * _time(full_step, rep),
-            "tail_served": int(got.tail_lengths[0]),
+        model_fns.append(vista_step)
+        serve_fns.append(serve_and_step)
+        full_fns.append(full_step)
+        down.append({"history_events": int(len(hist)), "vista_first_serve_ms": 1e3 * first_serve,
+                     "tail_served": int(got.tail_lengths[0])})
+    # Every length's VISTA timings in the same rounds, alternated (medians, per example).
+    model_s = _alternated(model_fns, a.repeat)
+    serve_s = _alternated(serve_fns, a.repeat)
+    for i, n in enumerate(lengths):
+        rep = max(1, a.full_repeat if n < 1_000_000 else 1)
+        down[i].update({
+            "vista_model_ms": 1e3 * model_s[i] / B,
+            "vista_serve_and_model_ms": 1e3 * serve_s[i] / B,
+            "full_attention_model_ms": 1e3 * _time(full_fns[i], rep),
         })
-        log.info("downstream %s", down[-1])
+        log.info("downstream %s", down[i])
     out["downstream"] = down
     base = down[0]
     out["downstream_ratio_max_over_1k"] = {
         k: max(d[k] for d in down) / base[k]
         for k in ("vista_model_ms", "vista_serve_and_model_ms", "full_attention_model_ms")}
+    out["downstream_ratio_max_over_min"] = {
+        k: max(d[k] for d in down) / min(d[k] for d in down)
+        for k in ("vista_model_ms", "vista_serve_and_model_ms")}
     out["storage"] = storage_report(store, version)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
@@ -248,11 +289,12 @@ def _table(out: dict) -> str:  # type: ignore[type-arg]
                      f"{d['vista_serve_and_model_ms']:.1f} | "
                      f"{'' if first is None else f'{first:.1f}'} | "
                      f"{d['full_attention_model_ms']:.1f} |")
-    lines += ["", "| snapshot | new events | history events | incremental s | from scratch s |",
-              "|---:|---:|---:|---:|---:|"]
+    lines += ["", "| snapshot | new events | user's history before | incremental s "
+              "| from scratch s |", "|---:|---:|---:|---:|---:|"]
     for r in out["refresh"]:
         full = r.get("recompute_from_scratch_s")
-        lines.append(f"| {r['snapshot']} | {r['new_events']:,} | {r['history_events']:,} | "
+        lines.append(f"| {r['snapshot']} | {r['new_events']:,} | "
+                     f"{r.get('user_history_before', 0):,} | "
                      f"{r['incremental_s']:.2f} | {'' if full is None else f'{full:.2f}'} |")
     return "\n".join(lines)
 

@@ -60,7 +60,7 @@ def collect(store: str, thin: str, tenant: Tenant, *, seen: bool, batch_size: in
     hist = (iter(SequenceLoader(store, thin, tenant=whole_history(replace(tenant, summary=None)),
                                 batch_size=batch_size)) if seen else None)
     out: dict[str, list[Any]] = {k: [] for k in ("summary", "mask", "tail", "tail_mask",
-                                                 "label", "seen", "snapshot")}
+                                                 "label", "seen", "snapshot", "head_len")}
     for b in loader:
         lens = b.lengths
         tail = b.padded("item_id", max_len=n_tail, side="left")
@@ -71,6 +71,7 @@ def collect(store: str, thin: str, tenant: Tenant, *, seen: bool, batch_size: in
         out["tail_mask"].append(tm)
         out["label"].append(b.context["label"].to(torch.int64))
         out["snapshot"].append(b.summary_pointer["snapshot_id"])
+        out["head_len"].append(b.summary_pointer["head_len"])
         if hist is not None:
             h = next(hist)
             if not torch.equal(h.request_id, b.request_id):
@@ -79,6 +80,12 @@ def collect(store: str, thin: str, tenant: Tenant, *, seen: bool, batch_size: in
     res: dict[str, Any] = {k: torch.cat(v) for k, v in out.items() if v and k != "seen"}
     res["seen"] = out["seen"]
     return res
+
+
+def without_summaries(d: dict[str, Any]) -> dict[str, Any]:
+    """The same requests with no summary (the ablation: the tail alone)."""
+    return {**d, "summary": torch.zeros_like(d["summary"]),
+            "mask": torch.zeros_like(d["mask"])}
 
 
 def _scores(net: TargetAttentionRanker, d: dict[str, Any], idx: torch.Tensor,
@@ -153,13 +160,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--d", type=int, default=32)
     ap.add_argument("--tail", type=int, default=8)
-    ap.add_argument("--summarizer-steps", type=int, default=300)
-    ap.add_argument("--summarizer-batch", type=int, default=64)
-    ap.add_argument("--summarizer-len", type=int, default=256,
+    ap.add_argument("--summarizer-epochs", type=int, default=12,
+                    help="most passes over the summarizer's training histories")
+    ap.add_argument("--summarizer-patience", type=int, default=2,
+                    help="stop once this many epochs in a row lowered the loss by < 0.5%%")
+    ap.add_argument("--summarizer-steps", type=int, default=0, help="step limit (0: none)")
+    ap.add_argument("--summarizer-batch", type=int, default=32)
+    ap.add_argument("--summarizer-len", type=int, default=1024,
                     help="most recent events of a history a summarizer training step reads")
+    ap.add_argument("--summarizer-stride", type=int, default=32,
+                    help="summarizer training histories: each user's last training request "
+                    "and every stride-th before it")
+    ap.add_argument("--summarizer-lr", type=float, default=3e-3)
+    ap.add_argument("--cuts", type=int, default=4, help="reconstruction cuts per history a step")
+    ap.add_argument("--summarizer-weights", default=None,
+                    help="file of the summarizer's weights: loaded if it exists, else written "
+                    "after training (one summarizer for runs with other snapshot counts)")
+    ap.add_argument("--summarizer-only", action="store_true",
+                    help="train (or load) the summarizer, save its weights, and stop")
     ap.add_argument("--sasrec-full-len", type=int, default=0,
                     help="max_len of the whole-history SASRec (0: the longest history)")
-    ap.add_argument("--stride", type=int, default=4, help="training requests: every stride-th")
+    ap.add_argument("--stride", type=int, default=1,
+                    help="ranker training requests: each user's last and every stride-th")
+    ap.add_argument("--sasrec-batch", type=int, default=256)
+    ap.add_argument("--sasrec-full-batch", type=int, default=64,
+                    help="batch of the whole-history SASRec (its windows each train ~100 "
+                    "targets: smaller batches give it steps)")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--patience", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -185,26 +211,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "snapshots": prep.snapshots, "max_history": prep.max_history}}
     log.info("prepared %s in %.0fs", prep.root, time.perf_counter() - t0)
     thin_train = training_thin(prep, a.stride)
-    if not a.skip_vista:
-        # 1. summarizer and the summary tier
-        t = time.perf_counter()
+    if not a.skip_vista or a.summarizer_only:
+        # 1. summarizer (trained on the training requests' histories only: H(u, T) of a
+        # training request holds no validation or test rating) and the summary tier
         hist_tenant = Tenant("vista_hist", ("item_id", "action", "event_ts"), a.summarizer_len)
         cfg = VistaConfig(n_items=prep.n_items + 1, n_actions=8, d=a.d, k=a.k, heads=2, layers=2,
                           window=16)
+        from lmat_platform.models.vista import Summarizer
         from lmat_platform.summaries import summarizer_versions
 
         have = summarizer_versions(prep.store, "vista")
+        model = None
         if a.reuse_summarizer and have:
             version = have[-1]
             out["summarizer"] = {"version": version, "reused": True}
+        elif a.summarizer_weights and os.path.exists(a.summarizer_weights):
+            with open(a.summarizer_weights, "rb") as f:
+                model = Summarizer.from_bytes(f.read())
+            meta_path = a.summarizer_weights + ".json"
+            meta = {}
+            if os.path.exists(meta_path):
+                with open(meta_path) as f:
+                    meta = json.load(f)
+            out["summarizer"] = {**meta, "loaded_from": a.summarizer_weights}
         else:
-            model, m = train_summarizer(prep.store, thin_train, hist_tenant, cfg=cfg,
-                                        batch_size=a.summarizer_batch, lr=3e-3,
-                                        max_len=a.summarizer_len, max_steps=a.summarizer_steps)
+            model, m = train_summarizer(
+                prep.store, training_thin(prep, a.summarizer_stride), hist_tenant, cfg=cfg,
+                batch_size=a.summarizer_batch, lr=a.summarizer_lr, max_len=a.summarizer_len,
+                epochs=a.summarizer_epochs, max_steps=a.summarizer_steps or None,
+                patience=a.summarizer_patience, cuts=a.cuts, warmup_steps=50)
+            out["summarizer"] = {**m, "stride": a.summarizer_stride, "cuts": a.cuts,
+                                 "max_len": a.summarizer_len, "batch": a.summarizer_batch}
+            if a.summarizer_weights:
+                with open(a.summarizer_weights, "wb") as f:
+                    f.write(model.to_bytes())
+                save(out["summarizer"], a.summarizer_weights + ".json")
+        if model is not None:
             version = register_summarizer(prep.store, "vista", model)
-            out["summarizer"] = {"version": version, **m}
+            out["summarizer"]["version"] = version
         log.info("summarizer: %s", out["summarizer"])
         save(out, a.out)
+    if a.summarizer_only:
+        return out
+    if not a.skip_vista:
         t = time.perf_counter()
         compute_pending(prep.store, version, model_name="vista", publish_delay_us=0)
         out["summary_tier"] = {"compute_s": time.perf_counter() - t,
@@ -219,25 +268,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         te = collect(prep.store, prep.thin["test"], tenant, seen=True)
         out["served"] = {
             "seconds": time.perf_counter() - t, "train_requests": len(tr["label"]),
+            "train_with_summary": float(tr["mask"].float().mean()),
             "test_with_summary": float(te["mask"].float().mean()),
             "test_mean_tail": float(te["tail_mask"].sum(1).float().mean()),
+            "test_mean_summary_head_len": float(te["head_len"][te["mask"]].float().mean()),
         }
         log.info("served: %s", out["served"])
-        res = train_ranker(tr, va, te, n_items=prep.n_items, d=a.d, tail=a.tail, epochs=a.epochs,
-                           patience=a.patience, lr=a.lr, batch_size=256, seed=0)
-        out["vista"] = res
-        log.info("VISTA test: %s", res["test"])
-        save(out, a.out)
+        for name, use_summary in (("vista", True), ("vista_tail_only", False)):
+            sets = [d if use_summary else without_summaries(d) for d in (tr, va, te)]
+            res = train_ranker(*sets, n_items=prep.n_items, d=a.d, tail=a.tail,
+                               epochs=a.epochs, patience=a.patience, lr=a.lr, batch_size=256,
+                               seed=0)
+            out[name] = res
+            log.info("%s test: %s", name, res["test"])
+            save(out, a.out)
     # 3. SASRec baselines through the real-data training loop
     if not a.skip_sasrec:
-        tc = TrainConfig(epochs=a.epochs, patience=a.patience, device="cpu", threads=a.threads,
-                         batch_size=256)
         full = a.sasrec_full_len or prep.max_history
-        for name, max_len in (("sasrec_k_plus_tail", a.k + a.tail), ("sasrec_full", full)):
+        for name, max_len, bs in (("sasrec_k_plus_tail", a.k + a.tail, a.sasrec_batch),
+                                  ("sasrec_full", full, a.sasrec_full_batch)):
+            tc = TrainConfig(epochs=a.epochs, patience=a.patience, device="cpu",
+                             threads=a.threads, batch_size=bs)
             t = time.perf_counter()
             r = train_on_dataset(prep, os.path.join(root, name), max_len=max_len, config=tc,
                                  resume=False)
-            out[name] = {"max_len": max_len, "test": r.metrics.get("test"),
+            out[name] = {"max_len": max_len, "batch_size": bs, "epochs": len(r.history),
+                         "test": r.metrics.get("test"),
                          "best_valid": r.metrics.get("valid"),
                          "most_popular": r.metrics.get("most_popular"),
                          "train_s": time.perf_counter() - t}
@@ -260,6 +316,8 @@ def _table(out: dict[str, Any]) -> str:
             "|---|---|---:|---:|---:|---:|"]
     c = out["config"]
     for name, reads in (("vista", f"{c['k']} summary tokens + last {c['tail']} events"),
+                        ("vista_tail_only", f"last {c['tail']} events after the summary's "
+                                            "snapshot (no summary)"),
                         ("sasrec_full", f"last {out.get('sasrec_full', {}).get('max_len')} "
                                         "events (whole history)"),
                         ("sasrec_k_plus_tail", f"last {c['k'] + c['tail']} events")):

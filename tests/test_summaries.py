@@ -483,3 +483,51 @@ def test_summary_batches_read_each_event_once(built: tuple[Store, str, pa.Table]
     want = _naive_tail(ev, 2, _watermark(0) + LAG // 2, None, 64)
     assert b.values["item_id"][off[early]:off[early + 1]].tolist() == want
     assert not b.summary_mask[early] and b.summary_mask[order.index(2)]
+
+
+def test_superseded_states_pruned_after_retention(tmp_path: Path) -> None:
+    """A user's state rows older than their newest one go once the newer one's snapshot is
+    older than the retention (kept before); extending and the recompute check still work, and
+    vacuum prunes with the store's retention."""
+    from lmat_platform.store.core import delta_dataset
+    from lmat_platform.summaries import prune_states, superseded_states
+
+    store = lmat.init_store(str(tmp_path / "s"), n_buckets=2, row_group_rows=64,
+                            retention_hours=0)
+    ev = _events(7)
+    pq.write_table(ev, str(tmp_path / "e.parquet"))
+    lmat.ingest_files(store, [str(tmp_path / "e.parquet")])
+    v = register_summarizer(store, "m", Summarizer(CFG))
+    for k in range(N_SNAPS - 1):
+        lmat.publish_snapshot(store, _watermark(k))
+        compute_summaries(store, v, k, published_at=_watermark(k))
+
+    def state_keys() -> list[tuple[int, int]]:
+        t = delta_dataset(store.open_table("summary_state")).to_table(
+            columns=["user_id", "snapshot_id"])
+        return sorted(zip(t.column("user_id").to_pylist(), t.column("snapshot_id").to_pylist(),
+                          strict=True))
+
+    before = state_keys()
+    newest = {u: max(s for uu, s in before if uu == u) for u, _ in before}
+    assert len(before) > len(newest)  # some users were touched by both snapshots
+    reg = summary_registry(store, v)
+    # Within the retention (an hour, measured from just after the last registration): kept.
+    kept = prune_states(store, retention_hours=1, now=reg[-1].created_at + 1)
+    assert kept["rows_dropped"] == 0 and state_keys() == before
+    assert superseded_states(store, retention_hours=1, now=reg[-1].created_at + 1).num_rows == 0
+    # Past it: exactly the superseded rows go, one row per user is left.
+    got = prune_states(store, retention_hours=0)
+    assert got["rows_dropped"] == len(before) - len(newest)
+    assert state_keys() == sorted(newest.items())
+    assert prune_states(store, retention_hours=0)["rows_dropped"] == 0  # idempotent
+    rep = recompute_check(store, v, 0)  # states pruned: tokens still compared
+    assert rep.ok and rep.users > 0, rep
+    # The next snapshot extends the kept states and agrees with a fold from scratch.
+    lmat.publish_snapshot(store, _watermark(N_SNAPS - 1))
+    compute_summaries(store, v, N_SNAPS - 1, published_at=_watermark(N_SNAPS - 1))
+    assert recompute_check(store, v, N_SNAPS - 1).ok
+    # vacuum (the store's retention is 0 h) prunes what snapshot 2 superseded.
+    lmat.vacuum(store)
+    t = delta_dataset(store.open_table("summary_state")).to_table(columns=["user_id"])
+    assert sorted(t.column("user_id").to_pylist()) == sorted(set(t.column("user_id").to_pylist()))

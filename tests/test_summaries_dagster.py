@@ -21,9 +21,17 @@ SUMMARIZER = {"ops": {"vista_summarizer": {"config": {"max_steps": 4, "d": 16, "
                                                       "batch_size": 32, "max_len": 64}}}}
 
 
-@pytest.mark.slow
-def test_summary_assets_and_checks(tmp_path: Path) -> None:
+@pytest.fixture
+def _one_thread() -> object:
+    n = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("_one_thread")
+def test_summary_assets_and_checks(tmp_path: Path) -> None:
     days = land_workload(CFG, tmp_path / "landing")
     res = LmatResource(store=str(tmp_path / "store"), landing=str(tmp_path / "landing"),
                        outputs=str(tmp_path / "outputs"), n_buckets=2)

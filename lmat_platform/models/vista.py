@@ -367,12 +367,13 @@ def pad_events(
 
 def reconstruction_loss(
     model: Summarizer, item: torch.Tensor, action: torch.Tensor, ts: torch.Tensor,
-    mask: torch.Tensor, *, generator: torch.Generator | None = None,
+    mask: torch.Tensor, *, generator: torch.Generator | None = None, cuts: int = 1,
 ) -> torch.Tensor:
     """The generative reconstruction loss of a padded batch (rows with >= 2 events count).
 
-    A cut ``c`` is drawn per row in ``[1, len - 1]``; the decoder sees the summary of events
-    ``1..c`` and events ``c+1 .. c+window-1``, and predicts items ``c+1 .. c+window``."""
+    ``cuts`` cuts ``c`` are drawn per row in ``[1, len - 1]`` (the pass over the row's events is
+    shared by them); for each, the decoder sees the summary of events ``1..c`` and events
+    ``c+1 .. c+window-1``, and predicts items ``c+1 .. c+window``."""
     cfg = model.cfg
     lens = mask.sum(1)
     ok = lens >= 2
@@ -382,25 +383,26 @@ def reconstruction_loss(
     b, L = item.shape
     x = model.embed(item, action, ts, ts[:, 0])
     _, _, prefixes = model._stack(x, mask, None, acc=torch.float32, keep_prefix=True)
-    u = torch.rand(b, generator=generator)
-    cut = 1 + torch.floor(u * (lens - 1).to(torch.float32)).to(torch.int64)  # events in summary
-    rows = torch.arange(b)
+    rows = torch.arange(b).repeat_interleave(cuts)
+    lens_r = lens[rows]
+    u = torch.rand(len(rows), generator=generator)
+    cut = 1 + torch.floor(u * (lens_r - 1).to(torch.float32)).to(torch.int64)  # in summary
     kvs = [p[rows, cut - 1] for p in prefixes if p is not None]
-    summ = model._seeds(kvs, cut)  # [b, K, d]
+    summ = model._seeds(kvs, cut)  # [b * cuts, K, d]
     w = cfg.window
     pos = cut[:, None] + torch.arange(w)[None, :]  # target positions c .. c+w-1 (0-based)
-    valid = pos < lens[:, None]
+    valid = pos < lens_r[:, None]
     posc = torch.clamp(pos, max=L - 1)
     # Decoder inputs: the summary, then events c .. c+w-2 (0-based); targets: items c .. c+w-1.
-    inp = torch.gather(x, 1, posc[:, :-1, None].expand(-1, -1, cfg.d)) * valid[:, :-1, None]
+    inp = torch.gather(x[rows], 1, posc[:, :-1, None].expand(-1, -1, cfg.d)) * valid[:, :-1, None]
     seq = torch.cat([summ, inp], dim=1)
     seq = seq + model.dec_pos(torch.arange(seq.shape[1]))[None]
     s = seq.shape[1]
     causal = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)
     h = model.decoder(seq, mask=causal)
     # Reads: the last summary token predicts item c; event c+j predicts item c+j+1.
-    out = model.predict(model.dec_norm(h[:, cfg.k - 1:]))  # [b, w, d]
-    target = torch.remainder(torch.gather(item, 1, posc), cfg.n_items)
+    out = model.predict(model.dec_norm(h[:, cfg.k - 1:]))  # [b * cuts, w, d]
+    target = torch.remainder(torch.gather(item[rows], 1, posc), cfg.n_items)
     logits = out @ model.items.weight.T
     return F.cross_entropy(logits[valid], target[valid])
 
@@ -496,11 +498,18 @@ def batch_events(batch: object, max_len: int) -> tuple[torch.Tensor, ...]:
 def train_summarizer(
     store: object, thin_uri: str, tenant: object, *, cfg: VistaConfig | None = None,
     epochs: int = 1, batch_size: int = 64, lr: float = 3e-3, max_len: int = 256,
-    max_steps: int | None = None, seed: int = 0,
-) -> tuple[Summarizer, dict[str, float]]:
+    max_steps: int | None = None, seed: int = 0, cuts: int = 1, patience: int = 0,
+    min_improvement: float = 0.005, warmup_steps: int = 0,
+) -> tuple[Summarizer, dict[str, object]]:
     """Train a summarizer with :func:`reconstruction_loss` on the histories
     :class:`~lmat_platform.reader.SequenceLoader` rebuilds for ``tenant`` (it must read
-    ``item_id``, ``action`` and ``event_ts``). Returns the model (eval mode) and metrics."""
+    ``item_id``, ``action`` and ``event_ts``), ``cuts`` cuts per history a step.
+
+    Runs ``epochs`` passes (or ``max_steps`` steps); with ``patience``, stops once that many
+    epochs in a row lowered the mean training loss by less than ``min_improvement`` (relative):
+    converged. The learning rate warms up linearly over ``warmup_steps``, then follows a cosine
+    to a tenth of ``lr`` over the planned steps. Returns the model (eval mode) and metrics, with
+    the mean loss of every epoch."""
     import time
 
     from lmat_platform.reader import SequenceLoader
@@ -515,21 +524,44 @@ def train_summarizer(
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     loader = SequenceLoader(store, thin_uri, tenant=tenant, batch_size=batch_size,  # type: ignore[arg-type]
                             shuffle=True, seed=seed)
+    planned = max_steps if max_steps is not None else epochs * max(len(loader), 1)
+
+    def rate(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        f = min(1.0, (step - warmup_steps) / max(planned - warmup_steps, 1))
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * f))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
     g = torch.Generator().manual_seed(seed)
     losses: list[float] = []
+    epoch_losses: list[float] = []
     examples = 0
+    flat = 0
+    converged = False
     t0 = time.perf_counter()
     for epoch in range(epochs):
         loader.set_epoch(epoch)
+        first = len(losses)
         for b in loader:
-            loss = reconstruction_loss(model, *batch_events(b, max_len), generator=g)
+            loss = reconstruction_loss(model, *batch_events(b, max_len), generator=g, cuts=cuts)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            sched.step()
             losses.append(loss.item())
             examples += len(b)
             if max_steps is not None and len(losses) >= max_steps:
+                break
+        epoch_losses.append(float(np.mean(losses[first:])) if len(losses) > first else math.nan)
+        log.info("summarizer epoch %d: loss %.4f (%d steps, %.0f s)", epoch, epoch_losses[-1],
+                 len(losses), time.perf_counter() - t0)
+        if len(epoch_losses) >= 2 and patience:
+            prev, cur = epoch_losses[-2], epoch_losses[-1]
+            flat = flat + 1 if prev - cur < min_improvement * abs(prev) else 0
+            if flat >= patience:
+                converged = True
                 break
         if max_steps is not None and len(losses) >= max_steps:
             break
@@ -537,7 +569,8 @@ def train_summarizer(
     log.info("summarizer: %d steps, loss %.3f -> %.3f", len(losses),
              losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
     return model.eval(), {
-        "steps": float(len(losses)), "examples": float(examples), "seconds": secs,
+        "steps": len(losses), "examples": examples, "seconds": secs,
         "first_loss": losses[0] if losses else float("nan"),
         "final_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
+        "epoch_losses": epoch_losses, "converged": converged,
     }

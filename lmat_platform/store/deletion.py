@@ -52,9 +52,9 @@ from lmat_platform.store.core import (
     storage_options,
 )
 from lmat_platform.store.thin_registry import (
-    THIN_PARQUET_OPTIONS,
     register_thin_table,
     registered_thin_tables,
+    thin_parquet_options,
 )
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,7 @@ def purge_thin_rows(
 ) -> int:
     """Delete the rows of ``users`` from one thin table: their requests, pointers and tails
     (a tail holds events of its row's own user only), rewritten as thin files are written."""
-    return delete_user_rows(uri, users, buckets, props, parquet_options=THIN_PARQUET_OPTIONS)
+    return delete_user_rows(uri, users, buckets, props, parquet_options=thin_parquet_options)
 
 
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -272,14 +272,15 @@ def file_stats_json(t: pa.Table) -> str:
 
 def delete_user_rows(
     uri: str, users: np.ndarray, buckets: np.ndarray, props: CommitProperties, *,
-    parquet_options: dict[str, Any] | None = None,
+    parquet_options: dict[str, Any] | Callable[[pa.Schema], dict[str, Any]] | None = None,
 ) -> int:
     """Delete every row of ``users`` (sorted; ``buckets`` theirs) from the Delta table at
     ``uri`` in one commit; returns the rows deleted (0, and no commit, when it holds none or
     does not exist).
 
     Each file that holds such rows (pruned by its ``bucket`` partition and ``user_id``
-    statistics) is rewritten without them, rows in their order, with ``parquet_options``, and
+    statistics) is rewritten without them, rows in their order, with ``parquet_options`` (or
+    those it returns for the file's schema), and
     typed as the table's schema. Unlike a Delta ``DELETE``, the commit records no predicate (the
     user ids stay out of the log), and the files keep the table's string types (delta-rs's
     delete writes ``string_view`` columns, which pyarrow's dataset filters then reject)."""
@@ -330,7 +331,8 @@ def delete_user_rows(
                                   else t.schema.field(c) for c in t.column_names]))
             new = f"{os.path.dirname(rel)}/part-forget-{uuid.uuid4().hex}.parquet".lstrip("/")
             with fs.open_output_stream(f"{root}/{new}") as out:
-                pq.write_table(t, out, **(parquet_options or {}))
+                opts = parquet_options(t.schema) if callable(parquet_options) else parquet_options
+                pq.write_table(t, out, **(opts or {}))
             size = fs.get_file_info(f"{root}/{new}").size or 0
             actions.append(AddAction(new, size, pv, ts, True, file_stats_json(t)))
         actions.append(RemoveAction(rel, True, ts, int(sizes[k]), pv))
@@ -414,6 +416,11 @@ def vacuum(store: Store | str, *, retention_hours: int | None = None) -> dict[st
             from lmat_platform.store.retention import retire_raw
 
             retire_raw(store)
+            if store.open_table("summary_state") is not None:
+                # Superseded summarizer states past the retention go too (spec 10).
+                from lmat_platform.summaries.retention import prune_states
+
+                prune_states(store)
         # The accepted-id index follows the raw log's ingest commits; catch it up before
         # their log entries expire below (else the next ingest would have to rebuild it), and
         # mark the vacuum's own commits covered after.

@@ -4,6 +4,7 @@ of whole histories, and what the reader needs to serve them.
 * :mod:`~lmat_platform.summaries.tier`: summarizers, the tier's tables, incremental computation,
   the from-scratch recompute check, storage;
 * :mod:`~lmat_platform.summaries.serving`: point-in-time serving and its check;
+* :mod:`~lmat_platform.summaries.retention`: pruning superseded recurrent states (no torch);
 * :mod:`~lmat_platform.summaries.commands`: ``lmat train-summarizer`` and ``lmat summarize``.
 
 Names are loaded on first use: the tier imports torch, and ``lmat`` must start without it.
@@ -24,6 +25,8 @@ _WHERE = {
     "SummaryError": "tier",
     "SummaryRegistryEntry": "tier",
     "compute_pending": "tier",
+    "prune_states": "retention",
+    "superseded_states": "retention",
     "compute_summaries": "tier",
     "load_summarizer": "tier",
     "recompute_check": "tier",
