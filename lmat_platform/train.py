@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmat_platform.datasets.pipeline import PreparedDataset
+from lmat_platform.datasets.pipeline import WINDOW_TARGETS, PreparedDataset
 from lmat_platform.models.evaluate import RankingAccumulator, most_popular_scores, seen_mask
-from lmat_platform.models.sasrec import SASRec, SASRecConfig, load_sasrec
+from lmat_platform.models.sasrec import SASRec, SASRecConfig, load_sasrec, right_align
 from lmat_platform.tenants import Tenant
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ METRICS_FILE = "metrics.json"
 PLOT_FILE = "training.png"
 WHOLE_HISTORY = 1_000_000
 """``max_len`` of a tenant that keeps a request's whole visible history."""
+ARRIVAL_PAD = -(2**62)
+"""Arrival time of padding (below every real one)."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,13 @@ class TrainConfig:
     """torch CPU threads (None: torch's default)."""
     loss: str = "all"
     """``all``: every position of a request's sequence predicts the next item (the newest
-    predicts the label); ``last``: only the label (see :meth:`SASRec.loss`)."""
+    predicts the label); ``last``: only the label (see :meth:`SASRec.loss`). Batches whose
+    thin rows carry ``window_targets`` (:func:`~lmat_platform.datasets.pipeline.strided_requests`)
+    train only that many of each window's newest targets."""
+    time_column: str | None = None
+    """Tenant column of the items' arrival times: with ``all``, each item is predicted from its
+    own H(u, T) inside the window (same-second items invisible to each other; see
+    :meth:`SASRec.loss`). None: from the item just before it."""
 
 
 @dataclass
@@ -215,11 +223,11 @@ def train_next_item(
     after every optimizer step (after any checkpoint of that step). ``dataset`` (what the data
     is) goes into the metrics as is.
     """
-    if config.item_column not in tenant.columns:
-        raise ValueError(
-            f"tenant '{tenant.name}' has no column '{config.item_column}' "
-            f"(columns: {list(tenant.columns)})"
-        )
+    for c in (config.item_column, config.time_column):
+        if c is not None and c not in tenant.columns:
+            raise ValueError(
+                f"tenant '{tenant.name}' has no column '{c}' (columns: {list(tenant.columns)})"
+            )
     cfg = model or SASRecConfig(n_items=n_items, max_len=min(tenant.max_len, 200))
     if cfg.n_items != n_items:
         raise ValueError(f"model.n_items {cfg.n_items} differs from n_items {n_items}")
@@ -291,8 +299,13 @@ def train_next_item(
             batch = batch.to(dev)
             t1 = time.perf_counter()
             tokens = net.tokens(batch.values[config.item_column], batch.lengths)
+            arrivals = None
+            if config.time_column is not None:
+                arrivals = right_align(batch.values[config.time_column], batch.lengths,
+                                       max_len=cfg.max_len, fill=ARRIVAL_PAD)
             loss, n_targets = net.loss(tokens, batch.context[config.label_column],
-                                       positions=config.loss)
+                                       positions=config.loss, arrivals=arrivals,
+                                       window_targets=batch.context.get(WINDOW_TARGETS))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -318,6 +331,7 @@ def train_next_item(
             "epoch": st["epoch"],
             "train_loss": st["epoch_loss"] / max(st.get("epoch_targets", 0), 1),
             "examples": st["epoch_examples"],
+            "targets": st.get("epoch_targets", 0),
             "step": st["step"],
         }
         if valid_thin is not None:
@@ -440,21 +454,24 @@ def train_on_dataset(
 ) -> TrainResult:
     """Train and evaluate on a data set from :func:`~lmat_platform.datasets.prepare_dataset`.
 
-    The tenant reads ``item_id`` with ``max_len`` (``WHOLE_HISTORY`` or anything at least the
-    longest history: the whole history); the most-popular baseline counts the training
-    ratings' items. ``stride`` picks the training requests (each user's last and every
-    stride-th before it, :func:`~lmat_platform.datasets.pipeline.strided_requests`); the
-    default is every request for the ``last`` loss and ``max(1, max_len // 2)`` for ``all``,
-    where each request trains every position of its window, so a training rating is a target
-    in about two windows when its user has more than ``max_len`` of them, in one when the window
-    covers the user's whole history (see docs/real_data.md, "Loss").
+    The tenant reads ``item_id`` (and ``config.time_column``) with ``max_len``
+    (``WHOLE_HISTORY`` or anything at least the longest history: the whole history); the
+    most-popular baseline counts the training ratings' items. ``stride`` picks the training
+    windows (each user's last request and about every stride-th before it,
+    :func:`~lmat_platform.datasets.pipeline.strided_requests`); the default is every request
+    for the ``last`` loss and ``max(1, max_len // 2)`` for ``all``. With ``all`` each window
+    trains its newest ``window_targets`` positions (the ratings since the previous window), so
+    every training rating is a target once an epoch at every ``max_len``, predicted from at
+    least ``max_len - stride`` earlier items where the user has them (see docs/real_data.md,
+    "Loss").
     """
     import pyarrow.parquet as pq
 
     from lmat_platform.datasets.pipeline import training_thin
     from lmat_platform.datasets.ratings import requests_file
 
-    tenant = Tenant("next_item", (config.item_column,), max_len)
+    cols = (config.item_column,) + ((config.time_column,) if config.time_column else ())
+    tenant = Tenant("next_item", cols, max_len)
     model_len = min(max_len, prep.max_history)
     if stride is None:
         stride = 1 if config.loss == "last" else max(1, model_len // 2)

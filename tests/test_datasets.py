@@ -157,6 +157,40 @@ def test_strided_requests_keep_each_users_last() -> None:
     assert strided_requests(t, 2)["request_id"].to_pylist() == [5, 1, 3, 7]
     assert strided_requests(t, 1).num_rows == 7
     assert strided_requests(t, 10)["request_id"].to_pylist() == [5, 7]
+    assert strided_requests(t, 2)["window_targets"].to_pylist() == [2, 1, 2, 2]
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3, 7, 50])
+def test_strided_windows_train_every_rating_once(stride: int) -> None:
+    """Naively: a window's targets are its label and the last ``window_targets - 1`` items of
+    its H(u, T); over all windows, every training rating is a target exactly once, except (for
+    stride > 1) some same-second predecessors of each user's last request."""
+    rng = np.random.default_rng(stride)
+    rows = []
+    for user in range(1, 30):
+        n = int(rng.integers(1, 40))
+        ts = np.sort(rng.integers(0, n // 2 + 2, n))  # many same-second ratings
+        rows += [(user, int(t)) for t in ts]
+    perm = rng.permutation(len(rows))
+    t = pa.table({"user_id": [rows[i][0] for i in perm], "request_ts": [rows[i][1] for i in perm],
+                  "request_id": [int(i) + 1 for i in perm]})
+    w = strided_requests(t, stride)
+    by_user = defaultdict(list)  # ordered (ts, id) per user
+    for r in sorted(t.to_pylist(), key=lambda r: (r["user_id"], r["request_ts"], r["request_id"])):
+        by_user[r["user_id"]].append((r["request_ts"], r["request_id"]))
+    covered = []
+    for r in w.to_pylist():
+        visible = [rid for tt, rid in by_user[r["user_id"]] if tt < r["request_ts"]]
+        k = r["window_targets"]
+        covered += visible[len(visible) - (k - 1):] if k > 1 else []
+        covered.append(r["request_id"])
+    assert len(covered) == len(set(covered))  # no rating twice
+    may_miss = {rid for u, seq in by_user.items() for tt, rid in seq
+                if tt == seq[-1][0] and rid != seq[-1][1] and stride > 1}
+    every = {rid for seq in by_user.values() for _, rid in seq}
+    assert set(covered) <= every and every - set(covered) <= may_miss
+    if stride == 1:
+        assert w.num_rows == t.num_rows and set(w["window_targets"].to_pylist()) == {1}
 
 
 def test_bad_ratings_file_is_one_line_error_naming_the_column(tmp_path, capsys) -> None:

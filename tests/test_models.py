@@ -134,3 +134,51 @@ def test_model_reads_the_newest_items_right_aligned(block: str) -> None:
     loss, n = net.loss(t, torch.tensor([5, 6, 7]), positions="all")
     assert n == 3 + 1 + 1 and torch.isfinite(loss)  # 2 inner targets + label, BOS, label
     assert net.loss(t, torch.tensor([5, 6, 7]), positions="last")[1] == 3
+
+
+def _naive_visible_loss(net, tokens, arrivals, labels, window_targets=None):
+    """Each target read at the newest column whose items all arrived before it, by hand."""
+    h = net.encode(tokens, all_positions=True)
+    states, targets = [], []
+    for b in range(tokens.shape[0]):
+        s = tokens.shape[1]
+        cols = [c for c in range(s) if 0 < int(tokens[b, c]) <= net.cfg.n_items]
+        slots = [(c, int(tokens[b, c])) for c in cols[1:]] + [(s, int(labels[b]))]
+        if window_targets is not None:
+            slots = [(c, t) for c, t in slots if c >= s + 1 - int(window_targets[b])]
+        for c, t in slots:
+            if c == s:
+                q = s - 1
+            else:
+                before = [j for j in cols if j < c and all(
+                    int(arrivals[b, i]) < int(arrivals[b, c]) for i in cols if i <= j)]
+                if not before:
+                    continue
+                q = max(before)
+            states.append(h[b, q])
+            targets.append(t)
+    logits = net._logits(torch.stack(states))
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(targets)), len(targets)
+
+
+def test_visible_loss_reads_each_target_at_its_own_h_u_t() -> None:
+    from lmat_platform.models.sasrec import SASRec, SASRecConfig, left_pad, right_align
+
+    torch.manual_seed(0)
+    net = SASRec(SASRecConfig(n_items=8, max_len=4, d_model=8, n_layers=1, dropout=0.0)).eval()
+    items = torch.tensor([1, 2, 3, 4, 8, 5, 6, 7, 2, 3])
+    arr = torch.tensor([10, 20, 20, 30, 1, 5, 7, 4, 4, 9])
+    lengths = torch.tensor([4, 3, 0, 3])  # row 3: its first two items share a second
+    tokens = left_pad(items, lengths, max_len=4, bos=9)
+    a = right_align(arr, lengths, max_len=4, fill=-(2**62))
+    assert a[1].tolist() == [-(2**62), 1, 5, 7] and tokens[2].tolist() == [0, 0, 0, 9]
+    labels = torch.tensor([7, 8, 1, 4])
+    with torch.no_grad():
+        for wt in (None, torch.tensor([2, 1, 3, 4])):
+            got, n = net.loss(tokens, labels, arrivals=a, window_targets=wt)
+            want, m = _naive_visible_loss(net, tokens, a, labels, wt)
+            assert n == m and torch.allclose(got, want, atol=1e-6)
+        # Rows 0 and 3 lose what a same-second neighbour would have shown: 3 is read at
+        # column 0 (not 1) in row 0, row 3's second item has no visible state in the window.
+        assert net.loss(tokens, labels, arrivals=a)[1] == 4 + 3 + 1 + 2
+        assert net.loss(tokens, labels)[1] == 4 + 3 + 1 + 3

@@ -44,7 +44,8 @@ def _model(prep) -> SASRecConfig:
     return SASRecConfig(n_items=prep.n_items, max_len=10, d_model=16, n_layers=1)
 
 
-CFG = TrainConfig(epochs=2, batch_size=32, checkpoint_every=3, threads=1, patience=0)
+CFG = TrainConfig(epochs=2, batch_size=32, checkpoint_every=3, threads=1, patience=0,
+                  time_column="arrival_ts")
 
 
 def test_tiny_run_writes_model_metrics_and_plot(prep, tmp_path) -> None:
@@ -58,6 +59,12 @@ def test_tiny_run_writes_model_metrics_and_plot(prep, tmp_path) -> None:
         assert 0 <= m[part]["hr@10"] <= m[part]["hr@10_filtered"] <= 1
         assert m["most_popular"][part]["n"] == USERS
     assert m["dataset"]["train_stride"] == 5
+    # Every training rating is a target at most once an epoch (windows overlap by half; each
+    # trains only the ratings since the previous one), and most are: not the users' first
+    # ratings, nor ones whose window shows nothing that arrived before them.
+    n_train = pq.read_metadata(os.path.join(prep.import_dir, requests_file("train"))).num_rows
+    for h in m["history"]:
+        assert 0.85 * n_train <= h["targets"] <= n_train - USERS
     for part in ("valid", "test"):  # the baseline, recomputed from the imported files alone
         assert m["most_popular"][part] == pytest.approx(_most_popular(prep, part))
     assert (tmp_path / PLOT_FILE).read_bytes()[:4] == b"\x89PNG"

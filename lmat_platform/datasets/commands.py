@@ -83,6 +83,8 @@ def _train_config(a: argparse.Namespace) -> Any:
         epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, patience=a.patience,
         max_steps=a.max_steps, checkpoint_every=a.checkpoint_every, num_workers=a.workers,
         device=a.device, seed=a.seed, loss=a.loss, threads=a.threads,
+        time_column=None if a.time_column == "none" else a.time_column,
+        weight_decay=a.weight_decay,
     )
 
 
@@ -140,8 +142,12 @@ def _train_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--loss", choices=("all", "last"), default="all",
                    help="all: every position predicts the next item; last: only the label")
     s.add_argument("--stride", type=_positive("--stride"), default=None,
-                   help="training requests: each user's last and every stride-th before it "
-                   "(default: 1 for --loss last, max_len/2 for --loss all)")
+                   help="training windows: each user's last request and about every "
+                   "stride-th before it (default: 1 for --loss last, max_len/2 for --loss all)")
+    s.add_argument("--time-column", default="arrival_ts",
+                   help="arrival-time column: each training item is predicted from its own "
+                   "H(u, T) inside the window ('none': from the item just before it)")
+    s.add_argument("--weight-decay", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=0)
 
 

@@ -212,40 +212,79 @@ def prepare_dataset(
     return finish_stage(root, source, imp, ing, len(marks), thin)
 
 
+WINDOW_TARGETS = "window_targets"
+"""Context column of a training window: how many of its newest targets to train (the label
+and the history items after the previous window's label)."""
+
+
 def strided_requests(requests: pa.Table, stride: int) -> pa.Table:
-    """Per user, the last request and every ``stride``-th one before it (by ``request_ts``,
-    then ``request_id``), in input order. ``stride = 1`` keeps every request."""
+    """Training windows: per user, the last request and about every ``stride``-th one before
+    it, each with its :data:`WINDOW_TARGETS` count, in input order.
+
+    Requests are ordered by ``(request_ts, request_id)`` per user. Going back from the user's
+    last request in steps of ``stride``, each chosen request other than the last is moved to
+    the first request of its timestamp (its H(u, T) then holds every earlier rating: no rating
+    between two windows is hidden from the later one by a shared second). A window's targets
+    are its label plus the history items after the previous window's label (all history items
+    in the user's first window), so that with the ``all``-positions loss trained on the last
+    ``window_targets`` positions, every training rating is a target exactly once an epoch,
+    except the same-second predecessors of each user's last request (hidden from its window).
+    ``stride = 1`` keeps every request; its windows train the label only.
+    """
     if stride < 1:
         raise ValueError(f"stride must be >= 1, but got {stride}")
-    if stride == 1:
-        return requests
+    n = requests.num_rows
     user = requests["user_id"].to_numpy()
-    order = np.lexsort((requests["request_id"].to_numpy(), requests["request_ts"].to_numpy(),
-                        user))
-    u = user[order]
-    n = len(u)
+    ts = requests["request_ts"].to_numpy()
+    order = np.lexsort((requests["request_id"].to_numpy(), ts, user))
+    u, t = user[order], ts[order]
+    idx = np.arange(n)
     last = np.ones(n, dtype=bool)
     last[:-1] = u[:-1] != u[1:]
-    # Position counted back from each user's last request.
-    end = np.minimum.accumulate(np.where(last, np.arange(n), n)[::-1])[::-1]
+    first = np.ones(n, dtype=bool)
+    first[1:] = u[1:] != u[:-1]
+    # Position counted back from each user's last request; each user's first position.
+    end = np.minimum.accumulate(np.where(last, idx, n)[::-1])[::-1] if n else idx
+    start = np.maximum.accumulate(np.where(first, idx, 0)) if n else idx
+    # First position of each (user, timestamp) group: H(u, T) of position i holds i - start
+    # ratings when i starts its group, group_start - start otherwise.
+    new_group = first.copy()
+    new_group[1:] |= t[1:] != t[:-1]
+    group = np.maximum.accumulate(np.where(new_group, idx, 0)) if n else idx
+    grid = (end - idx) % stride == 0
+    pos = np.unique(np.where(last | (stride == 1), idx, group)[grid])
+    visible = group[pos] - start[pos]  # history length of each chosen window
+    prev = np.empty(len(pos), dtype=np.int64)  # previous chosen window's position (or -1)
+    prev[1:] = pos[:-1] - start[pos[:-1]]
+    newu = np.ones(len(pos), dtype=bool)
+    newu[1:] = u[pos[1:]] != u[pos[:-1]]
+    prev[newu] = -1
+    targets = np.maximum(visible - prev - 1, 0) + 1
     keep = np.zeros(n, dtype=bool)
-    keep[order] = (end - np.arange(n)) % stride == 0
-    return requests.filter(pa.array(keep))
+    keep[order[pos]] = True
+    count = np.zeros(n, dtype=np.int32)
+    count[order[pos]] = targets
+    out = requests.filter(pa.array(keep))
+    col = pa.array(count[keep])
+    if WINDOW_TARGETS in out.column_names:
+        return out.set_column(out.schema.get_field_index(WINDOW_TARGETS), WINDOW_TARGETS, col)
+    return out.append_column(WINDOW_TARGETS, col)
 
 
 def training_thin(prep: PreparedDataset, stride: int) -> str:
-    """Thin table of the training requests kept by :func:`strided_requests` (built once)."""
+    """Thin table of the training windows chosen by :func:`strided_requests` (built once;
+    its rows carry :data:`WINDOW_TARGETS`)."""
     from deltalake import DeltaTable
 
     from lmat_platform.protocol import write_thin
 
-    if stride == 1:
-        return prep.thin["train"]
-    out = os.path.join(prep.root, f"thin-train-s{stride}")
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, but got {stride}")
+    out = os.path.join(prep.root, f"thin-train-w{stride}")
     if DeltaTable.is_deltatable(out):
         return out
     src = pq.read_table(os.path.join(prep.import_dir, requests_file("train")))
-    req = os.path.join(prep.root, "import", f"requests-train-s{stride}.parquet")
+    req = os.path.join(prep.root, "import", f"requests-train-w{stride}.parquet")
     tmp = f"{req}.tmp-{os.getpid()}"
     pq.write_table(strided_requests(src, stride), tmp)
     os.replace(tmp, req)

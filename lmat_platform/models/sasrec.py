@@ -56,6 +56,26 @@ class SASRecConfig:
         return asdict(self)
 
 
+def right_align(
+    values: torch.Tensor, lengths: torch.Tensor, *, max_len: int, fill: int = PAD
+) -> torch.Tensor:
+    """Jagged ``values`` + ``lengths`` [B] -> right-aligned [B, S], S <= ``max_len``: the last
+    ``max_len`` values of each sequence, the newest in the last column, ``fill`` before them
+    (the layout of :func:`left_pad`, for any per-item column such as arrival times)."""
+    lengths = lengths.to(torch.int64)
+    b = len(lengths)
+    kept = torch.clamp(lengths, max=max_len)
+    width = max(int(kept.max().item()) if b else 1, 1)
+    out = torch.full((b, width), fill, dtype=torch.int64, device=values.device)
+    if len(values):
+        starts = torch.cumsum(lengths, 0) - lengths
+        owner = torch.repeat_interleave(torch.arange(b, device=values.device), lengths)
+        from_end = starts[owner] + lengths[owner] - torch.arange(len(values), device=values.device)
+        keep = from_end <= kept[owner]  # from_end = 1 for the newest item
+        out[owner[keep], width - from_end[keep]] = values[keep].to(torch.int64)
+    return out
+
+
 def left_pad(
     items: torch.Tensor, lengths: torch.Tensor, *, max_len: int, bos: int
 ) -> torch.Tensor:
@@ -64,18 +84,8 @@ def left_pad(
     Keeps the last ``max_len`` items of each sequence (see the module docstring); a row with no
     items holds ``bos`` in its last column.
     """
-    lengths = lengths.to(torch.int64)
-    b = len(lengths)
-    kept = torch.clamp(lengths, max=max_len)
-    width = max(int(kept.max().item()) if b else 1, 1)
-    tokens = torch.zeros(b, width, dtype=torch.int64, device=items.device)
-    if len(items):
-        starts = torch.cumsum(lengths, 0) - lengths
-        owner = torch.repeat_interleave(torch.arange(b, device=items.device), lengths)
-        from_end = starts[owner] + lengths[owner] - torch.arange(len(items), device=items.device)
-        keep = from_end <= kept[owner]  # from_end = 1 for the newest item
-        tokens[owner[keep], width - from_end[keep]] = items[keep].to(torch.int64)
-    tokens[kept == 0, width - 1] = bos
+    tokens = right_align(items, lengths, max_len=max_len)
+    tokens[lengths.to(torch.int64) == 0, -1] = bos
     return tokens
 
 
@@ -181,25 +191,60 @@ class SASRec(nn.Module):
         return out
 
     def loss(
-        self, tokens: torch.Tensor, labels: torch.Tensor, *, positions: str = "all"
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        positions: str = "all",
+        arrivals: torch.Tensor | None = None,
+        window_targets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Mean cross-entropy over the catalogue, and the number of targets it averages.
 
         ``last``: one target per request, its label, read at the newest position. ``all``:
-        every position predicts the item after it (the newest predicts the label), as in
-        SASRec's training; positions without an item (padding, BOS) predict nothing.
+        every item of the window after the first is a target too (the newest predicts the
+        label), as in SASRec's training; padding and BOS are never targets.
+
+        ``arrivals`` [B, S] (the items' arrival times, right-aligned like ``tokens``; padding
+        holds any value below every arrival): an item is then predicted from the newest
+        position whose items all arrived strictly before it, i.e. from its own H(u, T) inside
+        the window (same-second ratings are not visible to each other, as at serving time);
+        an item with nothing visible inside the window is not a target. Without it, from the
+        position just before it. The label is always read at the newest position.
+        ``window_targets`` [B]: train only each row's newest ``window_targets`` targets (the
+        label and the items before it), so that overlapping windows do not train an item twice.
         """
         if positions == "last":
             return F.cross_entropy(self.scores(tokens), labels.long()), len(labels)
-        target = torch.empty_like(tokens)
+        if positions != "all":
+            raise ValueError(f"positions must be 'all' or 'last', but got {positions!r}")
+        b, s = tokens.shape
+        col = torch.arange(s, device=tokens.device)
+        target = torch.empty_like(tokens)  # target[:, j]: the item after column j
         target[:, :-1] = tokens[:, 1:]
         target[:, -1] = labels.long()
-        keep = (tokens != PAD) & (tokens != self.bos) | (
-            torch.arange(tokens.shape[1], device=tokens.device) == tokens.shape[1] - 1
-        )[None]
-        h = self.encode(tokens, all_positions=True)[keep]
+        item = (tokens != PAD) & (tokens != self.bos)
+        is_target = torch.ones_like(item)
+        is_target[:, :-1] = item[:, 1:]
+        if arrivals is None:
+            query = col.expand(b, s)
+        else:
+            # Newest column whose items (and all before it) arrived before the target.
+            seen = torch.cummax(arrivals, dim=1).values.contiguous()
+            t_arr = torch.empty_like(arrivals)
+            t_arr[:, :-1] = arrivals[:, 1:]
+            query = torch.searchsorted(seen, t_arr.contiguous(), side="left") - 1
+            query[:, -1] = s - 1
+        q_ok = (query >= 0) & torch.gather(item, 1, query.clamp(min=0)) | (query == s - 1)
+        query = query.clamp(min=0)
+        keep = is_target & q_ok
+        if window_targets is not None:
+            keep &= col[None] >= s - window_targets.to(torch.int64)[:, None]
+        h = self.encode(tokens, all_positions=True)
+        rows = torch.arange(b, device=tokens.device)[:, None].expand(b, s)
+        states = h[rows[keep], query[keep]]
         t = target[keep]
-        return F.cross_entropy(self._logits(h), t), len(t)
+        return F.cross_entropy(self._logits(states), t), len(t)
 
     def tokens(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The reader's jagged items -> this model's input (:func:`left_pad`)."""
