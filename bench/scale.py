@@ -284,6 +284,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "peak_rss_mb": max([ing["peak_rss_mb"], pub["peak_rss_mb"], comp["peak_rss_mb"]]
                                + [r["peak_rss_mb"] for r in reads.values()]),
         }
+        if args.keep_stores:
+            # The store as it is at this step, for --compare (hard links: Delta files are never
+            # modified in place, so the growing store's later commits do not change it).
+            kept = work / f"store-{target}"
+            shutil.copytree(root, kept, copy_function=os.link)
+            step["kept_store"] = str(kept)
         result["steps"].append(step)
         print(json.dumps({"events": stored, "ingest_s": [r["wall_s"] for r in ings],
                           "publish_s": [r["wall_s"] for r in pubs],
@@ -297,6 +303,83 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out.write_text(json.dumps(result, indent=1, default=str))
     plot(result, out.with_suffix(".png"))
     return result
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    """Ingest and publish timings of stores of different sizes, measured interleaved.
+
+    A long growth run meets a shared machine's load at different times for different sizes; here
+    each store ``--compare`` names (e.g. the run's store kept at each step) is copied to
+    ``--work``, and round r ingests the *same* 50K-event hour file into every store in turn, then
+    publishes it in every store, so every size meets the same load. The hour's ids are new to
+    every store and its times after every store's last snapshot; from round 1 on, 1% of its
+    events are re-sent events of the previous round (duplicates in every store). Round 0 is a
+    warm-up, not counted. Adds ``compare`` (per store: events, medians, every round, peak RSS;
+    ratios to the smallest store) to the ``--out`` JSON."""
+    from lmat_platform.store import latest_snapshot, open_store
+
+    work = Path(args.work)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    stores: list[dict[str, Any]] = []
+    for i, src in enumerate(args.compare.split(",")):
+        dst = work / f"store-{i}"
+        shutil.copytree(src, dst, symlinks=True)
+        info = latest_snapshot(open_store(str(dst)))
+        if info is None:
+            raise SystemExit(f"--compare: {src} has no published snapshot")
+        stores.append({"source": src, "root": str(dst), "watermark": info.watermark,
+                       "ingest": [], "publish": []})
+    wl = Workload(args.users, 1.0, seed=args.seed + 1)
+    wl.clock = max(s["watermark"] for s in stores) + HOUR
+    wl.next_id = 10**12
+    for r in range(args.hours + 1):
+        ev = wl.events(args.batch, HOUR, dup_share=0.01 if r else 0.0)
+        f = work / f"hour-{r}.parquet"
+        pq.write_table(ev, f)
+        for st in stores:
+            ing = _child("ingest", st["root"], file=f)
+            pub = _child("publish", st["root"], watermark=wl.clock)
+            if r:
+                st["ingest"].append(ing)
+                st["publish"].append(pub)
+        print(f"  round {r}: ingest " + " ".join(f"{st['ingest'][-1]['wall_s'] if r else '-'}"
+                                               for st in stores), flush=True)
+
+    def med(rows: list[dict[str, Any]]) -> float:
+        return float(np.median([x["wall_s"] for x in rows]))
+
+    out_stores = []
+    for st in stores:
+        from lmat_platform.store.core import delta_dataset
+
+        tier = open_store(st["root"]).open_table("uih")
+        n = delta_dataset(tier).count_rows() if tier is not None else 0
+        out_stores.append({
+            "source": st["source"], "events": n,
+            "ingest_s": med(st["ingest"]), "publish_s": med(st["publish"]),
+            "ingest_s_all": [x["wall_s"] for x in st["ingest"]],
+            "publish_s_all": [x["wall_s"] for x in st["publish"]],
+            "ingest_peak_rss_mb": max(x["peak_rss_mb"] for x in st["ingest"]),
+            "publish_peak_rss_mb": max(x["peak_rss_mb"] for x in st["publish"]),
+            "dedup_read": st["ingest"][-1].get("dedup_read"),
+            "latest_rows_read": [x.get("latest_rows_read") for x in st["publish"]],
+            "touched_users": [x.get("touched_users") for x in st["publish"]],
+        })
+    base = min(out_stores, key=lambda x: x["events"])
+    for x in out_stores:
+        x["ingest_ratio"] = x["ingest_s"] / base["ingest_s"]
+        x["publish_ratio"] = x["publish_s"] / base["publish_s"]
+    res = {"config": {k: v for k, v in vars(args).items() if v is not None}, "stores": out_stores}
+    out = Path(args.out)
+    full = json.loads(out.read_text()) if out.exists() else {}
+    full["compare"] = res
+    out.write_text(json.dumps(full, indent=1, default=str))
+    for x in out_stores:
+        print(json.dumps({k: x[k] for k in ("events", "ingest_s", "publish_s", "ingest_ratio",
+                                            "publish_ratio")}), flush=True)
+    return res
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -356,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/lmat-scale")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scale.json"))
     # Internal: one measured operation in a child process.
+    ap.add_argument("--keep-stores", action="store_true",
+                    help="keep the store of every step (hard links) under --work for --compare")
+    ap.add_argument("--compare", help="comma-separated store roots: measure their ingest and "
+                    "publish interleaved (see compare()); adds 'compare' to --out")
     ap.add_argument("--op", choices=["ingest", "publish", "compact", "thin", "read"])
     ap.add_argument("--store")
     ap.add_argument("--file")
@@ -365,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.op:
         print(json.dumps(_op(args), default=str))
+        return 0
+    if args.compare:
+        compare(args)
         return 0
     if args.events < 1 or args.events > 200_000_000:
         ap.error(f"--events must be in 1..200000000, but got {args.events}")

@@ -19,7 +19,7 @@ def test_scale_bench_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     out = tmp_path / "scale.json"
     assert scale.main(["--events", "60000", "--steps", "20000,60000", "--users", "500",
                        "--chunk", "20000", "--batch", "2000", "--requests", "100",
-                       "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
+                       "--keep-stores", "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     steps = res["steps"]
     assert [s["events"] >= t for s, t in zip(steps, (20000, 60000), strict=True)] == [True, True]
@@ -34,3 +34,18 @@ def test_scale_bench_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
                    for r in s["read"].values())
         assert s["bytes_per_event"]["live"]["uih"] > 0 and s["peak_rss_mb"] > 0
     assert (tmp_path / "scale.png").exists()
+
+    # The kept stores, measured interleaved: the same hour into each, ratios to the smallest.
+    kept = [s["kept_store"] for s in steps]
+    assert scale.main(["--compare", ",".join(kept), "--users", "500", "--batch", "2000",
+                       "--hours", "2", "--work", str(tmp_path / "c"), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["steps"] == steps  # kept beside the comparison
+    cmp = res["compare"]["stores"]
+    assert [c["events"] for c in cmp] == [s["events"] for s in steps]  # copies: kept intact
+    for c in cmp:
+        assert len(c["ingest_s_all"]) == len(c["publish_s_all"]) == 2
+        assert c["dedup_read"]["ids"] == 2000
+        assert all(0 < n <= 500 for n in c["touched_users"])
+        assert all(r >= 0 for r in c["latest_rows_read"])
+    assert cmp[0]["ingest_ratio"] == 1.0 and cmp[1]["ingest_ratio"] > 0

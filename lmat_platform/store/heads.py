@@ -30,11 +30,13 @@ summary with its marker counts. Every file is sorted by user, in row groups of
 :data:`LATEST_ROW_GROUP` rows, so publish reads only the touched users' previous rows: the files
 whose ``user_id`` range (Delta log statistics) and then the row groups whose range (footer
 statistics) holds a touched user; its cost follows the touched users, not the users (or events)
-the store holds. Publish appends one file per bucket with the touched users' new rows; a bucket
-whose files outnumber :data:`LATEST_FOLD_FILES` folds its newest files to one row per user
-(tiered by size: file i and every newer one are folded when file i holds no more rows than the
-newer ones together, so a row is rewritten O(log) times and a fold reads about what was appended
-since the last one, not the bucket). The reader never reads it.
+the store holds. Publish appends one file per bucket with the touched users' new rows, and a
+bucket folds its newest files to one row per user (:func:`fold_due`, :func:`fold_from`) when its
+files outnumber :data:`LATEST_FOLD_FILES` or its newer files hold as many rows as its oldest
+(when most of a bucket's users are touched every hour, publish would otherwise read the same
+users in every file). Tiered by size: file i and every newer one are folded when file i holds no
+more rows than the newer ones together, so a row is rewritten O(log) times and a fold reads
+about what was appended since the last one. The reader never reads it.
 """
 
 from __future__ import annotations
@@ -384,6 +386,14 @@ def write_latest(store: Store, k: int, latest: pa.Table) -> None:
     _fold(store)
 
 
+def fold_due(rows: np.ndarray) -> bool:
+    """Whether a bucket whose files hold ``rows`` (oldest first) is folded: more than
+    :data:`LATEST_FOLD_FILES` files, or newer files holding together as many rows as the oldest
+    (publish reads every file that holds a touched user: a few files, then, cost more to read
+    than to fold)."""
+    return len(rows) > LATEST_FOLD_FILES or (len(rows) > 1 and rows[0] <= rows[1:].sum())
+
+
 def fold_from(rows: np.ndarray) -> int:
     """Which files of a bucket to fold, given their rows oldest first: from the oldest file
     holding no more rows than all newer files together (at least the newest two), so that the
@@ -398,11 +408,10 @@ def fold_from(rows: np.ndarray) -> int:
 
 
 def _fold(store: Store) -> None:
-    """Fold the newest files of each bucket of ``heads_latest`` holding more than
-    :data:`LATEST_FOLD_FILES` files (from :func:`fold_from` on) to one row per user: an
-    overwrite of that bucket's rows from the first folded file's oldest snapshot on, which are
-    all read first, whichever files hold them (a reader of the old version keeps its files
-    until vacuum)."""
+    """Fold the newest files of each bucket of ``heads_latest`` that :func:`fold_due` says
+    (from :func:`fold_from` on) to one row per user, in one commit: an overwrite of each such
+    bucket's rows from its first folded file's oldest snapshot on, which are all read first,
+    whichever files hold them (a reader of the old version keeps its files until vacuum)."""
     dt = store.open_table(LATEST)
     if dt is None:
         return
@@ -412,15 +421,20 @@ def _fold(store: Store) -> None:
     b = _stat_col(t, "partition.bucket", -1)
     first = _stat_col(t, "min.snapshot_id", np.iinfo(np.int64).min)
     nrec = _stat_col(t, "num_records", 0)
-    ub, n = np.unique(b, return_counts=True)
-    for bucket in ub[n > LATEST_FOLD_FILES].tolist():
+    due: list[tuple[int, int]] = []
+    for bucket in np.unique(b).tolist():
         idx = np.flatnonzero(b == bucket)
         idx = idx[np.argsort(first[idx], kind="stable")]
-        lo = int(first[idx[fold_from(nrec[idx])]])
-        f = (pads.field("bucket") == bucket) & (pads.field("snapshot_id") >= lo)
-        rows = _newest_per_user(delta_dataset(dt).to_table(filter=f))
-        store.append(LATEST, rows, op="fold_heads_latest", mode="overwrite",
-                     predicate=f"bucket = {int(bucket)} AND snapshot_id >= {lo}",
-                     writer_properties=_latest_writer())
-        dt = store.open_table(LATEST)
-        assert dt is not None
+        if fold_due(nrec[idx]):
+            due.append((int(bucket), int(first[idx[fold_from(nrec[idx])]])))
+    if not due:
+        return
+    f = None
+    for bucket, lo in due:
+        g = (pads.field("bucket") == bucket) & (pads.field("snapshot_id") >= lo)
+        f = g if f is None else f | g
+    rows = _newest_per_user(delta_dataset(dt).to_table(filter=f))  # sorted by user
+    store.append(LATEST, rows, op="fold_heads_latest", mode="overwrite",
+                 predicate=" OR ".join(f"(bucket = {bucket} AND snapshot_id >= {lo})"
+                                       for bucket, lo in due),
+                 metadata={"buckets": len(due)}, writer_properties=_latest_writer())
