@@ -53,7 +53,9 @@ def build_thin_asset(kind: Literal["log", "examples"]) -> dg.AssetsDefinition:
         uri = lmat_store.thin_uri(kind)
         rows = _already_written(store, uri, files)
         written = (
-            [] if rows is not None else [lmat.write_thin(store, f, uri, path=kind) for f in files]
+            [] if rows is not None else [
+                lmat.write_thin(store, f, uri, path=kind, engine=lmat_store.write_engine())
+                for f in files]
         )
         return dg.MaterializeResult(
             metadata={

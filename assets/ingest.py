@@ -58,7 +58,7 @@ def ingest_events(
             f"{os.path.join(lmat_store.landing, 'events')}"
         )
     store = lmat_store.open()
-    res = lmat.ingest_files(store, files).as_dict()
+    res = lmat.ingest_files(store, files, engine=lmat_store.write_engine()).as_dict()
     sources = [os.path.basename(f) for f in files]
     accepted = store.read_table(
         "raw", columns=["event_id"], filters=pads.field("source").isin(sources)

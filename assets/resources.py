@@ -6,6 +6,7 @@ from pathlib import Path
 import dagster as dg
 
 import lmat_platform as lmat
+from lmat_platform.engines import Engine, get_engine
 from lmat_platform.store import Store
 
 #: Tenants used when no tenants file is configured (the ones of the spec's example).
@@ -33,6 +34,11 @@ class LmatResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     """Declared domain of action codes, checked by the GX events suite."""
     n_buckets: int = 16
     """User buckets of the UIH tier; used only when the store is created."""
+    engine: str = "local"
+    """Where ingest, publish, compaction and thin-row writing run: ``local`` (this process) or
+    ``ray`` (Ray tasks per bucket or file, committed by the asset's process)."""
+    ray_address: str = "auto"
+    """With ``engine: ray``: the Ray cluster (``auto``: the running local one)."""
 
     @classmethod
     def from_env(cls) -> "LmatResource":
@@ -42,6 +48,8 @@ class LmatResource(dg.ConfigurableResource):  # type: ignore[type-arg]
             landing=os.environ.get("LMAT_LANDING") or os.path.join(home, "landing"),
             outputs=os.environ.get("LMAT_OUTPUTS") or os.path.join(home, "outputs"),
             tenants_file=os.environ.get("LMAT_TENANTS") or DEFAULT_TENANTS_FILE,
+            engine=os.environ.get("LMAT_ENGINE") or "local",
+            ray_address=os.environ.get("LMAT_RAY_ADDRESS") or "auto",
         )
 
     def open(self) -> Store:
@@ -50,6 +58,12 @@ class LmatResource(dg.ConfigurableResource):  # type: ignore[type-arg]
             return lmat.open_store(self.store)
         except lmat.StoreNotFoundError:
             return lmat.init_store(self.store, n_buckets=self.n_buckets)
+
+    def write_engine(self) -> Engine | None:
+        """The engine of the write path (None: this process; lmat_platform.engines)."""
+        if self.engine == "local":
+            return None
+        return get_engine(self.engine, address=self.ray_address)  # type: ignore[arg-type]
 
     def tenants(self) -> dict[str, lmat.Tenant]:
         return lmat.load_tenants(self.tenants_file)

@@ -43,7 +43,8 @@ def uih_snapshot(
     else:
         delay = config.publish_delay_minutes * 60_000_000
         info, status = (
-            lmat.publish_snapshot(store, watermark, published_at=watermark + delay),
+            lmat.publish_snapshot(store, watermark, published_at=watermark + delay,
+                                  engine=lmat_store.write_engine()),
             "published",
         )
     return dg.MaterializeResult(
@@ -56,6 +57,7 @@ def uih_snapshot(
             "published_at_utc": iso_us(info.published_at),
             "events": info.events,
             "uih_version": info.uih_version,
+            "engine": lmat_store.engine,
         }
     )
 
@@ -69,7 +71,7 @@ def uih_snapshot(
 )
 def uih_tier(lmat_store: LmatResource) -> dg.MaterializeResult:
     store = lmat_store.open()
-    compaction = lmat.compact_buckets(store)
+    compaction = lmat.compact_buckets(store, engine=lmat_store.write_engine())
     snaps = lmat.list_snapshots(store)
     sizes = lmat.disk_bytes(store)
     return dg.MaterializeResult(

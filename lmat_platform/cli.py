@@ -12,8 +12,11 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from lmat_platform.tenants import Tenant
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
@@ -25,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
-def _int_us(name: str):
+def _int_us(name: str) -> Callable[[str], int]:
     def parse(v: str) -> int:
         try:
             return int(v)
@@ -53,7 +56,7 @@ def _emit(obj: dict[str, Any]) -> None:
     print(json.dumps(obj, default=str, separators=(",", ":")))
 
 
-def _tenant(path: str, name: str):
+def _tenant(path: str, name: str) -> tuple[Tenant, dict[str, Tenant]]:
     from lmat_platform.exceptions import TenantError
     from lmat_platform.tenants import load_tenants
 
@@ -74,7 +77,7 @@ def cmd_init(a: argparse.Namespace) -> dict[str, Any]:
 def cmd_ingest(a: argparse.Namespace) -> dict[str, Any]:
     from lmat_platform.store import ingest_files
 
-    return ingest_files(a.store, a.files, progress=_progress).as_dict()
+    return ingest_files(a.store, a.files, progress=_progress, engine=_engine(a)).as_dict()
 
 
 def cmd_snapshot(a: argparse.Namespace) -> dict[str, Any]:
@@ -87,7 +90,7 @@ def cmd_snapshot(a: argparse.Namespace) -> dict[str, Any]:
 def cmd_thin(a: argparse.Namespace) -> dict[str, Any]:
     from lmat_platform.protocol import write_thin
 
-    return write_thin(a.store, a.requests, a.out, path=a.command)
+    return write_thin(a.store, a.requests, a.out, path=a.command, engine=_engine(a))
 
 
 def cmd_materialize(a: argparse.Namespace) -> dict[str, Any]:
@@ -138,17 +141,20 @@ def cmd_compact(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _engine(a: argparse.Namespace) -> Any:
-    """``--engine``: where the tier's files are written (lmat_platform.engines)."""
+    """``--engine``: where the step's files are written (lmat_platform.engines)."""
     from lmat_platform.engines import get_engine
 
     return None if a.engine == "local" else get_engine(a.engine, address=a.ray_address)
 
 
 def _engine_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--engine", choices=["local", "ray"], default="local",
-                   help="write the tier's files here, or as Ray tasks (one per bucket)")
-    s.add_argument("--ray-address", default="auto",
-                   help="with --engine ray: the cluster (default: the running local one)")
+    s.add_argument("--engine", choices=["local", "ray"],
+                   default=os.environ.get("LMAT_ENGINE") or "local",
+                   help="run the step here, or as Ray tasks, one per bucket or file, "
+                        "committed here (default: $LMAT_ENGINE, else local)")
+    s.add_argument("--ray-address", default=os.environ.get("LMAT_RAY_ADDRESS") or "auto",
+                   help="with --engine ray: the cluster (default: $LMAT_RAY_ADDRESS, else the "
+                        "running local one)")
 
 
 def cmd_info(a: argparse.Namespace) -> dict[str, Any]:
@@ -224,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("ingest", help="ingest event Parquet files")
     s.add_argument("store")
     s.add_argument("files", nargs="+")
+    _engine_args(s)
     s.set_defaults(func=cmd_ingest)
 
     s = sub.add_parser("snapshot", help="publish a snapshot")
@@ -239,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("store")
         s.add_argument("requests")
         s.add_argument("--out", required=True, help="thin Delta table (created or appended)")
+        _engine_args(s)
         s.set_defaults(func=cmd_thin)
 
     s = sub.add_parser("materialize", help="rebuild a tenant's sequences")

@@ -95,7 +95,9 @@ class Outcome:
 class Runner:
     """Runs ``lmat`` commands in processes forked from a server that imported lmat once."""
 
-    def __init__(self) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        #: Variables every command runs with (e.g. ``LMAT_ENGINE=ray``).
+        self.env = dict(env or {})
         self.ctx = mp.get_context("forkserver")
         self.ctx.set_forkserver_preload(["lmat_platform.cli", "lmat_platform.store",
                                          "lmat_platform.protocol", "lmat_platform.reconstruct",
@@ -108,7 +110,7 @@ class Runner:
         out, err = os.path.join(self.tmp, "out"), os.path.join(self.tmp, "err")
         with contextlib.suppress(FileNotFoundError):
             os.remove(log)
-        env = {FAULT_COMMIT_LOG: log}
+        env = {**self.env, FAULT_COMMIT_LOG: log}
         if kill_after is not None:
             env[FAULT_KILL_AFTER] = str(kill_after)
         if kill_before is not None:

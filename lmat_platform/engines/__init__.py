@@ -1,23 +1,40 @@
-"""Where the write path runs: in this process, or as Ray tasks (issue 15, item 6).
+"""Where the write path runs: in this process, or as Ray tasks (issue 15, item 5).
 
-The stages say *what* (write one bucket's tier file); an engine says *where*. The Ray engine
-runs one task per bucket, each writing its Parquet file straight to the store and returning
-its Delta ``AddAction``; the driver commits every task's actions in one Delta transaction
-(the stage's own commit, with its app transaction), so a killed run commits nothing and a
-re-run is the local engine's: same rows, same files per bucket, same commits.
-
-Covered today: the tier files of ``publish`` and ``compact`` (the bulk of both). Ingest, the
-head summaries and thin-row writing still run in the driver.
+The stages say *what* (write one bucket's tier file, one bucket's head summaries, one file's
+raw rows, one bucket's thin rows); an engine says *where*. The Ray engine runs one task per
+bucket (per file for ingest), each writing its Parquet file straight to the table and returning
+its Delta ``AddAction``; the driver commits every task's actions of a step in one Delta
+transaction (the step's own commit, with its app transaction: :mod:`lmat_platform.engines.files`),
+so a killed run commits nothing more than the local engine's would, and a re-run finishes it
+the same way: same rows, same commits, same app transactions.
 
 ::
 
     driver:  split rows by bucket --> [task(bucket 0), task(bucket 1), ...] --> one commit
-    task:    sort, write bucket=b/<prefix>-<uuid>.parquet, return AddAction
+    task:    compute, write <table>/bucket=b/<prefix>-<uuid>.parquet, return AddAction
+
+=================  ===========================================  =========================
+step               a Ray task does                              the driver does
+=================  ===========================================  =========================
+ingest             read + check one event file (and hash it);   duplicate check, quarantine,
+                   write the file's accepted rows               raw commit, id index, record
+publish (tier)     sort + write one bucket's tier file          raw range read, commit
+publish (heads)    extend one bucket's head summaries, write    commit ``heads``, then
+                   its ``heads`` and ``heads_latest`` files     ``heads_latest`` (+ fold)
+compact            read, merge and stripe one bucket's files    one commit (adds + removes)
+log / examples     build one bucket's thin rows, write them     register, one commit
+=================  ===========================================  =========================
+
+The driver holds the store's write lock (or lease) for the whole step, so tasks read a store
+no other writer changes. Tasks get the driver's object-store settings (``AWS_*`` variables)
+with each call; event files and local stores must be reachable from every node at the same
+path (one machine, or shared storage).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -26,6 +43,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 EngineName = Literal["local", "ray"]
+#: Environment variables that choose the engine of the CLI and the Dagster assets.
+ENGINE_ENV = "LMAT_ENGINE"
+RAY_ADDRESS_ENV = "LMAT_RAY_ADDRESS"
+#: Variables a task needs to reach the store as the driver does (object-store settings).
+_TASK_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL",
+             "AWS_ALLOW_HTTP", "AWS_SESSION_TOKEN")
 
 
 class LocalEngine:
@@ -56,23 +79,33 @@ class RayEngine:
 
         #: Ids of the nodes the last :meth:`map`'s tasks ran on.
         self.nodes: set[str] = set()
+        #: Ids of the nodes of every task since this engine was made.
+        self.all_nodes: set[str] = set()
 
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         if not items:
             return []
+        env = {k: v for k in _TASK_ENV if (v := os.environ.get(k)) is not None}
         task: Any = self._ray.remote(num_cpus=1)(_on_node)
-        got = self._ray.get([task.remote(fn, x) for x in items])
+        got = self._ray.get([task.remote(fn, x, env) for x in items])
         self.nodes = {n for _, n in got}
+        self.all_nodes |= self.nodes
         return [r for r, _ in got]
 
 
-def _on_node(fn: Callable[[T], R], x: T) -> tuple[R, str]:
+def _on_node(fn: Callable[[T], R], x: T, env: dict[str, str]) -> tuple[R, str]:
     import ray
 
+    os.environ.update(env)
     return fn(x), ray.get_runtime_context().get_node_id()
 
 
 Engine = LocalEngine | RayEngine
+
+
+def is_local(engine: Engine | None) -> bool:
+    """Whether ``engine`` runs in this process (the stages' own single-process code)."""
+    return engine is None or isinstance(engine, LocalEngine)
 
 
 def get_engine(name: EngineName | Engine | None, *, address: str | None = "auto") -> Engine:
@@ -84,3 +117,14 @@ def get_engine(name: EngineName | Engine | None, *, address: str | None = "auto"
     if name == "ray":
         return RayEngine(address)
     raise ValueError(f"--engine must be 'local' or 'ray', but got {name!r}")
+
+
+def engine_from_env() -> Engine | None:
+    """The engine ``LMAT_ENGINE`` names (``local`` or unset: None, this process; ``ray``: the
+    cluster at ``LMAT_RAY_ADDRESS``, default the running local one)."""
+    name = os.environ.get(ENGINE_ENV) or "local"
+    if name not in ("local", "ray"):
+        raise ValueError(f"{ENGINE_ENV} must be 'local' or 'ray', but got {name!r}")
+    if name == "local":
+        return None
+    return get_engine("ray", address=os.environ.get(RAY_ADDRESS_ENV) or "auto")

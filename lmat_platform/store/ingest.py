@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from lmat_platform.engines import Engine, LocalEngine
+from lmat_platform.engines.files import append_parts
 from lmat_platform.exceptions import SchemaError
 from lmat_platform.hashing import bucket_of
 from lmat_platform.schema import (
@@ -115,14 +117,18 @@ def _already_accepted(store: Store, ids: np.ndarray, *, exclude_batch: str) -> n
     return mask
 
 
-def _prepare(paths: Sequence[str], store: Store) -> list[tuple[str, pa.Table]]:
-    """Read and check every file before anything is written (a bad file changes nothing)."""
+def _prepare(
+    paths: Sequence[str], store: Store, engine: Engine | None = None
+) -> list[tuple[str, pa.Table, str]]:
+    """Read and check every file before anything is written (a bad file changes nothing):
+    (path, normalized rows, batch id) per file; ``engine`` (Ray): one task per file reads,
+    checks and hashes it."""
     raw = store.open_table("raw")
     stored = pa.schema(raw.schema().to_arrow()) if raw is not None else None
+    read = (engine or LocalEngine()).map(_read_one, list(paths))
     seen: dict[str, pa.DataType] = {}
     out = []
-    for p in paths:
-        t = normalize_events(read_parquet_file(p, what="event file"), where=p)
+    for p, (t, batch_id) in zip(paths, read, strict=True):
         if stored is not None:
             check_trait_types(t.schema, stored, where=p)
         for f in t.schema:
@@ -131,8 +137,14 @@ def _prepare(paths: Sequence[str], store: Store) -> list[tuple[str, pa.Table]]:
                     f"{p}: column '{f.name}' changed type from {seen[f.name]} to {f.type}"
                 )
             seen[f.name] = f.type
-        out.append((p, t))
+        out.append((p, t, batch_id))
     return out
+
+
+def _read_one(path: str) -> tuple[pa.Table, str]:
+    """One event file's normalized rows and its batch id (a task of any engine)."""
+    return normalize_events(read_parquet_file(path, what="event file"), where=path), \
+        _file_hash(path)
 
 
 def ingest_files(
@@ -140,14 +152,17 @@ def ingest_files(
     paths: Sequence[str],
     *,
     progress: Callable[[str], None] | None = None,
+    engine: Engine | None = None,
 ) -> IngestResult:
-    """Ingest event Parquet files (spec section 2); one atomic, idempotent batch per file."""
+    """Ingest event Parquet files (spec section 2); one atomic, idempotent batch per file.
+    ``engine`` (Ray): files are read and checked, and each batch's accepted rows written, by
+    tasks (:mod:`lmat_platform.engines`); every commit is the driver's, as with None."""
     store = as_store(store)
-    prepared = _prepare(paths, store)
+    prepared = _prepare(paths, store, engine)
     result = IngestResult()
     with store.write_lock():
-        for i, (path, table) in enumerate(prepared):
-            _ingest_one(store, path, table, result)
+        for i, (path, table, batch_id) in enumerate(prepared):
+            _ingest_one(store, path, table, result, batch_id=batch_id, engine=engine)
             if progress:
                 progress(f"ingested {i + 1}/{len(prepared)} {os.path.basename(path)}")
     raw = store.open_table("raw")
@@ -218,8 +233,10 @@ def _reasons(
     return reason, landed, q_version
 
 
-def _ingest_one(store: Store, path: str, table: pa.Table, result: IngestResult) -> None:
-    batch_id = _file_hash(path)
+def _ingest_one(
+    store: Store, path: str, table: pa.Table, result: IngestResult, *, batch_id: str,
+    engine: Engine | None = None,
+) -> None:
     app_id = f"lmat-ingest-{batch_id}"
     result.files += 1
     result.rows += table.num_rows
@@ -256,7 +273,8 @@ def _ingest_one(store: Store, path: str, table: pa.Table, result: IngestResult) 
         acc = acc.append_column("batch_id", pa.array([batch_id] * acc.num_rows))
         acc = acc.sort_by([("bucket", "ascending"), ("user_id", "ascending"),
                            ("event_ts", "ascending"), ("event_id", "ascending")])
-        v = store.append("raw", acc, op="ingest", txn=(app_id, 1), metadata={"batch": batch_id})
+        v = append_parts(store, "raw", acc, engine=engine, op="ingest", txn=(app_id, 1),
+                         metadata={"batch": batch_id})
         # After the raw commit (the commit point); a kill before this lands is finished by the
         # next writer's catch-up (see idindex's crash ordering).
         idindex.add_ids(store, acc.column("event_id").to_numpy(),

@@ -25,13 +25,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from deltalake.transaction import AddAction
 
-from lmat_platform.engines import Engine
+from lmat_platform.engines import Engine, LocalEngine, is_local
+from lmat_platform.engines.files import Part, commit_adds, commit_properties, split_by, write_part
 from lmat_platform.exceptions import WatermarkError
 from lmat_platform.hashing import as_signed, event_fingerprint
 from lmat_platform.store import heads as heads_mod
 from lmat_platform.store import uih
-from lmat_platform.store.core import Store, as_store, now_us
+from lmat_platform.store.core import Store, as_store, checkpoint_if_due, now_us
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +202,7 @@ def publish_snapshot(
                 version = tier.version() if tier is not None else -1
             changed = (delta.select(["bucket", "user_id", "event_ts", "event_id"])
                        if n_events else None)
-        _write_heads(store, k, changed)
+        _write_heads(store, k, changed, engine)
         info = SnapshotInfo(k, watermark, published_at, version, n_events, now_us())
         store.append(
             "snapshots",
@@ -238,12 +240,15 @@ def _raw_range(store: Store, lo: int | None, hi: int) -> pa.Table:
     return raw_range_dataset(store, raw, lo, hi).to_table(filter=f)
 
 
-def _write_heads(store: Store, k: int, changed: pa.Table | None) -> None:
+def _write_heads(
+    store: Store, k: int, changed: pa.Table | None, engine: Engine | None = None
+) -> None:
     """Record the head at snapshot k of every user snapshot k touched, extended from each
     user's previous summary with snapshot k's events only (:mod:`lmat_platform.store.heads`):
     ``heads`` rows for readers, then each user's newest summary in ``heads_latest``. Each is
     one commit with app transaction k; a resumed publish computes them again (the result is a
     function of the previous summaries and the tier, both unchanged) and writes what is missing.
+    ``engine`` (Ray): one task per bucket extends that bucket's summaries and writes its files.
     """
     hd = store.open_table("heads")
     lt = store.open_table(heads_mod.LATEST)
@@ -253,6 +258,9 @@ def _write_heads(store: Store, k: int, changed: pa.Table | None) -> None:
         return
     if changed is None:
         changed = _tier_rows_of(store, k)
+    if not is_local(engine) and changed.num_rows:
+        _write_heads_parts(store, k, changed, engine, heads_done, latest_done)
+        return
     heads_rows, latest_rows, stats = heads_mod.extend_heads(store, k, changed)
     log.info("heads of snapshot %d: %s", k, stats)
     if not heads_done:
@@ -263,6 +271,62 @@ def _write_heads(store: Store, k: int, changed: pa.Table | None) -> None:
                                                       "users": stats["users"]})
     if not latest_done:
         heads_mod.write_latest(store, k, latest_rows)
+
+
+def _write_heads_parts(
+    store: Store, k: int, changed: pa.Table, engine: Engine | None, heads_done: bool,
+    latest_done: bool,
+) -> None:
+    """:func:`_write_heads` with one ``engine`` task per bucket: each extends its bucket's
+    summaries and writes its ``heads`` and ``heads_latest`` files; the driver commits each
+    table's files in one commit (the local engine's commits, app transactions and rows)."""
+    want = (not heads_done, not latest_done)
+    schemas = {n: pa.schema(t.schema().to_arrow()) if (t := store.open_table(n)) is not None
+               else None for n in ("heads", heads_mod.LATEST)}
+    got = (engine or LocalEngine()).map(
+        _heads_bucket, [(store, k, part, want, schemas) for _, part in split_by(changed, "bucket")])
+    stats = {key: sum(g[2][key] for g in got) for key in got[0][2]}
+    log.info("heads of snapshot %d: %s", k, stats)
+    first = got[0][3]
+    if not heads_done:
+        _commit_parts(store, "heads", [g[0] for g in got], first[0], op="heads",
+                      txn=("lmat-heads", k), metadata={"refreshed_users": stats["refreshed_users"],
+                                                        "rows_read": stats["rows_read"],
+                                                        "latest_rows_read": stats["latest_rows_read"],
+                                                        "users": stats["users"]})
+    if not latest_done:
+        _commit_parts(store, heads_mod.LATEST, [g[1] for g in got], first[1], op="heads_latest",
+                      txn=(heads_mod.LATEST_APP, k), metadata={"snapshot_id": k})
+        heads_mod._fold(store)  # as write_latest does after its append
+
+
+def _commit_parts(
+    store: Store, name: str, adds: list, schema: pa.Schema, *, op: str, txn: tuple[str, int],
+    metadata: dict[str, object],
+) -> None:
+    """One commit of a table partitioned by bucket with the files tasks wrote."""
+    dt = store.open_table(name)
+    out = commit_adds(dt if dt is not None else store.table_uri(name), adds, schema,
+                      partition_by=["bucket"], props=commit_properties(op, metadata, txn))
+    checkpoint_if_due(out)
+
+
+def _heads_bucket(
+    item: tuple[Store, int, pa.Table, tuple[bool, bool], dict[str, pa.Schema | None]],
+) -> tuple[AddAction | None, AddAction | None, dict[str, int], tuple[pa.Schema, pa.Schema]]:
+    """One bucket's head summaries at snapshot k, written as its ``heads`` and
+    ``heads_latest`` files (which of them ``want`` says); a task of any engine."""
+    store, k, part, want, schemas = item
+    heads_rows, latest_rows, stats = heads_mod.extend_heads(store, k, part)
+    b = str(int(part.column("bucket")[0].as_py()))
+    # heads_latest files as write_latest writes them: sorted by user, in small row groups.
+    latest_opts = {"row_group_size": heads_mod.LATEST_ROW_GROUP, "compression": "zstd"}
+    adds = [write_part(Part(store.table_uri(name), rows, (("bucket", b),), options=opts,
+                            schema=schemas[name]))
+            if w else None
+            for name, rows, w, opts in (("heads", heads_rows, want[0], {}),
+                                        (heads_mod.LATEST, latest_rows, want[1], latest_opts))]
+    return adds[0], adds[1], stats, (heads_rows.schema, latest_rows.schema)
 
 
 def _tier_rows_of(store: Store, k: int) -> pa.Table:

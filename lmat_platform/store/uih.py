@@ -35,10 +35,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from deltalake import CommitProperties, DeltaTable, Transaction
+from deltalake import DeltaTable
 from deltalake.transaction import AddAction, RemoveAction
 
 from lmat_platform.engines import Engine, LocalEngine
+from lmat_platform.engines.files import commit_adds, commit_properties, split_by
 from lmat_platform.kernels import is_sorted3, row_groups_wanted
 from lmat_platform.store.cache import cache
 from lmat_platform.store.core import Store, now_us
@@ -92,15 +93,9 @@ def write_files(
     bucket's file is written (:mod:`lmat_platform.engines`; None: in this process).
     ``row_group_rows``: rows per row group (None: the store's).
     """
-    buckets = table.column("bucket").to_numpy()
-    order = np.argsort(buckets, kind="stable")
-    bsorted = buckets[order]
-    uniq, starts = np.unique(bsorted, return_index=True)
-    ends = np.append(starts[1:], len(bsorted))
     rg = row_group_rows or store.config.row_group_rows
-    items = [(store, b, table.take(pa.array(order[s:e])).drop_columns(["bucket"]), prefix,
-              data_change, rg)
-             for b, s, e in zip(uniq.tolist(), starts.tolist(), ends.tolist(), strict=True)]
+    items = [(store, b, part.drop_columns(["bucket"]), prefix, data_change, rg)
+             for b, part in split_by(table, "bucket")]
     return (engine or LocalEngine()).map(_write_bucket, items)
 
 
@@ -135,43 +130,10 @@ def commit(
     txn: tuple[str, int] | None = None,
 ) -> int:
     """Commit add/remove actions to the tier in one Delta commit; returns the new version."""
-    custom = {"lmat.op": op, **{f"lmat.{k}": str(v) for k, v in metadata.items()}}
-    props = CommitProperties(
-        custom_metadata=custom,
-        app_transactions=[Transaction(app_id=txn[0], version=txn[1])] if txn else None,
-    )
     dt = store.open_table("uih")
-    if dt is None:
-        from deltalake import Schema as DSchema
-        from deltalake.transaction import create_table_with_add_actions
-
-        create_table_with_add_actions(
-            store.table_uri("uih"),
-            DSchema.from_arrow(schema),
-            list(actions),  # type: ignore[arg-type]
-            mode="error",
-            partition_by=["bucket"],
-            commit_properties=props,
-        )
-    else:
-        have = pa.schema(dt.schema().to_arrow())
-        new = [f for f in schema if f.name not in have.names]
-        if new:
-            from deltalake.schema import Field as DField
-
-            dt.alter.add_columns([DField.from_arrow(f) for f in new])
-            dt = store.open_table("uih")
-            assert dt is not None
-        dt.create_write_transaction(
-            list(actions),
-            "append",
-            pa.schema(dt.schema().to_arrow()),
-            partition_by=["bucket"],
-            commit_properties=props,
-        )
-    dt = store.open_table("uih")
-    assert dt is not None
-    return dt.version()
+    return commit_adds(dt if dt is not None else store.table_uri("uih"), actions, schema,
+                       partition_by=["bucket"],
+                       props=commit_properties(op, metadata, txn)).version()
 
 
 def tier_schema(events: pa.Schema) -> pa.Schema:
@@ -252,29 +214,20 @@ def _compact_tier(
     for f in files:
         by_bucket.setdefault(f.bucket, []).append(f)
     want = set(buckets) if buckets is not None else set(by_bucket)
-    fs, root = store.filesystem()
+    chosen = [(b, fl) for b, fl in sorted(by_bucket.items())
+              if b in want and _units(fl) >= min_files]
+    # Stripe names carry the highest snapshot of the buckets compacted so far, in bucket order.
+    snaps = np.maximum.accumulate([max((f.max_snapshot or 0) for f in fl) for _, fl in chosen]
+                                  ) if chosen else []
+    # One task per bucket: read, merge, cut into stripes, write (engine: where).
+    per_bucket = (engine or LocalEngine()).map(
+        _compact_bucket, [(store, b, fl, int(m)) for (b, fl), m in zip(chosen, snaps, strict=True)])
+    ts = now_us() // 1000
     actions: list[AddAction | RemoveAction] = []
-    files_in = 0
-    max_snap = -1
-    for b, fl in sorted(by_bucket.items()):
-        if b not in want or _units(fl) < min_files:
-            continue
-        parts = []
-        for f in fl:
-            with fs.open_input_file(f"{root}/uih/{f.path}") as fh:
-                parts.append(pq.read_table(fh))
-        merged = pa.concat_tables(parts, promote_options="default")
-        rows_in = sum(f.rows for f in fl)
-        if merged.num_rows != rows_in:
-            raise RuntimeError(f"bucket {b}: read {merged.num_rows} rows, log says {rows_in}")
-        max_snap = max(max_snap, max((f.max_snapshot or 0) for f in fl))
-        merged = merged.append_column(
-            "bucket", pa.array(np.full(merged.num_rows, b, dtype=np.int32))
-        )
-        actions += _write_stripes(store, merged, max_snap, engine)
-        ts = now_us() // 1000
+    for (b, fl), adds in zip(chosen, per_bucket, strict=True):
+        actions += adds
         actions += [RemoveAction(f.path, False, ts, f.size, {"bucket": str(b)}) for f in fl]
-        files_in += len(fl)
+    files_in = sum(len(fl) for _, fl in chosen)
     if not actions:
         return {"buckets": 0, "files_in": 0, "files_out": 0}
     n_out = sum(1 for a in actions if isinstance(a, AddAction))
@@ -289,15 +242,29 @@ def _compact_tier(
     return {"buckets": n_out, "files_in": files_in, "files_out": n_out, "version": version}
 
 
+def _compact_bucket(item: tuple[Store, int, list[TierFile], int]) -> list[AddAction]:
+    """One bucket's tier files merged and written as stripes (a task of any engine)."""
+    store, b, fl, max_snap = item
+    fs, root = store.filesystem()
+    parts = []
+    for f in fl:
+        with fs.open_input_file(f"{root}/uih/{f.path}") as fh:
+            parts.append(pq.read_table(fh))
+    merged = pa.concat_tables(parts, promote_options="default")
+    rows_in = sum(f.rows for f in fl)
+    if merged.num_rows != rows_in:
+        raise RuntimeError(f"bucket {b}: read {merged.num_rows} rows, log says {rows_in}")
+    merged = merged.append_column("bucket", pa.array(np.full(merged.num_rows, b, dtype=np.int32)))
+    return _write_stripes(store, merged, max_snap)
+
+
 def _units(files: list[TierFile]) -> int:
     """Files of a bucket as compaction counts them: the stripes of one compaction are one."""
     stripes = {m.group(1) for f in files if (m := _STRIPE_NAME.search(f.path))}
     return len(stripes) + sum(1 for f in files if not _STRIPE_NAME.search(f.path))
 
 
-def _write_stripes(
-    store: Store, merged: pa.Table, max_snap: int, engine: Engine | None = None
-) -> list[AddAction]:
+def _write_stripes(store: Store, merged: pa.Table, max_snap: int) -> list[AddAction]:
     """A bucket's compacted rows as one file per *stripe*: each user's last 256 events, the
     257th..2048th last, the 2049th..16384th last, then the rest (:data:`STRIPES`), each file
     sorted by (user_id, event_ts, event_id). A tenant whose ``max_len`` fits in the stripes
@@ -318,7 +285,7 @@ def _write_stripes(
         # user it serves, so its bytes follow the row group's size, not the user's history.
         rg = min(store.config.row_group_rows, 4 * STRIPES[0]) if s_ == 0 else None
         adds += write_files(store, part, prefix=f"c-{max_snap:06d}-s{s_}", data_change=False,
-                            engine=engine, row_group_rows=rg)
+                            row_group_rows=rg)
     return adds
 
 
