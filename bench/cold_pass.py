@@ -180,7 +180,8 @@ def build(work: Path, scale_name: str) -> dict[str, Any]:
 
     done = work / "cold_setup.json"
     if done.exists():
-        return json.loads(done.read_text())  # type: ignore[no-any-return]
+        setup: dict[str, Any] = json.loads(done.read_text())
+        return setup
     from lmat_platform.fatrows import write_fat_rows
     from lmat_platform.store import open_store
 
@@ -211,7 +212,8 @@ def _child(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]
                          env={**os.environ, **(env or {})})
     if out.returncode:
         raise RuntimeError(f"{' '.join(args)} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
 def run(work: Path, scale_name: str, rounds: int, reps: int, factor: float,

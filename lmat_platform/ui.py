@@ -255,7 +255,9 @@ def prepare(
     return info
 
 
-def prepare_home(home: Path, *, cfg: WorkloadConfig = UI_WORKLOAD, fresh: bool = False) -> dict:
+def prepare_home(
+    home: Path, *, cfg: WorkloadConfig = UI_WORKLOAD, fresh: bool = False
+) -> dict[str, Any]:
     """Generate a workload in ``home`` and materialize its asset graph once (idempotent)."""
     target = home_target(home)
     if fresh and home.exists():

@@ -276,7 +276,7 @@ def rebuild(store: Store) -> int:
     adds: list[AddAction | RemoveAction] = []
     n = 0
     with tempfile.TemporaryDirectory(prefix="lmat-ids-") as tmp:
-        runs = []
+        runs: list[str] = []
         for ids, users in _all_accepted(store):
             ids, first = np.unique(ids, return_index=True)
             run = f"{tmp}/run-{len(runs)}.parquet"
