@@ -382,6 +382,43 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def table(result: dict[str, Any]) -> str:
+    """The README table: one row per store size, one column per target of issue 15."""
+    cmp = {c["events"]: c for c in result.get("compare", {}).get("stores", [])}
+    steps = result["steps"]
+    base = steps[0]
+    lines = [
+        "| store holds | ingest 50K (run; interleaved) | publish 1 h (run; interleaved) "
+        "| peak RSS, any step | live bytes/event: all / tier | tier bytes/example L=256 / 2048 "
+        "/ 16384 (256:2048) | read bytes/example (io) L=256 / 2048 | examples/s L=256 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for st in steps:
+        live = st["bytes_per_event"]["live"]
+        tot, tier = sum(live.values()), live["uih"]
+        rd = st["read"]
+        c = cmp.get(st["events"])
+        ing = f"{st['ingest']['wall_s']:.2f} s ({st['ingest']['wall_s'] / base['ingest']['wall_s']:.2f}x)"
+        pub = f"{st['publish']['wall_s']:.2f} s ({st['publish']['wall_s'] / base['publish']['wall_s']:.2f}x)"
+        if c is not None:
+            ing += f"; {c['ingest_s']:.2f} s ({c['ingest_ratio']:.2f}x)"
+            pub += f"; {c['publish_s']:.2f} s ({c['publish_ratio']:.2f}x)"
+        rss = max([st["peak_rss_mb"]] + ([c["ingest_peak_rss_mb"], c["publish_peak_rss_mb"]]
+                                         if c is not None else []))
+        grow = [g for g in result.get("growth", []) if g["stored"] <= st["events"]]
+        rss = max([rss] + [max(g["ingest_rss_mb"], g["publish_rss_mb"]) for g in grow])
+        b = {L: rd[str(L)]["bytes_per_example"] for L in TENANT_LENS}
+        io = {L: rd[str(L)].get("io_read_bytes_per_example") or 0 for L in TENANT_LENS}
+        eps = rd["256"]["examples"] / max(rd["256"]["wall_s"], 1e-9)
+        lines.append(
+            f"| {st['events'] / 1e6:.1f}M | {ing} | {pub} | {rss / 1024:.2f} GiB "
+            f"| {tot:.1f} / {tier:.1f} ({tot / tier:.2f}x) "
+            f"| {b[256] / 1e3:.1f} / {b[2048] / 1e3:.1f} / {b[16384] / 1e3:.1f} KB "
+            f"({b[256] / b[2048]:.2f}) | {io[256] / 1e3:.1f} / {io[2048] / 1e3:.1f} KB "
+            f"| {eps:.0f} |")
+    return "\n".join(lines)
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -395,8 +432,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(1, 4, figsize=(17, 3.8))
     ax[0].plot(x, [s["ingest"]["wall_s"] for s in steps], "o-", label="ingest 50K events")
     ax[0].plot(x, [s["publish"]["wall_s"] for s in steps], "s-", label="publish one hour")
+    cmp = sorted(result.get("compare", {}).get("stores", []), key=lambda c: c["events"])
+    if cmp:
+        xc = [c["events"] / 1e6 for c in cmp]
+        ax[0].plot(xc, [c["ingest_s"] for c in cmp], "o--", label="ingest, interleaved")
+        ax[0].plot(xc, [c["publish_s"] for c in cmp], "s--", label="publish, interleaved")
     ax[0].set_ylabel("seconds")
-    ax[0].legend()
+    ax[0].legend(fontsize=7)
     ax[0].set_ylim(bottom=0)
     ax[1].plot(x, [s["peak_rss_mb"] for s in steps], "o-")
     ax[1].set_ylabel("peak RSS of any step (MiB)")
@@ -439,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/lmat-scale")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scale.json"))
     # Internal: one measured operation in a child process.
+    ap.add_argument("--report", action="store_true",
+                    help="print the README table of --out and redraw its plot")
     ap.add_argument("--keep-stores", action="store_true",
                     help="keep the store of every step (hard links) under --work for --compare")
     ap.add_argument("--compare", help="comma-separated store roots: measure their ingest and "
@@ -455,6 +499,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.compare:
         compare(args)
+        return 0
+    if args.report:
+        result = json.loads(Path(args.out).read_text())
+        plot(result, Path(args.out).with_suffix(".png"))
+        print(table(result))
         return 0
     if args.events < 1 or args.events > 200_000_000:
         ap.error(f"--events must be in 1..200000000, but got {args.events}")

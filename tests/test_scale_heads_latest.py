@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from lmat_platform.store import heads, ingest_files, init_store, publish_snapshot
+from lmat_platform.store import forget_users, heads, ingest_files, init_store, publish_snapshot
 from lmat_platform.store.core import Store
 from tests.helpers import read
 from tests.test_scale_heads import HOUR, _check_heads, _events
@@ -51,6 +52,16 @@ def test_publish_reads_only_the_touched_users_rows(tmp_path: Path) -> None:
            if r["snapshot_id"] == 1}
     assert got == {7: 2, 9_001: 2, 19_999: 2}
     _latest_equals_heads(store)
+    # forget rewrites heads_latest files in the same small row groups.
+    forget_users(store, [9_001, 12])
+    _latest_equals_heads(store)
+    dt = store.open_table(heads.LATEST)
+    assert dt is not None
+    for path in dt.file_uris():
+        md = pq.ParquetFile(path).metadata
+        assert all(md.row_group(g).num_rows <= heads.LATEST_ROW_GROUP
+                   for g in range(md.num_row_groups))
+    assert not {9_001, 12} & set(read(store, heads.LATEST).column("user_id").to_pylist())
 
 
 def test_fold_from_keeps_geometric_files() -> None:

@@ -51,6 +51,7 @@ from lmat_platform.store.core import (
     now_us,
     storage_options,
 )
+from lmat_platform.store.heads import LATEST_ROW_GROUP
 from lmat_platform.store.thin_registry import (
     register_thin_table,
     registered_thin_tables,
@@ -73,8 +74,9 @@ USER_TABLES: dict[str, dict[str, Any] | None] = {
     "raw": None,
     "quarantine": None,
     "heads": None,
-    # Each user's newest head summary (store/heads.py), what publish extends.
-    "heads_latest": None,
+    # Each user's newest head summary (store/heads.py), what publish extends: its files keep
+    # their row groups small (publish reads the touched users' row groups only).
+    "heads_latest": {"row_group_size": LATEST_ROW_GROUP, "compression": "zstd"},
     # The summary tier (summaries/tier.py, SUMMARY_TABLES).
     "summaries": None,
     "summary_state": None,
