@@ -18,6 +18,10 @@ plan in one compiled call.
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+
 import numpy as np
 from numba import njit, types
 from numba.core import cgutils
@@ -25,6 +29,8 @@ from numba.extending import intrinsic
 
 # Before any kernel is defined: a writable cache folder for them (see the module).
 from lmat_platform import numba_cache  # noqa: F401
+
+log = logging.getLogger(__name__)
 
 #: Unsigned integer of each element width: fixed-width columns are copied as raw bytes.
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -958,30 +964,94 @@ def tail_runs(
 
 
 _WARM = False
+_WARM_LOCK = threading.Lock()
+#: The thread of :func:`warm_up_in_background`, while one was started.
+_WARMING: threading.Thread | None = None
 
 
 def warm_up() -> None:
-    """Compile (or load from numba's on-disk cache) every kernel variant now (once per
-    process).
+    """Load from numba's on-disk cache (or compile, once per source change) every kernel
+    variant the reader calls, now; once per process.
 
-    The loader calls this before it starts worker processes, so that workers only ever read
-    the compiled cache and never race each other writing it."""
+    The loader has this done before it starts worker processes, so that workers never race
+    each other compiling; :func:`warm_up_in_background` starts it early in a thread. The
+    first kernel call of a process also starts numba itself (about 0.8 s of an idle 2-core
+    machine: its typing and lowering registries, and scipy, which numba imports to look for
+    BLAS); only the kernels a pass calls are loaded, not the writer's or materialize's."""
     global _WARM
     if _WARM:
         return
-    a = np.zeros(2, dtype=np.int64)
-    copy_segments(a, a, np.array([0, 2]), np.array([1, 3]))
-    z = np.zeros(2, dtype=np.int64)
-    is_sorted3(z, z, z)
-    ranges_sorted(np.zeros(3, dtype=np.int64), z, z)
-    head_ranges(z, z, z, z, z, np.ones(2, dtype=np.bool_), 1)
-    segments(z, z, z[:0], z[:0], z[:0], z[:0], z[:0], z, z, 1)
-    b = np.ones(2, dtype=np.bool_)
-    plan_sequences(z, z, z, z, z, z, z, z, b, z, z, z, z, z, 1)
-    request_heads(z, z, z, z, 1, z, z, z, z, z, z, True, z, z, None)
-    row_groups_wanted(z, z, z, z, z, z, 0, None)
-    user_ranges(z, z)
-    spans_sorted(z, z, z, z)
-    block_sorted_tails(z, z, z[:1], z[:1], z[:0], z[:0], z[:0])
-    tail_runs(z, z, z, z)
-    _WARM = True
+    t = _WARMING
+    if t is not None and t is not threading.current_thread():
+        t.join()
+    with _WARM_LOCK:
+        if _WARM:
+            return
+        _skip_blas_probe()
+        z = np.zeros(2, dtype=np.int64)
+        b = np.ones(2, dtype=np.bool_)
+        CopySources([z], [z]).copy(np.array([0, 2]), np.array([1, 3]), [np.zeros(2, np.int64)])
+        is_sorted3(z, z, z)
+        ranges_sorted(np.zeros(3, dtype=np.int64), z, z)
+        spans_sorted(z, z, z, z)
+        block_sorted_tails(z, z, z[:1], z[:1], z[:0], z[:0], z[:0])
+        request_heads(z, z, z, z, 1, z, z, z, z, z, z, True, z, z, None)
+        row_groups_wanted(z, z, z, z, z, z, 0, None)
+        user_ranges(z, z)
+        plan_sequences(z, z, z, z, z, z, z, z, b, z, z, z, z, z, 1)
+        _WARM = True
+
+
+def _skip_blas_probe() -> None:
+    """numba's first compile or cache load in a process imports its lowering registries,
+    among them ``numba.np.arraymath``, which imports ``scipy.linalg`` only to learn whether a
+    BLAS is there (``_HAVE_BLAS``): 0.15-0.2 s of CPU, about 40% of numba's start-up here, and
+    lmat's kernels use no BLAS. Unless ``scipy.linalg`` is imported already (then the probe is
+    free) or ``LMAT_NUMBA_BLAS_PROBE=1``, ``numba.np.arraymath`` is imported with
+    ``scipy.linalg.cython_blas`` blocked, so the probe answers "no BLAS". The one effect:
+    ``np.correlate`` and ``np.convolve`` compiled by numba in this process take numba's own
+    inner-product loop instead of BLAS ``dot``; numba's ``np.dot`` and ``np.linalg`` look for
+    BLAS themselves when compiled and are unchanged."""
+    import sys
+
+    blas = "scipy.linalg.cython_blas"
+    if ("numba.np.arraymath" in sys.modules or "scipy.linalg" in sys.modules
+            or os.environ.get("LMAT_NUMBA_BLAS_PROBE") == "1" or blas in sys.modules):
+        return
+    sys.modules[blas] = None  # type: ignore[assignment]  # the documented block of an import
+    try:
+        import numba.np.arraymath  # noqa: F401
+    finally:
+        del sys.modules[blas]
+
+
+def _warm_up_logged() -> None:
+    try:
+        warm_up()
+    except Exception:  # the caller's own warm_up() (or first kernel call) raises it again
+        log.warning("warming up the kernels in the background failed", exc_info=True)
+
+
+def warm_up_in_background() -> None:
+    """Start :func:`warm_up` in a daemon thread (once per process), so that numba's start-up
+    and the kernels' cache loads overlap what the process does meanwhile (its imports, a
+    loader's log reads and first file reads); :func:`warm_up` waits for it. A fork waits for
+    it too (``os.register_at_fork``), so no child inherits numba's compiler lock held."""
+    global _WARMING
+    if _WARM or _WARMING is not None:
+        return
+    with _WARM_LOCK:
+        if _WARMING is not None:
+            return
+        _WARMING = threading.Thread(target=_warm_up_logged, name="lmat-kernels-warm-up",
+                                    daemon=True)
+        _WARMING.start()
+
+
+def _join_warm_up_before_fork() -> None:
+    t = _WARMING
+    if t is not None and t.is_alive() and t is not threading.current_thread():
+        t.join()
+
+
+os.register_at_fork(before=_join_warm_up_before_fork)

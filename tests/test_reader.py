@@ -566,3 +566,35 @@ def test_short_tenant_keeps_only_the_tail_events_it_can_use(rs: ReaderStore,
                                       loader.ctx.schema, lim).tails["item_id"])
                      for fl in frags.values()) for lim in (None, 3)}
     assert kept[3] < kept[None], kept
+
+
+def test_workers_start_the_expected_next_pass_early(rs: ReaderStore, reference: dict) -> None:
+    """With persistent workers each pass sends the next one ahead (the next epoch after
+    set_epoch, the same plans without shuffle): workers begin it as soon as they finish, and
+    the next pass takes it over when it is the one asked for. A wrong guess is cancelled:
+    the pass asked for is served, in the order a fresh loader gives it, every request once."""
+    def order(batches: list[Batch]) -> list[int]:
+        return [int(r) for b in batches for r in b.request_id]
+
+    loader = SequenceLoader(rs.store, rs.thin, tenant=TENANT, batch_size=40, num_workers=2,
+                            shuffle=True, seed=4, max_unit_rows=60)
+    loader.set_epoch(0)
+    assert same(collect(list(loader)), reference[TENANT.name])
+    pool = loader._pool
+    assert pool is not None and pool.ahead is not None and pool.ahead[0][0] == 1
+    sent = pool.ahead[1]
+    loader.set_epoch(1)
+    got = list(loader)
+    assert pool.current.value == sent, "the pass sent ahead was taken over"
+    fresh = SequenceLoader(rs.store, rs.thin, tenant=TENANT, batch_size=40, num_workers=2,
+                           shuffle=True, seed=4, max_unit_rows=60)
+    fresh.set_epoch(1)
+    assert order(got) == order(list(fresh))
+    loader.set_epoch(5)  # not the epoch guessed (2): that pass is dropped
+    got = list(loader)
+    assert pool.current.value == pool.pass_id - 1 > sent + 1
+    fresh.set_epoch(5)
+    assert order(got) == order(list(fresh))
+    assert same(collect(got), reference[TENANT.name])
+    loader.close()
+    fresh.close()

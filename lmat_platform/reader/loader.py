@@ -52,7 +52,7 @@ from deltalake.exceptions import DeltaError
 
 from lmat_platform.exceptions import LmatError, ThinTableError
 from lmat_platform.hashing import bucket_of
-from lmat_platform.kernels import is_sorted3, warm_up
+from lmat_platform.kernels import is_sorted3, warm_up, warm_up_in_background
 from lmat_platform.protocol.thin import (
     ROW_ORDER,
     TAIL_PREFIX,
@@ -61,6 +61,7 @@ from lmat_platform.protocol.thin import (
 )
 from lmat_platform.reader.batch import Batch
 from lmat_platform.reader.buffers import BufferPool, shared_pool
+from lmat_platform.reader.dedup import dedup_pieces
 from lmat_platform.reader.errors import ReaderWorkerError, StoreUnreachableError
 from lmat_platform.reader.prefetch import Prefetcher
 from lmat_platform.reader.workers import WorkerPool, worker_loop
@@ -90,6 +91,10 @@ from lmat_platform.store.deletion import forgotten_users, pending_users
 from lmat_platform.tenants import Tenant
 
 log = logging.getLogger(__name__)
+
+# A process that imports the loader will read: numba's start-up and the kernels' cache loads
+# begin now, beside whatever it does before its first pass (see kernels.warm_up_in_background).
+warm_up_in_background()
 
 #: Values (events x columns are not multiplied in) a work unit aims at where a unit's sequences
 #: are materialized (the Ray backend): bounds one unit to roughly ``UNIT_VALUES * 8 bytes`` per
@@ -133,7 +138,7 @@ def plan_units(
     """Split buckets into units of at most ``max_unit_rows`` rows, and into at least
     ``min_units`` units where rows allow (so that no consumer idles for want of a unit)."""
     parts = {b: max(1, math.ceil(n / max_unit_rows)) for b, n in bucket_rows.items() if n > 0}
-    while sum(parts.values()) < min_units:
+    while parts and sum(parts.values()) < min_units:
         # Split the bucket with the largest slices further (ties: lowest bucket id).
         b = max(parts, key=lambda k: (bucket_rows[k] / parts[k], -k))
         if bucket_rows[b] // (parts[b] + 1) < 1:
@@ -268,6 +273,8 @@ class ConsumerSpec:
     timeout_s: float | None
     #: Rows of this consumer's stream already consumed (a multiple of batch_size, or all).
     start_row: int = 0
+    #: Deduplicated batches (:mod:`lmat_platform.reader.dedup`).
+    dedup: bool = False
 
     @property
     def total_rows(self) -> int:
@@ -535,7 +542,7 @@ def _piece(w: _Window, a: int, b: int) -> dict[str, Any]:
         "request_ts": w.request_ts[rows], "lengths": lens,
         "plan": w.plan, "s0": s0, "s1": s1, "n": int(lens.sum()),
         "context": {c: v[rows] for c, v in w.context.items()},
-        "bytes_read": share, "thin_bytes_read": thin_share,
+        "bytes_read": share, "thin_bytes_read": thin_share, "rows": rows,
     }
 
 
@@ -547,10 +554,15 @@ def _pool_alloc(pool: BufferPool) -> Alloc:
     return lambda sizes: [pool.empty(n, dt) for n, dt in sizes]
 
 
-def _batch(pieces: list[dict[str, Any]], columns: tuple[str, ...], alloc: Alloc) -> Batch:
+def _batch(pieces: list[dict[str, Any]], columns: tuple[str, ...], alloc: Alloc,
+           dedup: bool = False) -> Batch:
     """One batch from pieces of one or more windows: every column's values are copied from
     the plans' sources straight into the batch's own buffer (one write per value), taken from
-    ``pool`` (memory already touched, once the consumer has dropped an earlier batch)."""
+    ``pool`` (memory already touched, once the consumer has dropped an earlier batch); with
+    ``dedup``, each distinct sequence once (:func:`~lmat_platform.reader.dedup.dedup_pieces`)."""
+    inverse = None
+    if dedup:
+        pieces, inverse = dedup_pieces(pieces)
     total = sum(q["n"] for q in pieces)
     # Every plan's sources of a column have the store schema's type, so one dtype.
     outs = alloc([(total, pieces[0]["plan"].head[c].dtype) for c in columns])
@@ -580,6 +592,7 @@ def _batch(pieces: list[dict[str, Any]], columns: tuple[str, ...], alloc: Alloc)
         request_ts=_tensor(p["request_ts"].astype(np.int64, copy=False)),
         bytes_read=int(p["bytes_read"]),
         thin_bytes_read=int(p["thin_bytes_read"]),
+        inverse_indices=None if inverse is None else torch.from_numpy(inverse),
     )
 
 
@@ -626,10 +639,10 @@ def iter_consumer(spec: ConsumerSpec, alloc: Alloc | None = None) -> Iterator[tu
                 pos += b - a
                 a = b
                 if pending_rows == B:
-                    yield pos, _batch(pending, spec.ctx.tenant.columns, alloc)
+                    yield pos, _batch(pending, spec.ctx.tenant.columns, alloc, spec.dedup)
                     pending, pending_rows = [], 0
         if pending_rows and not spec.drop_last:
-            yield pos, _batch(pending, spec.ctx.tenant.columns, alloc)
+            yield pos, _batch(pending, spec.ctx.tenant.columns, alloc, spec.dedup)
     finally:
         units.close()
 
@@ -808,6 +821,9 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         persistent_workers: keep the worker processes (and what each has decoded and
             compiled) from one pass to the next; :meth:`close` stops them. False: workers
             start and stop with every pass.
+        dedup: deduplicated batches (RecD): each distinct sequence of a batch once, with
+            ``Batch.inverse_indices`` naming each request's (:mod:`lmat_platform.reader.dedup`);
+            ``Batch.expand()`` gives the plain batch.
     """
 
     def __init__(
@@ -830,6 +846,7 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         timeout_s: float | None = 600.0,
         pin_memory: bool = False,
         persistent_workers: bool = True,
+        dedup: bool = False,
     ):
         super().__init__()
         if batch_size < 1:
@@ -854,12 +871,18 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         self.timeout_s = timeout_s
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
+        self.dedup = dedup
         self._pool: WorkerPool | None = None
         # Raises TenantError for a column the store does not have.
         self.ctx = ReadContext.build(self.store, tenant, verify=verify)
         #: Summary tenants (spec section 10): batches get summaries and tails from the server.
         self._summary = _summary_server(self.store, tenant)
-        warm_up()  # compiled kernels ready before any worker starts
+        if dedup and self._summary is not None:
+            raise ValueError(f"dedup: tenant '{tenant.name}' is served summaries and tails; "
+                             "deduplicated batches hold plain sequences only")
+        # numba's start-up and the kernels' cache loads overlap the rest of the set-up and the
+        # first unit's file reads; workers are started only once it is done (_iter_workers).
+        warm_up_in_background()
         for c in tenant.columns:
             typ = self.ctx.schema.field(c).type
             if not tensorable(typ):
@@ -891,6 +914,8 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         self.epoch = 0
         self._resume: _Progress | None = None
         self._progress: _Progress | None = None
+        #: The epoch of the last pass (to guess the next one's, see :meth:`_ahead`).
+        self._last_epoch: int | None = None
         #: Compressed bytes read by this loader over its lifetime (all passes).
         self.bytes_read = 0
         #: Of ``bytes_read``: bytes of thin rows (the rest is the UIH tier).
@@ -927,7 +952,7 @@ class SequenceLoader(torch.utils.data.IterableDataset):
                 units=units, consumer=self.rank * per_rank + w, batch_size=self.batch_size,
                 drop_last=self.drop_last, shuffle=self.shuffle, seed=self.seed, epoch=epoch,
                 shuffle_buffer=self.shuffle_buffer, prefetch=self.prefetch,
-                timeout_s=self.timeout_s, start_row=rows_done[w],
+                timeout_s=self.timeout_s, start_row=rows_done[w], dedup=self.dedup,
             )
             for w, units in enumerate(mine)
         ]
@@ -1027,7 +1052,9 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         self._progress = prog
         specs = self._specs(per_rank, prog.epoch, prog.rows_done)
         source = (self._iter_local(specs[0]) if self.num_workers == 0
-                  else self._iter_workers(specs, prog.next_consumer))
+                  else self._iter_workers(specs, prog.next_consumer,
+                                          self._pass_key(prog.epoch, prog.rows_done),
+                                          self._ahead(per_rank, prog.epoch)))
         for w, end, batch in source:
             prog.rows_done[w] = end
             prog.next_consumer = (w + 1) % per_rank
@@ -1043,8 +1070,28 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         for end, b in iter_consumer(spec):
             yield 0, end, b
 
+    def _pass_key(self, epoch: int, rows_done: list[int]) -> tuple[int, tuple[int, ...]]:
+        """What a pass's plans depend on besides the loader's fixed settings (without
+        ``shuffle`` the epoch changes nothing)."""
+        return (epoch if self.shuffle else 0, tuple(rows_done))
+
+    def _ahead(self, per_rank: int, epoch: int) -> tuple[Any, list[ConsumerSpec]] | None:
+        """The pass expected after this one, for the workers to start as soon as they are
+        done with this one (:meth:`WorkerPool.run`): the same plans without ``shuffle``; with
+        it, the next epoch's where the epoch changed since the last pass (``set_epoch`` each
+        pass), else the same. None when workers do not persist."""
+        if not self.persistent_workers:
+            return None
+        nxt = epoch
+        if self.shuffle and self._last_epoch != epoch:
+            nxt = epoch + 1
+        self._last_epoch = epoch
+        start = [0] * per_rank
+        return self._pass_key(nxt, start), self._specs(per_rank, nxt, start)
+
     def _iter_workers(
-        self, specs: list[ConsumerSpec], first: int
+        self, specs: list[ConsumerSpec], first: int, key: Any = None,
+        ahead: tuple[Any, list[ConsumerSpec]] | None = None,
     ) -> Iterator[tuple[int, int, Batch]]:
         pool = self._pool
         if pool is None or pool.n != len(specs) or not pool.alive():
@@ -1052,6 +1099,7 @@ class SequenceLoader(torch.utils.data.IterableDataset):
                 pool.close()
             ctx = _mp_context()
             _check_workers_can_start(ctx)
+            warm_up()  # compiled kernels on disk before any worker starts (no compile races)
             pool = self._pool = WorkerPool(len(specs), prefetch=self.prefetch,
                                            timeout_s=self.timeout_s, ctx=ctx,
                                            target=_worker_main)
@@ -1063,7 +1111,7 @@ class SequenceLoader(torch.utils.data.IterableDataset):
 
         ok = False
         try:
-            yield from pool.run(specs, first, on_error)
+            yield from pool.run(specs, first, on_error, key, ahead)
             ok = True
         finally:
             if not ok and not pool.alive():

@@ -125,6 +125,8 @@ class SlotWriter:
             "request_ts": None if batch.request_ts is None else batch.request_ts.numpy(),
             "context": {c: v.numpy() for c, v in batch.context.items()},
             "bytes_read": batch.bytes_read, "thin_bytes_read": batch.thin_bytes_read,
+            "inverse_indices": None if batch.inverse_indices is None
+            else batch.inverse_indices.numpy(),
         }
         k, new = self.last
         cols = [(c, str(v.numpy().dtype), o, nb)
@@ -149,7 +151,8 @@ def worker_loop(w: int, tasks: Any, out: Any, stop: Any, current: Any, flags: to
         pass_id, spec = task
 
         def live(pass_id: int = pass_id) -> bool:
-            return current.value == pass_id and not stop.is_set()
+            # The pass in progress, or the next one sent ahead of it (WorkerPool.run).
+            return current.value in (pass_id, pass_id - 1) and not stop.is_set()
 
         def put(msg: tuple[Any, ...], live: Callable[[], bool] = live) -> bool:
             while live():
@@ -159,6 +162,9 @@ def worker_loop(w: int, tasks: Any, out: Any, stop: Any, current: Any, flags: to
                 except queue.Full:
                     continue
             return False
+
+        if not live():
+            continue  # a pass cancelled (or sent ahead and not wanted) before it began
 
         try:
             with contextlib.closing(run(spec, writer.alloc)) as batches:  # type: ignore[type-var]
@@ -232,6 +238,8 @@ class SlotReader:
             request_ts=None if meta["request_ts"] is None else torch.from_numpy(meta["request_ts"]),
             bytes_read=int(meta["bytes_read"]),
             thin_bytes_read=int(meta["thin_bytes_read"]),
+            inverse_indices=None if meta["inverse_indices"] is None
+            else torch.from_numpy(meta["inverse_indices"]),
         )
 
 
@@ -260,6 +268,8 @@ class WorkerPool:
         #: Whether worker w has sent anything (else it died starting up).
         self.heard = [False] * n
         self.pass_id = 0
+        #: The pass sent ahead (its key and id), which workers start once done with theirs.
+        self.ahead: tuple[Any, int] | None = None
         self._lock = threading.Lock()
         self.closed = False
 
@@ -267,18 +277,37 @@ class WorkerPool:
         return not self.closed and all(p.is_alive() for p in self.procs)
 
     def run(self, specs: list[Any], first: int,
-            on_error: Callable[[int, ReaderWorkerError], BaseException]
+            on_error: Callable[[int, ReaderWorkerError], BaseException],
+            key: Any = None, ahead: tuple[Any, list[Any]] | None = None,
             ) -> Iterator[tuple[int, int, Batch]]:
         """One pass: worker w runs ``specs[w]``; batches come round-robin from worker
-        ``first`` on, as (worker, stream end row, batch)."""
+        ``first`` on, as (worker, stream end row, batch).
+
+        ``key`` names the pass's plans (equal keys: equal plans). ``ahead``: the key and plans
+        of the pass expected next, sent now so that each worker starts it as soon as it is
+        done with this one (its first batches are ready when the next pass begins, instead
+        of each pass starting with every worker's first unit to read); a next pass whose key
+        differs cancels it (what it made is dropped), so it costs at most a unit and
+        ``prefetch`` batches per worker when the guess is wrong."""
         if len(specs) != self.n:
             raise ValueError(f"{len(specs)} consumer plans for {self.n} workers")
         with self._lock:
-            self.pass_id += 1
-            pid = self.pass_id
-            self.current.value = pid
-        for w, s in enumerate(specs):
-            self.tasks[w].put((pid, s))
+            sent, self.ahead = self.ahead, None
+            if sent is not None and key is not None and sent[0] == key:
+                pid = sent[1]  # already under way
+                self.current.value = pid
+            else:
+                # A pass sent ahead and not wanted is no longer live from here on.
+                self.pass_id += 1
+                pid = self.pass_id
+                self.current.value = pid
+                for w, s in enumerate(specs):
+                    self.tasks[w].put((pid, s))
+            if ahead is not None:
+                self.pass_id += 1
+                self.ahead = (ahead[0], self.pass_id)
+                for w, s in enumerate(ahead[1]):
+                    self.tasks[w].put((self.pass_id, s))
         done = False
         try:
             active = [True] * self.n
@@ -302,9 +331,10 @@ class WorkerPool:
             done = True
         finally:
             if not done:
-                # Workers abandon the pass at their next batch; what they queued is dropped
-                # when the next pass meets it.
+                # Workers abandon the pass (and the one sent ahead) at their next batch; what
+                # they queued is dropped when the next pass meets it.
                 with self._lock:
+                    self.ahead = None
                     if self.current.value == pid:
                         self.current.value = -pid
 
