@@ -6,14 +6,9 @@ engine, then re-run, leaves what a clean run leaves (the crash harness's checks)
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +22,7 @@ pytest.importorskip("ray")
 from deltalake import DeltaTable  # noqa: E402
 
 from lmat_platform.engines import RayEngine  # noqa: E402
+from lmat_platform.engines.cluster import loopback_cluster, processes_of, stop_leftovers  # noqa: E402
 from lmat_platform.protocol import write_thin  # noqa: E402
 from lmat_platform.store import compact_buckets, ingest_files, init_store, publish_snapshot  # noqa: E402
 from lmat_platform.store.core import TABLES, delta_dataset, storage_options  # noqa: E402
@@ -38,74 +34,61 @@ pytest_plugins = ("tests.s3_server",)
 HOUR = 3_600_000_000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+_HERE: dict[str, str] = {}
 
 
-def _ray_node(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    return subprocess.Popen([ray_bin, "start", "--block", "--node-ip-address", "127.0.0.1",
-                             "--num-cpus", "1", *args], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray_left() -> Iterator[None]:
+    """Whatever Ray this module's tests started in this process is shut down at its end."""
+    old = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    yield
+    import ray
+
+    ray.shutdown()
+    if "tmp" in _HERE:
+        _assert_no_ray_processes_of(_HERE["tmp"])
+    _HERE.clear()
+    if old is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = old
 
 
 @pytest.fixture
-def two_node_cluster(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    """A head and a second node on 127.0.0.1, each with one CPU, in their own process groups
-    (stopped by killing those groups: never ``ray stop``, which would stop other users' Ray)."""
+def ray_here() -> str:
+    """A Ray instance of this process (2 CPUs), started once for the module (again after the
+    two-node test, which connects this process to its cluster); its GCS address."""
     import ray
 
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    port = _free_port()
-    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
-    base = _free_port() + 1000
-    procs = [_ray_node(["--head", "--port", str(port), "--include-dashboard", "false",
-                        "--temp-dir", tmp], env)]
-    try:
-        time.sleep(8)
-        procs.append(_ray_node(["--address", f"127.0.0.1:{port}",
-                                "--dashboard-agent-listen-port", str(_free_port()),
-                                "--min-worker-port", str(base), "--max-worker-port",
-                                str(base + 200)], env))
-        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
-        deadline = time.time() + 120
-        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
-            if time.time() > deadline:
-                raise RuntimeError("the second Ray node did not join")
-            time.sleep(1)
-        yield f"127.0.0.1:{port}"
-    finally:
+    if not (ray.is_initialized() and "gcs" in _HERE):
         ray.shutdown()
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        if "tmp" in _HERE:
+            _assert_no_ray_processes_of(_HERE["tmp"])
+        tmp = _HERE["tmp"] = tempfile.mkdtemp(prefix="r", dir="/tmp")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
+        _HERE["gcs"] = ray.get_runtime_context().gcs_address
+    return _HERE["gcs"]
 
 
-@pytest.fixture(scope="module")
-def ray_here():  # type: ignore[no-untyped-def]
-    """A Ray instance of this process (2 CPUs), shut down after the module's tests."""
+@pytest.fixture
+def two_node_cluster() -> Iterator[str]:
+    """A head and a second node on 127.0.0.1, each with one CPU (lmat_platform.engines.cluster);
+    afterwards no process of the cluster is left."""
     import ray
 
-    old = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
-        if old is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = old
+    ray.shutdown()  # this process's own instance, if an earlier test started one
+    if "tmp" in _HERE:
+        _assert_no_ray_processes_of(_HERE["tmp"])
+    _HERE.clear()
+    with loopback_cluster(2, num_cpus=1) as cluster:
+        yield cluster.address
+    assert processes_of(cluster.temp_dir) == []
+
+
+def _assert_no_ray_processes_of(temp_dir: str) -> None:
+    """No process of the Ray instance whose temp dir is ``temp_dir`` is left (after a wait)."""
+    assert stop_leftovers(temp_dir) == [], "Ray processes left after shutdown"
 
 
 def _events(path: Path, k: int) -> str:
@@ -218,50 +201,29 @@ def test_ray_engine_on_an_s3_store(tmp_path: Path, ray_here: str, s3_store_uri: 
     _assert_same(local, ray_)
 
 
-def _tier(store) -> list[tuple]:  # type: ignore[no-untyped-def]
-    t = read(store, "uih")
-    return sorted(zip(*(t.column(c).to_pylist() for c in sorted(t.column_names)), strict=True))
-
-
 @pytest.mark.slow
 @pytest.mark.ray
-def test_ray_engine_writes_the_local_engines_tier(tmp_path: Path, two_node_cluster: str) -> None:
+def test_ray_engine_on_two_nodes_writes_the_local_engines_tables(
+    tmp_path: Path, two_node_cluster: str
+) -> None:
+    """On a cluster of two nodes on loopback (one CPU each): tasks ran on both nodes, and every
+    table equals the local engine's."""
+    files, reqs = _inputs(tmp_path)
     engine = RayEngine(two_node_cluster)
-    stores = {name: init_store(str(tmp_path / name), n_buckets=8, row_group_rows=256)
-              for name in ("local", "ray")}
-    nodes: set[str] = set()
-    for k in range(3):
-        f = _events(tmp_path / f"e{k}.parquet", k)
-        for name, st in stores.items():
-            ingest_files(st, [f])
-            publish_snapshot(st, (11 + k) * HOUR, engine=engine if name == "ray" else None)
-        nodes |= engine.nodes
-    for name, st in stores.items():
-        compact_buckets(st, engine=engine if name == "ray" else None)
-    nodes |= engine.nodes
-    assert len(nodes) == 2  # tasks ran on both nodes
-    local, ray_ = stores["local"], stores["ray"]
-    assert _tier(local) == _tier(ray_)
-    for a, b in ((read(local, t), read(ray_, t)) for t in ("heads", "snapshots")):
-        key = [c for c in ("user_id", "snapshot_id") if c in a.column_names]
-        drop = [c for c in ("created_at",) if c in a.column_names]
-        assert a.drop_columns(drop).sort_by([(c, "ascending") for c in key]).equals(
-            b.drop_columns(drop).sort_by([(c, "ascending") for c in key]))
-    shape = {name: sorted((f.bucket, f.rows) for f in list_files(st.open_table("uih")))
-             for name, st in stores.items()}
-    assert shape["local"] == shape["ray"]
-    # One Delta commit per step in both: the same version history.
-    assert local.open_table("uih").version() == ray_.open_table("uih").version()
+    ray_ = _flow(str(tmp_path / "ray"), files, reqs, str(tmp_path / "thin-ray"), engine)
+    assert len(engine.all_nodes) == 2  # tasks ran on both nodes
+    local = _flow(str(tmp_path / "local"), files, reqs, str(tmp_path / "thin-local"), None)
+    _assert_same(local, ray_)
 
 
-@pytest.fixture(scope="module")
-def ray_harness(tmp_path_factory: pytest.TempPathFactory, ray_here: str):  # type: ignore[no-untyped-def]
+@pytest.fixture
+def ray_harness(tmp_path: Path, ray_here: str) -> Iterator[object]:
     """The crash harness, every command run with ``LMAT_ENGINE=ray`` on the test's Ray."""
     from tests.crash_harness import Harness, Runner
 
     runner = Runner({"LMAT_ENGINE": "ray", "LMAT_RAY_ADDRESS": ray_here,
                      "RAY_AUTH_MODE": "disabled"})
-    h = Harness(tmp_path_factory.mktemp("crash-ray"), runner)
+    h = Harness(tmp_path / "crash-ray", runner)
     yield h
     h.close()
 
@@ -329,3 +291,41 @@ def test_dagster_assets_with_the_ray_engine_write_the_local_engines_tables(
             out[engine][kind] = _rows(delta_dataset(DeltaTable(res.thin_uri(kind))).to_table())
     _assert_same_tables(out["local"], out["ray"])
     assert out["local"]["uih"] and out["local"]["log"]
+
+
+def test_ray_engine_bad_event_file_is_one_line_and_changes_nothing(
+    tmp_path: Path, ray_here: str
+) -> None:
+    """A bad file read by a task raises the local engine's error (not Ray's wrapper of it),
+    before anything is written."""
+    from lmat_platform.exceptions import SchemaError
+
+    st = init_store(str(tmp_path / "s"), n_buckets=2)
+    good = _events(tmp_path / "good.parquet", 0)
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pq.read_table(good).drop_columns(["arrival_ts"]), bad)
+    with pytest.raises(SchemaError) as e:
+        ingest_files(st, [good, str(bad)], engine=RayEngine(None))
+    assert type(e.value) is SchemaError and "arrival_ts" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert st.open_table("raw") is None and st.open_table("ingests") is None
+
+
+@pytest.mark.bench
+def test_bench_ray_publish_tiny(tmp_path: Path) -> None:
+    """bench.ray_publish end to end on a tiny store: both engines wrote the same tier and heads,
+    the Ray side's tasks ran on both nodes, and every figure is there."""
+    import ray
+
+    from bench.ray_publish import main
+
+    ray.shutdown()
+    _HERE.clear()
+    out = tmp_path / "ray_publish.json"
+    assert main(["--events", "60000", "--users", "3000", "--chunk", "30000", "--buckets", "4",
+                 "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
+    import json
+
+    r = json.loads(out.read_text())
+    assert r["same_tables"] and r["publish_nodes"] == 2 and r["warmup_nodes"] == 2
+    assert r["local_publish_s"] > 0 and r["ray_publish_s"] > 0 and r["publish_speedup"] > 0

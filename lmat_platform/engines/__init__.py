@@ -86,8 +86,17 @@ class RayEngine:
         if not items:
             return []
         env = {k: v for k in _TASK_ENV if (v := os.environ.get(k)) is not None}
-        task: Any = self._ray.remote(num_cpus=1)(_on_node)
-        got = self._ray.get([task.remote(fn, x, env) for x in items])
+        # SPREAD: a step's tasks are alike and short; packed, they would queue on the
+        # driver's node while the others idle.
+        task: Any = self._ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_on_node)
+        try:
+            got = self._ray.get([task.remote(fn, x, env) for x in items])
+        except self._ray.exceptions.RayTaskError as e:
+            # The task's own error (a bad input file's one line), not Ray's wrapper of it.
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
         self.nodes = {n for _, n in got}
         self.all_nodes |= self.nodes
         return [r for r, _ in got]
