@@ -96,8 +96,12 @@ class SegmentPlan:
     s1: np.ndarray
     head: dict[str, np.ndarray]
     tail: dict[str, np.ndarray]
+    #: The ``event_id`` of every tail position (the same event may sit at several: tails
+    #: copied per request), for :mod:`lmat_platform.reader.dedup`; None where not known.
+    tail_id: np.ndarray | None = None
     _sources: tuple[tuple[str, ...], CopySources] | None = field(default=None, repr=False,
                                                                  compare=False)
+    _canon: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def segments(self, rows: slice | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(s0, s1) of a contiguous row slice (views) or of the given rows, in that order."""
@@ -106,6 +110,21 @@ class SegmentPlan:
             return self.s0[a:b], self.s1[a:b]
         pos = expand_positions(self.seg_off[rows], self.seg_off[rows + 1])
         return self.s0[pos], self.s1[pos]
+
+    def tail_canonical(self) -> np.ndarray | None:
+        """Per tail position, the first tail position that holds the same event (by
+        :attr:`tail_id`); computed once per plan. None where event ids are not known."""
+        if self.tail_id is None:
+            return None
+        if self._canon is None:
+            order = np.argsort(self.tail_id, kind="stable")
+            ids = self.tail_id[order]
+            first = np.ones(len(ids), dtype=bool)
+            first[1:] = ids[1:] != ids[:-1]
+            canon = np.empty(len(ids), dtype=np.int64)
+            canon[order] = order[first][np.cumsum(first) - 1]
+            self._canon = canon
+        return self._canon
 
     def copy_all(self, columns: tuple[str, ...] | list[str], s0: np.ndarray, s1: np.ndarray,
                  outs: list[np.ndarray], offset: int) -> int:
@@ -143,6 +162,8 @@ class SegmentPlan:
             np.concatenate(s0s), np.concatenate(s1s),
             {c: np.concatenate([p.head[c] for p in plans]) for c in cols},
             {c: np.concatenate([p.tail[c] for p in plans]) for c in cols},
+            None if any(p.tail_id is None for p in plans)
+            else np.concatenate([p.tail_id for p in plans]),  # type: ignore[misc]
         )
 
 
@@ -632,7 +653,7 @@ def plan_unit(prep: PreparedUnit, *, plan_only: bool = False) -> Sequences:
     values: dict[str, pa.Array] = {}
     plan = None
     if plan_only:
-        plan = SegmentPlan(seg_off, s0, s1, prep.head_src, prep.tail_src)
+        plan = SegmentPlan(seg_off, s0, s1, prep.head_src, prep.tail_src, prep.tid)
     else:
         for c in prep.head_src:
             values[c] = _gather_segments(prep.E.column(c), prep.tails[c], s0, s1)

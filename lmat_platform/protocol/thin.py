@@ -29,9 +29,12 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import DeltaTable
+from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import TableNotFoundError
+from deltalake.transaction import AddAction
 
+from lmat_platform.engines import Engine, LocalEngine, is_local
+from lmat_platform.engines.files import Part, commit_adds, split_by, write_part
 from lmat_platform.exceptions import RequestError, ThinTableError
 from lmat_platform.hashing import bucket_of
 from lmat_platform.kernels import tail_runs
@@ -55,7 +58,7 @@ from lmat_platform.store.snapshots import list_snapshots, resolve_snapshot, snap
 from lmat_platform.store.thin_registry import (
     ROW_ORDER,
     register_thin_table,
-    thin_writer_properties,
+    thin_parquet_options,
 )
 
 log = logging.getLogger(__name__)
@@ -75,7 +78,7 @@ TAIL_START = "tail_start"
 #: The thin format ``log`` and ``examples`` write, recorded in each commit's metadata as
 #: ``lmat.thin_format`` (readers go by each row's columns: both formats mix in one table).
 THIN_FORMAT = 2
-#: ``ROW_ORDER`` (the order of a thin file's rows) and ``thin_writer_properties`` live with the
+#: ``ROW_ORDER`` (the order of a thin file's rows) and ``thin_parquet_options`` live with the
 #: store's registry of thin tables (:mod:`lmat_platform.store.thin_registry`): deletion
 #: rewrites thin files too.
 _DROP_FROM_TAIL = ("bucket", "source", "batch_id")
@@ -260,8 +263,10 @@ def write_thin(
     out: str,
     *,
     path: Literal["log", "examples"],
+    engine: Engine | None = None,
 ) -> dict[str, object]:
-    """``lmat log`` / ``lmat examples``: read a request file, write (append) thin rows to ``out``."""
+    """``lmat log`` / ``lmat examples``: read a request file, write (append) thin rows to ``out``;
+    ``engine`` (Ray): one task per bucket builds and writes its rows (one commit, here)."""
     store = as_store(store)
     req = normalize_requests(read_parquet_file(requests_path, what="request file"), where=requests_path)
     existing = None
@@ -276,34 +281,84 @@ def write_thin(
             )
     elif os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ThinTableError(f"{out}: exists and is not a thin table")
+    description = None if existing is not None else json.dumps(
+        {STORE_ID_KEY: store.store_id, "kind": "lmat thin examples"})
+    custom = {"lmat.op": path, "lmat.thin_format": str(THIN_FORMAT)}
+    if not is_local(engine) and req.num_rows:
+        return _write_thin_parts(store, req, out, existing, path=path, where=requests_path,
+                                 engine=engine, description=description, custom=custom)
     rows = build_thin_rows(store, req, path=path, where=requests_path)
     # Registered before the first row is written (idempotent), so that ``forget`` finds every
     # table holding examples of a user, even one whose writer was killed after its commit.
     register_thin_table(store, out if "://" in out else os.path.abspath(out))
-    from deltalake import CommitProperties, write_deltalake
+    have = pa.schema(existing.schema().to_arrow()) if existing is not None else None
+    adds = [_thin_file(out, part, have) for _, part in split_by(rows, "bucket")]
+    dt = _commit_thin(out, existing, adds, rows.schema, description=description, custom=custom)
+    return _thin_result(rows, path, out, dt.version())
 
-    write_deltalake(
-        existing if existing is not None else out,
-        rows,
-        mode="append",
-        partition_by=None if existing is not None else ["bucket"],
-        description=None if existing is not None else json.dumps(
-            {STORE_ID_KEY: store.store_id, "kind": "lmat thin examples"}
-        ),
-        schema_mode="merge" if existing is not None else None,
-        commit_properties=CommitProperties(custom_metadata={
-            "lmat.op": path, "lmat.thin_format": str(THIN_FORMAT)}),
-        writer_properties=thin_writer_properties(),
-        storage_options=storage_options(),
-    )
-    # Written through ``existing`` (delta-rs moves it to the new version), or opened once.
-    dt = existing if existing is not None else DeltaTable(out, storage_options=storage_options())
+
+def _thin_file(out: str, rows: pa.Table, have: pa.Schema | None) -> AddAction:
+    """Write one bucket's thin rows (in file order) as one file of the thin table at ``out``
+    (typed as its schema ``have``, when it exists), with the thin files' writer options."""
+    b = str(int(rows.column("bucket")[0].as_py()))
+    return write_part(Part(out if "://" in out else os.path.abspath(out), rows, (("bucket", b),),
+                           options=thin_parquet_options(rows.schema), schema=have))
+
+
+def _commit_thin(
+    out: str, existing: DeltaTable | None, adds: list[AddAction], schema: pa.Schema, *,
+    description: str | None, custom: dict[str, str],
+) -> DeltaTable:
+    """Commit a request file's thin files in one commit: to ``existing`` (the rows' new
+    columns added to its schema), or creating the table at ``out``."""
+    if existing is not None:
+        have = pa.schema(existing.schema().to_arrow())
+        schema = pa.schema([*have, *(f for f in schema if f.name not in have.names)])
+    dt = commit_adds(existing if existing is not None else out, adds, schema,
+                     partition_by=["bucket"], props=CommitProperties(custom_metadata=custom),
+                     description=description)
     checkpoint_if_due(dt)
+    return dt
+
+
+def _thin_result(rows: pa.Table, path: str, out: str, version: int) -> dict[str, object]:
     n_tail = int(pc.sum(rows.column("tail_len")).as_py() or 0) if path == "log" else 0
     return {
         "path": path,
         "requests": rows.num_rows,
         "tail_events": n_tail,
         "out": out,
-        "version": dt.version(),
+        "version": version,
     }
+
+
+def _write_thin_parts(
+    store: Store, req: pa.Table, out: str, existing: DeltaTable | None, *,
+    path: Literal["log", "examples"], where: str, engine: Engine | None, description: str | None,
+    custom: dict[str, str],
+) -> dict[str, object]:
+    """:func:`write_thin` with one ``engine`` task per bucket: each builds its bucket's thin
+    rows (a user's rows are all in its bucket) and writes them as the bucket's file; the driver
+    registers the table first and commits every file in one commit, as the local path does."""
+    have = pa.schema(existing.schema().to_arrow()) if existing is not None else None
+    parts = split_by(req.append_column(
+        "__bucket", pa.array(bucket_of(req.column("user_id").to_numpy(), store.n_buckets))),
+        "__bucket")
+    register_thin_table(store, out if "://" in out else os.path.abspath(out))
+    got = (engine or LocalEngine()).map(
+        _thin_bucket, [(store, rows.drop_columns(["__bucket"]), path, where, out, have)
+                       for _, rows in parts])
+    dt = _commit_thin(out, existing, [g[0] for g in got], got[0][1], description=description,
+                      custom=custom)
+    totals = pa.table({"tail_len": pa.concat_arrays([g[2] for g in got])})
+    return {**_thin_result(totals, path, out, dt.version()), "requests": req.num_rows}
+
+
+def _thin_bucket(
+    item: tuple[Store, pa.Table, Literal["log", "examples"], str, str, pa.Schema | None],
+) -> tuple[AddAction, pa.Schema, pa.Array]:
+    """One bucket's thin rows, written as one file of the thin table (a task of any engine):
+    its add action, the rows' schema and their ``tail_len``."""
+    store, req, path, where, out, have = item
+    rows = build_thin_rows(store, req, path=path, where=where)
+    return _thin_file(out, rows, have), rows.schema, rows.column("tail_len").combine_chunks()

@@ -857,6 +857,9 @@ class SequenceLoader(torch.utils.data.IterableDataset):
             raise ValueError(f"rank must lie in [0, world_size), but got {rank} and {world_size}")
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, but got {prefetch}")
+        if dedup and tenant.summary is not None:
+            raise ValueError(f"dedup: tenant '{tenant.name}' is served summaries and tails; "
+                             "deduplicated batches hold plain sequences only")
         self.store = as_store(store)
         self.thin_uri = thin if "://" in thin else os.path.abspath(thin)
         self.tenant = tenant
@@ -877,9 +880,6 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         self.ctx = ReadContext.build(self.store, tenant, verify=verify)
         #: Summary tenants (spec section 10): batches get summaries and tails from the server.
         self._summary = _summary_server(self.store, tenant)
-        if dedup and self._summary is not None:
-            raise ValueError(f"dedup: tenant '{tenant.name}' is served summaries and tails; "
-                             "deduplicated batches hold plain sequences only")
         # numba's start-up and the kernels' cache loads overlap the rest of the set-up and the
         # first unit's file reads; workers are started only once it is done (_iter_workers).
         warm_up_in_background()

@@ -14,31 +14,55 @@ import the protocol (``protocol/thin.py`` builds the rows and imports this modul
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pyarrow as pa
-from deltalake import ColumnProperties, WriterProperties
 
 from lmat_platform.store.core import Store, now_us
 
 log = logging.getLogger(__name__)
 
 REGISTRY = "thin_tables"
-#: How thin files are written, as pyarrow's writer options (files rewritten by ``forget``).
-THIN_PARQUET_OPTIONS = {"compression": "lz4", "use_dictionary": False}
+#: How thin files are written, as pyarrow's writer options; :func:`thin_parquet_options` adds
+#: each column's encoding and which columns keep statistics.
+THIN_PARQUET_OPTIONS: dict[str, Any] = {
+    "compression": "zstd", "compression_level": 1, "use_dictionary": False,
+    # The Delta log holds the table's schema; Arrow's copy of it was a third of a small file.
+    "store_schema": False,
+}
+#: Thin columns whose values rise along a user's run of a file: delta-encoded. A user's stored
+#: tail events are in arrival order, and event ids are (nearly) issued in that order.
+DELTA_COLUMNS = frozenset({"tail_arrival_ts", "tail_event_id"})
+#: Columns of well-mixed random bits, where splitting bytes gains nothing.
+PLAIN_COLUMNS = frozenset({"head_checksum"})
 #: Rows of one thin file are in this order (a reader merges a bucket's files in it, without a
 #: sort when there is one file, and cuts the bucket into user-contiguous slices).
 ROW_ORDER = ("user_id", "request_ts", "request_id")
 
 
-def thin_writer_properties() -> WriterProperties:
-    """How thin files are written: LZ4 (raw) pages without dictionaries. On the benchmark's
-    streaming thin rows this is 2.2x smaller than delta-rs's default (Snappy with
-    dictionaries), and decodes at least as fast: the tails of one user's successive requests
-    repeat, which LZ4 finds across the page where a dictionary of values does not."""
-    return WriterProperties(
-        compression="LZ4_RAW",
-        default_column_properties=ColumnProperties(dictionary_enabled=False),
-    )
+def thin_parquet_options(schema: pa.Schema) -> dict[str, Any]:
+    """pyarrow writer options of a thin file of ``schema`` (written by ``lmat log`` and
+    ``lmat examples``, and rewritten by ``forget``).
+
+    Zstandard pages without dictionaries; integer and float columns (list elements included)
+    byte-stream-split, so that the compressor sees each byte plane of the values apart (the
+    high bytes of ids, times and counts barely change), except :data:`DELTA_COLUMNS` (delta
+    encoding) and :data:`PLAIN_COLUMNS`; statistics for the flat columns only (nobody prunes
+    by a tail list's min and max). On the demo this halves both paths' thin files against
+    LZ4 plain pages with Arrow's schema (streaming 237 -> 126 B a request, batch 25 -> 13,
+    Parquet bytes), and they decode no slower."""
+    encoding: dict[str, str] = {}
+    for f in schema:
+        typ = f.type.value_type if pa.types.is_list(f.type) else f.type
+        path = f"{f.name}.list.element" if pa.types.is_list(f.type) else f.name
+        if f.name in PLAIN_COLUMNS or not (pa.types.is_integer(typ) or pa.types.is_floating(typ)):
+            continue
+        if f.name in DELTA_COLUMNS and pa.types.is_integer(typ):
+            encoding[path] = "DELTA_BINARY_PACKED"
+        elif not pa.types.is_float16(typ):
+            encoding[path] = "BYTE_STREAM_SPLIT"
+    return {**THIN_PARQUET_OPTIONS, "column_encoding": encoding,
+            "write_statistics": [f.name for f in schema if not pa.types.is_nested(f.type)]}
 
 
 def register_thin_table(store: Store, uri: str) -> None:
