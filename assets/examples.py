@@ -1,6 +1,6 @@
 """Thin example tables: the streaming log path and the batch backfill path (spec section 5)."""
 
-from typing import Literal
+from typing import Any, Literal
 
 import dagster as dg
 import pyarrow.dataset as pads
@@ -52,7 +52,7 @@ def build_thin_asset(kind: Literal["log", "examples"]) -> dg.AssetsDefinition:
         store = lmat_store.open()
         uri = lmat_store.thin_uri(kind)
         rows = _already_written(store, uri, files)
-        written = (
+        written: list[dict[str, Any]] = (
             [] if rows is not None else [
                 lmat.write_thin(store, f, uri, path=kind, engine=lmat_store.write_engine())
                 for f in files]

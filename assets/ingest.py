@@ -58,7 +58,8 @@ def ingest_events(
             f"{os.path.join(lmat_store.landing, 'events')}"
         )
     store = lmat_store.open()
-    res = lmat.ingest_files(store, files, engine=lmat_store.write_engine()).as_dict()
+    result = lmat.ingest_files(store, files, engine=lmat_store.write_engine())
+    res = result.as_dict()
     sources = [os.path.basename(f) for f in files]
     accepted = store.read_table(
         "raw", columns=["event_id"], filters=pads.field("source").isin(sources)
@@ -76,7 +77,7 @@ def ingest_events(
             "files": sources,
             "accepted_events": accepted.num_rows if accepted is not None else 0,
             "this_run": dg.MetadataValue.json(res),
-            "raw_version": res["version"],
+            "raw_version": result.version,
             "store": dg.MetadataValue.path(store.root),
         },
     )

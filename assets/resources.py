@@ -18,7 +18,7 @@ def default_home() -> str:
     return os.environ.get("LMAT_HOME") or os.path.join(os.path.expanduser("~"), ".lmat", "ui")
 
 
-class LmatResource(dg.ConfigurableResource):  # type: ignore[type-arg]
+class LmatResource(dg.ConfigurableResource):
     """Locations of an lmat deployment. Defaults come from ``LMAT_*`` environment variables,
     read when the definitions are built (see ``jobs/definitions.py``)."""
 

@@ -5,6 +5,7 @@ work a training job's reader does) and records what that cost.
 """
 
 import time
+from typing import Any
 
 import dagster as dg
 
@@ -33,7 +34,7 @@ def build_tenant_asset(tenant: lmat.Tenant) -> dg.AssetsDefinition:
     def _tenant(lmat_store: LmatResource) -> dg.MaterializeResult:
         spec = tenant
         store = lmat_store.open()
-        meta: dict[str, object] = {"projection": dg.MetadataValue.json(spec.as_dict())}
+        meta: dict[str, Any] = {"projection": dg.MetadataValue.json(spec.as_dict())}
         total_bytes = total_requests = 0
         for kind in THIN_KINDS:
             t0 = time.perf_counter()

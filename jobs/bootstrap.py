@@ -21,7 +21,8 @@ DAILY_ASSETS = ("raw_events", "quarantined_events", "uih_snapshot", "thin_log", 
 
 def landed_days(defs: dg.Definitions) -> list[str]:
     """Partition keys with at least one landed event file, oldest first."""
-    resource = defs.resources["lmat_store"]
+    resources: Mapping[str, Any] = defs.resources or {}
+    resource = resources["lmat_store"]
     keys = DAILY.get_partition_keys()
     return [k for k in keys if resource.landed("events", k)]
 
