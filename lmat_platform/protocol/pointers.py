@@ -21,7 +21,7 @@ import pyarrow.dataset as pads
 
 from lmat_platform.store.cache import cache
 from lmat_platform.store.core import Store
-from lmat_platform.store.snapshots import MARKER_LENGTHS
+from lmat_platform.store.heads import MARKER_LENGTHS
 
 _POINTER = struct.Struct("<iiQ")
 POINTER_BYTES = _POINTER.size

@@ -31,15 +31,13 @@ from lmat_platform.engines import Engine, LocalEngine, is_local
 from lmat_platform.engines.files import Part, commit_adds, commit_properties, split_by, write_part
 from lmat_platform.exceptions import WatermarkError
 from lmat_platform.hashing import as_signed, event_fingerprint
-from lmat_platform.store import heads as heads_mod
-from lmat_platform.store import uih
 from lmat_platform.store.core import Store, as_store, checkpoint_if_due, now_us
 
 log = logging.getLogger(__name__)
 
-#: Head lengths at which a marker is kept (see :mod:`lmat_platform.store.heads`).
-MARKER_LENGTHS = heads_mod.MARKER_LENGTHS
-NO_MARKER = heads_mod.NO_MARKER
+# The tier (uih) and the head summaries (heads) define compiled kernels: they are imported by
+# the functions that publish or read them, so that reading the registry (``lmat info``, the
+# ingest fence) does not load numba.
 
 
 @dataclass(frozen=True)
@@ -123,6 +121,8 @@ def publish_snapshot(
 ) -> SnapshotInfo:
     """Publish the next snapshot (spec section 3). ``published_at`` defaults to the watermark;
     ``engine`` writes the tier's files (:mod:`lmat_platform.engines`; None: this process)."""
+    from lmat_platform.store import uih
+
     store = as_store(store)
     if published_at is None:
         published_at = watermark
@@ -250,6 +250,8 @@ def _write_heads(
     function of the previous summaries and the tier, both unchanged) and writes what is missing.
     ``engine`` (Ray): one task per bucket extends that bucket's summaries and writes its files.
     """
+    from lmat_platform.store import heads as heads_mod
+
     hd = store.open_table("heads")
     lt = store.open_table(heads_mod.LATEST)
     heads_done = hd is not None and (hd.transaction_version("lmat-heads") or -1) >= k
@@ -280,6 +282,8 @@ def _write_heads_parts(
     """:func:`_write_heads` with one ``engine`` task per bucket: each extends its bucket's
     summaries and writes its ``heads`` and ``heads_latest`` files; the driver commits each
     table's files in one commit (the local engine's commits, app transactions and rows)."""
+    from lmat_platform.store import heads as heads_mod
+
     want = (not heads_done, not latest_done)
     schemas = {n: pa.schema(t.schema().to_arrow()) if (t := store.open_table(n)) is not None
                else None for n in ("heads", heads_mod.LATEST)}
@@ -316,6 +320,8 @@ def _heads_bucket(
 ) -> tuple[AddAction | None, AddAction | None, dict[str, int], tuple[pa.Schema, pa.Schema]]:
     """One bucket's head summaries at snapshot k, written as its ``heads`` and
     ``heads_latest`` files (which of them ``want`` says); a task of any engine."""
+    from lmat_platform.store import heads as heads_mod
+
     store, k, part, want, schemas = item
     heads_rows, latest_rows, stats = heads_mod.extend_heads(store, k, part)
     b = str(int(part.column("bucket")[0].as_py()))
@@ -332,6 +338,8 @@ def _heads_bucket(
 def _tier_rows_of(store: Store, k: int) -> pa.Table:
     """(bucket, user_id, event_ts, event_id) of snapshot k's tier rows (a resumed publish),
     from the files whose snapshot statistics can hold k."""
+    from lmat_platform.store import uih
+
     cols = ["bucket", "user_id", "event_ts", "event_id"]
     dt = store.open_table("uih")
     if dt is None:
@@ -362,6 +370,8 @@ def head_summaries(store: Store, bucket: int, users: np.ndarray, k: int) -> pa.T
 
     Reads only ``user_id``, ``event_ts``, ``event_id`` of the row groups that hold those users.
     """
+    from lmat_platform.store.heads import MARKER_LENGTHS, NO_MARKER
+
     users = np.sort(users)
     cols = read_user_keys(store, bucket, users, max_snapshot=k)
     u, ts, eid = cols["user_id"], cols["event_ts"], cols["event_id"]
@@ -397,6 +407,8 @@ def read_user_keys(
     store: Store, bucket: int, users: np.ndarray, *, max_snapshot: int
 ) -> dict[str, np.ndarray]:
     """(user_id, event_ts, event_id) of ``users`` (sorted) in one bucket, sorted, snapshot <= k."""
+    from lmat_platform.store import uih
+
     dt = store.open_table("uih")
     keys = ["user_id", "event_ts", "event_id", "snapshot_id"]
     if dt is None:
