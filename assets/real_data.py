@@ -38,14 +38,16 @@ class RealModelConfig(RealDataConfig):
     """Tenant history length."""
     block: str = "sasrec"
     """sasrec or hstu."""
-    epochs: int = 40
+    epochs: int = 200
     """Most epochs."""
-    patience: int = 6
+    patience: int = 10
     """Epochs without a better validation NDCG@10 before stopping."""
-    batch_size: int = 128
-    """Requests per step."""
-    lr: float = 2e-3
+    batch_size: int = 64
+    """Training windows a step."""
+    lr: float = 1e-3
     """Adam learning rate."""
+    dropout: float = 0.5
+    """Dropout of the model."""
     threads: int = 0
     """torch CPU threads (0: torch's default)."""
 
@@ -145,10 +147,10 @@ def real_model(config: RealModelConfig, lmat_store: LmatResource) -> dg.Material
     res = train_on_dataset(
         prep, out, max_len=config.max_len,
         model=SASRecConfig(n_items=prep.n_items, max_len=min(config.max_len, prep.max_history),
-                           block=config.block),  # type: ignore[arg-type]
+                           dropout=config.dropout, block=config.block),  # type: ignore[arg-type]
         config=TrainConfig(epochs=config.epochs, patience=config.patience,
                            batch_size=config.batch_size, lr=config.lr,
-                           threads=config.threads or None),
+                           threads=config.threads or None, time_column="arrival_ts"),
     )
     m = res.metrics
     return dg.MaterializeResult(metadata={

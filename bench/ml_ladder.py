@@ -56,7 +56,8 @@ def windows(prep: Any, stride: int) -> int:
 def run_ladder(data: str, out: Path, *, lengths: tuple[int, ...] = LENGTHS, epochs: int = 200,
                patience: int = 10, budget_s: float = 14400.0, threads: int = 1,
                tie_order: str = "hidden", seed: int = 0, lr: float = 1e-3,
-               dropout: float = 0.5) -> list[dict[str, Any]]:
+               dropout: float = 0.5, rung_budget_s: float | None = None
+               ) -> list[dict[str, Any]]:
     prep = resolve_prepared(data, tie_order=tie_order)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -74,7 +75,7 @@ def run_ladder(data: str, out: Path, *, lengths: tuple[int, ...] = LENGTHS, epoc
         cfg = TrainConfig(
             epochs=epochs, patience=patience, lr=lr, threads=threads, seed=seed,
             batch_size=max(1, math.ceil(windows(prep, stride) / steps)), checkpoint_every=50,
-            time_column="arrival_ts",
+            time_column="arrival_ts", budget_s=rung_budget_s,
         )
         train_on_dataset(prep, str(run), max_len=L, config=cfg, stride=stride,
                          model=SASRecConfig(n_items=prep.n_items, max_len=model_len,
@@ -96,6 +97,7 @@ def collect(out: Path) -> list[dict[str, Any]]:
         rows.append({
             "max_len": rung_name(L), "model_len": m["model"]["max_len"],
             "epochs": m["epochs_run"], "best_epoch": m.get("best_epoch"),
+            "stopped": m["stopped"],
             "stride": m["dataset"]["train_stride"], "batch_size": m["train"]["batch_size"],
             "targets_per_epoch": m["history"][0].get("targets") if m["history"] else None,
             "test": m["test"], "valid": m["valid"],
@@ -110,7 +112,7 @@ def write_outputs(source: str, rows: list[dict[str, Any]], out: Path) -> None:
     lines = [
         f"Sequence-length ladder on {source} (test, full ranking; `f` = seen items filtered)",
         "",
-        "| max_len | HR@10 | NDCG@10 | HR@10 f | NDCG@10 f | epochs (best) | windows/step | "
+        "| max_len | HR@10 | NDCG@10 | HR@10 f | NDCG@10 f | epochs (best), stop | windows/step | "
         "targets/epoch | windows/s | targets/s | data wait |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -119,8 +121,8 @@ def write_outputs(source: str, rows: list[dict[str, Any]], out: Path) -> None:
         lines.append(
             f"| {r['max_len']} | {t['hr@10']:.4f} | {t['ndcg@10']:.4f} | "
             f"{t['hr@10_filtered']:.4f} | {t['ndcg@10_filtered']:.4f} | "
-            f"{r['epochs']} ({r['best_epoch']}) | {r['batch_size']} | {r['targets_per_epoch']} | "
-            f"{r['examples_per_s']:.0f} | "
+            f"{r['epochs']} ({r['best_epoch']}), {r['stopped']} | {r['batch_size']} | "
+            f"{r['targets_per_epoch']} | "            f"{r['examples_per_s']:.0f} | "
             f"{r['targets_per_s']:.0f} | {100 * r['data_wait_share']:.1f}% |"
         )
     _write(out / "ladder.md", "\n".join(lines) + "\n")
@@ -174,6 +176,9 @@ def main() -> None:
                    help="epochs without a better validation NDCG@10 before a rung stops")
     p.add_argument("--budget-s", type=float, default=14400.0,
                    help="no new rung starts after this many seconds")
+    p.add_argument("--rung-budget-s", type=float, default=None,
+                   help="a rung starts no epoch after this many seconds and is tested at its "
+                   "best epoch (stopped = budget; 0 tests a cut-off rung's checkpoint at once)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dropout", type=float, default=0.5)
@@ -185,7 +190,7 @@ def main() -> None:
                     for s in a.lengths.split(","))
     run_ladder(a.dataset, Path(a.out), lengths=lengths, epochs=a.epochs, patience=a.patience,
                budget_s=a.budget_s, threads=a.threads, tie_order=a.tie_order, seed=a.seed,
-               lr=a.lr, dropout=a.dropout)
+               lr=a.lr, dropout=a.dropout, rung_budget_s=a.rung_budget_s)
 
 if __name__ == "__main__":
     main()

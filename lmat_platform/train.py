@@ -66,6 +66,10 @@ class TrainConfig:
     patience: int = 10
     """Stop after this many epochs without a better validation NDCG@10 (0: never stop early)."""
     max_steps: int | None = None
+    budget_s: float | None = None
+    """Start no epoch after this many seconds (wall time of this process, so a resumed run gets
+    the budget again; 0 tests a checkpoint's best epoch at once); the best epoch so far is
+    tested (None: no limit)."""
     """Stop after this many steps in all (None: no limit)."""
     checkpoint_every: int = 100
     """Steps between checkpoints inside an epoch (a checkpoint also ends every epoch)."""
@@ -267,6 +271,8 @@ def train_next_item(
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"])
         st = ck["state"]
+        if st["stopped"] == "budget":  # run again: continue with a new budget
+            st["stopped"] = None
         best_state = ck["best_state"]
         if not ck["loader"]["complete"]:
             loader.load_state_dict(ck["loader"])
@@ -283,6 +289,9 @@ def train_next_item(
     t_start = time.perf_counter()
     net.train()
     while st["stopped"] is None and st["epoch"] < config.epochs:
+        if config.budget_s is not None and time.perf_counter() - t_start >= config.budget_s:
+            st["stopped"] = "budget"  # a pass cut off inside is dropped; the best is kept
+            break
         if not mid_pass:
             loader.set_epoch(st["epoch"])
         mid_pass = False

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pyarrow.parquet as pq
 import pytest
@@ -120,6 +121,11 @@ def test_interrupted_run_resumes_to_the_same_model(prep, tmp_path) -> None:
     ck = torch.load(cut / CHECKPOINT_FILE, weights_only=False)
     assert 0 < ck["state"]["step"] < stop  # the checkpoint is behind the interruption
     assert not (cut / MODEL_FILE).exists()
+    # A zero budget tests the checkpoint's best epoch at once; running again continues.
+    quick = train_on_dataset(prep, str(cut), max_len=10, model=_model(prep),
+                             config=replace(CFG, budget_s=0))
+    assert quick.metrics["stopped"] == "budget" and quick.metrics["epochs_run"] == 1
+    assert quick.metrics["best_epoch"] == 0 and quick.metrics["test"]["n"] == USERS
     train_on_dataset(prep, str(cut), max_len=10, model=_model(prep), config=CFG)
     _same_weights(str(full / MODEL_FILE), str(cut / MODEL_FILE))
     a = json.loads((full / METRICS_FILE).read_text())

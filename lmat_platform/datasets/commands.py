@@ -81,7 +81,8 @@ def _train_config(a: argparse.Namespace) -> Any:
 
     return TrainConfig(
         epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, patience=a.patience,
-        max_steps=a.max_steps, checkpoint_every=a.checkpoint_every, num_workers=a.workers,
+        max_steps=a.max_steps, budget_s=a.budget_s, checkpoint_every=a.checkpoint_every,
+        num_workers=a.workers,
         device=a.device, seed=a.seed, loss=a.loss, threads=a.threads,
         time_column=None if a.time_column == "none" else a.time_column,
         weight_decay=a.weight_decay,
@@ -126,13 +127,17 @@ def _train_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--d-model", type=_positive("--d-model"), default=64)
     s.add_argument("--heads", type=_positive("--heads"), default=2)
     s.add_argument("--layers", type=_positive("--layers"), default=2)
-    s.add_argument("--dropout", type=float, default=0.2)
+    s.add_argument("--dropout", type=float, default=0.5)
     s.add_argument("--epochs", type=_positive("--epochs"), default=200)
-    s.add_argument("--batch-size", type=_positive("--batch-size"), default=256)
+    s.add_argument("--batch-size", type=_positive("--batch-size"), default=64,
+                   help="training windows a step")
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--patience", type=int, default=10,
                    help="epochs without a better valid NDCG@10 before stopping (0: never)")
     s.add_argument("--max-steps", type=_positive("--max-steps"), default=None)
+    s.add_argument("--budget-s", type=float, default=None,
+                   help="stop at the first epoch end after this many seconds (the best epoch "
+                   "is tested; running the same line again continues the run)")
     s.add_argument("--checkpoint-every", type=_positive("--checkpoint-every"), default=100,
                    help="steps between checkpoints (one also ends every epoch)")
     s.add_argument("--workers", type=int, default=0, help="SequenceLoader worker processes")
