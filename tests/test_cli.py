@@ -78,7 +78,8 @@ def test_success_prints_one_json_line(
         "event_ts_after_arrival_ts": 1,
         "behind_watermark": 0,
     }
-    assert res["version"] == open_store(root).open_table("raw").version()
+    raw = open_store(root).open_table("raw")
+    assert raw is not None and res["version"] == raw.version()
     code, out, _ = run(capsys, ["snapshot", root, "--watermark", "50"])
     assert code == 0 and json.loads(out) | {"created_at": 0} == {
         "snapshot_id": 0,
@@ -224,7 +225,9 @@ def test_forget_takes_several_ids_after_one_user_flag(
     assert main(["ingest", root, write_events(tmp_path / "a.parquet", rows)]) == 0
 
     def users_left() -> set[int]:
-        return set(open_store(root).read_table("raw").column("user_id").to_pylist())
+        raw = open_store(root).read_table("raw")
+        assert raw is not None
+        return set(raw.column("user_id").to_pylist())
 
     code, out, err = run(capsys, ["forget", root, "--user", "1", "2", "3"])
     assert code == 0, err
