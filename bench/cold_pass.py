@@ -26,10 +26,16 @@ on all of them alike; each figure is the median over rounds of the median of ``-
 * ``first_batch_s``: time from ``SequenceLoader(...)`` to its first batch in a fresh process
   with the cache off (imports done before; with workers, their start included): the figure
   with nothing kept in the process (the OS page cache is warm: earlier children read the files);
+  ``import_s`` beside it: ``from lmat_platform.reader import SequenceLoader`` in that process
+  (torch, pyarrow, deltalake, numba), which also starts the kernels' warm-up in a background
+  thread (:func:`lmat_platform.kernels.warm_up_in_background`); each with the process's CPU
+  seconds, which load on the machine inflates far less than wall seconds;
 * ``stall``: a training loop whose step keeps the main process busy (a spin, holding the GIL
   as Python training code does) for ``--step-factor`` (2) times the time a single-process
   cache-off reader needs per batch, measured just before in the same process; reported is the
-  share of the loop's time spent waiting for the next batch, with 0 and 2 workers.
+  share of the loop's time spent waiting for the next batch, with 0, 1 and 2 workers;
+* ``breakdown``: a cache-off pass's wall seconds by operation (:func:`child_breakdown`), the
+  gap to the own-length fat file shown operation by operation.
 
 Also the thin bytes of the workload: streaming thin rows (tails stored once per user and
 file), batch-path thin rows and the UIH tier, per request. Writes ``--out`` (JSON) and prints
@@ -97,21 +103,27 @@ def child_fat(setup: dict[str, Any], tenant: str, which: str, reps: int) -> dict
 
 
 def child_lmat(setup: dict[str, Any], tenant: str, workers: int, reps: int) -> dict[str, Any]:
+    i0, c0 = time.perf_counter(), time.process_time()
     from lmat_platform.reader import SequenceLoader
 
+    import_s, import_cpu = time.perf_counter() - i0, time.process_time() - c0
     t = _tenant(tenant)
-    t0 = time.perf_counter()
+    t0, c1 = time.perf_counter(), time.process_time()
     loader = SequenceLoader(setup["store"], setup["thin"], tenant=t, batch_size=BATCH,
                             num_workers=workers)
     it = iter(loader)
     next(it)
     first = time.perf_counter() - t0
+    first_cpu = time.process_time() - c1
     for _ in it:
         pass
     first_pass = time.perf_counter() - t0
     out = _passes(lambda: loader, reps)
     loader.close()
     out["first_batch_s"] = first
+    out["first_batch_cpu_s"] = first_cpu
+    out["import_s"] = import_s
+    out["import_cpu_s"] = import_cpu
     out["first_pass_s"] = first_pass
     return out
 
@@ -138,7 +150,7 @@ def child_stall(setup: dict[str, Any], tenant: str, factor: float, passes: int) 
     per_batch = statistics.median(secs) / nb
     step = factor * per_batch
     out: dict[str, Any] = {"reader_s_per_batch": per_batch, "step_s": step, "batches": nb}
-    for workers in (0, 2):
+    for workers in (0, 1, 2):
         loader = SequenceLoader(setup["store"], setup["thin"], tenant=t, batch_size=BATCH,
                                 num_workers=workers)
         for _ in loader:  # the first pass starts the workers; not timed
@@ -166,6 +178,93 @@ def child_stall(setup: dict[str, Any], tenant: str, factor: float, passes: int) 
             "loop_s": statistics.median(totals),
         }
     return out
+
+
+#: The operations of a cache-off pass, in the order they run for each unit.
+STAGES = ("thin_read", "thin_tails", "heads", "tier_read", "checks_tails", "plan", "batches")
+
+
+def child_breakdown(setup: dict[str, Any], tenant: str, reps: int) -> dict[str, Any]:
+    """Where a cache-off pass of ``num_workers=0`` spends its time, operation by operation:
+    the loader's own units, read one after another in this thread (no prefetch thread, so the
+    seconds add up), after one pass of start-up. ``thin_read``: the bucket's thin files
+    (Parquet) merged in order; ``thin_tails``: stored tails flattened and requests' spans
+    resolved (late events sorted); ``heads``: the bucket's head summaries; ``tier_read``: the
+    pruned read of the tier's row groups; ``checks_tails``: pointer checks, lookups and tails
+    in ``prepare_unit`` besides those two reads; ``plan``: the planner; ``batches``: batches
+    cut and every value copied. Wall seconds per pass, median over ``reps`` passes."""
+    import functools
+
+    import lmat_platform.reader.loader as ld
+    from lmat_platform.protocol.pointers import HeadIndex
+    from lmat_platform.reader.buffers import shared_pool
+    from lmat_platform.reconstruct import ThinRows, plan_unit, prepare_unit
+    from lmat_platform.store import uih
+
+    t = _tenant(tenant)
+    loader = ld.SequenceLoader(setup["store"], setup["thin"], tenant=t, batch_size=BATCH)
+    for _ in loader:  # start-up: kernels, footers, table metadata
+        pass
+    spec = loader._specs(1, 0, [0])[0]
+    acc: dict[str, float] = {}
+
+    def timed(name: str, fn: Any) -> Any:
+        @functools.wraps(fn)
+        def inner(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
+        return inner
+
+    orig = (uih.read_bucket, HeadIndex.of_files, ThinRows.from_table)
+    uih.read_bucket = timed("tier_read", orig[0])  # type: ignore[assignment]
+    HeadIndex.of_files = classmethod(  # type: ignore[assignment,method-assign]
+        lambda cls, *a, **k: timed("heads", orig[1])(*a, **k))
+    ThinRows.from_table = classmethod(  # type: ignore[assignment,method-assign]
+        lambda cls, *a, **k: timed("thin_tails", orig[2])(*a, **k))
+    alloc = ld._pool_alloc(shared_pool())
+    passes = []
+    try:
+        for _ in range(reps):
+            acc.clear()
+            stage = dict.fromkeys(STAGES, 0.0)
+            reader = ld._UnitReader(spec)
+            n = 0
+            for i, unit in enumerate(spec.units):
+                t0 = time.perf_counter()
+                rows = reader._unit_rows(unit)
+                t1 = time.perf_counter()
+                prep = prepare_unit(spec.ctx, unit.bucket, rows)
+                t2 = time.perf_counter()
+                seqs = plan_unit(prep, plan_only=True)
+                t3 = time.perf_counter()
+                w = ld._window([seqs], spec, i)
+                for a in range(0, w.n, BATCH):
+                    b = ld._batch([ld._piece(w, a, min(w.n, a + BATCH))], t.columns, alloc)
+                    n += len(b)
+                    del b
+                t4 = time.perf_counter()
+                stage["thin_read"] += t1 - t0
+                stage["checks_tails"] += t2 - t1
+                stage["plan"] += t3 - t2
+                stage["batches"] += t4 - t3
+            # The timed reads ran inside the stages above: move them to their own rows.
+            stage["thin_read"] -= acc.get("thin_tails", 0.0)
+            stage["checks_tails"] -= acc.get("heads", 0.0) + acc.get("tier_read", 0.0)
+            for k in ("thin_tails", "heads", "tier_read"):
+                stage[k] = acc.get(k, 0.0)
+            passes.append(stage)
+    finally:
+        uih.read_bucket = orig[0]  # type: ignore[assignment]
+        HeadIndex.of_files = classmethod(  # type: ignore[assignment,method-assign]
+            lambda cls, *a, **k: orig[1](*a, **k))
+        ThinRows.from_table = classmethod(  # type: ignore[assignment,method-assign]
+            lambda cls, *a, **k: orig[2](*a, **k))
+    med = {k: statistics.median(p[k] for p in passes) for k in STAGES}
+    return {"examples": n, "stages_s": med, "pass_s": sum(med.values()),
+            "all": [{k: round(v, 5) for k, v in p.items()} for p in passes]}
 
 
 # ------------------------------------------------------------------------------ driver
@@ -234,11 +333,16 @@ def run(work: Path, scale_name: str, rounds: int, reps: int, factor: float,
                 # What is measured so far, in case the run is cut short.
                 (work / "cold_partial.json").write_text(json.dumps(runs))
     stall = {}
+    breakdown = {}
     for t in TENANTS:
         log.info("stall: %s", t.name)
         stall[t.name] = _child(["--child", "stall", "--setup", str(sf), "--tenant", t.name,
                                 "--factor", str(factor), "--reps", str(stall_passes)],
                                {"LMAT_DECODE_CACHE_MB": "0"})
+        log.info("breakdown: %s", t.name)
+        breakdown[t.name] = _child(["--child", "breakdown", "--setup", str(sf), "--tenant",
+                                    t.name, "--reps", str(2 * reps + 1)],
+                                   {"LMAT_DECODE_CACHE_MB": "0"})
     table: dict[str, dict[str, Any]] = {}
     for t in TENANTS:
         row: dict[str, Any] = {}
@@ -246,7 +350,8 @@ def run(work: Path, scale_name: str, rounds: int, reps: int, factor: float,
             got = runs[t.name][r]
             row[r] = statistics.median(g["examples_per_s"] for g in got)
             if r.startswith("lmat_cold"):
-                row[f"{r}_first_batch_s"] = statistics.median(g["first_batch_s"] for g in got)
+                for k in ("first_batch_s", "first_batch_cpu_s", "import_s", "import_cpu_s"):
+                    row[f"{r}_{k}"] = statistics.median(g[k] for g in got)
         row["cold_over_fat_union"] = row["lmat_cold_w0"] / row["fat_union"]
         row["cold_over_fat_own"] = row["lmat_cold_w0"] / row["fat_own"]
         row["w2_over_w0"] = row["lmat_cold_w2"] / row["lmat_cold_w0"]
@@ -262,7 +367,9 @@ def run(work: Path, scale_name: str, rounds: int, reps: int, factor: float,
         "streaming_over_uih": by["thin_streaming"] / max(by["uih"], 1),
     }
     return {"setup": setup, "rounds": rounds, "reps": reps, "table": table, "runs": runs,
-            "stall": stall, "thin_bytes": thin, "cpu_count": os.cpu_count(),
+            "stall": stall, "breakdown": breakdown, "thin_bytes": thin,
+            "cpu_count": os.cpu_count(),
+            "load_average_at_end": os.getloadavg(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -286,9 +393,15 @@ def markdown(res: dict[str, Any]) -> str:
               "lmat_warm"):
         out.append(f"| {label[r]} | " + " | ".join(f"{tab[n][r] / 1e3:,.1f}K" for n in names)
                    + " |")
+    out.append("| lmat, fresh process: `import lmat_platform.reader` (CPU seconds) | "
+               + " | ".join(f"{tab[n]['lmat_cold_w0_import_s']:.2f} s "
+                            f"({tab[n]['lmat_cold_w0_import_cpu_s']:.2f} s)" for n in names)
+               + " |")
     for w in (0, 2):
-        out.append(f"| lmat, first batch of a fresh process, cache off (`num_workers={w}`) | "
-                   + " | ".join(f"{tab[n][f'lmat_cold_w{w}_first_batch_s']:.2f} s"
+        out.append(f"| lmat, fresh process: loader built to first batch, cache off "
+                   f"(`num_workers={w}`; CPU seconds of this process) | "
+                   + " | ".join(f"{tab[n][f'lmat_cold_w{w}_first_batch_s']:.2f} s "
+                                f"({tab[n][f'lmat_cold_w{w}_first_batch_cpu_s']:.2f} s)"
                                 for n in names) + " |")
     out.append("| cache off / union fat | " + " | ".join(
         f"{tab[n]['cold_over_fat_union']:.1f}x" for n in names) + " |")
@@ -299,8 +412,24 @@ def markdown(res: dict[str, Any]) -> str:
     st = res["stall"]
     out.append("| training loop, step = 2x reader time: data-wait share, 0 workers | " + " | ".join(
         f"{100 * st[n]['w0']['wait_share']:.1f}%" for n in names) + " |")
-    out.append("| the same, 2 workers | " + " | ".join(
-        f"{100 * st[n]['w2']['wait_share']:.1f}%" for n in names) + " |")
+    for w in (1, 2):
+        out.append(f"| the same, {w} worker{'s' if w > 1 else ''} | " + " | ".join(
+            f"{100 * st[n][f'w{w}']['wait_share']:.1f}%" for n in names) + " |")
+    bd = res.get("breakdown")
+    if bd:
+        out.append("")
+        out.append("A cache-off pass (`num_workers=0`) by operation, units read one after "
+                   "another in one thread (`--child breakdown`), milliseconds per pass:")
+        out.append("")
+        out.append("| operation | " + " | ".join(names) + " |")
+        out.append("|---|" + "---:|" * len(names))
+        for k in STAGES:
+            out.append(f"| {k} | " + " | ".join(
+                f"{1e3 * bd[n]['stages_s'][k]:.1f}" for n in names) + " |")
+        out.append("| whole pass | " + " | ".join(
+            f"{1e3 * bd[n]['pass_s']:.1f}" for n in names) + " |")
+        out.append("| own-length fat file pass, for comparison | " + " | ".join(
+            f"{1e3 * bd[n]['examples'] / tab[n]['fat_own']:.1f}" for n in names) + " |")
     tb = res["thin_bytes"]
     out.append("")
     out.append(f"Thin bytes per request ({tb['requests']:,} requests): streaming "
@@ -335,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
             res = child_lmat(setup, args.tenant, int(args.child[-1]), args.reps)
         elif args.child == "stall":
             res = child_stall(setup, args.tenant, args.factor, args.reps)
+        elif args.child == "breakdown":
+            res = child_breakdown(setup, args.tenant, args.reps)
         else:
             raise SystemExit(f"--child: unknown reader {args.child!r}")
         print(json.dumps(res))

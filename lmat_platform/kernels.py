@@ -1007,22 +1007,28 @@ def _skip_blas_probe() -> None:
     among them ``numba.np.arraymath``, which imports ``scipy.linalg`` only to learn whether a
     BLAS is there (``_HAVE_BLAS``): 0.15-0.2 s of CPU, about 40% of numba's start-up here, and
     lmat's kernels use no BLAS. Unless ``scipy.linalg`` is imported already (then the probe is
-    free) or ``LMAT_NUMBA_BLAS_PROBE=1``, ``numba.np.arraymath`` is imported with
-    ``scipy.linalg.cython_blas`` blocked, so the probe answers "no BLAS". The one effect:
-    ``np.correlate`` and ``np.convolve`` compiled by numba in this process take numba's own
-    inner-product loop instead of BLAS ``dot``; numba's ``np.dot`` and ``np.linalg`` look for
-    BLAS themselves when compiled and are unchanged."""
+    free) or ``LMAT_NUMBA_BLAS_PROBE=1``, ``numba.np.arraymath`` is imported while
+    ``numba.np.linalg.ensure_blas`` (the probe it calls once, at its import) answers "no BLAS";
+    the function is put back at once (no import is blocked, so other threads' imports of scipy
+    are unaffected). The one effect: ``np.correlate`` and ``np.convolve`` compiled by numba in
+    this process take numba's own inner-product loop instead of BLAS ``dot``; numba's
+    ``np.dot`` and ``np.linalg`` look for BLAS themselves when compiled and are unchanged."""
     import sys
 
-    blas = "scipy.linalg.cython_blas"
     if ("numba.np.arraymath" in sys.modules or "scipy.linalg" in sys.modules
-            or os.environ.get("LMAT_NUMBA_BLAS_PROBE") == "1" or blas in sys.modules):
+            or os.environ.get("LMAT_NUMBA_BLAS_PROBE") == "1"):
         return
-    sys.modules[blas] = None  # type: ignore[assignment]  # the documented block of an import
+    import numba.np.linalg as nl
+
+    def no_blas() -> None:
+        raise ImportError("lmat: numba's BLAS probe skipped (LMAT_NUMBA_BLAS_PROBE=1 keeps it)")
+
+    real = nl.ensure_blas
+    nl.ensure_blas = no_blas
     try:
         import numba.np.arraymath  # noqa: F401
     finally:
-        del sys.modules[blas]
+        nl.ensure_blas = real
 
 
 def _warm_up_logged() -> None:

@@ -100,7 +100,12 @@ def test_cold_pass_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         # Every reader served the same requests.
         n = {res["runs"][t.name][r][0]["examples"] for r in cold_pass.READERS}
         assert len(n) == 1 and n.pop() > 0
-        for w in ("w0", "w2"):
+        n_served = res["runs"][t.name]["lmat_cold_w0"][0]["examples"]
+        for w in ("w0", "w1", "w2"):
             assert 0 <= res["stall"][t.name][w]["wait_share"] < 1
+        bd = res["breakdown"][t.name]
+        assert bd["examples"] == n_served and bd["pass_s"] > 0
+        assert abs(sum(bd["stages_s"].values()) - bd["pass_s"]) < 1e-6
+        assert row["lmat_cold_w0_import_s"] > 0 and row["lmat_cold_w0_first_batch_cpu_s"] > 0
     md = out.with_suffix(".md").read_text()
     assert "**warm**" in md and "cache off" in md

@@ -671,3 +671,34 @@ def test_tail_runs_store_each_users_events_once() -> None:
     assert st.tolist() == [0, 2, 4] and sd.tolist() == [6, 0, 0]
     with pytest.raises(ValueError, match="lengths differ"):
         tail_runs(users, rids[:-1], lo, hi)
+
+
+def test_kernels_warm_up_in_background_without_the_blas_probe() -> None:
+    """A fresh process that imports the loader starts the kernels' warm-up in a thread;
+    warm_up() waits for it; numba's BLAS probe (an import of scipy.linalg) was skipped; a
+    fork made meanwhile waits for the warm-up, and the child runs kernels (no compiler lock
+    inherited held)."""
+    import subprocess
+    import sys
+
+    code = """
+import os, sys
+import numpy as np
+import lmat_platform.reader.loader
+from lmat_platform import kernels
+assert kernels._WARMING is not None, "no warm-up started at import"
+pid = os.fork()
+if pid == 0:
+    z = np.zeros(3, dtype=np.int64)
+    os._exit(0 if kernels.is_sorted3(z, z, z) else 3)
+_, status = os.waitpid(pid, 0)
+assert os.WEXITSTATUS(status) == 0, status
+kernels.warm_up()
+assert kernels._WARM and not kernels._WARMING.is_alive()
+import numba.np.arraymath as am
+assert am._HAVE_BLAS is False and "scipy.linalg" not in sys.modules
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env={**__import__("os").environ, "LMAT_NUMBA_BLAS_PROBE": ""})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
