@@ -336,3 +336,21 @@ def test_kernel_modules_find_a_cache_folder_when_imported_first(tmp_path: Path) 
                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
         assert r.returncode == 0, (mod, r.stderr[-2000:])
         assert r.stdout.startswith(str(pkg)), r.stdout
+
+
+def test_info_counts_every_table_of_the_store(
+    cli_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``lmat info`` counts the bytes of every Delta table in the store, also those of tiers
+    written later (the summary tier's tables), and only Delta tables."""
+    from deltalake import write_deltalake
+
+    write_deltalake(os.path.join(cli_store, "summaries"), pa.table({"user_id": [1, 2]}))
+    os.makedirs(os.path.join(cli_store, "not_a_table"))
+    Path(cli_store, "not_a_table", "x.bin").write_bytes(b"x" * 100)
+    code, out, err = run(capsys, ["info", cli_store])
+    assert code == 0, err
+    sizes = json.loads(out)["bytes"]
+    on_disk = sum(p.stat().st_size for p in Path(cli_store, "summaries").rglob("*") if p.is_file())
+    assert sizes["summaries"] == on_disk > 0
+    assert "not_a_table" not in sizes and sizes["uih"] > 0 and sizes["forgotten"] == 0

@@ -541,20 +541,35 @@ def as_store(store: Store | str) -> Store:
     return store if isinstance(store, Store) else open_store(store)
 
 
+def table_names(store: Store) -> list[str]:
+    """The store's tables: :data:`TABLES` (whether written yet or not), then every other
+    folder of the store that holds a Delta log (the summary tier's tables, ...), by name."""
+    fs, root = store.filesystem()
+    sel = pafs.FileSelector(root, allow_not_found=True)
+    others = sorted(
+        os.path.basename(i.path) for i in fs.get_file_info(sel)
+        if i.type == pafs.FileType.Directory and os.path.basename(i.path) not in TABLES
+        and fs.get_file_info(f"{i.path}/_delta_log").type == pafs.FileType.Directory
+    )
+    return [*TABLES, *others]
+
+
 def disk_bytes(store: Store) -> dict[str, int]:
-    """Bytes on disk per table (every file under the table, including unvacuumed ones)."""
+    """Bytes on disk per table (every file under the table, including unvacuumed ones), for
+    every table of :func:`table_names`."""
     fs, root = store.filesystem()
     out: dict[str, int] = {}
-    for name in TABLES:
+    for name in table_names(store):
         sel = pafs.FileSelector(f"{root}/{name}", recursive=True, allow_not_found=True)
         out[name] = sum(i.size or 0 for i in fs.get_file_info(sel) if i.type == pafs.FileType.File)
     return out
 
 
 def live_bytes(store: Store) -> dict[str, int]:
-    """Bytes of the files each table's latest version references (what a reader can touch)."""
+    """Bytes of the files each table's latest version references (what a reader can touch),
+    for every table of :func:`table_names`."""
     out: dict[str, int] = {}
-    for name in TABLES:
+    for name in table_names(store):
         dt = store.open_table(name)
         if dt is None:
             out[name] = 0
