@@ -11,6 +11,7 @@ subcommand imports what it uses. ``from lmat_platform import SequenceLoader`` an
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from lmat_platform.exceptions import (
@@ -106,11 +107,14 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'lmat_platform' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"lmat_platform.{mod}"), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
+    if mod is not None:
+        value = getattr(importlib.import_module(f"lmat_platform.{mod}"), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    # A submodule, as the eager package made ``lmat_platform.<module>`` available on import.
+    if not name.startswith("__") and importlib.util.find_spec(f"lmat_platform.{name}") is not None:
+        return importlib.import_module(f"lmat_platform.{name}")
+    raise AttributeError(f"module 'lmat_platform' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

@@ -309,6 +309,15 @@ def test_public_api_loads_on_first_use() -> None:
     from lmat_platform import Batch, write_thin  # the ``from`` form goes through the same hook
 
     assert Batch is lmat_platform.reader.Batch and callable(write_thin)
+    # Submodules are attributes of a freshly imported package, as with the eager imports
+    # (``lmat.store.Store`` in annotations, ``lmat.tenants.SummarySpec``), and load on use.
+    code = ("import sys, lmat_platform as lmat\n"
+            "assert 'pyarrow' not in sys.modules and 'numba' not in sys.modules\n"
+            "assert lmat.tenants.SummarySpec and lmat.store.Store and lmat.store.uih.STRIPES\n"
+            "assert lmat.LmatError is lmat.exceptions.LmatError\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_kernel_modules_find_a_cache_folder_when_imported_first(tmp_path: Path) -> None:

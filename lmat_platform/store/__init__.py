@@ -8,6 +8,7 @@ usual (``from lmat_platform.store import uih``).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
@@ -81,11 +82,14 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'lmat_platform.store' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"lmat_platform.store.{mod}"), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
+    if mod is not None:
+        value = getattr(importlib.import_module(f"lmat_platform.store.{mod}"), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    # A submodule, as the eager package made ``lmat_platform.store.<module>`` available on import.
+    if not name.startswith("__") and importlib.util.find_spec(f"lmat_platform.store.{name}") is not None:
+        return importlib.import_module(f"lmat_platform.store.{name}")
+    raise AttributeError(f"module 'lmat_platform.store' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
