@@ -217,8 +217,8 @@ def _compact_tier(
     chosen = [(b, fl) for b, fl in sorted(by_bucket.items())
               if b in want and _units(fl) >= min_files]
     # Stripe names carry the highest snapshot of the buckets compacted so far, in bucket order.
-    snaps = np.maximum.accumulate([max((f.max_snapshot or 0) for f in fl) for _, fl in chosen]
-                                  ) if chosen else []
+    snaps = np.maximum.accumulate(
+        np.array([max((f.max_snapshot or 0) for f in fl) for _, fl in chosen], dtype=np.int64))
     # One task per bucket: read, merge, cut into stripes, write (engine: where).
     per_bucket = (engine or LocalEngine()).map(
         _compact_bucket, [(store, b, fl, int(m)) for (b, fl), m in zip(chosen, snaps, strict=True)])
