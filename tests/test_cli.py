@@ -281,13 +281,16 @@ def test_help_imports_nothing_heavy() -> None:
 
 def test_store_commands_import_only_the_store(cli_store: str) -> None:
     """``lmat info`` and ``lmat validate`` need pyarrow and deltalake, not torch, Dagster or
-    Ray, nor the compiled kernels (numba): they read the registry and the tier's log only."""
+    Ray, nor the compiled kernels (numba): they read the registry and the tier's log only;
+    ``validate`` reads no Parquet, so not pyarrow's dataset module (and pandas) either."""
     for args in (["info", cli_store], ["validate", cli_store]):
         code, mods = _imports_of(*args)
         assert code == 0, args
         assert {"pyarrow", "deltalake"} <= mods, args  # the probe sees real imports
         unwanted = mods & {*_NEVER_LIGHT, "numba"}
         assert not unwanted, (args, sorted(unwanted))
+    # validate reads the tier's Delta log only: no pyarrow dataset (which imports pandas).
+    assert "pandas" not in mods
 
 
 def test_public_api_loads_on_first_use() -> None:

@@ -39,16 +39,18 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
 from lmat_platform.exceptions import ConcurrencyError, StoreExistsError, StoreNotFoundError
+
+if TYPE_CHECKING:  # imported where a dataset is made: it costs as much as the rest (pandas)
+    import pyarrow.dataset as pads
 
 log = logging.getLogger(__name__)
 
@@ -421,6 +423,8 @@ def delta_dataset(dt: DeltaTable) -> pads.Dataset:
     The table's schema is applied so files written before an additive schema change read with
     nulls in the new columns. Tables with deletion vectors are not supported (lmat writes none).
     """
+    import pyarrow.dataset as pads
+
     schema = pa.schema(dt.schema().to_arrow())
     parts = list(dt.metadata().partition_columns)
     uri = dt.table_uri.rstrip("/")
