@@ -101,7 +101,6 @@ class SegmentPlan:
     tail_id: np.ndarray | None = None
     _sources: tuple[tuple[str, ...], CopySources] | None = field(default=None, repr=False,
                                                                  compare=False)
-    _canon: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def segments(self, rows: slice | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(s0, s1) of a contiguous row slice (views) or of the given rows, in that order."""
@@ -110,21 +109,6 @@ class SegmentPlan:
             return self.s0[a:b], self.s1[a:b]
         pos = expand_positions(self.seg_off[rows], self.seg_off[rows + 1])
         return self.s0[pos], self.s1[pos]
-
-    def tail_canonical(self) -> np.ndarray | None:
-        """Per tail position, the first tail position that holds the same event (by
-        :attr:`tail_id`); computed once per plan. None where event ids are not known."""
-        if self.tail_id is None:
-            return None
-        if self._canon is None:
-            order = np.argsort(self.tail_id, kind="stable")
-            ids = self.tail_id[order]
-            first = np.ones(len(ids), dtype=bool)
-            first[1:] = ids[1:] != ids[:-1]
-            canon = np.empty(len(ids), dtype=np.int64)
-            canon[order] = order[first][np.cumsum(first) - 1]
-            self._canon = canon
-        return self._canon
 
     def copy_all(self, columns: tuple[str, ...] | list[str], s0: np.ndarray, s1: np.ndarray,
                  outs: list[np.ndarray], offset: int) -> int:
@@ -163,7 +147,7 @@ class SegmentPlan:
             {c: np.concatenate([p.head[c] for p in plans]) for c in cols},
             {c: np.concatenate([p.tail[c] for p in plans]) for c in cols},
             None if any(p.tail_id is None for p in plans)
-            else np.concatenate([p.tail_id for p in plans]),  # type: ignore[misc]
+            else np.concatenate([p.tail_id for p in plans]),
         )
 
 

@@ -16,8 +16,8 @@ Duplicates are found from the copy plan, without reading any value. A request's 
 list of segments over the plan's two sources: head rows (each event of a unit once) and tail
 positions (where one event may have several copies: tails copied per request). Each request's
 segments are rewritten as maximal runs of canonical positions (a tail position becomes the first
-position holding the same event id), so two requests with equal runs have equal sequences,
-value for value. Requests are grouped by (user, hash of runs) and every member's runs are
+position of the batch's rows that holds the same event id), so two requests with equal runs
+have equal sequences, value for value. Requests are grouped by (user, hash of runs) and every member's runs are
 compared with its group's first, so a hash collision never merges different sequences. The test
 is sufficient, not necessary: two requests that see one event in the head and in a later
 snapshot's tail respectively stay apart (their batch is larger, never wrong).
@@ -34,15 +34,30 @@ from lmat_platform.reconstruct import SegmentPlan
 
 
 @njit(cache=True, nogil=True)
-def _runs(lo, hi, s0, s1, n_head, canon, has_canon):  # type: ignore[no-untyped-def,unused-ignore]
+def _runs(lo, hi, s0, s1, n_head, tail_id, has_ids):  # type: ignore[no-untyped-def,unused-ignore]
     """Each row's segments ``[lo[r], hi[r])`` of ``s0/s1`` as maximal runs of canonical
-    positions (run offsets per row, run starts, run ends) and a hash of each row's runs."""
+    positions (run offsets per row, run starts, run ends) and a hash of each row's runs. A tail
+    position's canonical one is the first position these rows reach that holds the same event
+    (an open-addressing table of event ids, sized to the tail positions they reach)."""
     R = len(lo)
     cap = 0
+    m = 0
     for r in range(R):
         for k in range(lo[r], hi[r]):
             if s1[k] > s0[k]:
-                cap += 1 if s0[k] < n_head or not has_canon else s1[k] - s0[k]
+                if s0[k] < n_head or not has_ids:
+                    cap += 1
+                else:
+                    cap += s1[k] - s0[k]
+                    m += s1[k] - s0[k]
+    size = 1
+    bits = 0
+    while size < 2 * m + 2:
+        size *= 2
+        bits += 1
+    keys = np.empty(size, dtype=np.int64)
+    vals = np.full(size, -1, dtype=np.int64)
+    mask = size - 1
     ra = np.empty(cap, dtype=np.int64)
     rb = np.empty(cap, dtype=np.int64)
     off = np.zeros(R + 1, dtype=np.int64)
@@ -55,7 +70,7 @@ def _runs(lo, hi, s0, s1, n_head, canon, has_canon):  # type: ignore[no-untyped-
             b = s1[k]
             if b <= a:
                 continue
-            if a < n_head or not has_canon:
+            if a < n_head or not has_ids:
                 if n > off[r] and rb[n - 1] == a:
                     rb[n - 1] = b
                 else:
@@ -64,7 +79,15 @@ def _runs(lo, hi, s0, s1, n_head, canon, has_canon):  # type: ignore[no-untyped-
                     n += 1
                 continue
             for p in range(a, b):
-                c = canon[p - n_head] + n_head
+                e = tail_id[p - n_head]
+                slot = np.int64((np.uint64(e) * np.uint64(11400714819323198485)) >> np.uint64(
+                    64 - bits)) if bits else np.int64(0)
+                while vals[slot] >= 0 and keys[slot] != e:
+                    slot = (slot + 1) & mask
+                if vals[slot] < 0:
+                    keys[slot] = e
+                    vals[slot] = p
+                c = vals[slot]
                 if n > off[r] and rb[n - 1] == c:
                     rb[n - 1] = c + 1
                 else:
@@ -109,11 +132,11 @@ def unique_rows(
     if R == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     rows = np.asarray(rows, dtype=np.int64)
-    canon = plan.tail_canonical()
     n_head = len(next(iter(plan.head.values()))) if plan.head else 0
+    ids = plan.tail_id
     off, ra, rb, h = _runs(plan.seg_off[rows], plan.seg_off[rows + 1], plan.s0, plan.s1,
-                           n_head, canon if canon is not None else np.zeros(0, np.int64),
-                           canon is not None)
+                           n_head, ids if ids is not None else np.zeros(0, np.int64),
+                           ids is not None)
     # Each row's candidate: the first row of its (user, hash) group, in row order.
     order = np.lexsort((np.arange(R), h, users))
     new = np.ones(R, dtype=bool)
