@@ -10,9 +10,7 @@ subcommand imports what it uses. ``from lmat_platform import SequenceLoader`` an
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lmat_platform.exceptions import (
     ImmutabilityError,
@@ -24,6 +22,7 @@ from lmat_platform.exceptions import (
     TenantError,
     ThinTableError,
 )
+from lmat_platform.lazy import lazy_names
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from lmat_platform.fatrows import write_fat_rows
@@ -105,17 +104,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    mod = _WHERE.get(name)
-    if mod is not None:
-        value = getattr(importlib.import_module(f"lmat_platform.{mod}"), name)
-        globals()[name] = value  # later look-ups skip this function
-        return value
-    # A submodule, as the eager package made ``lmat_platform.<module>`` available on import.
-    if not name.startswith("__") and importlib.util.find_spec(f"lmat_platform.{name}") is not None:
-        return importlib.import_module(f"lmat_platform.{name}")
-    raise AttributeError(f"module 'lmat_platform' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _WHERE, __all__)

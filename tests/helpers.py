@@ -291,3 +291,24 @@ def check_layout(store: Store) -> list:
         assert f.max_ts == max(t.column("event_ts").to_pylist())
         assert f.max_snapshot == max(t.column("snapshot_id").to_pylist())
     return files
+
+
+def package_without_numba_cache(tmp: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of ``lmat_platform`` under ``tmp/pkg`` and an environment in which numba has no
+    writable cache folder of its own (NUMBA_CACHE_DIR, every ``__pycache__`` beside the modules
+    and the user cache are blocked by files; numba alone raises 'no locator available'). The
+    temp dir is ``tmp/tmp``, where lmat's fallback folder goes."""
+    import shutil
+
+    pkg = tmp / "pkg"
+    shutil.copytree(REPO / "lmat_platform", pkg / "lmat_platform",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for d in [pkg / "lmat_platform", *(p for p in (pkg / "lmat_platform").rglob("*") if p.is_dir())]:
+        (d / "__pycache__").write_text("a file where a folder would go")
+    blocker = tmp / "blocker"
+    blocker.write_text("")
+    (tmp / "tmp").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(pkg), "NUMBA_CACHE_DIR": str(blocker / "numba"),
+           "HOME": str(blocker), "XDG_CACHE_HOME": str(blocker), "TMPDIR": str(tmp / "tmp"),
+           "LMAT_QUIET": "1"}
+    return pkg, env

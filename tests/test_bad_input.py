@@ -16,7 +16,15 @@ import pytest
 
 from lmat_platform.cli import main
 from lmat_platform.store import open_store
-from tests.helpers import REPO, one_line_error, run_main, table_versions, tree, write_events
+from tests.helpers import (
+    REPO,
+    one_line_error,
+    package_without_numba_cache,
+    run_main,
+    table_versions,
+    tree,
+    write_events,
+)
 
 
 def _ev(eid: int, arr: int) -> dict[str, int]:
@@ -147,18 +155,8 @@ def test_read_only_store(store: str, tmp_path: Path) -> None:
 def test_unwritable_numba_cache_falls_back_to_a_private_folder(tmp_path: Path) -> None:
     """No writable NUMBA_CACHE_DIR, package __pycache__ or user cache (numba alone raises
     'no locator available' at import): lmat imports, runs and caches under the temp dir."""
-    pkg = tmp_path / "pkg"
-    shutil.copytree(REPO / "lmat_platform", pkg / "lmat_platform",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    for d in [pkg / "lmat_platform", *(p for p in (pkg / "lmat_platform").rglob("*") if p.is_dir())]:
-        (d / "__pycache__").write_text("a file where a folder would go")
-    blocker = tmp_path / "blocker"
-    blocker.write_text("")
+    pkg, env = package_without_numba_cache(tmp_path)
     tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(pkg), "NUMBA_CACHE_DIR": str(blocker / "numba"),
-           "HOME": str(blocker), "XDG_CACHE_HOME": str(blocker), "TMPDIR": str(tmp),
-           "LMAT_QUIET": "1"}
     code = (
         "import sys, numpy as np\n"
         "from lmat_platform.cli import main\n"

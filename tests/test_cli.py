@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from tests.helpers import (
     REPO,
     events_table,
     one_line_error,
+    package_without_numba_cache,
     run_lmat,
     run_main,
     table_versions,
@@ -328,17 +328,8 @@ def test_kernel_modules_find_a_cache_folder_when_imported_first(tmp_path: Path) 
     cached kernels must reach it before its kernels are defined: imported first, in a process
     where numba's own cache folders are unwritable, each imports (numba alone raises 'no
     locator available')."""
-    pkg = tmp_path / "pkg"
-    shutil.copytree(REPO / "lmat_platform", pkg / "lmat_platform",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    for d in [pkg / "lmat_platform", *(p for p in (pkg / "lmat_platform").rglob("*") if p.is_dir())]:
-        (d / "__pycache__").write_text("a file where a folder would go")
-    blocker = tmp_path / "blocker"
-    blocker.write_text("")
-    (tmp_path / "tmp").mkdir()
-    env = {**os.environ, "PYTHONPATH": str(pkg), "NUMBA_CACHE_DIR": str(blocker / "numba"),
-           "HOME": str(blocker), "XDG_CACHE_HOME": str(blocker), "TMPDIR": str(tmp_path / "tmp"),
-           "PYTHONDONTWRITEBYTECODE": "1"}
+    pkg, env = package_without_numba_cache(tmp_path)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
     kernel_modules = sorted(
         "lmat_platform." + ".".join(p.relative_to(pkg / "lmat_platform").with_suffix("").parts)
         for p in (pkg / "lmat_platform").rglob("*.py") if "cache=True" in p.read_text())

@@ -7,9 +7,9 @@ usual (``from lmat_platform.store import uih``).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lmat_platform.lazy import lazy_names
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from lmat_platform.store.core import (
@@ -80,17 +80,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    mod = _WHERE.get(name)
-    if mod is not None:
-        value = getattr(importlib.import_module(f"lmat_platform.store.{mod}"), name)
-        globals()[name] = value  # later look-ups skip this function
-        return value
-    # A submodule, as the eager package made ``lmat_platform.store.<module>`` available on import.
-    if not name.startswith("__") and importlib.util.find_spec(f"lmat_platform.store.{name}") is not None:
-        return importlib.import_module(f"lmat_platform.store.{name}")
-    raise AttributeError(f"module 'lmat_platform.store' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _WHERE, __all__)
