@@ -99,7 +99,11 @@ class Runner:
         #: Variables every command runs with (e.g. ``LMAT_ENGINE=ray``).
         self.env = dict(env or {})
         self.ctx = mp.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["lmat_platform.cli", "lmat_platform.store",
+        # lmat_platform.store loads its modules on use: the writers' modules are named.
+        self.ctx.set_forkserver_preload(["lmat_platform.cli", "lmat_platform.store.ingest",
+                                         "lmat_platform.store.snapshots",
+                                         "lmat_platform.store.heads",
+                                         "lmat_platform.store.deletion",
                                          "lmat_platform.protocol", "lmat_platform.reconstruct",
                                          "tests.crash_harness"])
         self.tmp = tempfile.mkdtemp(prefix="lmat-crash-run-")
