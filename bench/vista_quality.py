@@ -1,7 +1,8 @@
 """VISTA on MovieLens-100K: K summary tokens + a short tail, against SASRec on the whole
-history and SASRec on the last K + tail events (the same downstream cost).
+history, SASRec on the last K + tail events (the same downstream cost), and the same ranker
+without summaries (the tail alone: the ablation).
 
-Run: ``.venv/bin python -m bench.vista_quality [--snapshots 64 --k 8 --tail 8 ...]``
+Run: ``.venv/bin/python -m bench.vista_quality [--snapshots 64 --k 8 --tail 8 ...]``
 
 Everything goes through the platform. The data set is prepared by
 :func:`lmat_platform.datasets.prepare_dataset` (ratings as events, leave-one-out next-item
@@ -9,16 +10,23 @@ requests, ``--snapshots`` snapshots published as their watermarks pass, batch-pa
 then:
 
 1. the summarizer is trained with the reconstruction loss on the histories ``SequenceLoader``
-   rebuilds for the (strided) training requests, registered, and the summary tier computed
-   snapshot by snapshot (``Q_k = P_k``: a summary is published the moment its snapshot is);
+   rebuilds for (strided) training requests only (H(u, T) of a training request holds no
+   validation or test rating), until its epoch loss stops falling (``--summarizer-patience``)
+   or ``--summarizer-epochs``; its weights can be saved and loaded
+   (``--summarizer-weights``), so runs with other snapshot counts share one summarizer. It is
+   registered and the summary tier computed snapshot by snapshot (``Q_k = P_k``: a summary is
+   published the moment its snapshot is), so a request's summary covers only events that
+   arrived before its snapshot's watermark, before the request (point in time);
 2. the downstream ranker (:class:`~lmat_platform.models.vista.TargetAttentionRanker`) reads, for
    every request, what a summary tenant's ``SequenceLoader`` batches carry: the point-in-time
    summary (``Q_S <= T``) and the last ``--tail`` events after ``W_S``; it is trained with full
    softmax over the catalogue, early-stopped on validation NDCG@10, and scored on the test
    requests (full ranking, HR@10 / NDCG@10, unfiltered and with seen items removed: the seen
-   items are the request's whole history, read by a second loader);
+   items are the request's whole history, read by a second loader). The ablation trains the
+   same ranker on the same requests with every summary masked out;
 3. the SASRec baselines are :func:`lmat_platform.train.train_on_dataset` (the real-data
-   training loop) with ``max_len`` = the longest history and ``max_len = K + tail``.
+   training loop, early-stopped on validation NDCG@10) with ``max_len = K + tail`` and
+   ``max_len`` = the longest history.
 
 Results: ``bench/results/vista_quality.json`` and a printed table.
 """
@@ -160,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--d", type=int, default=32)
     ap.add_argument("--tail", type=int, default=8)
+    ap.add_argument("--ranker-d", type=int, default=64,
+                    help="width of the downstream ranker (SASRec's d_model is 64)")
     ap.add_argument("--summarizer-epochs", type=int, default=12,
                     help="most passes over the summarizer's training histories")
     ap.add_argument("--summarizer-patience", type=int, default=2,
@@ -180,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="train (or load) the summarizer, save its weights, and stop")
     ap.add_argument("--sasrec-full-len", type=int, default=0,
                     help="max_len of the whole-history SASRec (0: the longest history)")
-    ap.add_argument("--stride", type=int, default=1,
+    ap.add_argument("--stride", type=int, default=4,
                     help="ranker training requests: each user's last and every stride-th")
     ap.add_argument("--sasrec-batch", type=int, default=256)
     ap.add_argument("--sasrec-full-batch", type=int, default=64,
@@ -192,10 +202,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-sasrec", action="store_true")
     ap.add_argument("--skip-vista", action="store_true")
+    ap.add_argument("--variants", default="vista,vista_tail_only",
+                    help="rankers to train: vista (summaries + tail), vista_tail_only (ablation)")
     ap.add_argument("--reuse-summarizer", action="store_true",
                     help="use the newest summarizer already registered in the prepared store")
     ap.add_argument("--out", default="bench/results/vista_quality.json")
+    ap.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                    help="print one table of the results in these files (runs nothing)")
     a = ap.parse_args(argv)
+    if a.table:
+        merged: dict[str, Any] = {}
+        for path in a.table:
+            with open(path) as f:
+                got = json.load(f)
+            merged.update({k: v for k, v in got.items() if k not in merged or v})
+        print(_table(merged))
+        return merged
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(a.threads)
     from lmat_platform.datasets.fetch import data_dir
@@ -235,11 +257,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     meta = json.load(f)
             out["summarizer"] = {**meta, "loaded_from": a.summarizer_weights}
         else:
+            def keep(mdl: Any, m: dict[str, Any]) -> None:
+                # Each epoch's weights, so a run stopped for time keeps its last epoch.
+                if a.summarizer_weights:
+                    with open(a.summarizer_weights + ".epoch", "wb") as f:
+                        f.write(mdl.to_bytes())
+                    save({**m, "stride": a.summarizer_stride, "cuts": a.cuts,
+                          "max_len": a.summarizer_len, "batch": a.summarizer_batch},
+                         a.summarizer_weights + ".epoch.json")
+
             model, m = train_summarizer(
                 prep.store, training_thin(prep, a.summarizer_stride), hist_tenant, cfg=cfg,
                 batch_size=a.summarizer_batch, lr=a.summarizer_lr, max_len=a.summarizer_len,
                 epochs=a.summarizer_epochs, max_steps=a.summarizer_steps or None,
-                patience=a.summarizer_patience, cuts=a.cuts, warmup_steps=50)
+                patience=a.summarizer_patience, cuts=a.cuts, warmup_steps=50, on_epoch=keep)
             out["summarizer"] = {**m, "stride": a.summarizer_stride, "cuts": a.cuts,
                                  "max_len": a.summarizer_len, "batch": a.summarizer_batch}
             if a.summarizer_weights:
@@ -274,9 +305,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "test_mean_summary_head_len": float(te["head_len"][te["mask"]].float().mean()),
         }
         log.info("served: %s", out["served"])
-        for name, use_summary in (("vista", True), ("vista_tail_only", False)):
+        for name in a.variants.split(","):
+            use_summary = {"vista": True, "vista_tail_only": False}[name]
             sets = [d if use_summary else without_summaries(d) for d in (tr, va, te)]
-            res = train_ranker(*sets, n_items=prep.n_items, d=a.d, tail=a.tail,
+            res = train_ranker(*sets, n_items=prep.n_items, d=a.ranker_d, tail=a.tail,
                                epochs=a.epochs, patience=a.patience, lr=a.lr, batch_size=256,
                                seed=0)
             out[name] = res
@@ -312,8 +344,8 @@ def save(out: dict[str, Any], path: str) -> None:
 
 
 def _table(out: dict[str, Any]) -> str:
-    rows = ["| model | reads | HR@10 | NDCG@10 | HR@10 filtered | NDCG@10 filtered |",
-            "|---|---|---:|---:|---:|---:|"]
+    rows = ["| model | reads | epochs | HR@10 | NDCG@10 | HR@10 filtered | NDCG@10 filtered |",
+            "|---|---|---:|---:|---:|---:|---:|"]
     c = out["config"]
     for name, reads in (("vista", f"{c['k']} summary tokens + last {c['tail']} events"),
                         ("vista_tail_only", f"last {c['tail']} events after the summary's "
@@ -321,14 +353,21 @@ def _table(out: dict[str, Any]) -> str:
                         ("sasrec_full", f"last {out.get('sasrec_full', {}).get('max_len')} "
                                         "events (whole history)"),
                         ("sasrec_k_plus_tail", f"last {c['k'] + c['tail']} events")):
+        if name == "sasrec_full" and "sasrec_full" in out:
+            reads = f"last {out['sasrec_full'].get('max_len')} events (whole history)"
         r = out.get(name)
         if not r or not r.get("test"):
             continue
         t = r["test"]
-        rows.append(f"| {name} | {reads} | {t.get('hr@10', float('nan')):.4f} | "
+        rows.append(f"| {name} | {reads} | {r.get('epochs', '')} | "
+                    f"{t.get('hr@10', float('nan')):.4f} | "
                     f"{t.get('ndcg@10', float('nan')):.4f} | "
                     f"{t.get('hr@10_filtered', float('nan')):.4f} | "
                     f"{t.get('ndcg@10_filtered', float('nan')):.4f} |")
+    mp = (out.get("sasrec_k_plus_tail") or {}).get("most_popular", {}).get("test")
+    if mp:
+        rows.append(f"| most popular | nothing | 0 | {mp['hr@10']:.4f} | {mp['ndcg@10']:.4f} | "
+                    f"{mp['hr@10_filtered']:.4f} | {mp['ndcg@10_filtered']:.4f} |")
     return "\n".join(rows)
 
 

@@ -42,6 +42,7 @@ import io
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -500,6 +501,7 @@ def train_summarizer(
     epochs: int = 1, batch_size: int = 64, lr: float = 3e-3, max_len: int = 256,
     max_steps: int | None = None, seed: int = 0, cuts: int = 1, patience: int = 0,
     min_improvement: float = 0.005, warmup_steps: int = 0,
+    on_epoch: Callable[[Summarizer, dict[str, object]], None] | None = None,
 ) -> tuple[Summarizer, dict[str, object]]:
     """Train a summarizer with :func:`reconstruction_loss` on the histories
     :class:`~lmat_platform.reader.SequenceLoader` rebuilds for ``tenant`` (it must read
@@ -509,7 +511,8 @@ def train_summarizer(
     epochs in a row lowered the mean training loss by less than ``min_improvement`` (relative):
     converged. The learning rate warms up linearly over ``warmup_steps``, then follows a cosine
     to a tenth of ``lr`` over the planned steps. Returns the model (eval mode) and metrics, with
-    the mean loss of every epoch."""
+    the mean loss of every epoch. ``on_epoch(model, metrics)`` is called after every epoch
+    (e.g. to keep the weights of a run that may be stopped)."""
     import time
 
     from lmat_platform.reader import SequenceLoader
@@ -557,6 +560,9 @@ def train_summarizer(
         epoch_losses.append(float(np.mean(losses[first:])) if len(losses) > first else math.nan)
         log.info("summarizer epoch %d: loss %.4f (%d steps, %.0f s)", epoch, epoch_losses[-1],
                  len(losses), time.perf_counter() - t0)
+        if on_epoch is not None:
+            on_epoch(model, {"steps": len(losses), "epoch_losses": list(epoch_losses),
+                             "seconds": time.perf_counter() - t0})
         if len(epoch_losses) >= 2 and patience:
             prev, cur = epoch_losses[-2], epoch_losses[-1]
             flat = flat + 1 if prev - cur < min_improvement * abs(prev) else 0
