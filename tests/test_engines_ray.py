@@ -7,6 +7,7 @@ engine, then re-run, leaves what a clean run leaves (the crash harness's checks)
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,12 +44,7 @@ def _no_ray_left() -> Iterator[None]:
     old = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     yield
-    import ray
-
-    ray.shutdown()
-    if "tmp" in _HERE:
-        _assert_no_ray_processes_of(_HERE["tmp"])
-    _HERE.clear()
+    _stop_here()
     if old is None:
         os.environ.pop("RAY_AUTH_MODE", None)
     else:
@@ -62,9 +58,7 @@ def ray_here() -> str:
     import ray
 
     if not (ray.is_initialized() and "gcs" in _HERE):
-        ray.shutdown()
-        if "tmp" in _HERE:
-            _assert_no_ray_processes_of(_HERE["tmp"])
+        _stop_here()
         tmp = _HERE["tmp"] = tempfile.mkdtemp(prefix="r", dir="/tmp")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
         _HERE["gcs"] = ray.get_runtime_context().gcs_address
@@ -75,15 +69,21 @@ def ray_here() -> str:
 def two_node_cluster() -> Iterator[str]:
     """A head and a second node on 127.0.0.1, each with one CPU (lmat_platform.engines.cluster);
     afterwards no process of the cluster is left."""
-    import ray
-
-    ray.shutdown()  # this process's own instance, if an earlier test started one
-    if "tmp" in _HERE:
-        _assert_no_ray_processes_of(_HERE["tmp"])
-    _HERE.clear()
+    _stop_here()  # this process's own instance, if an earlier test started one
     with loopback_cluster(2, num_cpus=1) as cluster:
         yield cluster.address
     assert processes_of(cluster.temp_dir) == []
+
+
+def _stop_here() -> None:
+    """Shut this process's Ray down; none of its processes is left, nor its temp dir."""
+    import ray
+
+    ray.shutdown()
+    if "tmp" in _HERE:
+        _assert_no_ray_processes_of(_HERE["tmp"])
+        shutil.rmtree(_HERE["tmp"], ignore_errors=True)
+    _HERE.clear()
 
 
 def _assert_no_ray_processes_of(temp_dir: str) -> None:
@@ -315,12 +315,10 @@ def test_ray_engine_bad_event_file_is_one_line_and_changes_nothing(
 def test_bench_ray_publish_tiny(tmp_path: Path) -> None:
     """bench.ray_publish end to end on a tiny store: both engines wrote the same tier and heads,
     the Ray side's tasks ran on both nodes, and every figure is there."""
-    import ray
 
     from bench.ray_publish import main
 
-    ray.shutdown()
-    _HERE.clear()
+    _stop_here()
     out = tmp_path / "ray_publish.json"
     assert main(["--events", "60000", "--users", "3000", "--chunk", "30000", "--buckets", "4",
                  "--work", str(tmp_path / "w"), "--out", str(out)]) == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -96,6 +97,7 @@ def loopback_cluster(
         left = stop_leftovers(tmp)
         if left:
             log.warning("killed %d Ray processes left by the cluster in %s", len(left), tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def processes_of(temp_dir: str) -> list[int]:
