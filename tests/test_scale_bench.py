@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.bench
+@pytest.mark.timeout(1800)  # about 4 min on an idle 2-core machine; much more under load
 def test_scale_bench_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(ROOT))
     monkeypatch.chdir(ROOT)
@@ -38,13 +39,13 @@ def test_scale_bench_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     # The kept stores, measured interleaved: the same hour into each, ratios to the smallest.
     kept = [s["kept_store"] for s in steps]
     assert scale.main(["--compare", ",".join(kept), "--users", "500", "--batch", "2000",
-                       "--hours", "2", "--work", str(tmp_path / "c"), "--out", str(out)]) == 0
+                       "--hours", "1", "--work", str(tmp_path / "c"), "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["steps"] == steps  # kept beside the comparison
     cmp = res["compare"]["stores"]
     assert [c["events"] for c in cmp] == [s["events"] for s in steps]  # copies: kept intact
     for c in cmp:
-        assert len(c["ingest_s_all"]) == len(c["publish_s_all"]) == 2
+        assert len(c["ingest_s_all"]) == len(c["publish_s_all"]) == 1
         assert c["dedup_read"]["ids"] == 2000
         assert all(0 < n <= 500 for n in c["touched_users"])
         assert all(r >= 0 for r in c["latest_rows_read"])
