@@ -7,6 +7,12 @@ compiled kernels and decoded cache (``LMAT_DECODE_CACHE_MB``) outlive the pass. 
 is dealt whole buckets where rows allow (:func:`~lmat_platform.reader.loader.assign_units`),
 so workers decode disjoint thin files and tier row groups.
 
+Each pass also sends the pass expected next (the same plans, or the next epoch's after
+``set_epoch``), which a worker starts as soon as it has put its last batch of this one: the next
+pass's first batches are being made while the consumer still works through this pass's last
+ones. A next pass that differs cancels it; what it made is dropped (a unit and ``prefetch``
+batches per worker at most, also after the last pass of a run).
+
 A batch travels as one buffer, not tensor by tensor. Each worker owns a few *slots*: shared
 memory buffers that both processes map. The worker's copy kernel writes a batch's values
 straight into a free slot and sends a small message (the slot's number, where each column
