@@ -121,7 +121,7 @@ def evaluate(net: TargetAttentionRanker, d: dict[str, Any], n_items: int, bs: in
 
 def train_ranker(train: dict[str, Any], valid: dict[str, Any], test: dict[str, Any], *,
                  n_items: int, d: int, tail: int, epochs: int, patience: int, lr: float,
-                 batch_size: int, seed: int) -> dict[str, Any]:
+                 batch_size: int, seed: int, budget_s: float | None = None) -> dict[str, Any]:
     torch.manual_seed(seed)
     net = TargetAttentionRanker(RankerConfig(n_items=n_items + 1, d=d,
                                              summary_d=train["summary"].shape[-1],
@@ -131,6 +131,7 @@ def train_ranker(train: dict[str, Any], valid: dict[str, Any], test: dict[str, A
     n = len(train["label"])
     g = torch.Generator().manual_seed(seed)
     best, best_state, bad, hist = -1.0, None, 0, []
+    stopped_by_budget = False
     t0 = time.perf_counter()
     for ep in range(epochs):
         perm = torch.randperm(n, generator=g)
@@ -154,11 +155,16 @@ def train_ranker(train: dict[str, Any], valid: dict[str, Any], test: dict[str, A
             bad += 1
             if patience and bad >= patience:
                 break
+        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+            log.info("ranker: time budget spent after epoch %d", ep)
+            stopped_by_budget = True
+            break
     train_s = time.perf_counter() - t0
     if best_state is not None:
         net.load_state_dict(best_state)
     return {"test": evaluate(net, test, n_items), "best_valid_ndcg@10": best,
-            "epochs": len(hist), "train_s": train_s, "history": hist}
+            "epochs": len(hist), "train_s": train_s, "history": hist,
+            "stopped_by_time_budget": stopped_by_budget, "lr": lr}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -198,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "targets: smaller batches give it steps)")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--patience", type=int, default=3)
+    ap.add_argument("--budget-min", type=float, default=0,
+                    help="stop a ranker after the epoch that passes this many minutes (0: none)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-sasrec", action="store_true")
@@ -310,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sets = [d if use_summary else without_summaries(d) for d in (tr, va, te)]
             res = train_ranker(*sets, n_items=prep.n_items, d=a.ranker_d, tail=a.tail,
                                epochs=a.epochs, patience=a.patience, lr=a.lr, batch_size=256,
-                               seed=0)
+                               seed=0, budget_s=a.budget_min * 60 or None)
             out[name] = res
             log.info("%s test: %s", name, res["test"])
             save(out, a.out)
