@@ -314,9 +314,10 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     publishes it in every store, so every size meets the same load. The hour's ids are new to
     every store and its times after every store's last snapshot; from round 1 on, 1% of its
     events are re-sent events of the previous round (duplicates in every store). Round 0 is a
-    warm-up, not counted. Adds ``compare`` (per store: events, medians, every round, peak RSS;
+    warm-up, not counted. Adds ``compare`` (per store: events at start and after, medians, every round, peak RSS;
     ratios to the smallest store) to the ``--out`` JSON."""
     from lmat_platform.store import latest_snapshot, open_store
+    from lmat_platform.store.core import delta_dataset
 
     work = Path(args.work)
     if work.exists():
@@ -329,7 +330,9 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         info = latest_snapshot(open_store(str(dst)))
         if info is None:
             raise SystemExit(f"--compare: {src} has no published snapshot")
+        tier = open_store(str(dst)).open_table("uih")
         stores.append({"source": src, "root": str(dst), "watermark": info.watermark,
+                       "events_at_start": delta_dataset(tier).count_rows() if tier else 0,
                        "ingest": [], "publish": []})
     wl = Workload(args.users, 1.0, seed=args.seed + 1)
     wl.clock = max(s["watermark"] for s in stores) + HOUR
@@ -352,12 +355,10 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 
     out_stores = []
     for st in stores:
-        from lmat_platform.store.core import delta_dataset
-
         tier = open_store(st["root"]).open_table("uih")
         n = delta_dataset(tier).count_rows() if tier is not None else 0
         out_stores.append({
-            "source": st["source"], "events": n,
+            "source": st["source"], "events": n, "events_at_start": st["events_at_start"],
             "ingest_s": med(st["ingest"]), "publish_s": med(st["publish"]),
             "ingest_s_all": [x["wall_s"] for x in st["ingest"]],
             "publish_s_all": [x["wall_s"] for x in st["publish"]],
