@@ -53,6 +53,7 @@ from numba import njit
 from lmat_platform.hashing import as_signed, event_fingerprint
 from lmat_platform.store import uih
 from lmat_platform.store.core import Store, delta_dataset
+from lmat_platform.store.idindex import overlaps
 
 log = logging.getLogger(__name__)
 
@@ -195,11 +196,6 @@ def _list_col(m: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(m.ravel()), _NM).cast(pa.list_(pa.int64()))
 
 
-def _overlaps(q: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """For ranges [lo[i], hi[i]], whether sorted ``q`` has a value inside."""
-    return np.searchsorted(q, hi, side="right") > np.searchsorted(q, lo, side="left")
-
-
 def _stat_col(t: pa.Table, name: str, default: int) -> np.ndarray:
     """A statistics column of the Delta log's add actions (``default`` where absent)."""
     if name not in t.column_names:
@@ -229,7 +225,7 @@ def _latest_rows(store: Store, ubucket: np.ndarray, before: int, users: np.ndarr
     parts = []
     for i in range(acts.num_rows):
         q = np.unique(users[ubucket == fb[i]])
-        if fsn[i] >= before or not _overlaps(q, flo[i:i + 1], fhi[i:i + 1])[0]:
+        if fsn[i] >= before or not overlaps(q, flo[i:i + 1], fhi[i:i + 1])[0]:
             continue
         with fs.open_input_file(f"{root}/{LATEST}/{paths[i]}") as fh:
             pf = pq.ParquetFile(fh)
@@ -241,7 +237,7 @@ def _latest_rows(store: Store, ubucket: np.ndarray, before: int, users: np.ndarr
                 st = md.row_group(g).column(ci).statistics
                 if st is not None and st.has_min_max:
                     lo[g], hi[g] = st.min, st.max
-            groups = np.flatnonzero(_overlaps(q, lo, hi)).tolist()
+            groups = np.flatnonzero(overlaps(q, lo, hi)).tolist()
             if not groups:
                 continue
             t = pf.read_row_groups(groups)

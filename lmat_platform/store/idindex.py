@@ -381,7 +381,7 @@ def _footer(uri: str, store_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return lo, hi, nb
 
 
-def _overlaps(q: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def overlaps(q: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """For ranges [lo[i], hi[i]], whether sorted ``q`` has a value inside."""
     return np.searchsorted(q, hi, side="right") > np.searchsorted(q, lo, side="left")
 
@@ -403,11 +403,11 @@ def accepted_mask(store: Store, ids: np.ndarray, stats: LookupStats | None = Non
     lo = np.array([f.lo for f in files], np.int64)
     hi = np.array([f.hi for f in files], np.int64)
     fs, root = store.filesystem()
-    for i in np.flatnonzero(_overlaps(q, lo, hi)).tolist():
+    for i in np.flatnonzero(overlaps(q, lo, hi)).tolist():
         f = files[i]
         uri = f"{root}/{TABLE}/{f.path}" if store.is_local else f"{store.root}/{TABLE}/{f.path}"
         glo, ghi, gnb = _footer(uri, store.store_id)
-        groups = np.flatnonzero(_overlaps(q, glo, ghi))
+        groups = np.flatnonzero(overlaps(q, glo, ghi))
         if not len(groups):
             continue
         stats.files_read += 1
