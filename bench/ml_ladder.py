@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lmat_platform.datasets.commands import resolve_prepared
+from lmat_platform.datasets.ratings import TieOrder
 from lmat_platform.models.sasrec import SASRecConfig
 from lmat_platform.train import METRICS_FILE, WHOLE_HISTORY, TrainConfig, train_on_dataset
 
@@ -55,7 +56,7 @@ def windows(prep: Any, stride: int) -> int:
 
 def run_ladder(data: str, out: Path, *, lengths: tuple[int, ...] = LENGTHS, epochs: int = 200,
                patience: int = 10, budget_s: float = 14400.0, threads: int = 1,
-               tie_order: str = "hidden", seed: int = 0, lr: float = 1e-3,
+               tie_order: TieOrder = "hidden", seed: int = 0, lr: float = 1e-3,
                dropout: float = 0.5, rung_budget_s: float | None = None
                ) -> list[dict[str, Any]]:
     prep = resolve_prepared(data, tie_order=tie_order)

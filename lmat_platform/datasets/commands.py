@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lmat_platform.datasets.pipeline import PreparedDataset
+    from lmat_platform.datasets.ratings import TieOrder
 
 
 def _max_len(v: str) -> int:
@@ -43,11 +47,11 @@ def _positive(name: str):
     return parse
 
 
-def resolve_prepared(data: str, *, tie_order: str = "hidden", users: int | None = None,
-                     root: str | None = None, progress: Any = None) -> Any:
+def resolve_prepared(data: str, *, tie_order: TieOrder = "hidden", users: int | None = None,
+                     root: str | None = None, progress: Any = None) -> PreparedDataset:
     """A prepared directory as is; a data set name or ratings file prepared on first use."""
-    from lmat_platform.datasets import DATASETS, data_dir, prepare_dataset
-    from lmat_platform.datasets.pipeline import PREPARED_FILE, PreparedDataset
+    from lmat_platform.datasets.fetch import DATASETS, data_dir
+    from lmat_platform.datasets.pipeline import PREPARED_FILE, PreparedDataset, prepare_dataset
     from lmat_platform.exceptions import InputFileError
 
     if os.path.isdir(data) and os.path.exists(os.path.join(data, PREPARED_FILE)):
@@ -61,8 +65,7 @@ def resolve_prepared(data: str, *, tie_order: str = "hidden", users: int | None 
         base = os.path.splitext(os.path.basename(data))[0]
         tag = f"{base}-{tie_order}" + (f"-{users}u" if users else "")
         root = os.path.join(data_dir(), "prepared", tag)
-    return prepare_dataset(data, root, tie_order=tie_order, users=users,  # type: ignore[arg-type]
-                           progress=progress)
+    return prepare_dataset(data, root, tie_order=tie_order, users=users, progress=progress)
 
 
 def cmd_import(a: argparse.Namespace) -> dict[str, Any]:
