@@ -219,7 +219,7 @@ def child_breakdown(setup: dict[str, Any], tenant: str, reps: int) -> dict[str, 
         return inner
 
     orig = (uih.read_bucket, HeadIndex.of_files, ThinRows.from_table)
-    uih.read_bucket = timed("tier_read", orig[0])  # type: ignore[assignment]
+    uih.read_bucket = timed("tier_read", orig[0])
     HeadIndex.of_files = classmethod(  # type: ignore[assignment,method-assign]
         lambda cls, *a, **k: timed("heads", orig[1])(*a, **k))
     ThinRows.from_table = classmethod(  # type: ignore[assignment,method-assign]
@@ -257,7 +257,7 @@ def child_breakdown(setup: dict[str, Any], tenant: str, reps: int) -> dict[str, 
                 stage[k] = acc.get(k, 0.0)
             passes.append(stage)
     finally:
-        uih.read_bucket = orig[0]  # type: ignore[assignment]
+        uih.read_bucket = orig[0]
         HeadIndex.of_files = classmethod(  # type: ignore[assignment,method-assign]
             lambda cls, *a, **k: orig[1](*a, **k))
         ThinRows.from_table = classmethod(  # type: ignore[assignment,method-assign]

@@ -117,8 +117,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         publish_nodes = len(engine.all_nodes)
     ref = runs["local"][0]["summary"]
     same = all(_same(ref, x["summary"]) for side in runs.values() for x in side)
-    for side in runs.values():
-        for x in side:
+    for side_runs in runs.values():
+        for x in side_runs:
             del x["summary"]
 
     def med(side: str, key: str) -> float:
