@@ -190,6 +190,17 @@ def test_ray_engine_writes_the_local_engines_tables(tmp_path: Path, ray_here: st
     assert any(r for r in local["heads"])  # noqa: C419 (heads were written)
 
 
+def test_ray_tasks_drop_store_settings_the_driver_no_longer_has(
+        ray_here: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ray worker runs many tasks: a setting the driver had for an earlier call (an expired
+    session token) is not kept for the next one (the old tasks only added the driver's)."""
+    engine = RayEngine(None)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "expired")
+    assert engine.map(os.getenv, ["AWS_SESSION_TOKEN"] * 4) == ["expired"] * 4
+    monkeypatch.delenv("AWS_SESSION_TOKEN")
+    assert engine.map(os.getenv, ["AWS_SESSION_TOKEN"] * 4) == [None] * 4
+
+
 @pytest.mark.slow
 def test_ray_engine_on_an_s3_store(tmp_path: Path, ray_here: str, s3_store_uri: str) -> None:
     """Tasks reach an ``s3://`` store (moto on loopback) with the driver's settings: the same

@@ -46,9 +46,6 @@ EngineName = Literal["local", "ray"]
 #: Environment variables that choose the engine of the CLI and the Dagster assets.
 ENGINE_ENV = "LMAT_ENGINE"
 RAY_ADDRESS_ENV = "LMAT_RAY_ADDRESS"
-#: Variables a task needs to reach the store as the driver does (object-store settings).
-_TASK_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL",
-             "AWS_ALLOW_HTTP", "AWS_SESSION_TOKEN")
 
 
 class LocalEngine:
@@ -85,7 +82,10 @@ class RayEngine:
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         if not items:
             return []
-        env = {k: v for k in _TASK_ENV if (v := os.environ.get(k)) is not None}
+        from lmat_platform.store.core import STORAGE_ENV
+
+        # What a task needs to reach the store as the driver does (object-store settings).
+        env = {k: v for k in STORAGE_ENV if (v := os.environ.get(k)) is not None}
         # SPREAD: a step's tasks are alike and short; packed, they would queue on the
         # driver's node while the others idle.
         task: Any = self._ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_on_node)
@@ -105,8 +105,21 @@ class RayEngine:
 def _on_node(fn: Callable[[T], R], x: T, env: dict[str, str]) -> tuple[R, str]:
     import ray
 
-    os.environ.update(env)
+    _task_env(env)
     return fn(x), ray.get_runtime_context().get_node_id()
+
+
+def _task_env(env: dict[str, str]) -> None:
+    """Set a task's object-store settings to the driver's ``env``: a Ray worker runs many
+    tasks, so a setting the driver no longer has (an expired session token) is removed, not
+    kept from an earlier task."""
+    from lmat_platform.store.core import STORAGE_ENV
+
+    for k in STORAGE_ENV:
+        if k in env:
+            os.environ[k] = env[k]
+        else:
+            os.environ.pop(k, None)
 
 
 Engine = LocalEngine | RayEngine

@@ -82,17 +82,14 @@ def _is_uri(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+#: Environment variables that hold the object-store settings (credentials, endpoint).
+STORAGE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL",
+               "AWS_ALLOW_HTTP", "AWS_SESSION_TOKEN")
+
+
 def storage_options() -> dict[str, str] | None:
     """Object-store credentials for delta-rs, read from the environment at run time."""
-    keys = {
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_REGION",
-        "AWS_ENDPOINT_URL",
-        "AWS_ALLOW_HTTP",
-        "AWS_SESSION_TOKEN",
-    }
-    opts = {k: v for k, v in os.environ.items() if k in keys}
+    opts = {k: v for k, v in os.environ.items() if k in STORAGE_ENV}
     return opts or None
 
 
