@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.transaction import AddAction, RemoveAction
 
+from lmat_platform.engines.files import filesystem
 from lmat_platform.exceptions import LmatError
 from lmat_platform.hashing import bucket_of
 from lmat_platform.store import uih
@@ -250,12 +251,6 @@ def purge_thin_rows(
     return delete_user_rows(uri, users, buckets, props, parquet_options=thin_parquet_options)
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri and not uri.startswith("file://"):
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
-
-
 def file_stats_json(t: pa.Table) -> str:
     """Delta file statistics: row count, null counts, min/max of the integer columns."""
     mins: dict[str, int] = {}
@@ -309,7 +304,7 @@ def delete_user_rows(
         # Some user lies in [lo, hi] when the first user >= lo is <= hi.
         i = np.searchsorted(users, lo, side="left")
         cand &= (i < len(users)) & (users[np.minimum(i, len(users) - 1)] <= hi)
-    fs, root = _filesystem(uri)
+    fs, root = filesystem(uri)
     file_schema = pa.schema([f for f in schema if f.name not in parts])
     paths = at.column("path").to_pylist()
     sizes = at.column("size_bytes").to_pylist()
