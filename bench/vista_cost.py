@@ -38,7 +38,9 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -60,6 +62,7 @@ from lmat_platform.summaries import (
     register_summarizer,
     storage_report,
 )
+from lmat_platform.summaries.serving import ServedSummaries
 from lmat_platform.summaries.tier import _tier_rows
 from lmat_platform.tenants import SummarySpec, Tenant
 
@@ -82,12 +85,12 @@ def _events(user: int, n: int, start_id: int, t_lo: int, t_hi: int, rng: np.rand
     })
 
 
-def _time(fn, repeat: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+def _time(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
     """Median (wall, CPU) seconds of ``repeat`` calls after a warm-up call."""
     return _alternated([fn], repeat)[0]
 
 
-def _alternated(fns: list, rounds: int) -> list[tuple[float, float]]:  # type: ignore[type-arg]
+def _alternated(fns: list[Callable[[], object]], rounds: int) -> list[tuple[float, float]]:
     """Median (wall, CPU) seconds of each of ``fns``, measured in ``rounds`` rounds that call
     every one once, in alternating order (forwards, then backwards), after a warm-up call of
     each. CPU is the process's CPU time (every thread: torch's and Arrow's I/O pool), which a
@@ -108,7 +111,7 @@ def _alternated(fns: list, rounds: int) -> list[tuple[float, float]]:  # type: i
     return [(float(np.median(w)), float(np.median(c))) for w, c in zip(wall, cpu, strict=True)]
 
 
-def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="1000,10000,100000,1000000")
     ap.add_argument("--k", type=int, default=16, help="summary tokens")
@@ -214,7 +217,9 @@ def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
     cand = torch.randint(1, 50_000, (1, a.candidates))
     B = a.batch
     down = []
-    model_fns, serve_fns, full_fns = [], [], []
+    model_fns: list[Callable[[], object]] = []
+    serve_fns: list[Callable[[], object]] = []
+    full_fns: list[Callable[[], object]] = []
     for i in range(len(lengths)):
         u = np.full(B, i + 1)
         ts = np.full(B, req_ts)
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
         assert got.mask[0], "every user has a summary"
         got = server.serve(u, ts)
 
-        def vista_step(got=got) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        def vista_step(got: ServedSummaries = got) -> torch.Tensor:
             lens = torch.from_numpy(got.tail_lengths)
             tail = torch.zeros(len(lens), a.tail, dtype=torch.int64)
             tm = torch.arange(a.tail)[None] >= a.tail - lens[:, None]
@@ -235,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
                 return ranker(torch.from_numpy(got.summary), torch.from_numpy(got.mask), tail,
                               tm, cand.expand(len(lens), -1))
 
-        def serve_and_step(u=u, ts=ts) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        def serve_and_step(u: np.ndarray = u, ts: np.ndarray = ts) -> torch.Tensor:
             return vista_step(server.serve(u, ts))
 
         # Full target attention over the whole history (its item ids read once, outside).
@@ -243,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
                           hi=2**31 - 1, columns=["item_id"]).column("item_id").to_numpy()
         hist_t = torch.from_numpy(np.ascontiguousarray(hist % 50_000))
 
-        def full_step(hist_t=hist_t) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        def full_step(hist_t: torch.Tensor = hist_t) -> torch.Tensor:
             with torch.no_grad():
                 q = items(cand[0])  # [C, d]
                 out = torch.zeros(a.candidates, a.d)
@@ -290,13 +295,13 @@ def main(argv: list[str] | None = None) -> dict:  # type: ignore[type-arg]
         k: max(d[k] for d in down) / min(d[k] for d in down) for k in keys if "full" not in k}
     out["storage"] = storage_report(store, version)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=2)
+    with open(a.out, "w") as fh:
+        json.dump(out, fh, indent=2)
     print(_table(out))
     return out
 
 
-def _table(out: dict) -> str:  # type: ignore[type-arg]
+def _table(out: dict[str, Any]) -> str:
     lines = ["| history events | VISTA model CPU ms | VISTA serve+model CPU ms | full attention "
              "CPU ms | VISTA model wall ms | VISTA serve+model wall ms | full attention wall ms "
              "| first serve wall ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]

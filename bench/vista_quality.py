@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             version = have[-1]
             out["summarizer"] = {"version": version, "reused": True}
         elif a.summarizer_weights and os.path.exists(a.summarizer_weights):
-            with open(a.summarizer_weights, "rb") as f:
-                model = Summarizer.from_bytes(f.read())
+            with open(a.summarizer_weights, "rb") as fb:
+                model = Summarizer.from_bytes(fb.read())
             meta_path = a.summarizer_weights + ".json"
             meta = {}
             if os.path.exists(meta_path):
@@ -282,8 +282,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             out["summarizer"] = {**m, "stride": a.summarizer_stride, "cuts": a.cuts,
                                  "max_len": a.summarizer_len, "batch": a.summarizer_batch}
             if a.summarizer_weights:
-                with open(a.summarizer_weights, "wb") as f:
-                    f.write(model.to_bytes())
+                with open(a.summarizer_weights, "wb") as fw:
+                    fw.write(model.to_bytes())
                 save(out["summarizer"], a.summarizer_weights + ".json")
         if model is not None:
             version = register_summarizer(prep.store, "vista", model)
