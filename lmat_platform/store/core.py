@@ -542,17 +542,22 @@ def as_store(store: Store | str) -> Store:
     return store if isinstance(store, Store) else open_store(store)
 
 
+def delta_folders(store: Store) -> list[str]:
+    """Names of the store's folders that hold a Delta log (every table written, whatever stage
+    wrote it), sorted."""
+    fs, root = store.filesystem()
+    sel = pafs.FileSelector(root, allow_not_found=True)
+    return sorted(
+        os.path.basename(i.path.rstrip("/")) for i in fs.get_file_info(sel)
+        if i.type == pafs.FileType.Directory
+        and fs.get_file_info(f"{i.path}/_delta_log").type == pafs.FileType.Directory
+    )
+
+
 def table_names(store: Store) -> list[str]:
     """The store's tables: :data:`TABLES` (whether written yet or not), then every other
     folder of the store that holds a Delta log (the summary tier's tables, ...), by name."""
-    fs, root = store.filesystem()
-    sel = pafs.FileSelector(root, allow_not_found=True)
-    others = sorted(
-        os.path.basename(i.path) for i in fs.get_file_info(sel)
-        if i.type == pafs.FileType.Directory and os.path.basename(i.path) not in TABLES
-        and fs.get_file_info(f"{i.path}/_delta_log").type == pafs.FileType.Directory
-    )
-    return [*TABLES, *others]
+    return [*TABLES, *(n for n in delta_folders(store) if n not in TABLES)]
 
 
 def disk_bytes(store: Store) -> dict[str, int]:

@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.transaction import AddAction, RemoveAction
@@ -49,6 +48,7 @@ from lmat_platform.store.core import (
     as_store,
     checkpoint_if_due,
     delta_dataset,
+    delta_folders,
     now_us,
     storage_options,
 )
@@ -382,15 +382,7 @@ def _forget_in_tier(store: Store, users: np.ndarray, buckets: np.ndarray) -> int
 
 def store_tables(store: Store) -> list[str]:
     """URIs of every Delta table under the store (whatever stage wrote it)."""
-    fs, root = store.filesystem()
-    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    out = []
-    for i in sorted(infos, key=lambda i: i.path):
-        if i.type != pafs.FileType.Directory:
-            continue
-        if fs.get_file_info(f"{i.path}/_delta_log").type == pafs.FileType.Directory:
-            out.append(store.table_uri(os.path.basename(i.path.rstrip("/"))))
-    return out
+    return [store.table_uri(n) for n in delta_folders(store)]
 
 
 def vacuum(store: Store | str, *, retention_hours: int | None = None) -> dict[str, int]:
