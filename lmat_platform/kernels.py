@@ -1012,23 +1012,31 @@ def _skip_blas_probe() -> None:
     the function is put back at once (no import is blocked, so other threads' imports of scipy
     are unaffected). The one effect: ``np.correlate`` and ``np.convolve`` compiled by numba in
     this process take numba's own inner-product loop instead of BLAS ``dot``; numba's
-    ``np.dot`` and ``np.linalg`` look for BLAS themselves when compiled and are unchanged."""
+    ``np.dot`` and ``np.linalg`` look for BLAS themselves when compiled and are unchanged.
+
+    The swap is made under numba's compiler lock, which numba itself holds when it imports
+    its registries (the same lock order): another thread's compile, which calls
+    ``ensure_blas`` typing ``np.dot`` or ``np.linalg``, never runs while it is swapped."""
     import sys
 
     if ("numba.np.arraymath" in sys.modules or "scipy.linalg" in sys.modules
             or os.environ.get("LMAT_NUMBA_BLAS_PROBE") == "1"):
         return
     import numba.np.linalg as nl
+    from numba.core.compiler_lock import global_compiler_lock
 
     def no_blas() -> None:
         raise ImportError("lmat: numba's BLAS probe skipped (LMAT_NUMBA_BLAS_PROBE=1 keeps it)")
 
-    real = nl.ensure_blas
-    nl.ensure_blas = no_blas
-    try:
-        import numba.np.arraymath  # noqa: F401
-    finally:
-        nl.ensure_blas = real
+    with global_compiler_lock:
+        if "numba.np.arraymath" in sys.modules:  # imported by a compile we waited for
+            return
+        real = nl.ensure_blas
+        nl.ensure_blas = no_blas
+        try:
+            import numba.np.arraymath  # noqa: F401
+        finally:
+            nl.ensure_blas = real
 
 
 def _warm_up_logged() -> None:

@@ -702,3 +702,35 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300, env={**__import__("os").environ, "LMAT_NUMBA_BLAS_PROBE": ""})
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_blas_probe_skip_waits_for_numbas_compiler_lock() -> None:
+    """The BLAS probe is answered under numba's compiler lock, as numba loads its registries:
+    another thread's compile (which holds that lock, and calls numba.np.linalg.ensure_blas
+    when typing np.dot or np.linalg) never sees the stand-in, and the real one is back
+    afterwards."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import sys, threading
+import numba.np.linalg as nl
+from numba.core.compiler_lock import global_compiler_lock
+from lmat_platform import kernels
+assert "numba.np.arraymath" not in sys.modules
+real = nl.ensure_blas
+t = threading.Thread(target=kernels._skip_blas_probe)
+with global_compiler_lock:  # another thread's compile in progress
+    t.start()
+    t.join(timeout=3)
+    assert t.is_alive(), "the probe was swapped during another thread's compile"
+    assert nl.ensure_blas is real
+t.join()
+import numba.np.arraymath as am
+assert nl.ensure_blas is real and am._HAVE_BLAS is False and "scipy.linalg" not in sys.modules
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "LMAT_NUMBA_BLAS_PROBE": ""})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
