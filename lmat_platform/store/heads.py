@@ -209,7 +209,8 @@ def _latest_rows(store: Store, ubucket: np.ndarray, before: int, users: np.ndarr
     """The newest summary before snapshot ``before`` of each of ``users`` (``ubucket``: each
     one's bucket) that has one, with counts. Reads only the files, then the row groups, whose
     ``user_id`` range holds one of their bucket's ``users`` (``stats``: counts
-    ``latest_files_read`` and ``latest_rows_read``)."""
+    ``latest_files_read`` and ``latest_rows_read``). ``users`` are in (bucket, user) order, as
+    :func:`extend_heads` finds them: each bucket's are one sorted slice."""
     dt = store.open_table(LATEST)
     if dt is None:
         return _bootstrap(store, np.unique(ubucket), before)
@@ -222,9 +223,13 @@ def _latest_rows(store: Store, ubucket: np.ndarray, before: int, users: np.ndarr
     fsn = _stat_col(acts, "min.snapshot_id", i64.min)
     fs, root = store.filesystem()
     paths = acts.column("path").to_pylist() if acts.num_rows else []
+    assert not len(ubucket) or bool(np.all(ubucket[1:] >= ubucket[:-1]))
+    # Each file's bucket's users: a slice (not a pass over every user per file).
+    b_lo = np.searchsorted(ubucket, fb, side="left")
+    b_hi = np.searchsorted(ubucket, fb, side="right")
     parts = []
     for i in range(acts.num_rows):
-        q = np.unique(users[ubucket == fb[i]])
+        q = users[b_lo[i]:b_hi[i]]
         if fsn[i] >= before or not overlaps(q, flo[i:i + 1], fhi[i:i + 1])[0]:
             continue
         with fs.open_input_file(f"{root}/{LATEST}/{paths[i]}") as fh:
