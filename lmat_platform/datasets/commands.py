@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ def _max_len(v: str) -> int:
     return n
 
 
-def _positive(name: str):
+def _positive(name: str) -> Callable[[str], int]:
     def parse(v: str) -> int:
         try:
             n = int(v)
