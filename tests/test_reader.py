@@ -598,3 +598,37 @@ def test_workers_start_the_expected_next_pass_early(rs: ReaderStore, reference: 
     assert same(collect(got), reference[TENANT.name])
     loader.close()
     fresh.close()
+
+
+def test_a_failed_pass_never_frees_the_slot_of_a_batch_already_sent() -> None:
+    """A worker whose pass fails before its first batch (as a pass sent ahead may, right
+    after the previous pass's last batch went out) frees only a slot it has not sent: the
+    previous batch's slot stays taken until the consumer drops it, so it is not overwritten
+    under a batch the consumer still holds."""
+    import queue
+    import threading
+    from types import SimpleNamespace
+
+    from lmat_platform.reader.workers import MAX_SLOTS, worker_loop
+
+    def run(spec: str, alloc):  # type: ignore[no-untyped-def]
+        if spec == "fail":
+            raise RuntimeError("the next pass cannot start")
+        (vals,) = alloc([(4, np.dtype(np.int64))])
+        vals[:] = 7
+        yield 4, Batch(request_id=torch.arange(2), lengths=torch.tensor([2, 2]),
+                       values={"item_id": torch.from_numpy(vals)})
+
+    tasks: queue.Queue = queue.Queue()
+    out: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    current = SimpleNamespace(value=1)
+    flags = torch.zeros(MAX_SLOTS, dtype=torch.int8)
+    tasks.put((1, "ok"))
+    tasks.put((2, "fail"))  # sent ahead: live while pass 1 is current
+    tasks.put(None)
+    worker_loop(0, tasks, out, stop, current, flags, run)
+    msgs = [out.get_nowait() for _ in range(out.qsize())]
+    assert [m[0] for m in msgs] == ["batch", "done", "error"]
+    slot = msgs[0][3]["slot"]
+    assert int(flags[slot]) == 1, "the sent batch's slot was freed by the failed pass"

@@ -180,6 +180,7 @@ def worker_loop(w: int, tasks: Any, out: Any, stop: Any, current: Any, flags: to
                     if not put(msg):
                         writer.release_last()
                         break
+                    writer.last = None  # sent: the consumer frees it (release_last must not)
                 else:
                     put(("done", pass_id, None, None))
         except BaseException as e:
