@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction
 from deltalake.transaction import AddAction, RemoveAction
@@ -50,25 +49,16 @@ class Part:
     schema: pa.Schema | None = None
 
 
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path of ``uri`` inside it."""
-    if "://" in uri and not uri.startswith("file://"):
-        return pafs.FileSystem.from_uri(uri)
-    import os
-
-    return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
-
-
 def write_part(p: Part) -> AddAction:
     """Write one part's file (a task of any engine) and return its add action."""
-    from lmat_platform.store.core import now_us
+    from lmat_platform.store.core import now_us, uri_filesystem
     from lmat_platform.store.deletion import file_stats_json
 
     rows = p.rows.drop_columns([c for c, _ in p.partition if c in p.rows.column_names])
     if p.schema is not None:
         rows = rows.cast(pa.schema([p.schema.field(c) if c in p.schema.names
                                     else rows.schema.field(c) for c in rows.column_names]))
-    fs, root = filesystem(p.uri)
+    fs, root = uri_filesystem(p.uri)
     folder = "/".join(f"{c}={v}" for c, v in p.partition)
     rel = f"{folder}/{p.prefix}-{uuid.uuid4().hex}.parquet".lstrip("/")
     full = f"{root}/{rel}"

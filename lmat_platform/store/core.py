@@ -82,6 +82,15 @@ def _is_uri(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+def uri_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path of ``uri`` (a local path, ``file://`` or an object
+    store's URI) inside it."""
+    if _is_uri(uri):
+        fs, path = pafs.FileSystem.from_uri(uri)
+        return fs, path
+    return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
+
+
 #: Environment variables that hold the object-store settings (credentials, endpoint).
 STORAGE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL",
                "AWS_ALLOW_HTTP", "AWS_SESSION_TOKEN")
@@ -122,10 +131,7 @@ class Store:
 
     def filesystem(self) -> tuple[pafs.FileSystem, str]:
         """A pyarrow filesystem and the root path inside it."""
-        if self.is_local:
-            return pafs.LocalFileSystem(), os.path.abspath(self.root.removeprefix("file://"))
-        fs, path = pafs.FileSystem.from_uri(self.root)
-        return fs, path
+        return uri_filesystem(self.root)
 
     @property
     def n_buckets(self) -> int:

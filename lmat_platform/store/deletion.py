@@ -38,7 +38,6 @@ import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.transaction import AddAction, RemoveAction
 
-from lmat_platform.engines.files import filesystem
 from lmat_platform.exceptions import LmatError
 from lmat_platform.hashing import bucket_of
 from lmat_platform.store import uih
@@ -51,6 +50,7 @@ from lmat_platform.store.core import (
     delta_folders,
     now_us,
     storage_options,
+    uri_filesystem,
 )
 from lmat_platform.store.heads import LATEST_ROW_GROUP
 from lmat_platform.store.thin_registry import (
@@ -304,7 +304,7 @@ def delete_user_rows(
         # Some user lies in [lo, hi] when the first user >= lo is <= hi.
         i = np.searchsorted(users, lo, side="left")
         cand &= (i < len(users)) & (users[np.minimum(i, len(users) - 1)] <= hi)
-    fs, root = filesystem(uri)
+    fs, root = uri_filesystem(uri)
     file_schema = pa.schema([f for f in schema if f.name not in parts])
     paths = at.column("path").to_pylist()
     sizes = at.column("size_bytes").to_pylist()
