@@ -455,3 +455,22 @@ def test_trait_added_after_rows_were_logged(tmp_path: Path) -> None:
     materialize(st_, thin, t, out)
     got = {r["request_id"]: (r["event_id"], r["dwell_ms"]) for r in pq.read_table(out).to_pylist()}
     assert got == {1: ([1, 2], [None, None]), 2: ([1, 2, 3], [None, None, 2.5])}
+
+
+def test_head_index_of_an_unsorted_file_is_sorted_whatever_the_user_ids() -> None:
+    """The head index skips its sort only for rows already in (user, snapshot) order; user ids
+    far apart (a difference beyond int64) are compared, not subtracted."""
+    from lmat_platform.protocol.pointers import HeadIndex
+    from lmat_platform.store.heads import MARKER_LENGTHS
+
+    big = 3 << 61
+    t = pa.table({
+        "user_id": pa.array([big, -big, 5], pa.int64()),
+        "snapshot_id": pa.array([1, 1, 2], pa.int32()),
+        "head_len": pa.array([1, 2, 3], pa.int64()),
+        "head_checksum": pa.array([7, 8, 9], pa.int64()),
+        "markers": pa.array([[0] * len(MARKER_LENGTHS)] * 3, pa.list_(pa.int64())),
+    })
+    idx = HeadIndex._from_table(t)
+    assert idx.user_id.tolist() == [-big, 5, big]
+    assert idx.head_len.tolist() == [2, 3, 1]
