@@ -267,12 +267,15 @@ def _write_heads(
     log.info("heads of snapshot %d: %s", k, stats)
     if not heads_done:
         store.append("heads", heads_rows, op="heads", partition_by=["bucket"],
-                     txn=("lmat-heads", k), metadata={"refreshed_users": stats["refreshed_users"],
-                                                      "rows_read": stats["rows_read"],
-                                                      "latest_rows_read": stats["latest_rows_read"],
-                                                      "users": stats["users"]})
+                     txn=("lmat-heads", k), metadata=_heads_metadata(stats))
     if not latest_done:
         heads_mod.write_latest(store, k, latest_rows)
+
+
+def _heads_metadata(stats: dict[str, int]) -> dict[str, object]:
+    """The counters of :func:`heads.extend_heads` a ``heads`` commit records."""
+    return {key: stats[key] for key in ("refreshed_users", "rows_read", "latest_rows_read",
+                                        "users")}
 
 
 def _write_heads_parts(
@@ -294,10 +297,7 @@ def _write_heads_parts(
     first = got[0][3]
     if not heads_done:
         _commit_parts(store, "heads", [g[0] for g in got], first[0], op="heads",
-                      txn=("lmat-heads", k), metadata={"refreshed_users": stats["refreshed_users"],
-                                                        "rows_read": stats["rows_read"],
-                                                        "latest_rows_read": stats["latest_rows_read"],
-                                                        "users": stats["users"]})
+                      txn=("lmat-heads", k), metadata=_heads_metadata(stats))
     if not latest_done:
         _commit_parts(store, heads_mod.LATEST, [g[1] for g in got], first[1], op="heads_latest",
                       txn=(heads_mod.LATEST_APP, k), metadata={"snapshot_id": k})
