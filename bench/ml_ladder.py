@@ -100,7 +100,9 @@ def collect(out: Path) -> list[dict[str, Any]]:
             "epochs": m["epochs_run"], "best_epoch": m.get("best_epoch"),
             "stopped": m["stopped"],
             "stride": m["dataset"]["train_stride"], "batch_size": m["train"]["batch_size"],
-            "targets_per_epoch": m["history"][0].get("targets") if m["history"] else None,
+            # Older runs' epochs do not carry their count: the run's mean (whole passes).
+            "targets_per_epoch": (m["history"][0].get("targets") if m["history"] else None)
+            or round(m["targets"] / max(m["epochs_run"], 1)),
             "test": m["test"], "valid": m["valid"],
             "examples_per_s": m["examples_per_s"], "targets_per_s": m["targets_per_s"],
             "data_wait_share": m["data_wait_share"], "train_step_s": m["step_s"],
