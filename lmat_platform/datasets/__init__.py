@@ -6,7 +6,7 @@ next-item requests, then through the platform (store, snapshots, thin rows).
 * :func:`prepare_dataset`: import, ingest, snapshots and thin rows of each split.
 """
 
-from typing import Any
+from lmat_platform.lazy import lazy_names
 
 _EXPORTS = {
     "DATASETS": "fetch",
@@ -33,10 +33,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # Lazy, so that ``lmat``'s parser (which registers this package's commands) stays light.
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f"lmat_platform.datasets.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'lmat_platform.datasets' has no attribute {name!r}")
+# Lazy, so that ``lmat``'s parser (which registers this package's commands) stays light.
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS, __all__)

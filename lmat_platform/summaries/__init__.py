@@ -12,8 +12,7 @@ Names are loaded on first use: the tier imports torch, and ``lmat`` must start w
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lmat_platform.lazy import lazy_names
 
 _WHERE = {
     "ServedSummaries": "serving",
@@ -40,8 +39,4 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 
-def __getattr__(name: str) -> Any:
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'lmat_platform.summaries' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"lmat_platform.summaries.{mod}"), name)
+__getattr__, __dir__ = lazy_names(__name__, _WHERE, __all__)
