@@ -61,6 +61,16 @@ def _watermark(k: int) -> int:
     return T0 + (k + 1) * 4 * HOUR_US
 
 
+def _small_store(tmp_path: Path, seed: int) -> tuple[Store, pa.Table, str]:
+    """A 2-bucket store holding ``_events(seed)``, with summarizer "m" registered: (store, events,
+    summarizer version)."""
+    store = lmat.init_store(str(tmp_path / "s"), n_buckets=2, row_group_rows=64)
+    ev = _events(seed)
+    pq.write_table(ev, str(tmp_path / "e.parquet"))
+    lmat.ingest_files(store, [str(tmp_path / "e.parquet")])
+    return store, ev, register_summarizer(store, "m", Summarizer(CFG))
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, str, pa.Table]:
     root = tmp_path_factory.mktemp("summ")
@@ -205,11 +215,7 @@ def test_point_in_time_adversarial(built: tuple[Store, str, pa.Table]) -> None:
 def test_late_summary_not_served_after_snapshot_publish(tmp_path: Path) -> None:
     """A snapshot published, its summaries not computed yet (and later computed with an old
     publish time refused): requests after P_k get k-1's summary and the tail since W_{k-1}."""
-    store = lmat.init_store(str(tmp_path / "s"), n_buckets=2, row_group_rows=64)
-    ev = _events(2)
-    pq.write_table(ev, str(tmp_path / "e.parquet"))
-    lmat.ingest_files(store, [str(tmp_path / "e.parquet")])
-    v = register_summarizer(store, "m", Summarizer(CFG))
+    store, ev, v = _small_store(tmp_path, 2)
     lmat.publish_snapshot(store, _watermark(0))
     compute_summaries(store, v, 0, published_at=_watermark(0))
     lmat.publish_snapshot(store, _watermark(1), published_at=_watermark(1))
@@ -226,11 +232,7 @@ def test_late_summary_not_served_after_snapshot_publish(tmp_path: Path) -> None:
 
 
 def test_forgotten_user_gets_zero_summary(tmp_path: Path) -> None:
-    store = lmat.init_store(str(tmp_path / "s"), n_buckets=2, row_group_rows=64)
-    ev = _events(3)
-    pq.write_table(ev, str(tmp_path / "e.parquet"))
-    lmat.ingest_files(store, [str(tmp_path / "e.parquet")])
-    v = register_summarizer(store, "m", Summarizer(CFG))
+    store, ev, v = _small_store(tmp_path, 3)
     for k in range(2):
         lmat.publish_snapshot(store, _watermark(k))
         compute_summaries(store, v, k, published_at=_watermark(k))
@@ -256,11 +258,7 @@ def test_pending_forget_is_served_nothing(tmp_path: Path,
     gives the user no summary and no tail, as every reader hides a pending user."""
     from lmat_platform.store import deletion
 
-    store = lmat.init_store(str(tmp_path / "s"), n_buckets=2, row_group_rows=64)
-    ev = _events(3)
-    pq.write_table(ev, str(tmp_path / "e.parquet"))
-    lmat.ingest_files(store, [str(tmp_path / "e.parquet")])
-    v = register_summarizer(store, "m", Summarizer(CFG))
+    store, ev, v = _small_store(tmp_path, 3)
     lmat.publish_snapshot(store, _watermark(0))
     compute_summaries(store, v, 0, published_at=_watermark(0))
     tenant = parse_tenants({"tenants": [{"name": "t", "columns": ["item_id"], "max_len": 8,
@@ -378,11 +376,7 @@ def test_cli_summarize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 def test_snapshot_published_after_server_built(tmp_path: Path) -> None:
     """Events of a snapshot published after the server was pinned are read once (raw log),
     not twice (raw log and tier)."""
-    store = lmat.init_store(str(tmp_path / "s"), n_buckets=2, row_group_rows=64)
-    ev = _events(5)
-    pq.write_table(ev, str(tmp_path / "e.parquet"))
-    lmat.ingest_files(store, [str(tmp_path / "e.parquet")])
-    register_summarizer(store, "m", Summarizer(CFG))
+    store, ev, _ = _small_store(tmp_path, 5)
     lmat.publish_snapshot(store, _watermark(0))
     lmat.summaries.compute_pending(store, lmat.summaries.resolve_version(store, "m"),
                                    publish_delay_us=0)
