@@ -883,8 +883,9 @@ def block_sorted_tails(
 
     With ``limit``, a request keeps only its last ``min(r_hi[j] - r_lo[j], limit)`` events in
     that order (a tenant of ``max_len`` limit without an action filter needs no more of a
-    tail): its copy is found by walking the sorted block back from its last event, so the
-    work and the copy follow the events kept, not the span."""
+    tail): its copy is found by walking the sorted block back from its last event (stepping
+    over other requests' events), so the copy follows the events kept; finding the span's
+    first and last sorted positions still scans the span once."""
     if limit is not None and limit < 0:
         raise ValueError(f"block_sorted_tails: limit must be >= 0, got {limit}")
     if len(r_blk) and bool((np.diff(r_blk) < 0).any()):
@@ -1009,8 +1010,9 @@ def _skip_blas_probe() -> None:
     lmat's kernels use no BLAS. Unless ``scipy.linalg`` is imported already (then the probe is
     free) or ``LMAT_NUMBA_BLAS_PROBE=1``, ``numba.np.arraymath`` is imported while
     ``numba.np.linalg.ensure_blas`` (the probe it calls once, at its import) answers "no BLAS";
-    the function is put back at once (no import is blocked, so other threads' imports of scipy
-    are unaffected). The one effect: ``np.correlate`` and ``np.convolve`` compiled by numba in
+    ``numba.np.linalg``'s function is put back at once (no import is blocked, so other
+    threads' imports of scipy are unaffected); ``numba.np.arraymath`` keeps the stand-in under
+    its own name ``ensure_blas``, which it calls only at its import. The one effect: ``np.correlate`` and ``np.convolve`` compiled by numba in
     this process take numba's own inner-product loop instead of BLAS ``dot``; numba's
     ``np.dot`` and ``np.linalg`` look for BLAS themselves when compiled and are unchanged.
 
