@@ -57,7 +57,8 @@ def loopback_cluster(
     the second node)."""
     import ray
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    auth_before = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # this process's ray.init, until the cluster stops
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     port = free_port()
     tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths have a limit
@@ -98,6 +99,10 @@ def loopback_cluster(
         if left:
             log.warning("killed %d Ray processes left by the cluster in %s", len(left), tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if auth_before is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = auth_before
 
 
 def processes_of(temp_dir: str) -> list[int]:
