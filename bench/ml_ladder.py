@@ -12,9 +12,14 @@ step on average). A longer rung sees more history per target and pays for it in 
 that is the throughput column. A rung whose ``metrics.json`` exists is not run again (rerun to
 continue after a time budget ran out; a rung that was cut off resumes from its checkpoint).
 Rungs may run in separate processes on the same ``--out`` (``--lengths 10`` in one, ``25`` in
-another); each process rewrites the table from every finished rung::
+another); each process rewrites the table from every finished rung. Each process a rung runs in
+appends a segment to the rung's ``ladder-rung.json`` (code commit, command line, UTC start and
+end, load average, CPU and wall seconds), and the table names the commits and budgets. Runs
+(checkpoints, models) stay under ``--out``; ``--results`` (default ``--out``) receives the
+table, the plot and each rung's ``metrics.json`` and ``training.png``::
 
-    python -m bench.ml_ladder --dataset ml-100k --out bench/results/ladder-ml-100k
+    python -m bench.ml_ladder --dataset ml-100k --out /tmp/ladder \
+        --results bench/results/ladder-ml-100k
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ import json
 import logging
 import math
 import os
+import resource
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,15 +40,52 @@ from typing import Any
 from lmat_platform.datasets.commands import resolve_prepared
 from lmat_platform.datasets.ratings import TieOrder
 from lmat_platform.models.sasrec import SASRecConfig
-from lmat_platform.train import METRICS_FILE, WHOLE_HISTORY, TrainConfig, train_on_dataset
+from lmat_platform.train import (
+    METRICS_FILE,
+    PLOT_FILE,
+    WHOLE_HISTORY,
+    TrainConfig,
+    train_on_dataset,
+)
 
 LENGTHS = (10, 25, 50, 100, 200, WHOLE_HISTORY)
 REFERENCE = (50, 64)
 """The ladder's step count an epoch is that of ``max_len`` 50 with 64 windows a batch."""
+RUNG_LOG = "ladder-rung.json"
+"""One segment per process a rung ran in (see :func:`_segment`)."""
+STOP_NAMES = {"early_stopping": "patience", "budget": "budget", "epochs": "max epochs",
+              "max_steps": "max steps"}
 
 
 def rung_name(max_len: int) -> str:
     return "whole" if max_len >= WHOLE_HISTORY else str(max_len)
+
+
+def code_commit() -> str:
+    """The commit of the code this process runs (``+dirty`` when ``lmat_platform`` or this file
+    differ from it), or ``unknown`` outside a git checkout (pass ``--code-commit`` there)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--",
+                                "lmat_platform", "bench/ml_ladder.py"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def _utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _segment(run: Path, seg: dict[str, Any]) -> None:
+    """Append (or, same ``pid`` and ``started``, replace) a process segment of ``run``."""
+    path = run / RUNG_LOG
+    segs = json.loads(path.read_text()) if path.exists() else []
+    segs = [x for x in segs if (x["pid"], x["started"]) != (seg["pid"], seg["started"])]
+    _write(path, json.dumps(segs + [seg], indent=2))
 
 
 def windows(prep: Any, stride: int) -> int:
@@ -57,10 +103,13 @@ def windows(prep: Any, stride: int) -> int:
 def run_ladder(data: str, out: Path, *, lengths: tuple[int, ...] = LENGTHS, epochs: int = 200,
                patience: int = 10, budget_s: float = 14400.0, threads: int = 1,
                tie_order: TieOrder = "hidden", seed: int = 0, lr: float = 1e-3,
-               dropout: float = 0.5, rung_budget_s: float | None = None
+               dropout: float = 0.5, rung_budget_s: float | None = None,
+               results: Path | None = None, commit: str | None = None
                ) -> list[dict[str, Any]]:
     prep = resolve_prepared(data, tie_order=tie_order)
     out.mkdir(parents=True, exist_ok=True)
+    results = results or out
+    commit = commit or code_commit()
     t0 = time.monotonic()
     ref_len, ref_batch = REFERENCE
     steps = math.ceil(windows(prep, ref_len // 2) / ref_batch)
@@ -78,12 +127,24 @@ def run_ladder(data: str, out: Path, *, lengths: tuple[int, ...] = LENGTHS, epoc
             batch_size=max(1, math.ceil(windows(prep, stride) / steps)), checkpoint_every=50,
             time_column="arrival_ts", budget_s=rung_budget_s,
         )
+        run.mkdir(parents=True, exist_ok=True)
+        seg: dict[str, Any] = {
+            "pid": os.getpid(), "commit": commit, "argv": sys.argv, "started": _utc(),
+            "rung_budget_s": rung_budget_s, "loadavg_start": os.getloadavg(),
+        }
+        _segment(run, seg)
+        cpu0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
         train_on_dataset(prep, str(run), max_len=L, config=cfg, stride=stride,
                          model=SASRecConfig(n_items=prep.n_items, max_len=model_len,
                                             dropout=dropout))
-        write_outputs(prep.source, collect(out), out)
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        seg.update(ended=_utc(), loadavg_end=os.getloadavg(),
+                   wall_s=round(time.monotonic() - w0, 1),
+                   cpu_s=round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1))
+        _segment(run, seg)
+        write_outputs(prep.source, collect(out), out, results)
     rows = collect(out)
-    write_outputs(prep.source, rows, out)
+    write_outputs(prep.source, rows, out, results)
     return rows
 
 
@@ -95,6 +156,8 @@ def collect(out: Path) -> list[dict[str, Any]]:
         if not mpath.exists():
             continue
         m = json.loads(mpath.read_text())
+        lpath = mpath.parent / RUNG_LOG
+        segs = json.loads(lpath.read_text()) if lpath.exists() else []
         rows.append({
             "max_len": rung_name(L), "model_len": m["model"]["max_len"],
             "epochs": m["epochs_run"], "best_epoch": m.get("best_epoch"),
@@ -106,32 +169,72 @@ def collect(out: Path) -> list[dict[str, Any]]:
             "test": m["test"], "valid": m["valid"],
             "examples_per_s": m["examples_per_s"], "targets_per_s": m["targets_per_s"],
             "data_wait_share": m["data_wait_share"], "train_step_s": m["step_s"],
+            "train_s_per_epoch": m["step_s"] / max(m["epochs_run"], 1),
+            "commits": sorted({x["commit"] for x in segs}),
+            "budgets_s": [x.get("rung_budget_s") for x in segs],
+            "segments": segs,
         })
     return rows
 
 
-def write_outputs(source: str, rows: list[dict[str, Any]], out: Path) -> None:
-    _write(out / "ladder.json", json.dumps({"dataset": source, "rungs": rows}, indent=2))
+def write_outputs(source: str, rows: list[dict[str, Any]], out: Path,
+                  results: Path | None = None) -> None:
+    """``ladder.json``, ``ladder.md`` and ``ladder.png`` in ``results`` (default ``out``), and
+    each finished rung's metrics and training plot there when ``results`` is not ``out``."""
+    results = results or out
+    results.mkdir(parents=True, exist_ok=True)
+    if results.resolve() != out.resolve():
+        for r in rows:
+            name = f"len-{r['max_len']}"
+            (results / name).mkdir(exist_ok=True)
+            for f in (METRICS_FILE, PLOT_FILE, RUNG_LOG):
+                if (out / name / f).exists():
+                    shutil.copyfile(out / name / f, results / name / f)
+    _write(results / "ladder.json", json.dumps({"dataset": source, "rungs": rows}, indent=2))
+    _write(results / "ladder.md", table(source, rows))
+    tmp = results / f".ladder-{os.getpid()}.png"
+    plot(source, rows, tmp)
+    os.replace(tmp, results / "ladder.png")
+
+
+def table(source: str, rows: list[dict[str, Any]]) -> str:
+    """The ladder as markdown: test quality (full ranking; ``f`` = seen items filtered), how
+    each rung stopped (``patience``: early stopping; ``budget``: its time budget, best
+    validation epoch tested) after how many epochs, the train seconds an epoch (step time,
+    evaluation excluded), throughput and the share of step time spent waiting for data."""
     lines = [
-        f"Sequence-length ladder on {source} (test, full ranking; `f` = seen items filtered)",
+        f"Sequence-length ladder on {source} (test, full ranking; `f` = seen items filtered; "
+        "epochs (best) = epochs run (best validation epoch, the one tested))",
         "",
-        "| max_len | HR@10 | NDCG@10 | HR@10 f | NDCG@10 f | epochs (best), stop | windows/step | "
-        "targets/epoch | windows/s | targets/s | data wait |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| max_len | HR@10 | NDCG@10 | HR@10 f | NDCG@10 f | stopped by | epochs (best) | "
+        "train s/epoch | windows/step | targets/epoch | windows/s | targets/s | data wait |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         t = r["test"]
         lines.append(
             f"| {r['max_len']} | {t['hr@10']:.4f} | {t['ndcg@10']:.4f} | "
             f"{t['hr@10_filtered']:.4f} | {t['ndcg@10_filtered']:.4f} | "
-            f"{r['epochs']} ({r['best_epoch']}), {r['stopped']} | {r['batch_size']} | "
-            f"{r['targets_per_epoch']} | "            f"{r['examples_per_s']:.0f} | "
-            f"{r['targets_per_s']:.0f} | {100 * r['data_wait_share']:.1f}% |"
+            f"{STOP_NAMES.get(r['stopped'], r['stopped'])} | {r['epochs']} ({r['best_epoch']}) | "
+            f"{r['train_s_per_epoch']:.0f} | {r['batch_size']} | {r['targets_per_epoch']} | "
+            f"{r['examples_per_s']:.0f} | {r['targets_per_s']:.0f} | "
+            f"{100 * r['data_wait_share']:.1f}% |"
         )
-    _write(out / "ladder.md", "\n".join(lines) + "\n")
-    tmp = out / f".ladder-{os.getpid()}.png"
-    plot(source, rows, tmp)
-    os.replace(tmp, out / "ladder.png")
+    segs = [(r["max_len"], x) for r in rows for x in r.get("segments", [])]
+    if segs:
+        lines += ["", "Processes (a rung cut off by a budget or a kill resumes from its "
+                  "checkpoint in the next one):", ""]
+        for name, x in segs:
+            budget = x.get("rung_budget_s")
+            lines.append(
+                f"- {name}: {x['started']} to {x.get('ended', '?')}, code {x['commit']}, "
+                f"budget {'none' if budget is None else f'{budget:.0f} s'}, "
+                f"{x.get('wall_s', '?')} s wall, {x.get('cpu_s', '?')} s CPU, load average "
+                f"{x['loadavg_start'][0]:.1f} -> "
+                f"{x['loadavg_end'][0] if 'loadavg_end' in x else float('nan'):.1f}: "
+                f"`{' '.join(x['argv'])}`"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def _write(path: Path, text: str) -> None:
@@ -157,6 +260,10 @@ def plot(source: str, rows: list[dict[str, Any]], path: Path) -> None:
     a1.set_ylabel("test metric")
     a1.legend(fontsize=7)
     a1.set_title(f"{source}: quality vs history length", fontsize=9)
+    for i, r in enumerate(rows):
+        if r["stopped"] == "budget":
+            a1.annotate("budget", (i, r["test"]["ndcg@10"]), fontsize=7, xytext=(0, -12),
+                        textcoords="offset points", ha="center")
     a2.plot(x, [r["examples_per_s"] for r in rows], "o-", label="windows/s")
     a2.plot(x, [r["targets_per_s"] / 10 for r in rows], "s-", label="targets/s / 10")
     a2.set_xticks(x, labels)
@@ -172,7 +279,12 @@ def plot(source: str, rows: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="ml-100k")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="run directories (checkpoints, models)")
+    p.add_argument("--results", default=None,
+                   help="where the table, plot and each rung's metrics go (default: --out)")
+    p.add_argument("--code-commit", default=None,
+                   help="the commit the code was taken from, for a copy outside git "
+                   "(default: git rev-parse HEAD of this checkout)")
     p.add_argument("--lengths", default="10,25,50,100,200,all")
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--patience", type=int, default=10,
@@ -193,7 +305,9 @@ def main() -> None:
                     for s in a.lengths.split(","))
     run_ladder(a.dataset, Path(a.out), lengths=lengths, epochs=a.epochs, patience=a.patience,
                budget_s=a.budget_s, threads=a.threads, tie_order=a.tie_order, seed=a.seed,
-               lr=a.lr, dropout=a.dropout, rung_budget_s=a.rung_budget_s)
+               lr=a.lr, dropout=a.dropout, rung_budget_s=a.rung_budget_s,
+               results=Path(a.results) if a.results else None, commit=a.code_commit)
+
 
 if __name__ == "__main__":
     main()
