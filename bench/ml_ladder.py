@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -197,6 +198,10 @@ def write_outputs(source: str, rows: list[dict[str, Any]], out: Path,
     os.replace(tmp, results / "ladder.png")
 
 
+def _or_q(v: Any) -> str:
+    return "?" if v is None else str(v)
+
+
 def table(source: str, rows: list[dict[str, Any]]) -> str:
     """The ladder as markdown: test quality (full ranking; ``f`` = seen items filtered), how
     each rung stopped (``patience``: early stopping; ``budget``: its time budget, best
@@ -229,10 +234,10 @@ def table(source: str, rows: list[dict[str, Any]]) -> str:
             lines.append(
                 f"- {name}: {x['started']} to {x.get('ended', '?')}, code {x['commit']}, "
                 f"budget {'none' if budget is None else f'{budget:.0f} s'}, "
-                f"{x.get('wall_s', '?')} s wall, {x.get('cpu_s', '?')} s CPU, load average "
+                f"{_or_q(x.get('wall_s'))} s wall, {_or_q(x.get('cpu_s'))} s CPU, load average "
                 f"{x['loadavg_start'][0]:.1f} -> "
                 f"{x['loadavg_end'][0] if 'loadavg_end' in x else float('nan'):.1f}: "
-                f"`{' '.join(x['argv'])}`"
+                f"`python -m bench.ml_ladder {shlex.join(x['argv'][1:])}`"
             )
     return "\n".join(lines) + "\n"
 

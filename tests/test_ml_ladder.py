@@ -1,0 +1,70 @@
+"""The sequence-length ladder's report (``bench.ml_ladder``): what stopped each rung, the
+process log of each rung, and the copy of the results out of the run directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.ml_ladder import RUNG_LOG, _segment, collect, write_outputs
+
+
+def _metrics(max_len: int, *, epochs: int, best: int, stopped: str, step_s: float,
+             ndcg: float) -> dict[str, Any]:
+    scores = {"n": 671.0, "hr@10": 2 * ndcg, "hr@10_filtered": 3 * ndcg, "ndcg@10": ndcg,
+              "ndcg@10_filtered": 1.5 * ndcg}
+    return {
+        "model": {"max_len": max_len}, "epochs_run": epochs, "best_epoch": best,
+        "stopped": stopped, "dataset": {"train_stride": max_len // 2},
+        "train": {"batch_size": 64}, "history": [{"targets": 1000}] * epochs,
+        "targets": 1000 * epochs, "test": scores, "valid": scores,
+        "examples_per_s": 30.0, "targets_per_s": 700.0, "data_wait_share": 0.012,
+        "step_s": step_s,
+    }
+
+
+def _rung(out: Path, name: str, metrics: dict[str, Any]) -> Path:
+    run = out / f"len-{name}"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / "training.png").write_bytes(b"png")
+    return run
+
+
+def test_table_names_the_stop_epochs_and_processes_and_copies_results(tmp_path: Path) -> None:
+    out, results = tmp_path / "runs", tmp_path / "results"
+    _rung(out, "10", _metrics(10, epochs=22, best=11, stopped="early_stopping", step_s=1980.0,
+                              ndcg=0.05))
+    run = _rung(out, "whole", _metrics(2391, epochs=3, best=2, stopped="budget", step_s=1500.0,
+                                       ndcg=0.03))
+    seg = {"pid": 7, "commit": "abc1234", "argv": ["ml_ladder.py", "--lengths", "all"],
+           "started": "2026-12-03T04:00:00Z", "rung_budget_s": 1200.0,
+           "loadavg_start": [5.0, 5.0, 5.0]}
+    _segment(run, seg)
+    seg.update(ended="2026-12-03T04:25:00Z", loadavg_end=[6.0, 6.0, 6.0], wall_s=1500.0,
+               cpu_s=1400.0)
+    _segment(run, seg)  # the same process's end replaces its start
+    assert len(json.loads((run / RUNG_LOG).read_text())) == 1
+
+    rows = collect(out)
+    write_outputs("ml-latest-small", rows, out, results)
+
+    md = (results / "ladder.md").read_text()
+    line10 = next(x for x in md.splitlines() if x.startswith("| 10 |"))
+    line_whole = next(x for x in md.splitlines() if x.startswith("| whole |"))
+    assert "| patience | 22 (11) | 90 |" in line10  # 1980 s of steps over 22 epochs
+    assert "| budget | 3 (2) | 500 |" in line_whole
+    assert "1.2%" in line10
+    assert ("whole: 2026-12-03T04:00:00Z to 2026-12-03T04:25:00Z, code abc1234, budget 1200 s"
+            in md)
+    assert "`python -m bench.ml_ladder --lengths all`" in md
+    data = json.loads((results / "ladder.json").read_text())
+    assert [r["stopped"] for r in data["rungs"]] == ["early_stopping", "budget"]
+    assert data["rungs"][1]["commits"] == ["abc1234"]
+    for name in ("len-10", "len-whole"):
+        assert (results / name / "metrics.json").read_text() == \
+            (out / name / "metrics.json").read_text()
+        assert (results / name / "training.png").exists()
+    assert (results / "ladder.png").stat().st_size > 0
+    assert not (out / "ladder.md").exists()  # the run directory gets no report
