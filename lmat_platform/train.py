@@ -98,6 +98,11 @@ class TrainConfig:
     """Tenant column of the items' arrival times: with ``all``, each item is predicted from its
     own H(u, T) inside the window (same-second items invisible to each other; see
     :meth:`SASRec.loss`). None: from the item just before it."""
+    lr_decay: float = 1.0
+    """Multiply the learning rate by this after every ``lr_decay_patience`` epochs in a row
+    without a better validation NDCG@K (1.0: constant learning rate)."""
+    lr_decay_patience: int = 3
+    """Epochs without a better validation NDCG@K between learning-rate decays."""
 
 
 @dataclass
@@ -351,6 +356,10 @@ def train_next_item(
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             else:
                 st["bad_epochs"] += 1
+                if config.lr_decay != 1.0 and st["bad_epochs"] % config.lr_decay_patience == 0:
+                    for group in opt.param_groups:
+                        group["lr"] *= config.lr_decay
+                    row["lr"] = opt.param_groups[0]["lr"]
             log.info("epoch %d: loss %.4f, valid HR@%d %.4f NDCG@%d %.4f", st["epoch"],
                      row["train_loss"], config.k, row["valid"][f"hr@{config.k}"], config.k,
                      row["valid"][key])

@@ -73,6 +73,17 @@ def test_tiny_run_writes_model_metrics_and_plot(prep, tmp_path) -> None:
     assert net.cfg.max_len == 10 and res.model_path == str(tmp_path / MODEL_FILE)
 
 
+def test_lr_decays_after_epochs_without_a_better_validation(prep, tmp_path) -> None:
+    # lr 1e-9: the model does not move, so no epoch after the first beats the best one.
+    cfg = replace(CFG, epochs=3, lr=1e-9, lr_decay=0.5, lr_decay_patience=1)
+    m = train_on_dataset(prep, str(tmp_path), max_len=10, model=_model(prep), config=cfg).metrics
+    assert m["best_epoch"] == 0
+    assert [h.get("lr") for h in m["history"]] == [None, pytest.approx(5e-10),
+                                                  pytest.approx(2.5e-10)]
+    ck = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)
+    assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2.5e-10)  # resumes decayed
+
+
 def _most_popular(prep, split: str) -> dict[str, float]:
     """HR@10 / NDCG@10 (and filtered) of the training labels' counts on ``split``'s requests,
     the seen items being the user's events that arrived before the request."""

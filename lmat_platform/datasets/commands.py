@@ -48,6 +48,16 @@ def _positive(name: str) -> Callable[[str], int]:
     return parse
 
 
+def _decay(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lr-decay: expected a number, but got {v!r}") from None
+    if not 0.0 < x <= 1.0:
+        raise argparse.ArgumentTypeError(f"--lr-decay: must be in (0, 1], but got {x}")
+    return x
+
+
 def resolve_prepared(data: str, *, tie_order: TieOrder = "hidden", users: int | None = None,
                      root: str | None = None, progress: Any = None) -> PreparedDataset:
     """A prepared directory as is; a data set name or ratings file prepared on first use."""
@@ -89,7 +99,8 @@ def _train_config(a: argparse.Namespace) -> Any:
         num_workers=a.workers,
         device=a.device, seed=a.seed, loss=a.loss, threads=a.threads,
         time_column=None if a.time_column == "none" else a.time_column,
-        weight_decay=a.weight_decay,
+        weight_decay=a.weight_decay, lr_decay=a.lr_decay,
+        lr_decay_patience=a.lr_decay_patience,
     )
 
 
@@ -157,6 +168,10 @@ def _train_args(s: argparse.ArgumentParser) -> None:
                    help="arrival-time column: each training item is predicted from its own "
                    "H(u, T) inside the window ('none': from the item just before it)")
     s.add_argument("--weight-decay", type=float, default=0.0)
+    s.add_argument("--lr-decay", type=_decay, default=1.0,
+                   help="multiply the learning rate by this after every --lr-decay-patience "
+                   "epochs without a better valid NDCG@10 (default 1.0: constant)")
+    s.add_argument("--lr-decay-patience", type=_positive("--lr-decay-patience"), default=3)
     s.add_argument("--seed", type=int, default=0)
 
 
