@@ -180,6 +180,46 @@ def child_stall(setup: dict[str, Any], tenant: str, factor: float, passes: int) 
     return out
 
 
+def child_ratio(setup: dict[str, Any], tenant: str, rounds: int) -> dict[str, Any]:
+    """lmat's cache-off pass (``num_workers=0``) against the own-length fat file's, side by
+    side in one process: after one untimed pass of each (the process's start-up: imports,
+    compiled kernels, table metadata, footers), ``rounds`` rounds that each time one pass of
+    both, in alternating order. Per reader the median wall and CPU seconds of a pass; the
+    ratio is of the medians (and the median of the per-round ratios). Needs
+    ``LMAT_DECODE_CACHE_MB=0``: a pass keeps nothing from the one before."""
+    from bench.bench_reader import fat_batches
+    from lmat_platform.reader import SequenceLoader
+    from lmat_platform.store.cache import cache
+
+    if cache().max_bytes:
+        raise SystemExit("--child ratio: set LMAT_DECODE_CACHE_MB=0 (the decoded cache is on)")
+    t = _tenant(tenant)
+    loader = SequenceLoader(setup["store"], setup["thin"], tenant=t, batch_size=BATCH)
+    own = setup["fat_own"][tenant]
+    readers = {"lmat": lambda: loader, "fat_own": lambda: fat_batches(own, list(t.columns), BATCH)}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in readers}
+    n: dict[str, int] = {}
+    for rnd in range(rounds + 1):
+        for k in (readers if rnd % 2 else reversed(list(readers))):
+            w0, c0 = time.perf_counter(), time.process_time()
+            n[k] = sum(len(b) for b in readers[k]())
+            if rnd:  # round 0: start-up
+                times[k].append((time.perf_counter() - w0, time.process_time() - c0))
+    if n["lmat"] != n["fat_own"]:
+        raise RuntimeError(f"lmat read {n['lmat']} examples, the fat file {n['fat_own']}")
+    med = {k: {"wall_s": statistics.median(w for w, _ in v),
+               "cpu_s": statistics.median(c for _, c in v)} for k, v in times.items()}
+    return {
+        "examples": n["lmat"], "rounds": rounds, "passes": med,
+        "examples_per_s": {k: n[k] / m["wall_s"] for k, m in med.items()},
+        "ratio_wall": med["fat_own"]["wall_s"] / med["lmat"]["wall_s"],
+        "ratio_cpu": med["fat_own"]["cpu_s"] / med["lmat"]["cpu_s"],
+        "ratio_wall_per_round": statistics.median(
+            f[0] / m[0] for f, m in zip(times["fat_own"], times["lmat"], strict=True)),
+        "load_average": os.getloadavg(),
+    }
+
+
 #: The operations of a cache-off pass, in the order they run for each unit.
 STAGES = ("thin_read", "thin_tails", "heads", "tier_read", "checks_tails", "plan", "batches")
 
@@ -466,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
             res = child_stall(setup, args.tenant, args.factor, args.reps)
         elif args.child == "breakdown":
             res = child_breakdown(setup, args.tenant, args.reps)
+        elif args.child == "ratio":
+            res = child_ratio(setup, args.tenant, args.reps)
         else:
             raise SystemExit(f"--child: unknown reader {args.child!r}")
         print(json.dumps(res))

@@ -10,7 +10,9 @@ Builds, day by day, the 3-tenant union workload the suite measures, the way prod
   the day's **fat rows for the union** of the three tenants (what a fat-row pipeline writes);
 * after each training day the bytes each side has written are recorded (files on disk, so
   rewrites count), which gives bytes written per day;
-* at the end the UIH tier is compacted again (that rewrite is reported on its own).
+* at the end the UIH tier is compacted again (that rewrite is reported on its own), with its
+  stripes ranked as of the oldest snapshot the logged requests point at
+  (``compact_buckets(stripes_as_of=...)``), the layout a store compacted during training has.
 
 The regime is the one late materialization is for, as in the reader benchmark: long histories
 built over many days, and many requests per active user per day.
@@ -166,6 +168,23 @@ def dir_bytes(p: str | Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
+def oldest_pointer(thin: str) -> int:
+    """The oldest snapshot a thin table's rows point at (0 when none points at any), from the
+    statistics in its Delta log (the snapshot column read where they are missing)."""
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable
+
+    from lmat_platform.store.core import delta_dataset
+
+    dt = DeltaTable(thin)
+    acts = pa.table(dt.get_add_actions(flatten=True))
+    col = acts.column("min.snapshot_id") if "min.snapshot_id" in acts.column_names else None
+    if col is None or col.null_count:
+        col = delta_dataset(dt).to_table(columns=["snapshot_id"]).column("snapshot_id")
+    lo = pc.min(col).as_py()
+    return max(int(lo), 0) if lo is not None else 0
+
+
 def build_union_workload(work: Path, scale: Scale) -> Built:
     """Generate, ingest and log ``scale``'s workload under ``work``; see the module docstring."""
     from lmat_platform import synth
@@ -244,7 +263,11 @@ def build_union_workload(work: Path, scale: Scale) -> Built:
         log.info("day %d: %s", d, row)
     t5 = time.perf_counter()
     before = dir_bytes(store_dir / "uih")
-    compact_buckets(st)
+    # The training days' compaction, as a store compacts while their examples are still being
+    # read: stripes ranked as of the oldest snapshot the logged requests point at (events of
+    # later snapshots in the first stripe), so a short tenant reads each user's last events
+    # only (uih.stripe_skippable); ranked as of the newest snapshot, no request could skip.
+    compact_buckets(st, stripes_as_of=oldest_pointer(thin))
     compaction = dir_bytes(store_dir / "uih") - before
     t_compact = time.perf_counter() - t5
     requests = pa.concat_tables([pq.read_table(f) for f in train_files])

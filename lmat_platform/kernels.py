@@ -811,7 +811,10 @@ def _block_sorted_tails(ts, ids, b_lo, b_hi, r_blk, r_lo, r_hi, limit):  # type:
     # Requests are grouped by block (r_blk non-decreasing). Each block is sorted once and kept
     # as one sorted copy; a request whose events are consecutive in it points into it, and
     # only a request with a gap (an event that sorts among its own but arrived after it) gets
-    # a copy of its own. Each request keeps only its last ``limit`` events in that order.
+    # a copy of its own, which the requests after it extend while they can: a request with the
+    # same first event, whose events beyond the copy's all sort after the copy's last event,
+    # is the copy followed by those (its user's next request: the same run, a few more events
+    # arrived). Each request keeps only its last ``limit`` events in that order.
     R = len(r_lo)
     cap = 0
     prev = -1
@@ -837,6 +840,11 @@ def _block_sorted_tails(ts, ids, b_lo, b_hi, r_blk, r_lo, r_hi, limit):  # type:
             idx[o] = lo + perm[k]
             inv[perm[k]] = k
             o += 1
+        # The open copy, ending at o: its requests' first event (c_a), the end of the last
+        # one's events (c_b), and the sorted place of the last event it holds (c_last).
+        c_a = -1
+        c_b = -1
+        c_last = -1
         while j < R and r_blk[j] == blk:
             # Only the request's own events are looked at (not the whole block).
             a = r_lo[j] - lo
@@ -845,6 +853,26 @@ def _block_sorted_tails(ts, ids, b_lo, b_hi, r_blk, r_lo, r_hi, limit):  # type:
                 start[j] = base
                 j += 1
                 continue
+            n = min(b - a, limit)
+            if a == c_a and c_b <= b and b - c_b <= n:
+                # Extends the open copy when its new events all sort after the copy's last.
+                k_new = b - c_b
+                ok = True
+                for p in range(c_b, b):
+                    if inv[p] < c_last:
+                        ok = False
+                        break
+                if ok:
+                    new = np.sort(inv[c_b:b])
+                    for q in range(k_new):
+                        idx[o + q] = lo + perm[new[q]]
+                    o += k_new
+                    if k_new:
+                        c_last = new[k_new - 1]
+                    c_b = b
+                    start[j] = o - n
+                    j += 1
+                    continue
             first = inv[a]
             last = inv[a]
             for p in range(a + 1, b):
@@ -852,7 +880,6 @@ def _block_sorted_tails(ts, ids, b_lo, b_hi, r_blk, r_lo, r_hi, limit):  # type:
                     first = inv[p]
                 if inv[p] > last:
                     last = inv[p]
-            n = min(b - a, limit)
             if last - first + 1 == b - a:
                 start[j] = base + last + 1 - n
             else:
@@ -867,6 +894,9 @@ def _block_sorted_tails(ts, ids, b_lo, b_hi, r_blk, r_lo, r_hi, limit):  # type:
                         w -= 1
                         idx[w] = lo + perm[k]
                     k -= 1
+                c_a = a
+                c_b = b
+                c_last = last
             j += 1
     return idx[:o], start
 

@@ -629,6 +629,28 @@ def test_spans_sorted_and_block_sorted_tails_match_numpy() -> None:
             pos = np.arange(r_lo[j], r_hi[j])
             want = pos[np.lexsort((ids[pos], ts[pos]))][len(pos) - min(len(pos), limit):]
             assert idx[start[j]:start[j] + len(want)].tolist() == want.tolist()
+    # A user's requests (a few first events, growing ends) over events mostly in order with
+    # some late ones: a request extends the copy of the one before while its new events sort
+    # after it, so the copies hold fewer events than the requests; still each one's exact.
+    ts2 = np.cumsum(rng.integers(0, 3, size=400)).astype(np.int64)
+    late = rng.choice(400, size=12, replace=False)
+    ts2[late] -= rng.integers(1, 60, size=12)
+    ids2 = rng.permutation(400).astype(np.int64)
+    b_lo2, b_hi2 = np.array([0, 150], dtype=np.int64), np.array([150, 400], dtype=np.int64)
+    rq = [(blk, a, e) for blk, starts in ((0, (0, 0, 0, 40)), (1, (150, 170, 170)))
+          for a in starts for e in np.sort(rng.integers(a, b_hi2[blk] + 1, size=25)).tolist()]
+    r_blk2, r_lo2, r_hi2 = (np.array(x, dtype=np.int64) for x in zip(*rq, strict=True))
+    for limit in (None, 5, 60):
+        idx, start = block_sorted_tails(ts2, ids2, b_lo2, b_hi2, r_blk2, r_lo2, r_hi2, limit)
+        kept = 0
+        for j, (_, a, e) in enumerate(rq):
+            pos = np.arange(a, e)
+            want = pos[np.lexsort((ids2[pos], ts2[pos]))]
+            want = want[len(pos) - min(len(pos), limit or len(pos)):]
+            kept += len(want)
+            assert idx[start[j]:start[j] + len(want)].tolist() == want.tolist(), (limit, j)
+        if limit != 5:  # (with 5, ends grow by more than the 5 events a copy keeps)
+            assert len(idx) - 400 < kept / 2, (limit, len(idx), kept)
 
 
 def test_tail_runs_store_each_users_events_once() -> None:

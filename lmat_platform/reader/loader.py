@@ -57,6 +57,7 @@ from lmat_platform.protocol.thin import (
     ROW_ORDER,
     TAIL_PREFIX,
     check_thin_owner,
+    read_thin_file,
     thin_store_id,
 )
 from lmat_platform.reader.batch import Batch
@@ -468,7 +469,7 @@ def _thin_bucket(
     # The files' rows are flattened together (a row may point into tails stored in another
     # row of its user, in any file of the bucket), then merged in (user, request time,
     # request id) order by moving their spans: tail events are never copied to merge.
-    parts = [frag.to_table(schema=schema, columns=columns) for frag in frags]
+    parts = [read_thin_file(frag, schema, columns) for frag in frags]
     parts = [t for t in parts if t.num_rows]
     rows = (schema.empty_table().select(columns) if not parts
             else pa.concat_tables(parts) if len(parts) > 1 else parts[0])

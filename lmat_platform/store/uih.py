@@ -185,17 +185,26 @@ def file_metadata(store: Store, rel: str) -> pq.FileMetaData:
 
 def compact_buckets(
     store: Store, *, buckets: Sequence[int] | None = None, min_files: int = 2,
-    engine: Engine | None = None,
+    engine: Engine | None = None, stripes_as_of: int | None = None,
 ) -> dict[str, int]:
     """Merge each bucket's tier files into one sorted file (a layout-only rewrite), and bin-pack
     the head summaries (one small file per bucket and snapshot otherwise, which readers open
     once per bucket and pass).
 
+    ``stripes_as_of``: rank each user's events for the stripes (:func:`_write_stripes`) as of
+    this snapshot rather than the newest: events of later snapshots all go to the first stripe
+    (which every tenant reads), and the other stripes are skippable for every request that
+    points at this snapshot or a later one (:func:`stripe_skippable`). A store compacted while
+    training data logged since an earlier snapshot is still read passes the oldest snapshot
+    those thin rows point at (the loader's ``info.snap_min``), so that their short tenants
+    read the last events only; None: the newest snapshot in the buckets compacted.
+
     Every add and remove of the tier is committed with ``dataChange = false`` and the row counts
     in and out must match, which :func:`lmat_platform.validate.check_uih_commits` verifies.
     """
     with store.write_lock():
-        out = _compact_tier(store, buckets=buckets, min_files=min_files, engine=engine)
+        out = _compact_tier(store, buckets=buckets, min_files=min_files, engine=engine,
+                            stripes_as_of=stripes_as_of)
         heads = store.open_table("heads")
         if heads is not None:
             metrics = heads.optimize.compact()
@@ -204,7 +213,8 @@ def compact_buckets(
 
 
 def _compact_tier(
-    store: Store, *, buckets: Sequence[int] | None, min_files: int, engine: Engine | None = None
+    store: Store, *, buckets: Sequence[int] | None, min_files: int, engine: Engine | None = None,
+    stripes_as_of: int | None = None,
 ) -> dict[str, int]:
     dt = store.open_table("uih")
     if dt is None:
@@ -219,6 +229,10 @@ def _compact_tier(
     # Stripe names carry the highest snapshot of the buckets compacted so far, in bucket order.
     snaps = np.maximum.accumulate(
         np.array([max((f.max_snapshot or 0) for f in fl) for _, fl in chosen], dtype=np.int64))
+    if stripes_as_of is not None:
+        if stripes_as_of < 0:
+            raise ValueError(f"stripes_as_of must be a snapshot id >= 0, but got {stripes_as_of}")
+        snaps = np.full(len(chosen), stripes_as_of, dtype=np.int64)
     # One task per bucket: read, merge, cut into stripes, write (engine: where).
     per_bucket = (engine or LocalEngine()).map(
         _compact_bucket, [(store, b, fl, int(m)) for (b, fl), m in zip(chosen, snaps, strict=True)])
@@ -266,18 +280,23 @@ def _units(files: list[TierFile]) -> int:
 
 def _write_stripes(store: Store, merged: pa.Table, max_snap: int) -> list[AddAction]:
     """A bucket's compacted rows as one file per *stripe*: each user's last 256 events, the
-    257th..2048th last, the 2049th..16384th last, then the rest (:data:`STRIPES`), each file
-    sorted by (user_id, event_ts, event_id). A tenant whose ``max_len`` fits in the stripes
-    before one never reads that stripe's file for requests at or after this compaction's
-    snapshot (:func:`stripe_skippable`), however its row groups mix users."""
+    257th..2048th last, the 2049th..16384th last, then the rest (:data:`STRIPES`), ranked
+    among the user's events of snapshots up to ``max_snap`` (events of later snapshots: all in
+    the first stripe), each file sorted by (user_id, event_ts, event_id). A tenant whose
+    ``max_len`` fits in the stripes before one never reads that stripe's file for requests at
+    or after snapshot ``max_snap`` (:func:`stripe_skippable`), however its row groups mix
+    users."""
     merged = sort_events(merged)
     u = merged.column("user_id").to_numpy()
     n = len(u)
     if n == 0:
         return []
-    ends = np.searchsorted(u, u, side="right")
-    rank = ends - np.arange(n)  # 1 = the user's last event
-    stripe = np.searchsorted(np.array(STRIPES), rank, side="left")
+    stripe = np.zeros(n, dtype=np.int64)
+    old = merged.column("snapshot_id").to_numpy(zero_copy_only=False) <= max_snap
+    uo = u[old]  # still sorted: a subsequence
+    ends = np.searchsorted(uo, uo, side="right")
+    rank = ends - np.arange(len(uo))  # 1 = the user's last event at snapshot max_snap
+    stripe[old] = np.searchsorted(np.array(STRIPES), rank, side="left")
     adds: list[AddAction] = []
     for s_ in np.unique(stripe).tolist():
         part = merged.filter(pa.array(stripe == s_))
