@@ -95,23 +95,28 @@ def read_thin_file(frag: pads.ParquetFileFragment, schema: pa.Schema, columns: l
     calling thread: a dataset scan sets up a scanner and its threads per file, which for a
     thin file of a few thousand rows costs several times the decode (a reader with the
     decoded cache off reads every thin file of its buckets each pass)."""
-    md = frag.metadata
     have = set(frag.physical_schema.names)
+    names = [c for c in columns if c in have]
     with frag.filesystem.open_input_file(frag.path) as fh:
-        t = pq.ParquetFile(fh, metadata=md).read(columns=[c for c in columns if c in have],
-                                                  use_threads=False)
+        t = pq.ParquetFile(fh, metadata=frag.metadata).read(columns=names, use_threads=False)
+    # One schema comparison, not one per column (DataType equality costs microseconds).
+    want = pa.schema([schema.field(c) for c in columns])
+    t = t.select(names)
+    if not t.schema.equals(pa.schema([want.field(c) for c in names])):
+        t = t.cast(pa.schema([want.field(c) for c in names]))
+    if len(names) == len(columns):
+        return t
     parts = pads.get_partition_keys(frag.partition_expression)
     cols = []
     for c in columns:
-        typ = schema.field(c).type
+        typ = want.field(c).type
         if c in have:
-            col = t.column(c)
-            cols.append(col if col.type == typ else col.cast(typ))
+            cols.append(t.column(c))
         elif c in parts:
             cols.append(pa.array(np.full(t.num_rows, parts[c]), typ))
         else:
             cols.append(pa.nulls(t.num_rows, typ))
-    return pa.Table.from_arrays(cols, schema=pa.schema([schema.field(c) for c in columns]))
+    return pa.Table.from_arrays(cols, schema=want)
 
 
 def tail_struct_type(store: Store) -> pa.StructType:

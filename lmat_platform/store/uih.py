@@ -540,10 +540,12 @@ def _read_row_groups(
     from the decoded cache when it is there, and what is missing is decoded and cached."""
     dc = cache()
     if not dc.max_bytes:
-        # Nothing is kept: one decode, without cutting it into row groups to keep.
+        # Nothing is kept: one decode, without cutting it into row groups to keep, in this
+        # thread (a reader reads its units in a thread of its own, one per consumer).
         fs, root = store.filesystem()
         with fs.open_input_file(f"{root}/uih/{f.path}") as fh:
-            return pq.ParquetFile(fh, metadata=md).read_row_groups(groups, columns=columns)
+            return pq.ParquetFile(fh, metadata=md).read_row_groups(groups, columns=columns,
+                                                                   use_threads=False)
     base = (store.store_id, f.path, f.size)
     got: dict[tuple[int, str], pa.Array] = {}
     for g in groups:
