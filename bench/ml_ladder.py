@@ -32,6 +32,7 @@ import os
 import resource
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -135,14 +136,20 @@ def run_ladder(data: str, out: Path, *, lengths: tuple[int, ...] = LENGTHS, epoc
         }
         _segment(run, seg)
         cpu0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
-        train_on_dataset(prep, str(run), max_len=L, config=cfg, stride=stride,
-                         model=SASRecConfig(n_items=prep.n_items, max_len=model_len,
-                                            dropout=dropout))
-        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-        seg.update(ended=_utc(), loadavg_end=os.getloadavg(),
-                   wall_s=round(time.monotonic() - w0, 1),
-                   cpu_s=round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1))
-        _segment(run, seg)
+        try:
+            train_on_dataset(prep, str(run), max_len=L, config=cfg, stride=stride,
+                             model=SASRecConfig(n_items=prep.n_items, max_len=model_len,
+                                                dropout=dropout))
+        except BaseException as e:  # SIGTERM (below) or an error: the next process resumes
+            seg["interrupted"] = type(e).__name__
+            raise
+        finally:
+            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+            seg.update(ended=_utc(), loadavg_end=os.getloadavg(),
+                       wall_s=round(time.monotonic() - w0, 1),
+                       cpu_s=round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime
+                                   - cpu0.ru_stime, 1))
+            _segment(run, seg)
         write_outputs(prep.source, collect(out), out, results)
     rows = collect(out)
     write_outputs(prep.source, rows, out, results)
@@ -238,6 +245,8 @@ def table(source: str, rows: list[dict[str, Any]]) -> str:
                 f"{x['loadavg_start'][0]:.1f} -> "
                 f"{x['loadavg_end'][0] if 'loadavg_end' in x else float('nan'):.1f}: "
                 f"`python -m bench.ml_ladder {shlex.join(x['argv'][1:])}`"
+                + (f" ({x['interrupted']}, resumed)" if x.get("interrupted") else "")
+                + (f" ({x['note']})" if x.get("note") else "")
             )
     return "\n".join(lines) + "\n"
 
@@ -281,6 +290,12 @@ def plot(source: str, rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM ends the process through ``SystemExit``, so the rung's process log records
+    the stop; training resumes from the last checkpoint in the next process."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="ml-100k")
@@ -305,6 +320,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tie-order", choices=("hidden", "row"), default="hidden")
     a = p.parse_args()
+    signal.signal(signal.SIGTERM, _terminated)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     lengths = tuple(WHOLE_HISTORY if s in ("all", "whole") else int(s)
                     for s in a.lengths.split(","))

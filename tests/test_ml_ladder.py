@@ -68,3 +68,27 @@ def test_table_names_the_stop_epochs_and_processes_and_copies_results(tmp_path: 
         assert (results / name / "training.png").exists()
     assert (results / "ladder.png").stat().st_size > 0
     assert not (out / "ladder.md").exists()  # the run directory gets no report
+
+
+def test_a_stopped_process_records_its_end(tmp_path: Path, monkeypatch: Any) -> None:
+    """A rung process ended by SIGTERM (``SystemExit``) still logs its end, CPU and wall."""
+    import types
+
+    import pytest
+
+    import bench.ml_ladder as ladder
+
+    prep = types.SimpleNamespace(max_history=100, n_items=10, source="x")
+    monkeypatch.setattr(ladder, "resolve_prepared", lambda data, tie_order: prep)
+    monkeypatch.setattr(ladder, "windows", lambda prep, stride: 640)
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        ladder._terminated(15, None)
+
+    monkeypatch.setattr(ladder, "train_on_dataset", killed)
+    with pytest.raises(SystemExit) as e:
+        ladder.run_ladder("x", tmp_path, lengths=(50,), rung_budget_s=60.0, commit="c0ffee")
+    assert e.value.code == 143
+    (seg,) = json.loads((tmp_path / "len-50" / RUNG_LOG).read_text())
+    assert seg["interrupted"] == "SystemExit" and seg["commit"] == "c0ffee"
+    assert seg["rung_budget_s"] == 60.0 and "ended" in seg and seg["cpu_s"] >= 0
