@@ -6,11 +6,17 @@ Importing this package imports torch; ``import lmat_platform`` stays light and l
 from __future__ import annotations
 
 from lmat_platform.reader.batch import Batch
-from lmat_platform.reader.errors import ReaderTimeoutError, ReaderWorkerError, StoreUnreachableError
+from lmat_platform.reader.errors import (
+    ReaderPassCancelledError,
+    ReaderTimeoutError,
+    ReaderWorkerError,
+    StoreUnreachableError,
+)
 from lmat_platform.reader.loader import SequenceLoader, WorkUnit, assign_units, plan_units
 
 __all__ = [
     "Batch",
+    "ReaderPassCancelledError",
     "ReaderTimeoutError",
     "ReaderWorkerError",
     "SequenceLoader",

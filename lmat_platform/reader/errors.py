@@ -17,3 +17,14 @@ class ReaderTimeoutError(LmatError, TimeoutError):
 
 class ReaderWorkerError(LmatError):
     """A reader worker process died without reporting an error (killed, out of memory)."""
+
+
+class ReaderPassCancelledError(LmatError, RuntimeError):
+    """An iterator of a ``SequenceLoader`` with ``num_workers > 0`` was used after a newer
+    iterator over the same loader started (the newer pass cancelled it, as a new iterator of a
+    ``DataLoader`` with persistent workers does)."""
+
+    def __init__(self, msg: str = (
+            "this pass of the loader was cancelled: a newer iterator over the same "
+            "SequenceLoader started (with num_workers > 0 one pass runs at a time)")):
+        super().__init__(msg)

@@ -63,7 +63,11 @@ from lmat_platform.protocol.thin import (
 from lmat_platform.reader.batch import Batch
 from lmat_platform.reader.buffers import BufferPool, shared_pool
 from lmat_platform.reader.dedup import dedup_pieces
-from lmat_platform.reader.errors import ReaderWorkerError, StoreUnreachableError
+from lmat_platform.reader.errors import (
+    ReaderPassCancelledError,
+    ReaderWorkerError,
+    StoreUnreachableError,
+)
 from lmat_platform.reader.prefetch import Prefetcher
 from lmat_platform.reader.workers import WorkerPool, worker_loop
 from lmat_platform.reconstruct import (
@@ -877,6 +881,9 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         self.persistent_workers = persistent_workers
         self.dedup = dedup
         self._pool: WorkerPool | None = None
+        #: Passes begun (iterators started); an iterator whose pass is not the newest is
+        #: cancelled (ReaderPassCancelledError on its next use).
+        self._passes = 0
         # Raises TenantError for a column the store does not have.
         self.ctx = ReadContext.build(self.store, tenant, verify=verify)
         #: Summary tenants (spec section 10): batches get summaries and tails from the server.
@@ -1051,6 +1058,8 @@ class SequenceLoader(torch.utils.data.IterableDataset):
             return
         prog = resume or _Progress(self.epoch, [0] * per_rank)
         self._progress = prog
+        self._passes += 1
+        mine = self._passes
         specs = self._specs(per_rank, prog.epoch, prog.rows_done)
         source = (self._iter_local(specs[0]) if self.num_workers == 0
                   else self._iter_workers(specs, prog.next_consumer,
@@ -1065,6 +1074,8 @@ class SequenceLoader(torch.utils.data.IterableDataset):
             if self._summary is not None:
                 batch = self._summary.attach(batch)
             yield batch.pin_memory() if self.pin_memory else batch
+            if self._passes != mine and self.num_workers:
+                raise ReaderPassCancelledError()
         prog.complete = True
 
     def _iter_local(self, spec: ConsumerSpec) -> Iterator[tuple[int, int, Batch]]:
@@ -1117,8 +1128,8 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         finally:
             if not ok and not pool.alive():
                 pool.close()
-            if not self.persistent_workers:
-                self.close()
+            if not self.persistent_workers and pool.open_pass is None:
+                self.close()  # unless a newer iterator's pass (which cancelled this) runs
 
     def close(self) -> None:
         """Stop this loader's worker processes (they are kept between passes otherwise, and

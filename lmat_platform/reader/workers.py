@@ -50,7 +50,11 @@ import numpy as np
 import torch
 
 from lmat_platform.reader.batch import Batch
-from lmat_platform.reader.errors import ReaderTimeoutError, ReaderWorkerError
+from lmat_platform.reader.errors import (
+    ReaderPassCancelledError,
+    ReaderTimeoutError,
+    ReaderWorkerError,
+)
 from lmat_platform.reader.prefetch import POLL_S
 
 log = logging.getLogger(__name__)
@@ -77,6 +81,10 @@ class SlotWriter:
         self.flags = flags
         self.slots: list[torch.Tensor | None] = [None] * len(flags)
         self.bases: list[np.ndarray | None] = [None] * len(flags)
+        #: Whether the main process has slot k's present buffer (its handle went out with a
+        #: batch that was sent). A slot made for a batch that was then not sent (its pass was
+        #: cancelled) is announced with the next batch that uses it.
+        self.known = [False] * len(flags)
         #: The slot the last allocation used (None: ordinary memory), and whether it is new.
         self.last: tuple[int, bool] | None = None
         self.layout: list[tuple[int, int]] = []
@@ -95,7 +103,7 @@ class SlotWriter:
                                                                              strict=True)]
         if fits:
             k = min(fits, key=fits.__getitem__)
-            new = False
+            new = not self.known[k]
         elif free:
             # A slot never made, or too small: (re)made with head room.
             k = next((i for i in free if self.slots[i] is None), free[0])
@@ -103,6 +111,7 @@ class SlotWriter:
             t = torch.empty(size, dtype=torch.uint8).share_memory_()
             self.slots[k] = t
             self.bases[k] = t.numpy()
+            self.known[k] = False
             new = True
         else:
             self.last = None
@@ -113,6 +122,12 @@ class SlotWriter:
         assert base is not None
         return [base[o:o + nb].view(dt) for (o, nb), (_, dt) in zip(self.layout, sizes,
                                                                      strict=True)]
+
+    def sent(self) -> None:
+        """The last batch was sent: the main process has its slot now and frees it."""
+        if self.last is not None:
+            self.known[self.last[0]] = True
+            self.last = None
 
     def release_last(self) -> None:
         """The last slot handed out will not be sent (the pass was cancelled): free again."""
@@ -180,7 +195,7 @@ def worker_loop(w: int, tasks: Any, out: Any, stop: Any, current: Any, flags: to
                     if not put(msg):
                         writer.release_last()
                         break
-                    writer.last = None  # sent: the consumer frees it (release_last must not)
+                    writer.sent()  # the consumer frees it (release_last must not)
                 else:
                     put(("done", pass_id, None, None))
         except BaseException as e:
@@ -277,6 +292,8 @@ class WorkerPool:
         self.pass_id = 0
         #: The pass sent ahead (its key and id), which workers start once done with theirs.
         self.ahead: tuple[Any, int] | None = None
+        #: The pass whose iterator is open and not cancelled by a newer one (None: none).
+        self.open_pass: int | None = None
         self._lock = threading.Lock()
         self.closed = False
 
@@ -295,7 +312,13 @@ class WorkerPool:
         done with this one (its first batches are ready when the next pass begins, instead
         of each pass starting with every worker's first unit to read); a next pass whose key
         differs cancels it (what it made is dropped), so it costs at most a unit and
-        ``prefetch`` batches per worker when the guess is wrong."""
+        ``prefetch`` batches per worker when the guess is wrong.
+
+        One pass at a time: a call while an earlier pass's iterator is still open cancels that
+        pass (as a new iterator of a ``DataLoader`` with persistent workers does); the earlier
+        iterator then raises :class:`ReaderPassCancelledError` and reads nothing more, so the
+        new pass gets every one of its batches. Batches the consumer already holds keep their
+        slots until dropped."""
         if len(specs) != self.n:
             raise ValueError(f"{len(specs)} consumer plans for {self.n} workers")
         with self._lock:
@@ -310,6 +333,7 @@ class WorkerPool:
                 self.current.value = pid
                 for w, s in enumerate(specs):
                     self.tasks[w].put((pid, s))
+            self.open_pass = pid
             if ahead is not None:
                 self.pass_id += 1
                 self.ahead = (ahead[0], self.pass_id)
@@ -320,6 +344,8 @@ class WorkerPool:
             active = [True] * self.n
             w = first % self.n
             while any(active):
+                if self.open_pass != pid:
+                    raise ReaderPassCancelledError()
                 if not active[w]:
                     w = (w + 1) % self.n
                     continue
@@ -337,13 +363,15 @@ class WorkerPool:
                 w = (w + 1) % self.n
             done = True
         finally:
-            if not done:
-                # Workers abandon the pass (and the one sent ahead) at their next batch; what
-                # they queued is dropped when the next pass meets it.
-                with self._lock:
+            with self._lock:
+                if self.open_pass == pid:
+                    self.open_pass = None
+                if not done and self.current.value == pid:
+                    # Workers abandon the pass (and the one sent ahead) at their next batch;
+                    # what they queued is dropped when the next pass meets it. A pass that a
+                    # newer one cancelled leaves alone that pass and what it sent ahead.
                     self.ahead = None
-                    if self.current.value == pid:
-                        self.current.value = -pid
+                    self.current.value = -pid
 
     def _get(self, w: int, pid: int) -> tuple[str, int, Any, Any]:
         q, proc = self.queues[w], self.procs[w]
