@@ -178,6 +178,7 @@ def collect(out: Path) -> list[dict[str, Any]]:
             "examples_per_s": m["examples_per_s"], "targets_per_s": m["targets_per_s"],
             "data_wait_share": m["data_wait_share"], "train_step_s": m["step_s"],
             "train_s_per_epoch": m["step_s"] / max(m["epochs_run"], 1),
+            "valid_ndcg_by_epoch": [h["valid"]["ndcg@10"] for h in m["history"] if "valid" in h],
             "commits": sorted({x["commit"] for x in segs}),
             "budgets_s": [x.get("rung_budget_s") for x in segs],
             "segments": segs,
@@ -213,14 +214,19 @@ def table(source: str, rows: list[dict[str, Any]]) -> str:
     """The ladder as markdown: test quality (full ranking; ``f`` = seen items filtered), how
     each rung stopped (``patience``: early stopping; ``budget``: its time budget, best
     validation epoch tested) after how many epochs, the train seconds an epoch (step time,
-    evaluation excluded), throughput and the share of step time spent waiting for data."""
+    evaluation excluded), throughput and the share of step time spent waiting for data; and,
+    for rungs stopped after different numbers of epochs, the best validation NDCG@10 within
+    the epochs every rung trained (``equal``)."""
+    equal = min((len(r.get("valid_ndcg_by_epoch") or []) for r in rows), default=0)
     lines = [
         f"Sequence-length ladder on {source} (test, full ranking; `f` = seen items filtered; "
-        "epochs (best) = epochs run (best validation epoch, the one tested))",
+        "epochs (best) = epochs run (best validation epoch, the one tested); valid@E = best "
+        f"validation NDCG@10 within the first E = {equal} epochs, which every rung trained)",
         "",
         "| max_len | HR@10 | NDCG@10 | HR@10 f | NDCG@10 f | stopped by | epochs (best) | "
-        "train s/epoch | windows/step | targets/epoch | windows/s | targets/s | data wait |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"valid@{equal} | train s/epoch | windows/step | targets/epoch | windows/s | targets/s "
+        "| data wait |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         t = r["test"]
@@ -228,6 +234,7 @@ def table(source: str, rows: list[dict[str, Any]]) -> str:
             f"| {r['max_len']} | {t['hr@10']:.4f} | {t['ndcg@10']:.4f} | "
             f"{t['hr@10_filtered']:.4f} | {t['ndcg@10_filtered']:.4f} | "
             f"{STOP_NAMES.get(r['stopped'], r['stopped'])} | {r['epochs']} ({r['best_epoch']}) | "
+            f"{max(r['valid_ndcg_by_epoch'][:equal], default=math.nan):.4f} | "
             f"{r['train_s_per_epoch']:.0f} | {r['batch_size']} | {r['targets_per_epoch']} | "
             f"{r['examples_per_s']:.0f} | {r['targets_per_s']:.0f} | "
             f"{100 * r['data_wait_share']:.1f}% |"
@@ -265,7 +272,7 @@ def plot(source: str, rows: list[dict[str, Any]], path: Path) -> None:
 
     x = list(range(len(rows)))
     labels = [r["max_len"] for r in rows]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (a1, a3, a2) = plt.subplots(1, 3, figsize=(14, 3.6))
     for key, style in (("hr@10", "o-"), ("ndcg@10", "s-"), ("hr@10_filtered", "o--"),
                        ("ndcg@10_filtered", "s--")):
         a1.plot(x, [r["test"][key] for r in rows], style, label=key)
@@ -278,6 +285,13 @@ def plot(source: str, rows: list[dict[str, Any]], path: Path) -> None:
         if r["stopped"] == "budget":
             a1.annotate("budget", (i, r["test"]["ndcg@10"]), fontsize=7, xytext=(0, -12),
                         textcoords="offset points", ha="center")
+    for r in rows:
+        curve = r.get("valid_ndcg_by_epoch") or []
+        a3.plot(range(len(curve)), curve, "-", lw=1, label=f"{r['max_len']} ({STOP_NAMES.get(r['stopped'], r['stopped'])})")
+    a3.set_xlabel("epoch")
+    a3.set_ylabel("validation NDCG@10")
+    a3.legend(fontsize=6)
+    a3.set_title("validation NDCG@10 per epoch, by max_len", fontsize=9)
     a2.plot(x, [r["examples_per_s"] for r in rows], "o-", label="windows/s")
     a2.plot(x, [r["targets_per_s"] / 10 for r in rows], "s-", label="targets/s / 10")
     a2.set_xticks(x, labels)

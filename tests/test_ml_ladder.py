@@ -17,7 +17,9 @@ def _metrics(max_len: int, *, epochs: int, best: int, stopped: str, step_s: floa
     return {
         "model": {"max_len": max_len}, "epochs_run": epochs, "best_epoch": best,
         "stopped": stopped, "dataset": {"train_stride": max_len // 2},
-        "train": {"batch_size": 64}, "history": [{"targets": 1000}] * epochs,
+        "train": {"batch_size": 64},
+        "history": [{"targets": 1000, "valid": {"ndcg@10": ndcg * (i + 1) / epochs}}
+                    for i in range(epochs)],
         "targets": 1000 * epochs, "test": scores, "valid": scores,
         "examples_per_s": 30.0, "targets_per_s": 700.0, "data_wait_share": 0.012,
         "step_s": step_s,
@@ -53,8 +55,10 @@ def test_table_names_the_stop_epochs_and_processes_and_copies_results(tmp_path: 
     md = (results / "ladder.md").read_text()
     line10 = next(x for x in md.splitlines() if x.startswith("| 10 |"))
     line_whole = next(x for x in md.splitlines() if x.startswith("| whole |"))
-    assert "| patience | 22 (11) | 90 |" in line10  # 1980 s of steps over 22 epochs
-    assert "| budget | 3 (2) | 500 |" in line_whole
+    # 1980 s of steps over 22 epochs; best validation within the 3 epochs both rungs ran
+    assert f"| patience | 22 (11) | {0.05 * 3 / 22:.4f} | 90 |" in line10
+    assert "| budget | 3 (2) | 0.0300 | 500 |" in line_whole
+    assert "valid@3" in md
     assert "1.2%" in line10
     assert ("whole: 2026-12-03T04:00:00Z to 2026-12-03T04:25:00Z, code abc1234, budget 1200 s"
             in md)
