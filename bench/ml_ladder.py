@@ -287,7 +287,8 @@ def plot(source: str, rows: list[dict[str, Any]], path: Path) -> None:
                         textcoords="offset points", ha="center")
     for r in rows:
         curve = r.get("valid_ndcg_by_epoch") or []
-        a3.plot(range(len(curve)), curve, "-", lw=1, label=f"{r['max_len']} ({STOP_NAMES.get(r['stopped'], r['stopped'])})")
+        stop = STOP_NAMES.get(r["stopped"], r["stopped"])
+        a3.plot(range(len(curve)), curve, "-", lw=1, label=f"{r['max_len']} ({stop})")
     a3.set_xlabel("epoch")
     a3.set_ylabel("validation NDCG@10")
     a3.legend(fontsize=6)
