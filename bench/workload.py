@@ -12,7 +12,8 @@ Builds, day by day, the 3-tenant union workload the suite measures, the way prod
   rewrites count), which gives bytes written per day;
 * at the end the UIH tier is compacted again (that rewrite is reported on its own), with its
   stripes ranked as of the oldest snapshot the logged requests point at
-  (``compact_buckets(stripes_as_of=...)``), the layout a store compacted during training has.
+  (``compact_buckets(stripes_as_of=...)``), the layout a store compacted during training has,
+  and the streaming thin table merged to one file per bucket (``compact_thin``).
 
 The regime is the one late materialization is for, as in the reader benchmark: long histories
 built over many days, and many requests per active user per day.
@@ -187,9 +188,11 @@ def oldest_pointer(thin: str) -> int:
 
 def build_union_workload(work: Path, scale: Scale) -> Built:
     """Generate, ingest and log ``scale``'s workload under ``work``; see the module docstring."""
+    from deltalake import DeltaTable
+
     from lmat_platform import synth
     from lmat_platform.fatrows import write_fat_rows
-    from lmat_platform.protocol.thin import write_thin
+    from lmat_platform.protocol.thin import compact_thin, write_thin
     from lmat_platform.store import compact_buckets, ingest_files, init_store, publish_snapshot
     from lmat_platform.store.core import delta_dataset
 
@@ -268,6 +271,10 @@ def build_union_workload(work: Path, scale: Scale) -> Built:
     # later snapshots in the first stripe), so a short tenant reads each user's last events
     # only (uih.stripe_skippable); ranked as of the newest snapshot, no request could skip.
     compact_buckets(st, stripes_as_of=oldest_pointer(thin))
+    # And the streaming thin table merged to one file per bucket (one per bucket and training
+    # day before), its merged-away files vacuumed so that its bytes on disk are the table's.
+    compact_thin(st, thin)
+    DeltaTable(thin).vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
     compaction = dir_bytes(store_dir / "uih") - before
     t_compact = time.perf_counter() - t5
     requests = pa.concat_tables([pq.read_table(f) for f in train_files])

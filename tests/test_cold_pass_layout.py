@@ -1,0 +1,55 @@
+"""A pass with nothing kept (issue 16): thin tables merged to one file per bucket, read the
+same; every sequence stays the spec's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+from deltalake import DeltaTable
+
+import lmat_platform as lmat
+from lmat_platform.protocol.thin import compact_thin
+from lmat_platform.reader import SequenceLoader
+from lmat_platform.store.core import delta_dataset
+from tests.helpers import expected_outputs, read
+from tests.reader_fixtures import build_store, collect, same
+
+SHORT = lmat.Tenant("short", ("item_id", "action"), 16)
+LONG = lmat.Tenant("long", ("item_id", "dwell_ms", "event_ts"), 4000)
+
+
+def _live(thin: str) -> pa.Table:
+    return pa.table(DeltaTable(thin).get_add_actions(flatten=True))
+
+
+def test_compacted_thin_table_reads_the_same(tmp_path: Path) -> None:
+    rs = build_store(tmp_path)  # 3 request files: 2 on the streaming path, 1 on the batch path
+    before = {t.name: collect(list(SequenceLoader(rs.store, rs.thin, tenant=t, batch_size=40)))
+              for t in (SHORT, LONG)}
+    rows = delta_dataset(DeltaTable(rs.thin)).to_table().sort_by("request_id")
+    n_files = _live(rs.thin).num_rows
+
+    out = compact_thin(rs.store, rs.thin)
+    live = _live(rs.thin)
+    buckets = live.column("partition.bucket").to_pylist()
+    assert len(buckets) == len(set(buckets)) == out["files_out"] < n_files
+    # A layout-only commit; every row and column unchanged.
+    log = Path(rs.thin) / "_delta_log" / f"{out['version']:020d}.json"
+    acts = [json.loads(x) for x in log.read_text().splitlines()]
+    changed = [a[k] for a in acts for k in ("add", "remove") if k in a]
+    assert len(changed) == n_files + out["files_out"]
+    assert not any(a["dataChange"] for a in changed)
+    assert any(a.get("commitInfo", {}).get("lmat.op") == "compact_thin" for a in acts)
+    assert delta_dataset(DeltaTable(rs.thin)).to_table().sort_by("request_id").equals(rows)
+    assert compact_thin(rs.store, rs.thin)["files_out"] == 0  # nothing left to merge
+
+    events = read(lmat.open_store(rs.store), "raw").to_pylist()
+    requests = rows.select(["request_id", "user_id", "request_ts"]).to_pylist()
+    for t in (SHORT, LONG):
+        got = collect(list(SequenceLoader(rs.store, rs.thin, tenant=t, batch_size=40)))
+        assert same(got, before[t.name]), t.name
+        want = {r: {c: [float("nan") if v is None else v for v in w[c]] for c in t.columns}
+                for r, w in expected_outputs(events, requests, t).items()}
+        assert same(got, want), t.name
