@@ -1,4 +1,6 @@
-"""A writable folder for numba's on-disk cache of lmat's compiled kernels.
+"""numba's on-disk cache of lmat's compiled kernels: a writable folder, and cheap loads.
+
+**A writable folder.**
 
 numba keeps a ``@njit(cache=True)`` function's machine code in the first writable of
 ``$NUMBA_CACHE_DIR``, the ``__pycache__`` folder beside the module, and the user's cache folder
@@ -6,6 +8,19 @@ numba keeps a ``@njit(cache=True)`` function's machine code in the first writabl
 unset home, a locked-down container) it raises at import: ``cannot cache function ...: no
 locator available``. :func:`ensure_cache_dir` runs before any kernel is defined and, in that
 case only, points numba at a private folder under the temp dir.
+
+**Cheap loads.** Before every load from its on-disk cache numba refreshes its whole target
+context (``BaseContext.refresh``): the first time in a process that imports about 60 modules of
+typing and lowering registries (``numba.cpython.*``, ``numba.np.npyimpl`` with its 80 ufunc
+kernels, ``numba.np.random``, ``numba.typed``, cffi, ...) and installs them, about 0.3 s of CPU
+on this project's machine, 2/3 of a fresh process's kernel warm-up. Rebuilding cached machine
+code needs none of it: the NRT (its C helpers and atomic functions, which the code links to),
+the C helpers and math functions every CPU context registers when made, and, for code that
+hashes, the hash secrets :mod:`numba.cpython.hashing` registers. So for lmat's own kernels
+(functions of ``lmat_platform`` modules only; other code's cached functions load as numba
+does it) :func:`install_cheap_loads` makes a cache load initialize just those; a compile
+(cache miss) refreshes the context itself (``CompilerBase.__init__``), and a load that fails
+the cheap way is retried numba's way. ``LMAT_NUMBA_FULL_REFRESH=1`` turns it off.
 """
 
 from __future__ import annotations
@@ -61,6 +76,52 @@ def ensure_cache_dir() -> str | None:
     return fallback
 
 
+#: numba's own ``Cache.load_overload`` (what :func:`install_cheap_loads` wraps).
+_NUMBA_LOAD: Any = None
+
+
+def _cheap_load_overload(self: Any, sig: Any, target_context: Any) -> Any:
+    """``Cache.load_overload`` without the full context refresh, for lmat's kernels."""
+    func = getattr(self, "_py_func", None)
+    if not getattr(func, "__module__", "").startswith("lmat_platform."):
+        return _NUMBA_LOAD(self, sig, target_context)
+    try:
+        import numba.cpython.hashing  # noqa: F401 - registers the hash secrets' symbols
+        from numba.core.runtime import nrt
+
+        nrt.rtsys.initialize(target_context)
+        with self._guard_against_spurious_io_errors():
+            return self._load_overload(sig, target_context)
+        return None  # the guard swallowed an I/O error: numba then compiles (and refreshes)
+    except Exception:  # noqa: BLE001 - numba's own way below, which raises what it raises
+        log.debug("numba cache: cheap load of %s failed; loading it numba's way",
+                  self._name, exc_info=True)
+        return _NUMBA_LOAD(self, sig, target_context)
+
+
+def install_cheap_loads() -> bool:
+    """Make cache loads of lmat's kernels skip numba's full context refresh (see the module
+    docstring); once per process. False where it is off (``LMAT_NUMBA_FULL_REFRESH=1``) or
+    this numba lacks what it relies on (then loads are numba's own)."""
+    global _NUMBA_LOAD
+    if _NUMBA_LOAD is not None:
+        return True
+    if os.environ.get("LMAT_NUMBA_FULL_REFRESH") == "1":
+        return False
+    from numba.core import caching
+    from numba.core.runtime import nrt
+
+    cls: Any = caching.Cache
+    if not all(hasattr(cls, a) for a in ("load_overload", "_load_overload",
+                                         "_guard_against_spurious_io_errors")) \
+            or not hasattr(nrt, "rtsys"):
+        return False
+    _NUMBA_LOAD = cls.load_overload
+    cls.load_overload = _cheap_load_overload
+    return True
+
+
 # Before any kernel is defined: every module that defines cached kernels imports this module
 # first (kernels.py directly; store/heads.py through store/uih.py, which imports kernels.py).
 ensure_cache_dir()
+install_cheap_loads()

@@ -39,7 +39,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -601,9 +601,13 @@ def _batch(pieces: list[dict[str, Any]], columns: tuple[str, ...], alloc: Alloc,
     )
 
 
-def iter_consumer(spec: ConsumerSpec, alloc: Alloc | None = None) -> Iterator[tuple[int, Batch]]:
+def iter_consumer(
+    spec: ConsumerSpec, alloc: Alloc | None = None, *, read_ahead: bool = True,
+) -> Generator[tuple[int, Batch], None, None]:
     """The batches of one consumer from row ``spec.start_row`` on, as (stream end row, batch).
-    ``alloc`` gives each batch's value arrays (default: this process's buffer pool)."""
+    ``alloc`` gives each batch's value arrays (default: this process's buffer pool).
+    ``read_ahead``: a thread reads ``spec.prefetch`` units ahead; False: each unit is read
+    when its batches are wanted, in this thread (nothing is read that is not used)."""
     B = spec.batch_size
     total = spec.total_rows
     wins = windows_of(spec.units, spec.shuffle_buffer)
@@ -616,12 +620,13 @@ def iter_consumer(spec: ConsumerSpec, alloc: Alloc | None = None) -> Iterator[tu
     alloc = alloc or _pool_alloc(shared_pool())
     todo = [i for w in wins[first:] for i in w]
 
-    def produce() -> Iterator[Sequences]:
+    def produce() -> Generator[Sequences, None, None]:
         for i in todo:
             yield reader.read(spec.units[i])
 
-    units = Prefetcher(produce, depth=spec.prefetch, timeout_s=spec.timeout_s,
-                       name=f"lmat-prefetch-{spec.consumer}")
+    units: Prefetcher[Sequences] | Generator[Sequences, None, None] = (
+        Prefetcher(produce, depth=spec.prefetch, timeout_s=spec.timeout_s,
+                   name=f"lmat-prefetch-{spec.consumer}") if read_ahead else produce())
     pos = spec.start_row
     pending: list[dict[str, Any]] = []
     pending_rows = 0
@@ -794,6 +799,40 @@ def _without_hidden(info: _ThinInfo, uri: str, hidden: np.ndarray, n_buckets: in
     return replace(info, bucket_rows=rows)
 
 
+class _Starting:
+    """A :class:`WorkerPool` being started in a thread (its processes' start blocks for as long
+    as a new process takes to import the reader)."""
+
+    def __init__(self, start: Callable[[], WorkerPool]):
+        self._pool: WorkerPool | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(start,),
+                                        name="lmat-start-workers", daemon=True)
+        self._thread.start()
+
+    def _run(self, start: Callable[[], WorkerPool]) -> None:
+        try:
+            self._pool = start()
+        except BaseException as e:  # raised by result() in the loader's thread
+            self._error = e
+
+    def result(self, *, quiet: bool = False) -> WorkerPool | None:
+        """The started pool (waits for it); raises what starting it raised (``quiet``: logs
+        it and returns None)."""
+        self._thread.join()
+        if self._error is not None:
+            if not quiet:
+                raise self._error
+            log.warning("starting reader workers failed: %s", self._error)
+        return self._pool
+
+    def close(self) -> None:
+        """Wait for the start, then stop the pool (its pass failed before it was used)."""
+        self._thread.join()
+        if self._pool is not None:
+            self._pool.close()
+
+
 class SequenceLoader(torch.utils.data.IterableDataset):
     """Batches of a tenant's reconstructed sequences for every request of a thin table.
 
@@ -881,6 +920,8 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         self.persistent_workers = persistent_workers
         self.dedup = dedup
         self._pool: WorkerPool | None = None
+        #: Workers being started (_iter_starting), until a pass or close() takes them.
+        self._starting: _Starting | None = None
         #: Passes begun (iterators started); an iterator whose pass is not the newest is
         #: cancelled (ReaderPassCancelledError on its next use).
         self._passes = 0
@@ -1105,17 +1146,61 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         self, specs: list[ConsumerSpec], first: int, key: Any = None,
         ahead: tuple[Any, list[ConsumerSpec]] | None = None,
     ) -> Iterator[tuple[int, int, Batch]]:
+        self._started()
         pool = self._pool
         if pool is None or pool.n != len(specs) or not pool.alive():
             if pool is not None:
+                self._pool = None
                 pool.close()
-            ctx = _mp_context()
-            _check_workers_can_start(ctx)
-            warm_up()  # compiled kernels on disk before any worker starts (no compile races)
-            pool = self._pool = WorkerPool(len(specs), prefetch=self.prefetch,
-                                           timeout_s=self.timeout_s, ctx=ctx,
-                                           target=_worker_main)
+            yield from self._iter_starting(specs, first, key, ahead)
+            return
+        yield from self._run_pool(pool, specs, first, key, ahead)
 
+    def _iter_starting(
+        self, specs: list[ConsumerSpec], first: int, key: Any,
+        ahead: tuple[Any, list[ConsumerSpec]] | None,
+    ) -> Iterator[tuple[int, int, Batch]]:
+        """A pass whose workers start now. They take seconds to start (each imports torch,
+        pyarrow and the kernels, in a process started from nothing): meanwhile this process
+        makes the pass's first batch itself, the first consumer's first batch, reading no
+        more than it needs, and that consumer's worker then starts after it, as a resumed
+        pass does, so the batches and their order are the same."""
+        ctx = _mp_context()
+        _check_workers_can_start(ctx)
+
+        def start() -> WorkerPool:
+            warm_up()  # compiled kernels on disk before any worker starts (no compile races)
+            return WorkerPool(len(specs), prefetch=self.prefetch, timeout_s=self.timeout_s,
+                              ctx=ctx, target=_worker_main)
+
+        starting = self._starting = _Starting(start)
+        try:
+            with contextlib.closing(iter_consumer(specs[first], read_ahead=False)) as it:
+                local = next(it, None)
+        except BaseException:
+            if self._starting is starting:
+                self._starting = None
+                starting.close()
+            raise
+        if local is not None:
+            # A pass closed here (given up, or cancelled by a newer one) does not wait for
+            # the workers: they go on starting, and the next pass (or close()) takes them.
+            yield first, local[0], local[1]
+            specs = list(specs)
+            specs[first] = replace(specs[first], start_row=local[0])
+            first = (first + 1) % len(specs)
+        if self._starting is starting:
+            self._starting = None
+            self._pool = starting.result()  # raises what starting them raised
+        pool = self._pool
+        if pool is None:
+            raise ReaderWorkerError("the reader's worker processes did not start")
+        yield from self._run_pool(pool, specs, first, key, ahead)
+
+    def _run_pool(
+        self, pool: WorkerPool, specs: list[ConsumerSpec], first: int, key: Any,
+        ahead: tuple[Any, list[ConsumerSpec]] | None,
+    ) -> Iterator[tuple[int, int, Batch]]:
         def on_error(w: int, e: ReaderWorkerError) -> BaseException:
             if pool.heard[w] or pool.procs[w].exitcode != 1:
                 return e
@@ -1131,9 +1216,21 @@ class SequenceLoader(torch.utils.data.IterableDataset):
             if not self.persistent_workers and pool.open_pass is None:
                 self.close()  # unless a newer iterator's pass (which cancelled this) runs
 
+    def _started(self) -> None:
+        """Workers whose start a pass left under way (it ended at its first batch, or is
+        still there) are the pool from now on (waits for their start)."""
+        starting, self._starting = self._starting, None
+        if starting is not None:
+            pool = starting.result(quiet=True)
+            if self._pool is not None and pool is not None:
+                pool.close()  # a newer pass started a pool of its own meanwhile
+            else:
+                self._pool = pool
+
     def close(self) -> None:
         """Stop this loader's worker processes (they are kept between passes otherwise, and
         stop with the loader or the process)."""
+        self._started()
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
@@ -1142,6 +1239,7 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         # Worker processes belong to the process that started them.
         state = self.__dict__.copy()
         state["_pool"] = None
+        state["_starting"] = None
         return state
 
     def __del__(self) -> None:

@@ -1,0 +1,150 @@
+"""A fresh process's first batch (issue 16): kernels loaded from numba's cache without numba's
+full start-up, warm-up loading the kernel variants a pass calls (and no others), and with
+workers the first batch made by the main process while they start."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from reader_fixtures import ReaderStore, build_store, collect, same
+
+import lmat_platform as lmat
+from lmat_platform.reader import Batch, SequenceLoader
+from lmat_platform.reader.loader import iter_consumer
+
+TENANT = lmat.Tenant("ranking", ("item_id", "action", "dwell_ms", "event_ts"), 300)
+ACTIONS = lmat.Tenant("retrieval", ("item_id",), 64, actions=(1, 2), window_days=1.5)
+
+#: A fresh process: warm_up, then one pass per tenant; prints the kernel variants the passes
+#: loaded beyond warm_up's, whether numba's registries were imported, and the batches' digest.
+_PASSES = """
+import hashlib, json, sys
+import lmat_platform.kernels as K
+from numba.core.registry import CPUDispatcher
+from lmat_platform.reader import SequenceLoader
+from lmat_platform.tenants import Tenant
+
+def loaded():
+    return {f"{m}.{n}": {str(s) for s in f.signatures}
+            for m in list(sys.modules) if m.startswith("lmat_platform")
+            for n, f in list(vars(sys.modules[m]).items()) if isinstance(f, CPUDispatcher)}
+
+K.warm_up()
+before = loaded()
+h = hashlib.sha256()
+for d in json.loads(sys.argv[3]):
+    t = Tenant(d["name"], tuple(d["columns"]), d["max_len"],
+               actions=tuple(d["actions"]) if d["actions"] else None,
+               window_days=d["window_days"])
+    for b in SequenceLoader(sys.argv[1], sys.argv[2], tenant=t, batch_size=64):
+        h.update(b.request_id.numpy().tobytes())
+        h.update(b.lengths.numpy().tobytes())
+        for c in t.columns:
+            h.update(b.values[c].numpy().tobytes())
+after = loaded()
+print(json.dumps({
+    "new": sorted(f"{k}{s}" for k, v in after.items() for s in v - before.get(k, set())),
+    "registries": "numba.np.npyimpl" in sys.modules,
+    "compiled": sum(sum(f.stats.cache_misses.values())
+                    for m in list(sys.modules) if m.startswith("lmat_platform")
+                    for f in list(vars(sys.modules[m]).values()) if isinstance(f, CPUDispatcher)),
+    "digest": h.hexdigest(),
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def rs(tmp_path_factory: pytest.TempPathFactory) -> ReaderStore:
+    return build_store(tmp_path_factory.mktemp("first-batch"))
+
+
+def _fresh_passes(rs: ReaderStore, **env: str) -> dict:
+    tenants = [{"name": t.name, "columns": list(t.columns), "max_len": t.max_len,
+                "actions": list(t.actions) if t.actions else None,
+                "window_days": t.window_days} for t in (TENANT, ACTIONS)]
+    out = subprocess.run([sys.executable, "-c", _PASSES, rs.store, rs.thin, json.dumps(tenants)],
+                         capture_output=True, text=True, check=False, timeout=300,
+                         env={**os.environ, "LMAT_DECODE_CACHE_MB": "0", **env})
+    assert out.returncode == 0, out.stderr[-3000:]
+    res: dict = json.loads(out.stdout.strip().splitlines()[-1])
+    return res
+
+
+def test_fresh_process_loads_kernels_cheaply_and_only_what_a_pass_calls(rs: ReaderStore) -> None:
+    """In a fresh process, after ``warm_up`` a pass (streaming and batch-path thin rows, a
+    plain tenant and one with an action filter and a window) loads no other kernel variant,
+    and loading them from numba's cache did not import numba's typing and lowering registries;
+    the batches equal those of kernels loaded numba's own way (``LMAT_NUMBA_FULL_REFRESH=1``).
+    On the old code warm_up loaded the writable variants and passes the read-only ones, and
+    every load imported the registries."""
+    cheap = _fresh_passes(rs)
+    if cheap["compiled"]:  # the on-disk cache lacked kernels (first run after a change)
+        cheap = _fresh_passes(rs)
+        assert not cheap["compiled"]
+    full = _fresh_passes(rs, LMAT_NUMBA_FULL_REFRESH="1")
+    assert cheap["new"] == [], "warm_up misses variants a pass loads (update kernels.warm_up)"
+    assert not cheap["registries"]
+    assert full["registries"]
+    assert cheap["digest"] == full["digest"]
+
+
+def _values(batches: list[Batch]) -> list[tuple[list[int], dict[str, list]]]:
+    return [(b.request_id.tolist(), {c: v.tolist() for c, v in b.values.items()})
+            for b in batches]
+
+
+def test_workers_first_batch_is_made_while_they_start(rs: ReaderStore) -> None:
+    """With ``num_workers=2`` the first batch of a pass whose workers start is made in the main
+    process, before the workers are there (the old code waited for them to start); the pass
+    then has the batches, in the order, of a pass that the started workers make entirely, and
+    its progress names the batch the main process made."""
+    loader = SequenceLoader(rs.store, rs.thin, tenant=TENANT, batch_size=50, num_workers=2,
+                            max_unit_rows=120)
+    try:
+        it = iter(loader)
+        first = next(it)
+        assert loader._pool is None, "the first batch waited for the workers to start"
+        assert loader.state_dict()["rows_done"] == [50, 0]
+        fresh = [first, *it]
+        assert loader._pool is not None and loader._pool.alive()
+        again = list(loader)  # workers running: every batch from them
+        assert _values(fresh) == _values(again)
+        assert len(fresh) == len(loader)
+    finally:
+        loader.close()
+
+
+def test_pass_left_at_its_first_batch_keeps_its_workers_starting(rs: ReaderStore) -> None:
+    """A pass given up after its first batch does not wait for the workers it is starting;
+    the next pass uses them, yields every request, and ``close`` stops them."""
+    loader = SequenceLoader(rs.store, rs.thin, tenant=TENANT, batch_size=50, num_workers=2)
+    try:
+        it = iter(loader)
+        next(it)
+        del it  # closes the pass at its first batch
+        assert loader._starting is not None and loader._pool is None
+        single = SequenceLoader(rs.store, rs.thin, tenant=TENANT, batch_size=50)
+        assert same(collect(list(loader)), collect(list(single)))
+        pool = loader._pool
+        assert pool is not None and loader._starting is None
+    finally:
+        loader.close()
+    assert not any(p.is_alive() for p in pool.procs)
+
+
+def test_reading_units_when_wanted_gives_the_same_batches(rs: ReaderStore) -> None:
+    """``iter_consumer(read_ahead=False)`` (the main process's first batch while workers
+    start) reads each unit in the consumer's thread: the same batches as read ahead."""
+    loader = SequenceLoader(rs.store, rs.thin, tenant=ACTIONS, batch_size=40, shuffle=True,
+                            seed=5, max_unit_rows=100, shuffle_buffer=250)
+    spec = loader._specs(1, 0, [0])[0]
+    ahead = [b for _, b in iter_consumer(spec)]
+    here = [b for _, b in iter_consumer(spec, read_ahead=False)]
+    assert _values(ahead) == _values(here)
+    assert all(torch.equal(a.lengths, b.lengths) for a, b in zip(ahead, here, strict=True))
+
