@@ -207,6 +207,47 @@ def is_sorted3(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> bool:
     return bool(_sorted3(a, b, c))
 
 
+@njit(cache=True, nogil=True)
+def _merge_runs(a, b, c, bounds):  # type: ignore[no-untyped-def,unused-ignore]
+    k = len(bounds) - 1
+    pos = bounds[:k].copy()
+    out = np.empty(bounds[k] - bounds[0], dtype=np.int64)
+    # Each row is the least head among the runs: k comparisons a row (k is a bucket's files).
+    for w in range(len(out)):
+        best = -1
+        q = 0
+        for r in range(k):
+            p = pos[r]
+            if p < bounds[r + 1] and (best < 0 or a[p] < a[q] or (a[p] == a[q] and (
+                    b[p] < b[q] or (b[p] == b[q] and c[p] < c[q])))):
+                best = r
+                q = p
+        out[w] = q
+        pos[best] += 1
+    return out
+
+
+def merge_sorted_runs(
+    a: np.ndarray, b: np.ndarray, c: np.ndarray, bounds: np.ndarray
+) -> np.ndarray | None:
+    """The order that merges runs ``[bounds[r], bounds[r + 1])`` of rows ``(a, b, c)``, each
+    already in lexicographic order, into one (ties: the earlier run first): positions to take,
+    one pass of ``len(bounds) - 1`` comparisons a row instead of a sort. None when a run is
+    not sorted (checked, not assumed: the caller sorts then)."""
+    if not len(a) == len(b) == len(c):
+        raise ValueError(f"lengths differ: {len(a)}, {len(b)}, {len(c)}")
+    bounds = np.asarray(bounds, dtype=np.int64)
+    if len(bounds) < 1 or bounds[0] != 0 or bounds[-1] != len(a) or (np.diff(bounds) < 0).any():
+        raise ValueError(f"merge_sorted_runs: bounds {bounds.tolist()} do not cut {len(a)} rows")
+    i64 = np.int64
+    a, b, c = a.astype(i64, copy=False), b.astype(i64, copy=False), c.astype(i64, copy=False)
+    for r in range(len(bounds) - 1):
+        lo, hi = int(bounds[r]), int(bounds[r + 1])
+        if not _sorted3(a[lo:hi], b[lo:hi], c[lo:hi]):
+            return None
+    return _merge_runs(a, b, c, bounds)
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _first_at_least(a, x, y, v):  # type: ignore[no-untyped-def,unused-ignore]
     """First index in [x, y) of sorted ``a`` with ``a[i] >= v`` (y if none)."""
@@ -1034,6 +1075,7 @@ def warm_up() -> None:
         block_sorted_tails(r, r, z[:1], z[:1], z[:0], z[:0], z[:0])
         request_heads(r, z, r, z, 1, r, z, r, r, z, z, True, z, r, None)
         row_groups_wanted(z, z, z, z, z, z, 0, None)
+        merge_sorted_runs(z, z, z, np.array([0, 1, 2]))  # a bucket read from several files
         user_ranges(r, r)
         plan_sequences(r, r, r, z, z, z, z, z, b, z, z, z, r, r, 1)
         _WARM = True

@@ -756,3 +756,27 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300, env={**os.environ, "LMAT_NUMBA_BLAS_PROBE": ""})
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_merge_sorted_runs_matches_a_sort() -> None:
+    """Sorted runs (a bucket's stripes and generation files) merged in one pass equal a stable
+    lexicographic sort of them all; a run out of order gives None (the caller sorts)."""
+    import numpy as np
+
+    from lmat_platform.kernels import merge_sorted_runs
+
+    rng = np.random.default_rng(4)
+    runs = []
+    for n in (0, 50, 1, 300, 17):
+        k = np.stack([rng.integers(0, 8, n), rng.integers(0, 20, n), rng.integers(0, 5, n)])
+        runs.append(k[:, np.lexsort(k[::-1])])
+    a, b, c = np.concatenate(runs, axis=1)
+    bounds = np.cumsum([0, *(r.shape[1] for r in runs)])
+    order = merge_sorted_runs(a, b, c, bounds)
+    assert order is not None
+    assert order.tolist() == np.lexsort((c, b, a)).tolist()  # stable: earlier run first on ties
+    a2 = a.copy()
+    a2[bounds[3]] = 100  # the 300-row run's first row now sorts after its second
+    assert merge_sorted_runs(a2, b, c, bounds) is None
+    with pytest.raises(ValueError, match="do not cut"):
+        merge_sorted_runs(a, b, c, bounds[:-1])

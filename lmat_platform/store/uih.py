@@ -40,7 +40,7 @@ from deltalake.transaction import AddAction, RemoveAction
 
 from lmat_platform.engines import Engine, LocalEngine
 from lmat_platform.engines.files import commit_adds, commit_properties, split_by
-from lmat_platform.kernels import is_sorted3, row_groups_wanted
+from lmat_platform.kernels import is_sorted3, merge_sorted_runs, row_groups_wanted
 from lmat_platform.store.cache import cache
 from lmat_platform.store.core import Store, now_us
 
@@ -498,7 +498,8 @@ def read_bucket(
 
         empty = {c: pa.array([], typ(c)) for c in cols}
         return BucketRead(pa.table(empty), nbytes, n_read, n_skip)
-    t = pa.concat_tables(chunks, promote_options="permissive") if len(chunks) > 1 else chunks[0]
+    t = chunks[0] if len(chunks) == 1 else _merge_files(
+        pa.concat_tables(chunks, promote_options="permissive"), [c.num_rows for c in chunks])
     if not exact:
         t = t.combine_chunks()
         if actions is not None:
@@ -527,6 +528,16 @@ def read_bucket(
     if not _is_sorted(t):
         t = sort_events(t)
     return BucketRead(t, nbytes, n_read, n_skip)
+
+
+def _merge_files(t: pa.Table, rows: list[int]) -> pa.Table:
+    """The rows of several files (``rows`` each, in ``t`` one after another), each sorted by
+    :data:`SORT_KEYS` as the library writes them, merged into that order in one pass (a
+    bucket's stripes, generations: a k-way merge, not a sort of them all); sorted when a
+    file is not (one written by another Delta writer)."""
+    order = merge_sorted_runs(*(t.column(c).to_numpy() for c in SORT_KEYS),
+                              np.cumsum([0, *rows]))
+    return sort_events(t) if order is None else t.take(pa.array(order))
 
 
 def _is_sorted(t: pa.Table) -> bool:
