@@ -141,7 +141,12 @@ def _spin(seconds: float) -> None:
 
 
 def child_stall(setup: dict[str, Any], tenant: str, factor: float, passes: int) -> dict[str, Any]:
-    """The training loop: a step of ``factor`` x the single-process reader's time per batch."""
+    """The training loop: a step of ``factor`` x the single-process reader's time per batch.
+
+    Per loader (0, 1, 2 workers) and timed pass: the share of the loop's wall time spent in
+    ``next()``, the first batch's wait, and the main process's CPU outside the step (all its
+    threads, ``time.process_time``, less the spin's own CPU) per batch: what taking batches
+    costs the trainer's process."""
     from lmat_platform.reader import SequenceLoader
 
     t = _tenant(tenant)
@@ -155,16 +160,19 @@ def child_stall(setup: dict[str, Any], tenant: str, factor: float, passes: int) 
         secs.append(time.perf_counter() - t0)
     per_batch = statistics.median(secs) / nb
     step = factor * per_batch
-    out: dict[str, Any] = {"reader_s_per_batch": per_batch, "step_s": step, "batches": nb}
+    out: dict[str, Any] = {"reader_s_per_batch": per_batch, "step_s": step, "batches": nb,
+                           "load_average": os.getloadavg()}
     for workers in (0, 1, 2):
         loader = SequenceLoader(setup["store"], setup["thin"], tenant=t, batch_size=BATCH,
                                 num_workers=workers)
         for _ in loader:  # the first pass starts the workers; not timed
             pass
-        waits, totals = [], []
+        shares, totals, firsts, cpus = [], [], [], []
         for _ in range(passes):
-            wait = 0.0
-            t0 = time.perf_counter()
+            wait = spin_cpu = 0.0
+            first = None
+            n = 0
+            t0, c0 = time.perf_counter(), time.process_time()
             it = iter(loader)
             while True:
                 a = time.perf_counter()
@@ -172,17 +180,30 @@ def child_stall(setup: dict[str, Any], tenant: str, factor: float, passes: int) 
                     b = next(it)
                 except StopIteration:
                     break
-                wait += time.perf_counter() - a
+                waited = time.perf_counter() - a
+                wait += waited
+                first = waited if first is None else first
+                n += 1
+                s0 = time.process_time()
                 _spin(step)
+                spin_cpu += time.process_time() - s0
                 del b
-            totals.append(time.perf_counter() - t0)
-            waits.append(wait)
+            total = time.perf_counter() - t0
+            cpu = time.process_time() - c0 - spin_cpu
+            shares.append(wait / total)
+            totals.append(total)
+            firsts.append(first or 0.0)
+            cpus.append(cpu / max(n, 1) * 1e6)
         loader.close()
         out[f"w{workers}"] = {
-            "wait_share": statistics.median(w / tt for w, tt in zip(waits, totals, strict=True)),
-            "all_wait_shares": [round(w / tt, 4) for w, tt in zip(waits, totals, strict=True)],
+            "wait_share": statistics.median(shares),
+            "all_wait_shares": [round(x, 4) for x in shares],
+            "first_batch_waits_s": [round(x, 4) for x in firsts],
+            "main_cpu_us_per_batch": statistics.median(cpus),
+            "all_main_cpu_us_per_batch": [round(x, 1) for x in cpus],
             "loop_s": statistics.median(totals),
         }
+    out["load_average_after"] = os.getloadavg()
     return out
 
 

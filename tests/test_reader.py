@@ -609,7 +609,25 @@ def test_a_failed_pass_never_frees_the_slot_of_a_batch_already_sent() -> None:
     import threading
     from types import SimpleNamespace
 
-    from lmat_platform.reader.workers import MAX_SLOTS, worker_loop
+    from lmat_platform.reader.workers import (
+        DONE,
+        ERROR,
+        MAX_SLOTS,
+        SLOT_PICKLED,
+        header,
+        worker_loop,
+    )
+
+    class Out:  # the worker's channel to the main process, kept here
+        def __init__(self) -> None:
+            self.msgs: list[bytes] = []
+
+        def owner_alive(self) -> bool:
+            return True
+
+        def send(self, msg: bytes, live) -> bool:  # type: ignore[no-untyped-def]
+            self.msgs.append(msg)
+            return True
 
     def run(spec: str, alloc):  # type: ignore[no-untyped-def]
         if spec == "fail":
@@ -620,15 +638,14 @@ def test_a_failed_pass_never_frees_the_slot_of_a_batch_already_sent() -> None:
                        values={"item_id": torch.from_numpy(vals)})
 
     tasks: queue.Queue = queue.Queue()
-    out: queue.Queue = queue.Queue()
+    out = Out()
     stop = threading.Event()
     current = SimpleNamespace(value=1)
     flags = torch.zeros(MAX_SLOTS, dtype=torch.int8)
     tasks.put((1, "ok"))
     tasks.put((2, "fail"))  # sent ahead: live while pass 1 is current
     tasks.put(None)
-    worker_loop(0, tasks, out, stop, current, flags, run)
-    msgs = [out.get_nowait() for _ in range(out.qsize())]
-    assert [m[0] for m in msgs] == ["batch", "done", "error"]
-    slot = msgs[0][3]["slot"]
+    worker_loop(0, tasks, out, stop, current, flags, run)  # type: ignore[arg-type]
+    assert [m[0] for m in out.msgs] == [SLOT_PICKLED, DONE, ERROR]
+    slot = header(out.msgs[0])[3]
     assert int(flags[slot]) == 1, "the sent batch's slot was freed by the failed pass"

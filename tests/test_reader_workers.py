@@ -112,22 +112,112 @@ def test_closing_a_cancelled_iterator_keeps_the_newer_pass_running(rs: ReaderSto
         loader.close()
 
 
+def _made(writer, B: int, n: int, *, dedup: bool = False) -> Batch:  # type: ignore[no-untyped-def]
+    """A batch of B requests and n values made in ``writer``'s slots, as the reader makes it."""
+    item, act = writer.alloc([(n, np.dtype(np.int64)), (n, np.dtype(np.int8))])
+    item[:] = np.arange(n)
+    act[:] = np.arange(n) % 7
+    U = max(B // 2, 1) if dedup else B
+    lens = np.full(U, n // U, dtype=np.int64)
+    lens[-1] += n - int(lens.sum())
+    rid = np.arange(B, dtype=np.int64) + 1000
+    return Batch(request_id=torch.from_numpy(rid), lengths=torch.from_numpy(lens),
+                 values={"item_id": torch.from_numpy(item), "action": torch.from_numpy(act)},
+                 context={"label": torch.from_numpy(np.arange(B, dtype=np.float32))},
+                 user_id=torch.from_numpy(rid % 5), request_ts=torch.from_numpy(rid * 3),
+                 bytes_read=B * 10, thin_bytes_read=B,
+                 inverse_indices=torch.from_numpy(np.arange(B) % U) if dedup else None)
+
+
+def _equal(a: Batch, b: Batch) -> bool:
+    def arrays(x: Batch) -> dict:
+        d = {f: getattr(x, f) for f in ("request_id", "lengths", "user_id", "request_ts",
+                                        "inverse_indices")}
+        d.update({f"v.{c}": v for c, v in x.values.items()})
+        d.update({f"c.{c}": v for c, v in x.context.items()})
+        return d
+    da, db = arrays(a), arrays(b)
+    return (da.keys() == db.keys() and (a.bytes_read, a.thin_bytes_read) ==
+            (b.bytes_read, b.thin_bytes_read) and all(
+                (da[k] is None and db[k] is None) or
+                (da[k].dtype == db[k].dtype and torch.equal(da[k], db[k])) for k in da))
+
+
+def test_batches_cross_as_a_header_and_views_of_the_slot() -> None:
+    """Worker and main side of the transport in one process: a batch in a slot whose handle
+    and layout the main process has is a 72-byte header (nothing pickled); the main process
+    rebuilds it, per-request arrays and context included, as views of the slot; a new slot,
+    a new layout (dedup adds inverse_indices), per-request arrays that do not fit behind the
+    values, and a batch in ordinary memory (every slot taken) all arrive equal too."""
+    import pickle
+
+    from lmat_platform.reader.workers import (
+        _HEAD,
+        BATCH,
+        MAX_SLOTS,
+        SLOT,
+        SLOT_PICKLED,
+        SlotReader,
+        SlotWriter,
+        header,
+    )
+
+    flags = torch.zeros(MAX_SLOTS, dtype=torch.int8)
+    writer, reader = SlotWriter(flags), SlotReader(flags)
+    kinds = []
+    for i, (B, n, dedup) in enumerate([(4, 100, False), (4, 90, False), (5, 100, False),
+                                       (8, 100, True), (8, 100, True), (3, 5000, False)]):
+        sent = _made(writer, B, n, dedup=dedup)
+        want = _made(SlotWriter(torch.ones(MAX_SLOTS, dtype=torch.int8)), B, n, dedup=dedup)
+        msg = writer.pack(1, i, sent)
+        writer.sent()
+        kinds.append(msg[0])
+        got = reader.unpack(msg)
+        assert _equal(got, want), i
+        if msg[0] == SLOT:
+            assert len(msg) == _HEAD.size == 72
+            slot = reader.bases[header(msg)[3]]
+            assert slot is not None
+            lo, hi = slot.ctypes.data, slot.ctypes.data + slot.nbytes
+            assert all(lo <= t.data_ptr() < hi for t in (got.request_id, got.context["label"],
+                                                         got.values["item_id"])), "not views"
+            del slot
+        del got, sent  # the consumer drops it: its slot is freed at the next unpack
+    # slot 0 new / slot 1 new (slot 0 not yet seen free) / slot 0 again: header only / new
+    # layout (dedup adds inverse_indices) / header only / the plain layout again
+    assert kinds == [SLOT_PICKLED, SLOT_PICKLED, SLOT, SLOT_PICKLED, SLOT, SLOT_PICKLED], kinds
+    # Per-request arrays that do not fit behind the values: pickled behind the header.
+    writer.reserve = 0
+    big = _made(writer, 40_000, 10, dedup=False)
+    msg = writer.pack(1, 9, big)
+    writer.sent()
+    assert msg[0] == SLOT_PICKLED and "small" in pickle.loads(msg[_HEAD.size:])
+    assert _equal(reader.unpack(msg), _made(SlotWriter(torch.ones(MAX_SLOTS, dtype=torch.int8)),
+                                            40_000, 10))
+    # Every slot taken (the consumer holds them all): the batch goes the ordinary way.
+    flags[:] = 1
+    plain = _made(writer, 4, 10)
+    msg = writer.pack(1, 10, plain)
+    assert msg[0] == BATCH and _equal(reader.unpack(msg), plain)
+
+
 def test_a_slot_made_for_a_batch_never_sent_is_announced_with_the_next() -> None:
     """The worker side alone: a slot made (or grown) for a batch that a cancelled pass then did
     not send goes out with its shared-memory handle on the next batch that uses it."""
-    from lmat_platform.reader.workers import MAX_SLOTS, SlotWriter
+    import pickle
+
+    from lmat_platform.reader.workers import _HEAD, MAX_SLOTS, SLOT, SLOT_PICKLED, SlotWriter
+
+    def extra(msg: bytes) -> dict:
+        return pickle.loads(msg[_HEAD.size:]) if msg[0] == SLOT_PICKLED else {}
 
     flags = torch.zeros(MAX_SLOTS, dtype=torch.int8)
     writer = SlotWriter(flags)
-    b = Batch(request_id=torch.arange(2), lengths=torch.tensor([2, 2]),
-              values={"item_id": torch.zeros(4, dtype=torch.int64)})
-    writer.alloc([(4, np.dtype(np.int64))])
+    _made(writer, 2, 4)
     writer.release_last()  # cancelled before it was sent
-    writer.alloc([(4, np.dtype(np.int64))])
-    msg = writer.pack(b)
-    assert msg["new"] is not None, "the slot's handle was never sent"
+    msg = writer.pack(1, 2, _made(writer, 2, 4))
+    assert "new" in extra(msg), "the slot's handle was never sent"
     writer.sent()
-    writer.release_last()
     flags.zero_()
-    writer.alloc([(4, np.dtype(np.int64))])
-    assert writer.pack(b)["new"] is None  # known to the main process now
+    msg = writer.pack(1, 4, _made(writer, 2, 4))
+    assert msg[0] == SLOT  # slot and layout known to the main process now

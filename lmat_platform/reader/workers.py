@@ -8,42 +8,51 @@ is dealt whole buckets where rows allow (:func:`~lmat_platform.reader.loader.ass
 so workers decode disjoint thin files and tier row groups.
 
 Each pass also sends the pass expected next (the same plans, or the next epoch's after
-``set_epoch``), which a worker starts as soon as it has put its last batch of this one: the next
-pass's first batches are being made while the consumer still works through this pass's last
-ones. A next pass that differs cancels it; what it made is dropped (a unit and ``prefetch``
-batches per worker at most, also after the last pass of a run).
+``set_epoch``), which a worker starts as soon as it has sent its last batch of this one: the
+next pass's first batches are being made while the consumer still works through this pass's
+last ones. A next pass that differs cancels it; what it made is dropped (a unit and
+``prefetch`` batches per worker at most, also after the last pass of a run). One pass runs at
+a time: a new iterator over the loader cancels the pass of an older one, which then raises
+:class:`~lmat_platform.reader.errors.ReaderPassCancelledError`.
 
 A batch travels as one buffer, not tensor by tensor. Each worker owns a few *slots*: shared
 memory buffers that both processes map. The worker's copy kernel writes a batch's values
-straight into a free slot and sends a small message (the slot's number, where each column
-lies in it, and the per-request arrays, a few KB); the main process wraps the slot's bytes as
-tensors without copying. A slot is reused once the consumer has dropped every tensor of its
-batch, which the main process sees from CPython's reference counts (as
+straight into a free slot, the worker copies the per-request arrays (ids, lengths, context)
+behind them, and sends a fixed 72-byte header down its own pipe (slot, pass, stream end row,
+values and requests in the batch, bytes read); the main process wraps the slot's bytes as
+tensors without copying and without unpickling anything. Which columns a slot holds, and in
+which dtypes (the *layout*), is pickled once, with the first batch that needs it, as is a slot's
+shared-memory handle. A slot is reused once the consumer has dropped every tensor of its batch,
+which the main process sees from CPython's reference counts (as
 :mod:`~lmat_platform.reader.buffers` does) and tells the worker through a shared flag::
 
     worker w                                  main process
     flags[k] == 0 -> write batch into slot k
-    flags[k] = 1, send (k, layout, ids) --->  tensors = views of slot k  --> training step
+    flags[k] = 1, send header (k, counts) --> tensors = views of slot k  --> training step
                                               batch dropped: refcount of slot k back to 1
     slot k free again  <---  flags[k] = 0
 
-A slot is created (or grown) by the worker and its shared memory handle sent once, with the
-first batch that uses it. When every slot is in use (a consumer that keeps many batches), the
-batch is sent the ordinary way (tensors in shared memory of their own), so nothing waits for a
-slot.
+Back-pressure: a worker has at most ``prefetch`` messages in its pipe that the main process has
+not taken (a semaphore per worker: the worker takes a permit per message, the main process
+gives it back when it reads one). When every slot is in use (a consumer that keeps many
+batches), the batch is sent the ordinary way (pickled, tensors in shared memory of their own),
+so nothing waits for a slot. A worker whose main process has gone stops by itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import pickle
 import queue
+import struct
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
@@ -59,35 +68,96 @@ from lmat_platform.reader.prefetch import POLL_S
 
 log = logging.getLogger(__name__)
 
-#: Shared-memory slots per worker (the queue holds ``prefetch`` batches, the consumer one or
-#: two, and a released slot is noticed at the next batch).
+#: Shared-memory slots per worker (``prefetch`` batches in the pipe, one being made, the
+#: consumer's one or two, and a released slot is noticed at the next batch).
 MAX_SLOTS = 8
 #: Smallest slot, and the head room a new slot gets (batches of a pass vary in size).
 MIN_SLOT_BYTES = 1 << 20
 _ALIGN = 64
+
+#: A message's fixed header: kind, pass id, stream end row, slot, then the batch's values per
+#: column, requests, sequences (lengths), bytes read and thin bytes read.
+_HEAD = struct.Struct("<B7xqqi4xqqqqq")
+#: Kinds: a batch in a slot whose handle and layout the main process has (header only); the
+#: same with a pickled dict after the header (a new slot handle, a new layout, or per-request
+#: arrays that did not fit in the slot); a pickled Batch (no slot free); the pass is done; it
+#: failed (pickled error).
+SLOT, SLOT_PICKLED, BATCH, DONE, ERROR = 1, 2, 3, 4, 5
+#: Per-request arrays of a batch, in the order they lie in a slot behind the values; context
+#: columns follow them. ``True``: one value per sequence (``lengths``), else per request.
+_SMALL = (("request_id", False), ("lengths", True), ("user_id", False), ("request_ts", False),
+          ("inverse_indices", False))
 
 
 def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+def header(msg: bytes) -> tuple[int, int, int, int, int, int, int, int, int]:
+    """A message's header: (kind, pass id, end row, slot, values, requests, sequences,
+    bytes read, thin bytes read)."""
+    return _HEAD.unpack_from(msg)  # type: ignore[return-value]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Channel:
+    """One worker's way to the main process: the write end of a pipe and the semaphore of
+    permits (``prefetch`` messages not yet taken). Sent to the worker at its start."""
+
+    def __init__(self, conn: Any, permits: Any, owner: int):
+        self.conn = conn
+        self.permits = permits
+        #: The main process's pid: a worker whose main process is gone stops.
+        self.owner = owner
+
+    def owner_alive(self) -> bool:
+        return _alive(self.owner)
+
+    def send(self, msg: bytes, live: Callable[[], bool]) -> bool:
+        """Send ``msg`` once a permit is free, unless ``live()`` turns False first."""
+        while live():
+            if self.permits.acquire(timeout=POLL_S):
+                self.conn.send_bytes(msg)
+                return True
+            if not self.owner_alive():
+                return False
+        return False
+
+
 # ---------------------------------------------------------------------------------- worker side
 
 
 class SlotWriter:
-    """A worker's slots: hands out views of a free slot for a batch's columns."""
+    """A worker's slots: hands out views of a free slot for a batch's columns, and packs the
+    batch made in them into a message."""
 
     def __init__(self, flags: torch.Tensor):
-        self.flags = flags
+        self.flags_t = flags
+        self.flags = flags.numpy()
         self.slots: list[torch.Tensor | None] = [None] * len(flags)
         self.bases: list[np.ndarray | None] = [None] * len(flags)
         #: Whether the main process has slot k's present buffer (its handle went out with a
         #: batch that was sent). A slot made for a batch that was then not sent (its pass was
         #: cancelled) is announced with the next batch that uses it.
         self.known = [False] * len(flags)
-        #: The slot the last allocation used (None: ordinary memory), and whether it is new.
+        #: The layout the main process has (that of the last batch sent in a slot).
+        self.layout: tuple[Any, ...] | None = None
+        #: The slot the last allocation used (None: ordinary memory), whether it is new, and
+        #: the layout of the message packed for it (sent: what the main process has).
         self.last: tuple[int, bool] | None = None
-        self.layout: list[tuple[int, int]] = []
+        self._packed_layout: tuple[Any, ...] | None = None
+        self.values_end = 0
+        #: Room kept behind a batch's values for its per-request arrays (learnt per batch).
+        self.reserve = 1 << 16
 
     def alloc(self, sizes: list[tuple[int, np.dtype]]) -> list[np.ndarray]:
         """Arrays of ``sizes`` (values, dtype) for one batch, in one free slot when there is
@@ -96,14 +166,14 @@ class SlotWriter:
         for n, dt in sizes:
             offs.append(need)
             need += _aligned(n * np.dtype(dt).itemsize)
-        free = [k for k in range(len(self.flags)) if int(self.flags[k]) == 0]
+        self.values_end = need
+        need += self.reserve
+        flags = self.flags
+        free = [k for k in range(len(flags)) if flags[k] == 0]
         fits = {k: s.numel() for k in free
                 if (s := self.slots[k]) is not None and s.numel() >= need}
-        self.layout = [(o, n * np.dtype(dt).itemsize) for o, (n, dt) in zip(offs, sizes,
-                                                                             strict=True)]
         if fits:
             k = min(fits, key=fits.__getitem__)
-            new = not self.known[k]
         elif free:
             # A slot never made, or too small: (re)made with head room.
             k = next((i for i in free if self.slots[i] is None), free[0])
@@ -112,21 +182,22 @@ class SlotWriter:
             self.slots[k] = t
             self.bases[k] = t.numpy()
             self.known[k] = False
-            new = True
         else:
             self.last = None
             return [np.empty(n, dtype=dt) for n, dt in sizes]
-        self.flags[k] = 1
-        self.last = (k, new)
+        flags[k] = 1
+        self.last = (k, not self.known[k])
         base = self.bases[k]
         assert base is not None
-        return [base[o:o + nb].view(dt) for (o, nb), (_, dt) in zip(self.layout, sizes,
-                                                                     strict=True)]
+        return [base[o:o + n * np.dtype(dt).itemsize].view(dt)
+                for o, (n, dt) in zip(offs, sizes, strict=True)]
 
     def sent(self) -> None:
-        """The last batch was sent: the main process has its slot now and frees it."""
+        """The last batch was sent: the main process has its slot (and layout) now and frees
+        the slot."""
         if self.last is not None:
             self.known[self.last[0]] = True
+            self.layout = self._packed_layout
             self.last = None
 
     def release_last(self) -> None:
@@ -135,37 +206,62 @@ class SlotWriter:
             self.flags[self.last[0]] = 0
             self.last = None
 
-    def pack(self, batch: Batch) -> dict[str, Any]:
-        """The message for a batch made by the last :meth:`alloc`: slot, layout and small
-        arrays, or the batch itself when it is in ordinary memory."""
+    def pack(self, pass_id: int, end: int, batch: Batch) -> bytes:
+        """The message for ``batch``, made by the last :meth:`alloc`: its header, with what
+        the main process does not have yet pickled behind it; the whole batch pickled when it
+        is in ordinary memory."""
+        B, U = len(batch), batch.num_sequences
+        nvals = int(next(iter(batch.values.values())).shape[0]) if batch.values else 0
+        head = (pass_id, end, -1 if self.last is None else self.last[0], nvals, B, U,
+                batch.bytes_read, batch.thin_bytes_read)
         if self.last is None:
-            return {"batch": batch}
-        small = {
-            "request_id": batch.request_id.numpy(), "lengths": batch.lengths.numpy(),
-            "user_id": None if batch.user_id is None else batch.user_id.numpy(),
-            "request_ts": None if batch.request_ts is None else batch.request_ts.numpy(),
-            "context": {c: v.numpy() for c, v in batch.context.items()},
-            "bytes_read": batch.bytes_read, "thin_bytes_read": batch.thin_bytes_read,
-            "inverse_indices": None if batch.inverse_indices is None
-            else batch.inverse_indices.numpy(),
-        }
+            return _pickled(BATCH, head, batch)
         k, new = self.last
-        cols = [(c, str(v.numpy().dtype), o, nb)
-                for (c, v), (o, nb) in zip(batch.values.items(), self.layout, strict=True)]
-        return {"slot": k, "new": self.slots[k] if new else None, "columns": cols, **small}
+        small = [(f, None, t.numpy()) for f, _ in _SMALL
+                 if (t := getattr(batch, f)) is not None]
+        small += [("context", c, v.numpy()) for c, v in batch.context.items()]
+        layout = (tuple((c, v.numpy().dtype.str) for c, v in batch.values.items()),
+                  tuple((f, c, a.dtype.str) for f, c, a in small))
+        base = self.bases[k]
+        assert base is not None
+        o, spans = self.values_end, []
+        for _, _, a in small:
+            spans.append((o, a))
+            o += _aligned(a.nbytes)
+        self.reserve = max(self.reserve, o - self.values_end + (o - self.values_end) // 4)
+        extra: dict[str, Any] = {}
+        if o <= len(base):
+            for at, a in spans:
+                base[at:at + a.nbytes] = a.reshape(-1).view(np.uint8)
+        else:  # did not fit (the first batch of an unusual size): pickled behind the header
+            extra["small"] = [a for _, _, a in small]
+        if new:
+            extra["new"] = self.slots[k]
+        if layout != self.layout:
+            extra["layout"] = layout
+        self._packed_layout = layout
+        if not extra:
+            return _HEAD.pack(SLOT, *head)
+        return _pickled(SLOT_PICKLED, head, extra)
 
 
-def worker_loop(w: int, tasks: Any, out: Any, stop: Any, current: Any, flags: torch.Tensor,
+def _pickled(kind: int, head: tuple[int, ...], obj: Any) -> bytes:
+    return _HEAD.pack(kind, *head) + bytes(ForkingPickler.dumps(obj))
+
+
+def worker_loop(w: int, tasks: Any, out: Channel, stop: Any, current: Any, flags: torch.Tensor,
                 run: Callable[[Any, Callable[..., list[np.ndarray]]],
                               Iterator[tuple[int, Batch]]]) -> None:
     """Body of a persistent worker: runs each pass it is sent (``(pass id, spec)``) while
-    ``current`` names that pass, and puts its batches on ``out``."""
+    ``current`` names that pass, and sends its batches through ``out``."""
     torch.set_num_threads(1)
     writer = SlotWriter(flags)
     while not stop.is_set():
         try:
             task = tasks.get(timeout=POLL_S)
         except queue.Empty:
+            if not out.owner_alive():
+                break
             continue
         if task is None:
             break
@@ -175,29 +271,21 @@ def worker_loop(w: int, tasks: Any, out: Any, stop: Any, current: Any, flags: to
             # The pass in progress, or the next one sent ahead of it (WorkerPool.run).
             return current.value in (pass_id, pass_id - 1) and not stop.is_set()
 
-        def put(msg: tuple[Any, ...], live: Callable[[], bool] = live) -> bool:
-            while live():
-                try:
-                    out.put(msg, timeout=POLL_S)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
         if not live():
             continue  # a pass cancelled (or sent ahead and not wanted) before it began
 
+        none = (pass_id, 0, -1, 0, 0, 0, 0, 0)
         try:
             with contextlib.closing(run(spec, writer.alloc)) as batches:  # type: ignore[type-var]
                 for end, batch in batches:
-                    msg = ("batch", pass_id, end, writer.pack(batch))
+                    msg = writer.pack(pass_id, end, batch)
                     del batch
-                    if not put(msg):
+                    if not out.send(msg, live):
                         writer.release_last()
                         break
                     writer.sent()  # the consumer frees it (release_last must not)
                 else:
-                    put(("done", pass_id, None, None))
+                    out.send(_HEAD.pack(DONE, *none), live)
         except BaseException as e:
             writer.release_last()
             tb = traceback.format_exc()
@@ -205,7 +293,7 @@ def worker_loop(w: int, tasks: Any, out: Any, stop: Any, current: Any, flags: to
                 payload: Any = pickle.dumps(e)
             except Exception:  # the exception itself may not pickle; its text always does
                 payload = None
-            put(("error", pass_id, (payload, type(e).__name__, str(e), tb), None))
+            out.send(_pickled(ERROR, none, (payload, type(e).__name__, str(e), tb)), live)
 
 
 # ---------------------------------------------------------------------------------- main side
@@ -216,21 +304,38 @@ class SlotReader:
     flags that free them once their tensors are gone."""
 
     def __init__(self, flags: torch.Tensor):
-        self.flags = flags
+        self.flags_t = flags
+        self.flags = flags.numpy()
         #: Each slot's bytes (the array keeps the shared tensor's storage alive).
         self.bases: list[np.ndarray | None] = [None] * len(flags)
         self.out: set[int] = set()
+        #: The worker's last layout: value columns (name, dtype, itemsize) and per-request
+        #: arrays (field, context column, dtype, itemsize, one per sequence).
+        self.values: list[tuple[str, np.dtype, int]] = []
+        self.small: list[tuple[str, str | None, np.dtype, int, bool]] = []
 
-    def _adopt(self, meta: dict[str, Any]) -> int:
-        k = int(meta["slot"])
-        if meta["new"] is not None:
-            self.bases[k] = meta["new"].numpy()
-        return k
+    def _adopt(self, msg: bytes) -> tuple[Any, ...]:
+        """The header of a slot message, after taking in what was pickled behind it."""
+        head = _HEAD.unpack_from(msg)
+        extra: dict[str, Any] = {}
+        if head[0] == SLOT_PICKLED:
+            extra = pickle.loads(memoryview(msg)[_HEAD.size:])
+            k = head[3]
+            if "new" in extra:
+                self.bases[k] = extra["new"].numpy()
+            if "layout" in extra:
+                vals, small = extra["layout"]
+                self.values = [(c, np.dtype(d), np.dtype(d).itemsize) for c, d in vals]
+                per_seq = dict(_SMALL)
+                self.small = [(f, c, np.dtype(d), np.dtype(d).itemsize, per_seq.get(f, False))
+                              for f, c, d in small]
+        return head + (extra.get("small"),)
 
-    def discard(self, meta: dict[str, Any]) -> None:
+    def discard(self, msg: bytes) -> None:
         """A message of a cancelled pass: its slot is free at once."""
-        if "slot" in meta:
-            self.flags[self._adopt(meta)] = 0
+        kind = msg[0]
+        if kind in (SLOT, SLOT_PICKLED):
+            self.flags[self._adopt(msg)[3]] = 0
 
     def reclaim(self) -> None:
         """Free the slots whose batches the consumer has dropped."""
@@ -240,28 +345,39 @@ class SlotReader:
                 self.out.discard(k)
                 self.flags[k] = 0
 
-    def unpack(self, meta: dict[str, Any]) -> Batch:
+    def unpack(self, msg: bytes) -> Batch:
         self.reclaim()
-        if "slot" not in meta:
-            b: Batch = meta["batch"]
+        if msg[0] == BATCH:
+            b: Batch = pickle.loads(memoryview(msg)[_HEAD.size:])
             return b
-        k = self._adopt(meta)
+        _, _, _, k, nvals, B, U, nbytes, thin, small_in = self._adopt(msg)
         base = self.bases[k]
-        assert base is not None
+        assert base is not None, f"slot {k} used before its handle came"
         self.out.add(k)
-        values = {c: torch.from_numpy(base[o:o + nb].view(np.dtype(dt)))
-                  for c, dt, o, nb in meta["columns"]}
+        o = 0
+        values = {}
+        for c, dt, isz in self.values:
+            nb = nvals * isz
+            values[c] = torch.from_numpy(base[o:o + nb].view(dt))
+            o += (nb + _ALIGN - 1) // _ALIGN * _ALIGN
+        got: dict[str, torch.Tensor] = {}
+        context: dict[str, torch.Tensor] = {}
+        for i, (f, c, dt, isz, per_seq) in enumerate(self.small):
+            if small_in is not None:
+                a = small_in[i]
+            else:
+                nb = (U if per_seq else B) * isz
+                a = base[o:o + nb].view(dt)
+                o += (nb + _ALIGN - 1) // _ALIGN * _ALIGN
+            if c is None:
+                got[f] = torch.from_numpy(a)
+            else:
+                context[c] = torch.from_numpy(a)
         return Batch(
-            request_id=torch.from_numpy(meta["request_id"]),
-            lengths=torch.from_numpy(meta["lengths"]),
-            values=values,
-            context={c: torch.from_numpy(v) for c, v in meta["context"].items()},
-            user_id=None if meta["user_id"] is None else torch.from_numpy(meta["user_id"]),
-            request_ts=None if meta["request_ts"] is None else torch.from_numpy(meta["request_ts"]),
-            bytes_read=int(meta["bytes_read"]),
-            thin_bytes_read=int(meta["thin_bytes_read"]),
-            inverse_indices=None if meta["inverse_indices"] is None
-            else torch.from_numpy(meta["inverse_indices"]),
+            request_id=got["request_id"], lengths=got["lengths"], values=values,
+            context=context, user_id=got.get("user_id"), request_ts=got.get("request_ts"),
+            bytes_read=nbytes, thin_bytes_read=thin,
+            inverse_indices=got.get("inverse_indices"),
         )
 
 
@@ -276,17 +392,23 @@ class WorkerPool:
         self.stop = ctx.Event()
         self.current = ctx.Value("q", 0)
         self.tasks = [ctx.Queue() for _ in range(n)]
-        self.queues = [ctx.Queue(maxsize=prefetch) for _ in range(n)]
+        pipes = [ctx.Pipe(duplex=False) for _ in range(n)]
+        self.conns = [r for r, _ in pipes]
+        self.permits = [ctx.Semaphore(prefetch) for _ in range(n)]
         flags = [torch.zeros(MAX_SLOTS, dtype=torch.int8).share_memory_() for _ in range(n)]
         self.readers = [SlotReader(f) for f in flags]
+        me = os.getpid()
         self.procs = [
-            ctx.Process(target=target, args=(w, self.tasks[w], self.queues[w], self.stop,
-                                              self.current, flags[w]),
+            ctx.Process(target=target,
+                        args=(w, self.tasks[w], Channel(pipes[w][1], self.permits[w], me),
+                              self.stop, self.current, flags[w]),
                         daemon=True, name=f"lmat-reader-{w}")
             for w in range(n)
         ]
         for p in self.procs:
             p.start()
+        for _, wr in pipes:
+            wr.close()  # the worker has its own copy: its end closes when it exits
         #: Whether worker w has sent anything (else it died starting up).
         self.heard = [False] * n
         self.pass_id = 0
@@ -350,16 +472,17 @@ class WorkerPool:
                     w = (w + 1) % self.n
                     continue
                 try:
-                    kind, tag, a, b = self._get(w, pid)
+                    msg = self._get(w, pid)
                 except ReaderWorkerError as e:
                     raise on_error(w, e) from e
                 self.heard[w] = True
-                if kind == "batch":
-                    yield w, a, self.readers[w].unpack(b)
-                elif kind == "done":
+                kind = msg[0]
+                if kind == DONE:
                     active[w] = False
+                elif kind == ERROR:
+                    _raise_remote(pickle.loads(memoryview(msg)[_HEAD.size:]), w)
                 else:
-                    _raise_remote(a, w)
+                    yield w, _HEAD.unpack_from(msg)[2], self.readers[w].unpack(msg)
                 w = (w + 1) % self.n
             done = True
         finally:
@@ -373,41 +496,35 @@ class WorkerPool:
                     self.ahead = None
                     self.current.value = -pid
 
-    def _get(self, w: int, pid: int) -> tuple[str, int, Any, Any]:
-        q, proc = self.queues[w], self.procs[w]
+    def _get(self, w: int, pid: int) -> bytes:
+        conn, proc, permits = self.conns[w], self.procs[w], self.permits[w]
         t0 = time.monotonic()
         while True:
             try:
-                msg = q.get(timeout=POLL_S)
+                if not conn.poll(POLL_S):
+                    if not proc.is_alive() and not conn.poll(POLL_S):
+                        raise ReaderWorkerError(
+                            f"reader worker {w} (pid {proc.pid}) exited with code "
+                            f"{proc.exitcode} without reporting an error")
+                    waited = time.monotonic() - t0
+                    if self.timeout_s is not None and waited > self.timeout_s:
+                        raise ReaderTimeoutError(
+                            f"no batch from reader worker {w} in {waited:.0f} s "
+                            f"(timeout_s={self.timeout_s})")
+                    continue
+                msg = conn.recv_bytes()
             except (EOFError, ConnectionError) as e:
                 proc.join(timeout=POLL_S)
                 raise ReaderWorkerError(
                     f"reader worker {w} (pid {proc.pid}) stopped mid-message "
                     f"(exit code {proc.exitcode}): {type(e).__name__}: {e}"
                 ) from e
-            except queue.Empty:
-                if not proc.is_alive():
-                    try:
-                        msg = q.get(timeout=POLL_S)
-                    except queue.Empty:
-                        raise ReaderWorkerError(
-                            f"reader worker {w} (pid {proc.pid}) exited with code "
-                            f"{proc.exitcode} without reporting an error"
-                        ) from None
-                else:
-                    waited = time.monotonic() - t0
-                    if self.timeout_s is not None and waited > self.timeout_s:
-                        raise ReaderTimeoutError(
-                            f"no batch from reader worker {w} in {waited:.0f} s "
-                            f"(timeout_s={self.timeout_s})"
-                        ) from None
-                    continue
-            if msg[1] == pid:
+            permits.release()
+            if _HEAD.unpack_from(msg, 0)[1] == pid:
                 return msg
             # From a pass that was cancelled: its slot is free again.
             self.heard[w] = True
-            if msg[0] == "batch":
-                self.readers[w].discard(msg[3])
+            self.readers[w].discard(msg)
 
     def close(self) -> None:
         """Stop the workers (idempotent)."""
@@ -418,21 +535,14 @@ class WorkerPool:
         for t in self.tasks:
             with contextlib.suppress(Exception):
                 t.put(None)
-        for q in self.queues:
-            # Drop what is queued so the workers' feeder threads can exit.
-            for _ in range(64):
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    break
-                except Exception:  # noqa: BLE001 - a discarded message may not unpickle
-                    continue
         for p in self.procs:
             p.join(timeout=5)
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)
-        for q in (*self.queues, *self.tasks):
+        for c in self.conns:
+            c.close()
+        for q in self.tasks:
             q.close()
             q.join_thread()
 
