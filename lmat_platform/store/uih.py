@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 SORT_KEYS = ["user_id", "event_ts", "event_id"]
 STAT_COLUMNS = ("user_id", "event_ts", "event_id", "arrival_ts", "item_id", "action", "snapshot_id")
 COMPRESSION = "lz4"
+#: Columns written without a dictionary: nearly every value distinct, so a row group's
+#: dictionary is the column again plus an index per row. Plain pages are smaller (the
+#: standard workload's first stripes 4.8 -> 4.0 MB) and decode faster (a short tenant's
+#: cache-off tier read about 15-20% less CPU).
+NO_DICTIONARY = ("event_id", "event_ts", "arrival_ts", "dwell_ms")
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,7 @@ def _write_bucket(item: tuple[Store, int, pa.Table, str, bool, int]) -> AddActio
             row_group_size=rg,
             compression=COMPRESSION,
             write_statistics=True,
+            use_dictionary=[c for c in part.column_names if c not in NO_DICTIONARY],
         )
     size = fs.get_file_info(full).size or 0
     return AddAction(rel, size, {"bucket": str(b)}, now_us() // 1000, data_change,
