@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
 import lmat_platform as lmat
@@ -53,3 +54,35 @@ def test_compacted_thin_table_reads_the_same(tmp_path: Path) -> None:
         want = {r: {c: [float("nan") if v is None else v for v in w[c]] for c in t.columns}
                 for r, w in expected_outputs(events, requests, t).items()}
         assert same(got, want), t.name
+
+
+def test_compaction_sorts_head_summaries(tmp_path: Path) -> None:
+    """Compaction merges each bucket's head summaries (one file per snapshot) into one file
+    sorted by (user, snapshot), layout only: the same rows, ``dataChange = false``."""
+    from lmat_platform import synth
+    from lmat_platform.protocol.pointers import HeadIndex
+    from lmat_platform.store import compact_buckets, ingest_files, init_store, publish_snapshot
+
+    cfg = synth.WorkloadConfig(seed=2, n_users=40, days=3, events_per_day=800,
+                               requests_per_day=10)
+    wl = synth.write_workload(cfg, tmp_path / "wl")
+    st = init_store(str(tmp_path / "store"), n_buckets=2)
+    for d, ef in enumerate(wl.event_files):
+        ingest_files(st, [str(ef)])
+        publish_snapshot(st, synth.day_bounds(cfg, d)[1])
+    heads = str(tmp_path / "store" / "heads")
+    key = [("user_id", "ascending"), ("snapshot_id", "ascending")]
+    rows = delta_dataset(DeltaTable(heads)).to_table().sort_by(key)
+    assert _live(heads).num_rows == 6
+    out = compact_buckets(st)
+    assert out["heads_files_removed"] == 6
+    live = _live(heads)
+    assert sorted(live.column("partition.bucket").to_pylist()) == [0, 1]
+    assert delta_dataset(DeltaTable(heads)).to_table().sort_by(key).equals(rows)
+    log = sorted((Path(heads) / "_delta_log").glob("*.json"))[-1]
+    acts = [json.loads(x) for x in log.read_text().splitlines()]
+    assert not any(a[k]["dataChange"] for a in acts for k in ("add", "remove") if k in a)
+    for p in live.column("path").to_pylist():
+        t = pq.read_table(Path(heads) / p)
+        assert t.equals(t.sort_by(key)), p  # sorted: readers take it as it is
+        assert len(HeadIndex.of_files(st, [f"{heads}/{p}"]).user_id) == t.num_rows
