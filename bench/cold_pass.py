@@ -36,7 +36,11 @@ on all of them alike; each figure is the median over rounds of the median of ``-
   cache-off reader needs per batch, measured just before in the same process; reported is the
   share of the loop's time spent waiting for the next batch, with 0, 1 and 2 workers;
 * ``breakdown``: a cache-off pass's wall seconds by operation (:func:`child_breakdown`), the
-  gap to the own-length fat file shown operation by operation.
+  gap to the own-length fat file shown operation by operation; ``breakdown-cpu`` the same in
+  CPU seconds;
+* ``ratio`` (on demand: ``--child ratio --setup DIR/cold_setup.json --tenant T --reps N``, with
+  ``LMAT_DECODE_CACHE_MB=0``): lmat's cache-off pass against the own-length fat file's in one
+  process, alternated round by round, wall and CPU (:func:`child_ratio`).
 
 Also the thin bytes of the workload: streaming thin rows (tails stored once per user and
 file), batch-path thin rows and the UIH tier, per request. Writes ``--out`` (JSON) and prints
@@ -251,7 +255,8 @@ def child_ratio(setup: dict[str, Any], tenant: str, rounds: int) -> dict[str, An
 STAGES = ("thin_read", "thin_tails", "heads", "tier_read", "checks_tails", "plan", "batches")
 
 
-def child_breakdown(setup: dict[str, Any], tenant: str, reps: int) -> dict[str, Any]:
+def child_breakdown(setup: dict[str, Any], tenant: str, reps: int,
+                    clock: Any = time.perf_counter) -> dict[str, Any]:
     """Where a cache-off pass of ``num_workers=0`` spends its time, operation by operation:
     the loader's own units, read one after another in this thread (no prefetch thread, so the
     seconds add up), after one pass of start-up. ``thin_read``: the bucket's thin files
@@ -259,7 +264,8 @@ def child_breakdown(setup: dict[str, Any], tenant: str, reps: int) -> dict[str, 
     resolved (late events sorted); ``heads``: the bucket's head summaries; ``tier_read``: the
     pruned read of the tier's row groups; ``checks_tails``: pointer checks, lookups and tails
     in ``prepare_unit`` besides those two reads; ``plan``: the planner; ``batches``: batches
-    cut and every value copied. Wall seconds per pass, median over ``reps`` passes."""
+    cut and every value copied. Seconds of ``clock`` per pass (wall; ``time.process_time``:
+    CPU, which load on the machine inflates far less), median over ``reps`` passes."""
     import functools
 
     import lmat_platform.reader.loader as ld
@@ -278,11 +284,11 @@ def child_breakdown(setup: dict[str, Any], tenant: str, reps: int) -> dict[str, 
     def timed(name: str, fn: Any) -> Any:
         @functools.wraps(fn)
         def inner(*a: Any, **k: Any) -> Any:
-            t0 = time.perf_counter()
+            t0 = clock()
             try:
                 return fn(*a, **k)
             finally:
-                acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
+                acc[name] = acc.get(name, 0.0) + clock() - t0
         return inner
 
     orig = (uih.read_bucket, HeadIndex.of_files, ThinRows.from_table)
@@ -300,19 +306,19 @@ def child_breakdown(setup: dict[str, Any], tenant: str, reps: int) -> dict[str, 
             reader = ld._UnitReader(spec)
             n = 0
             for i, unit in enumerate(spec.units):
-                t0 = time.perf_counter()
+                t0 = clock()
                 rows = reader._unit_rows(unit)
-                t1 = time.perf_counter()
+                t1 = clock()
                 prep = prepare_unit(spec.ctx, unit.bucket, rows)
-                t2 = time.perf_counter()
+                t2 = clock()
                 seqs = plan_unit(prep, plan_only=True)
-                t3 = time.perf_counter()
+                t3 = clock()
                 w = ld._window([seqs], spec, i)
                 for a in range(0, w.n, BATCH):
                     b = ld._batch([ld._piece(w, a, min(w.n, a + BATCH))], t.columns, alloc)
                     n += len(b)
                     del b
-                t4 = time.perf_counter()
+                t4 = clock()
                 stage["thin_read"] += t1 - t0
                 stage["checks_tails"] += t2 - t1
                 stage["plan"] += t3 - t2
@@ -401,6 +407,7 @@ def run(work: Path, scale_name: str, rounds: int, reps: int, factor: float,
                 (work / "cold_partial.json").write_text(json.dumps(runs))
     stall = {}
     breakdown = {}
+    breakdown_cpu: dict[str, Any] = {}
     for t in TENANTS:
         log.info("stall: %s", t.name)
         stall[t.name] = _child(["--child", "stall", "--setup", str(sf), "--tenant", t.name,
@@ -410,6 +417,9 @@ def run(work: Path, scale_name: str, rounds: int, reps: int, factor: float,
         breakdown[t.name] = _child(["--child", "breakdown", "--setup", str(sf), "--tenant",
                                     t.name, "--reps", str(2 * reps + 1)],
                                    {"LMAT_DECODE_CACHE_MB": "0"})
+        breakdown_cpu[t.name] = _child(["--child", "breakdown-cpu", "--setup", str(sf),
+                                        "--tenant", t.name, "--reps", str(2 * reps + 1)],
+                                       {"LMAT_DECODE_CACHE_MB": "0"})
     table: dict[str, dict[str, Any]] = {}
     for t in TENANTS:
         row: dict[str, Any] = {}
@@ -434,7 +444,8 @@ def run(work: Path, scale_name: str, rounds: int, reps: int, factor: float,
         "streaming_over_uih": by["thin_streaming"] / max(by["uih"], 1),
     }
     return {"setup": setup, "rounds": rounds, "reps": reps, "table": table, "runs": runs,
-            "stall": stall, "breakdown": breakdown, "thin_bytes": thin,
+            "stall": stall, "breakdown": breakdown, "breakdown_cpu": breakdown_cpu,
+            "thin_bytes": thin,
             "cpu_count": os.cpu_count(),
             "load_average_at_end": os.getloadavg(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -497,6 +508,18 @@ def markdown(res: dict[str, Any]) -> str:
             f"{1e3 * bd[n]['pass_s']:.1f}" for n in names) + " |")
         out.append("| own-length fat file pass, for comparison | " + " | ".join(
             f"{1e3 * bd[n]['examples'] / tab[n]['fat_own']:.1f}" for n in names) + " |")
+    bc = res.get("breakdown_cpu")
+    if bc:
+        out.append("")
+        out.append("The same in CPU milliseconds of the process (`--child breakdown-cpu`):")
+        out.append("")
+        out.append("| operation | " + " | ".join(names) + " |")
+        out.append("|---|" + "---:|" * len(names))
+        for k in STAGES:
+            out.append(f"| {k} | " + " | ".join(
+                f"{1e3 * bc[n]['stages_s'][k]:.1f}" for n in names) + " |")
+        out.append("| whole pass | " + " | ".join(
+            f"{1e3 * bc[n]['pass_s']:.1f}" for n in names) + " |")
     tb = res["thin_bytes"]
     out.append("")
     out.append(f"Thin bytes per request ({tb['requests']:,} requests): streaming "
@@ -533,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
             res = child_stall(setup, args.tenant, args.factor, args.reps)
         elif args.child == "breakdown":
             res = child_breakdown(setup, args.tenant, args.reps)
+        elif args.child == "breakdown-cpu":
+            res = child_breakdown(setup, args.tenant, args.reps, time.process_time)
         elif args.child == "ratio":
             res = child_ratio(setup, args.tenant, args.reps)
         else:
