@@ -451,6 +451,19 @@ def run(work: Path, scale_name: str, rounds: int, reps: int, factor: float,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def _stage_table(bd: dict[str, Any], names: list[str], title: str) -> list[str]:
+    """A breakdown child's result per tenant as Markdown lines: its title, then a row per
+    operation and the whole pass, in milliseconds."""
+    out = ["", title, "", "| operation | " + " | ".join(names) + " |",
+           "|---|" + "---:|" * len(names)]
+    for k in STAGES:
+        out.append(f"| {k} | " + " | ".join(
+            f"{1e3 * bd[n]['stages_s'][k]:.1f}" for n in names) + " |")
+    out.append("| whole pass | " + " | ".join(f"{1e3 * bd[n]['pass_s']:.1f}" for n in names)
+               + " |")
+    return out
+
+
 def markdown(res: dict[str, Any]) -> str:
     from bench.workload import TENANTS
 
@@ -495,31 +508,15 @@ def markdown(res: dict[str, Any]) -> str:
             f"{100 * st[n][f'w{w}']['wait_share']:.1f}%" for n in names) + " |")
     bd = res.get("breakdown")
     if bd:
-        out.append("")
-        out.append("A cache-off pass (`num_workers=0`) by operation, units read one after "
-                   "another in one thread (`--child breakdown`), milliseconds per pass:")
-        out.append("")
-        out.append("| operation | " + " | ".join(names) + " |")
-        out.append("|---|" + "---:|" * len(names))
-        for k in STAGES:
-            out.append(f"| {k} | " + " | ".join(
-                f"{1e3 * bd[n]['stages_s'][k]:.1f}" for n in names) + " |")
-        out.append("| whole pass | " + " | ".join(
-            f"{1e3 * bd[n]['pass_s']:.1f}" for n in names) + " |")
+        out += _stage_table(bd, names, "A cache-off pass (`num_workers=0`) by operation, units "
+                            "read one after another in one thread (`--child breakdown`), "
+                            "milliseconds per pass:")
         out.append("| own-length fat file pass, for comparison | " + " | ".join(
             f"{1e3 * bd[n]['examples'] / tab[n]['fat_own']:.1f}" for n in names) + " |")
     bc = res.get("breakdown_cpu")
     if bc:
-        out.append("")
-        out.append("The same in CPU milliseconds of the process (`--child breakdown-cpu`):")
-        out.append("")
-        out.append("| operation | " + " | ".join(names) + " |")
-        out.append("|---|" + "---:|" * len(names))
-        for k in STAGES:
-            out.append(f"| {k} | " + " | ".join(
-                f"{1e3 * bc[n]['stages_s'][k]:.1f}" for n in names) + " |")
-        out.append("| whole pass | " + " | ".join(
-            f"{1e3 * bc[n]['pass_s']:.1f}" for n in names) + " |")
+        out += _stage_table(bc, names, "The same in CPU milliseconds of the process "
+                            "(`--child breakdown-cpu`):")
     tb = res["thin_bytes"]
     out.append("")
     out.append(f"Thin bytes per request ({tb['requests']:,} requests): streaming "
