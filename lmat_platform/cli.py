@@ -135,9 +135,15 @@ def cmd_vacuum(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_compact(a: argparse.Namespace) -> dict[str, Any]:
+    from lmat_platform.protocol.thin import compact_thin
     from lmat_platform.store import compact_buckets, open_store
 
-    return compact_buckets(open_store(a.store), min_files=a.min_files, engine=_engine(a))
+    st = open_store(a.store)
+    out: dict[str, Any] = compact_buckets(st, min_files=a.min_files, engine=_engine(a),
+                                          stripes_as_of=a.stripes_as_of)
+    for uri in a.thin or []:
+        out.setdefault("thin", {})[uri] = compact_thin(st, uri, min_files=a.min_files)
+    return out
 
 
 def _engine(a: argparse.Namespace) -> Any:
@@ -281,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("compact", help="merge each bucket's tier files (layout only)")
     s.add_argument("store")
     s.add_argument("--min-files", type=int, default=2)
+    s.add_argument("--stripes-as-of", type=int, default=None, metavar="SNAPSHOT",
+                   help="rank the stripes as of this snapshot (the oldest one the thin rows "
+                        "still read point at), not the newest")
+    s.add_argument("--thin", action="append", metavar="URI",
+                   help="also merge this thin table's files to one per bucket (repeatable)")
     _engine_args(s)
     s.set_defaults(func=cmd_compact)
 

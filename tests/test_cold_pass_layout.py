@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,7 +15,7 @@ import lmat_platform as lmat
 from lmat_platform.protocol.thin import compact_thin
 from lmat_platform.reader import SequenceLoader
 from lmat_platform.store.core import delta_dataset
-from tests.helpers import expected_outputs, read
+from tests.helpers import expected_outputs, read, run_main
 from tests.reader_fixtures import build_store, collect, same
 
 SHORT = lmat.Tenant("short", ("item_id", "action"), 16)
@@ -86,3 +87,23 @@ def test_compaction_sorts_head_summaries(tmp_path: Path) -> None:
         t = pq.read_table(Path(heads) / p)
         assert t.equals(t.sort_by(key)), p  # sorted: readers take it as it is
         assert len(HeadIndex.of_files(st, [f"{heads}/{p}"]).user_id) == t.num_rows
+
+
+def test_cli_compact_ranks_stripes_and_merges_thin_tables(tmp_path: Path, capsys: Any) -> None:
+    """``lmat compact --stripes-as-of K --thin URI``; a negative snapshot is refused in one
+    line with exit 2 and nothing changed."""
+    rs = build_store(tmp_path)
+    uih = str(Path(rs.store) / "uih")
+    v0 = DeltaTable(uih).version()
+    rc, _, err = run_main(capsys, ["compact", rs.store, "--min-files", "1",
+                                   "--stripes-as-of", "-1"])
+    assert rc == 2 and "stripes_as_of" in err and len(err.strip().splitlines()) == 1
+    assert DeltaTable(uih).version() == v0
+    n_thin = _live(rs.thin).num_rows
+    rc, out, _ = run_main(capsys, ["compact", rs.store, "--min-files", "1",
+                                   "--stripes-as-of", "0", "--thin", rs.thin])
+    assert rc == 0, out
+    got = json.loads(out)
+    assert got["thin"][rs.thin]["files_in"] == n_thin > got["thin"][rs.thin]["files_out"]
+    names = [p.split("/")[-1] for p in _live(uih).column("path").to_pylist()]
+    assert names and all(n.startswith("c-000000-s") for n in names)
