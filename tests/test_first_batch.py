@@ -98,11 +98,29 @@ def _values(batches: list[Batch]) -> list[tuple[list[int], dict[str, list]]]:
             for b in batches]
 
 
-def test_workers_first_batch_is_made_while_they_start(rs: ReaderStore) -> None:
-    """With ``num_workers=2`` the first batch of a pass whose workers start is made in the main
-    process, before the workers are there (the old code waited for them to start); the pass
-    then has the batches, in the order, of a pass that the started workers make entirely, and
-    its progress names the batch the main process made."""
+@pytest.mark.parametrize("ready_after", [1, 5, None])
+def test_workers_first_batches_are_made_while_they_start(
+    rs: ReaderStore, monkeypatch: pytest.MonkeyPatch, ready_after: int | None
+) -> None:
+    """With ``num_workers=2`` a pass whose workers start makes its batches in the main process
+    until they are there (at least the first; the old code waited for them), then the workers
+    go on where each consumer stopped: the pass has the batches, in the order, of a pass the
+    started workers make entirely. ``ready_after``: the workers count as started after this
+    many checks (one per local batch but the first; None: never, the whole pass is made
+    here)."""
+    import lmat_platform.reader.loader as ld
+
+    checks = {"n": 0}
+    real_done = ld._Starting.done
+
+    def done(self: ld._Starting) -> bool:
+        checks["n"] += 1
+        if ready_after is None or checks["n"] < ready_after:
+            return False
+        self._thread.join()
+        return real_done(self)
+
+    monkeypatch.setattr(ld._Starting, "done", done)
     loader = SequenceLoader(rs.store, rs.thin, tenant=TENANT, batch_size=50, num_workers=2,
                             max_unit_rows=120)
     try:
@@ -111,8 +129,9 @@ def test_workers_first_batch_is_made_while_they_start(rs: ReaderStore) -> None:
         assert loader._pool is None, "the first batch waited for the workers to start"
         assert loader.state_dict()["rows_done"] == [50, 0]
         fresh = [first, *it]
-        assert loader._pool is not None and loader._pool.alive()
+        assert (loader._pool is None) == (ready_after is None)
         again = list(loader)  # workers running: every batch from them
+        assert loader._pool is not None and loader._pool.alive()
         assert _values(fresh) == _values(again)
         assert len(fresh) == len(loader)
     finally:

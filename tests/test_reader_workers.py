@@ -22,6 +22,22 @@ def rs(tmp_path_factory: pytest.TempPathFactory) -> ReaderStore:
     return build_store(tmp_path_factory.mktemp("workers"))
 
 
+@pytest.fixture(autouse=True)
+def _workers_from_the_second_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass whose workers start makes its batches in the main process until they are there
+    (tests/test_first_batch.py); these tests are about batches the workers make: the first
+    batch comes from the main process, then the pass waits for the workers."""
+    import lmat_platform.reader.loader as ld
+
+    real = ld._Starting.done
+
+    def done(self: ld._Starting) -> bool:
+        self._thread.join()
+        return real(self)
+
+    monkeypatch.setattr(ld._Starting, "done", done)
+
+
 @pytest.fixture(scope="module")
 def reference(rs: ReaderStore) -> dict:
     return collect(list(SequenceLoader(rs.store, rs.thin, tenant=TENANT, batch_size=64)))

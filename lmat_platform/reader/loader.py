@@ -826,6 +826,10 @@ class _Starting:
             log.warning("starting reader workers failed: %s", self._error)
         return self._pool
 
+    def done(self) -> bool:
+        """Whether the start has ended (the pool is there, or starting it failed)."""
+        return not self._thread.is_alive()
+
     def close(self) -> None:
         """Wait for the start, then stop the pool (its pass failed before it was used)."""
         self._thread.join()
@@ -1162,9 +1166,10 @@ class SequenceLoader(torch.utils.data.IterableDataset):
     ) -> Iterator[tuple[int, int, Batch]]:
         """A pass whose workers start now. They take seconds to start (each imports torch,
         pyarrow and the kernels, in a process started from nothing): meanwhile this process
-        makes the pass's first batch itself, the first consumer's first batch, reading no
-        more than it needs, and that consumer's worker then starts after it, as a resumed
-        pass does, so the batches and their order are the same."""
+        makes the pass's batches itself, the consumers' in turn as the workers would (each
+        consumer's units read when its batches are wanted), at least the first batch and until
+        the workers are there; each worker then starts where its consumer's batches stopped,
+        as a resumed pass does, so the batches and their order are the same."""
         ctx = _mp_context()
         _check_workers_can_start(ctx)
 
@@ -1174,28 +1179,49 @@ class SequenceLoader(torch.utils.data.IterableDataset):
                               ctx=ctx, target=_worker_main)
 
         starting = self._starting = _Starting(start)
+        n = len(specs)
+        rows = [s.start_row for s in specs]
+        here: dict[int, Generator[tuple[int, Batch], None, None]] = {}
+        ended = [False] * n
+        w = first % n
+        made = 0
         try:
-            with contextlib.closing(iter_consumer(specs[first], read_ahead=False)) as it:
-                local = next(it, None)
-        except BaseException:
-            if self._starting is starting:
+            # A pass closed at one of these batches (given up, or cancelled by a newer one)
+            # does not wait for the workers: they go on starting, and the next pass (or
+            # close()) takes them.
+            while not all(ended) and not (made and starting.done()):
+                if not ended[w]:
+                    if w not in here:
+                        here[w] = iter_consumer(specs[w], read_ahead=False)
+                    got = next(here[w], None)
+                    if got is None:
+                        ended[w] = True
+                    else:
+                        rows[w] = got[0]
+                        made += 1
+                        yield w, got[0], got[1]
+                w = (w + 1) % n
+        except BaseException as e:
+            if not isinstance(e, GeneratorExit) and self._starting is starting:
                 self._starting = None
                 starting.close()
             raise
-        if local is not None:
-            # A pass closed here (given up, or cancelled by a newer one) does not wait for
-            # the workers: they go on starting, and the next pass (or close()) takes them.
-            yield first, local[0], local[1]
-            specs = list(specs)
-            specs[first] = replace(specs[first], start_row=local[0])
-            first = (first + 1) % len(specs)
+        finally:
+            for g in here.values():
+                g.close()
+        if all(ended):
+            # The whole pass was made here; the workers, still starting, serve the next.
+            if not self.persistent_workers:
+                self.close()
+            return
+        specs = [replace(s, start_row=r) for s, r in zip(specs, rows, strict=True)]
         if self._starting is starting:
             self._starting = None
             self._pool = starting.result()  # raises what starting them raised
         pool = self._pool
         if pool is None:
             raise ReaderWorkerError("the reader's worker processes did not start")
-        yield from self._run_pool(pool, specs, first, key, ahead)
+        yield from self._run_pool(pool, specs, w, key, ahead)
 
     def _run_pool(
         self, pool: WorkerPool, specs: list[ConsumerSpec], first: int, key: Any,
