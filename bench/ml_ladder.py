@@ -55,6 +55,8 @@ REFERENCE = (50, 64)
 """The ladder's step count an epoch is that of ``max_len`` 50 with 64 windows a batch."""
 RUNG_LOG = "ladder-rung.json"
 """One segment per process a rung ran in (see :func:`_segment`)."""
+EQUAL_EPOCHS = (5, 10)
+"""The ``valid@E`` columns: quality after the same training at every rung."""
 STOP_NAMES = {"early_stopping": "patience", "budget": "budget", "epochs": "max epochs",
               "max_steps": "max steps"}
 
@@ -212,23 +214,27 @@ def _or_q(v: Any) -> str:
     return "?" if v is None else str(v)
 
 
+def _valid_at(row: dict[str, Any], epochs: int) -> str:
+    curve = row.get("valid_ndcg_by_epoch") or []
+    return f"{max(curve[:epochs]):.4f}" if len(curve) >= epochs else "-"
+
+
 def table(source: str, rows: list[dict[str, Any]]) -> str:
     """The ladder as markdown: test quality (full ranking; ``f`` = seen items filtered), how
     each rung stopped (``patience``: early stopping; ``budget``: its time budget, best
     validation epoch tested) after how many epochs, the train seconds an epoch (step time,
     evaluation excluded), throughput and the share of step time spent waiting for data; and,
-    for rungs stopped after different numbers of epochs, the best validation NDCG@10 within
-    the epochs every rung trained (``equal``)."""
-    equal = min((len(r.get("valid_ndcg_by_epoch") or []) for r in rows), default=0)
+    as rungs stop after different numbers of epochs, the best validation NDCG@10 within the
+    first E epochs (``valid@E``, E in :data:`EQUAL_EPOCHS`; ``-`` for a rung that ran fewer)."""
     lines = [
         f"Sequence-length ladder on {source} (test, full ranking; `f` = seen items filtered; "
         "epochs (best) = epochs run (best validation epoch, the one tested); valid@E = best "
-        f"validation NDCG@10 within the first E = {equal} epochs, which every rung trained)",
+        "validation NDCG@10 within the first E epochs, `-` where the rung ran fewer)",
         "",
         "| max_len | HR@10 | NDCG@10 | HR@10 f | NDCG@10 f | stopped by | epochs (best) | "
-        f"valid@{equal} | train s/epoch | windows/step | targets/epoch | windows/s | targets/s "
-        "| data wait |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        + "".join(f"valid@{e} | " for e in EQUAL_EPOCHS)
+        + "train s/epoch | windows/step | targets/epoch | windows/s | targets/s | data wait |",
+        "|" + " --- |" * (13 + len(EQUAL_EPOCHS)),
     ]
     for r in rows:
         t = r["test"]
@@ -236,7 +242,7 @@ def table(source: str, rows: list[dict[str, Any]]) -> str:
             f"| {r['max_len']} | {t['hr@10']:.4f} | {t['ndcg@10']:.4f} | "
             f"{t['hr@10_filtered']:.4f} | {t['ndcg@10_filtered']:.4f} | "
             f"{STOP_NAMES.get(r['stopped'], r['stopped'])} | {r['epochs']} ({r['best_epoch']}) | "
-            f"{max(r['valid_ndcg_by_epoch'][:equal], default=math.nan):.4f} | "
+            + "".join(_valid_at(r, e) + " | " for e in EQUAL_EPOCHS) +
             f"{r['train_s_per_epoch']:.0f} | {r['batch_size']} | {r['targets_per_epoch']} | "
             f"{r['examples_per_s']:.0f} | {r['targets_per_s']:.0f} | "
             f"{100 * r['data_wait_share']:.1f}% |"

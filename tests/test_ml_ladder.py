@@ -55,10 +55,10 @@ def test_table_names_the_stop_epochs_and_processes_and_copies_results(tmp_path: 
     md = (results / "ladder.md").read_text()
     line10 = next(x for x in md.splitlines() if x.startswith("| 10 |"))
     line_whole = next(x for x in md.splitlines() if x.startswith("| whole |"))
-    # 1980 s of steps over 22 epochs; best validation within the 3 epochs both rungs ran
-    assert f"| patience | 22 (11) | {0.05 * 3 / 22:.4f} | 90 |" in line10
-    assert "| budget | 3 (2) | 0.0300 | 500 |" in line_whole
-    assert "valid@3" in md
+    # best validation within the first 5 and 10 epochs ("-": fewer run); 1980 s over 22 epochs
+    assert f"| patience | 22 (11) | {0.05 * 5 / 22:.4f} | {0.05 * 10 / 22:.4f} | 90 |" in line10
+    assert "| budget | 3 (2) | - | - | 500 |" in line_whole
+    assert "| valid@5 | valid@10 |" in md
     assert "1.2%" in line10
     assert ("whole: 2026-12-03T04:00:00Z to 2026-12-03T04:25:00Z, code abc1234, budget 1200 s"
             in md)
