@@ -580,8 +580,8 @@ def _merge_files(t: pa.Table, rows: list[int]) -> pa.Table:
     :data:`SORT_KEYS` as the library writes them, merged into that order in one pass (a
     bucket's stripes, generations: a k-way merge, not a sort of them all); sorted when a
     file is not (one written by another Delta writer)."""
-    order = merge_sorted_runs(*(t.column(c).to_numpy() for c in SORT_KEYS),
-                              np.cumsum([0, *rows]))
+    u, ts, ids = (t.column(c).to_numpy() for c in SORT_KEYS)
+    order = merge_sorted_runs(u, ts, ids, np.cumsum([0, *rows]))
     return sort_events(t) if order is None else t.take(pa.array(order))
 
 
