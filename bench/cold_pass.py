@@ -138,45 +138,75 @@ def child_lmat(setup: dict[str, Any], tenant: str, workers: int, reps: int) -> d
     return out
 
 
-def _spin(seconds: float) -> None:
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
+def _spin(seconds: float, clock: Any = time.perf_counter) -> None:
+    end = clock() + seconds
+    while clock() < end:
         pass
 
 
-def child_stall(setup: dict[str, Any], tenant: str, factor: float, passes: int) -> dict[str, Any]:
+def _procs_cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes ``pids`` have used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def child_stall(setup: dict[str, Any], tenant: str, factor: float, passes: int,
+                step_clock: str = "cpu") -> dict[str, Any]:
     """The training loop: a step of ``factor`` x the single-process reader's time per batch.
+
+    ``step_clock`` "cpu": the reader's CPU seconds per batch (all its threads) and a step
+    that spins until this thread has used ``factor`` times that much CPU, so the step and
+    the reader it is set against are both measured in CPU, whatever other load the machine
+    carries; "wall": wall seconds for both (the reader's wall time, measured once, swings
+    several-fold with the machine's load, and the step with it).
 
     Per loader (0, 1, 2 workers) and timed pass: the share of the loop's wall time spent in
     ``next()``, the first batch's wait, and the main process's CPU outside the step (all its
     threads, ``time.process_time``, less the spin's own CPU) per batch: what taking batches
-    costs the trainer's process."""
+    costs the trainer's process; and the worker processes' CPU per batch, to set against
+    the step: workers that need less CPU than the step takes are waited for only when the
+    machine's other load keeps them off the cores."""
     from lmat_platform.reader import SequenceLoader
 
     t = _tenant(tenant)
     single = SequenceLoader(setup["store"], setup["thin"], tenant=t, batch_size=BATCH)
     for _ in single:  # start-up
         pass
-    secs, nb = [], 0
+    secs, csecs, nb = [], [], 0
     for _ in range(3):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         nb = sum(1 for _ in single)
         secs.append(time.perf_counter() - t0)
+        csecs.append(time.process_time() - c0)
     per_batch = statistics.median(secs) / nb
-    step = factor * per_batch
+    clock = time.thread_time if step_clock == "cpu" else time.perf_counter
+    step = factor * (statistics.median(csecs) / nb if step_clock == "cpu" else per_batch)
     out: dict[str, Any] = {"reader_s_per_batch": per_batch, "step_s": step, "batches": nb,
+                           "reader_cpu_s_per_batch": statistics.median(csecs) / nb,
+                           "step_clock": step_clock,
                            "load_average": os.getloadavg()}
     for workers in (0, 1, 2):
         loader = SequenceLoader(setup["store"], setup["thin"], tenant=t, batch_size=BATCH,
                                 num_workers=workers)
-        for _ in loader:  # the first pass starts the workers; not timed
-            pass
-        shares, totals, firsts, cpus = [], [], [], []
+        for _ in range(3):  # untimed passes until the workers have started
+            for _ in loader:
+                pass
+            if not workers or loader._pool is not None:
+                break
+        shares, totals, firsts, cpus, wcpus = [], [], [], [], []
+        pool = loader._pool
+        pids = [p.pid for p in pool.procs] if pool is not None else []
         for _ in range(passes):
             wait = spin_cpu = 0.0
             first = None
             n = 0
             t0, c0 = time.perf_counter(), time.process_time()
+            w0 = _procs_cpu_s(pids)
             it = iter(loader)
             while True:
                 a = time.perf_counter()
@@ -189,7 +219,7 @@ def child_stall(setup: dict[str, Any], tenant: str, factor: float, passes: int) 
                 first = waited if first is None else first
                 n += 1
                 s0 = time.process_time()
-                _spin(step)
+                _spin(step, clock)
                 spin_cpu += time.process_time() - s0
                 del b
             total = time.perf_counter() - t0
@@ -198,6 +228,7 @@ def child_stall(setup: dict[str, Any], tenant: str, factor: float, passes: int) 
             totals.append(total)
             firsts.append(first or 0.0)
             cpus.append(cpu / max(n, 1) * 1e6)
+            wcpus.append((_procs_cpu_s(pids) - w0) / max(n, 1) * 1e3)
         loader.close()
         out[f"w{workers}"] = {
             "wait_share": statistics.median(shares),
@@ -205,6 +236,7 @@ def child_stall(setup: dict[str, Any], tenant: str, factor: float, passes: int) 
             "first_batch_waits_s": [round(x, 4) for x in firsts],
             "main_cpu_us_per_batch": statistics.median(cpus),
             "all_main_cpu_us_per_batch": [round(x, 1) for x in cpus],
+            "workers_cpu_ms_per_batch": [round(x, 2) for x in wcpus],
             "loop_s": statistics.median(totals),
         }
     out["load_average_after"] = os.getloadavg()
@@ -537,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3, help="timed passes per child (median)")
     p.add_argument("--factor", type=float, default=2.0,
                    help="training step / single-process reader time per batch")
+    p.add_argument("--step-clock", choices=("cpu", "wall"), default="cpu",
+                   help="stall child: the step and the reader time it is set against, in CPU "
+                        "or wall seconds")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--setup", help=argparse.SUPPRESS)
     p.add_argument("--tenant", help=argparse.SUPPRESS)
@@ -550,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.child.startswith("lmat_cold_w"):
             res = child_lmat(setup, args.tenant, int(args.child[-1]), args.reps)
         elif args.child == "stall":
-            res = child_stall(setup, args.tenant, args.factor, args.reps)
+            res = child_stall(setup, args.tenant, args.factor, args.reps, args.step_clock)
         elif args.child == "breakdown":
             res = child_breakdown(setup, args.tenant, args.reps)
         elif args.child == "breakdown-cpu":

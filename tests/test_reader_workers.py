@@ -5,6 +5,7 @@ main process's per-batch transport."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -43,7 +44,7 @@ def reference(rs: ReaderStore) -> dict:
     return collect(list(SequenceLoader(rs.store, rs.thin, tenant=TENANT, batch_size=64)))
 
 
-def _loader(rs: ReaderStore, **kw: object) -> SequenceLoader:
+def _loader(rs: ReaderStore, **kw: Any) -> SequenceLoader:
     return SequenceLoader(rs.store, rs.thin, tenant=TENANT, batch_size=16, num_workers=2,
                           shuffle=True, seed=2, max_unit_rows=60, timeout_s=60, **kw)
 
@@ -115,7 +116,7 @@ def test_closing_a_cancelled_iterator_keeps_the_newer_pass_running(rs: ReaderSto
     workers under the newer pass."""
     loader = _loader(rs, persistent_workers=False)
     try:
-        it1 = iter(loader)
+        it1: Any = iter(loader)
         for _ in range(3):
             next(it1)
         it2 = iter(loader)
@@ -128,7 +129,7 @@ def test_closing_a_cancelled_iterator_keeps_the_newer_pass_running(rs: ReaderSto
         loader.close()
 
 
-def _made(writer, B: int, n: int, *, dedup: bool = False) -> Batch:  # type: ignore[no-untyped-def]
+def _made(writer: Any, B: int, n: int, *, dedup: bool = False) -> Batch:
     """A batch of B requests and n values made in ``writer``'s slots, as the reader makes it."""
     item, act = writer.alloc([(n, np.dtype(np.int64)), (n, np.dtype(np.int8))])
     item[:] = np.arange(n)

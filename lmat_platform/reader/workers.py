@@ -96,7 +96,7 @@ def _aligned(n: int) -> int:
 def header(msg: bytes) -> tuple[int, int, int, int, int, int, int, int, int]:
     """A message's header: (kind, pass id, end row, slot, values, requests, sequences,
     bytes read, thin bytes read)."""
-    return _HEAD.unpack_from(msg)  # type: ignore[return-value]
+    return _HEAD.unpack_from(msg)
 
 
 def _alive(pid: int) -> bool:
@@ -217,7 +217,8 @@ class SlotWriter:
         if self.last is None:
             return _pickled(BATCH, head, batch)
         k, new = self.last
-        small = [(f, None, t.numpy()) for f, _ in _SMALL
+        small: list[tuple[str, str | None, np.ndarray]] = [
+            (f, None, t.numpy()) for f, _ in _SMALL
                  if (t := getattr(batch, f)) is not None]
         small += [("context", c, v.numpy()) for c, v in batch.context.items()]
         layout = (tuple((c, v.numpy().dtype.str) for c, v in batch.values.items()),
@@ -332,10 +333,14 @@ class SlotReader:
         return head + (extra.get("small"),)
 
     def discard(self, msg: bytes) -> None:
-        """A message of a cancelled pass: its slot is free at once."""
+        """A message of a cancelled pass: its slot is free at once (a batch in ordinary
+        memory is taken in and dropped, so the worker lets go of its shared memory)."""
         kind = msg[0]
         if kind in (SLOT, SLOT_PICKLED):
             self.flags[self._adopt(msg)[3]] = 0
+        elif kind == BATCH:
+            with contextlib.suppress(Exception):
+                pickle.loads(memoryview(msg)[_HEAD.size:])
 
     def reclaim(self) -> None:
         """Free the slots whose batches the consumer has dropped."""
@@ -356,9 +361,9 @@ class SlotReader:
         self.out.add(k)
         o = 0
         values = {}
-        for c, dt, isz in self.values:
+        for name, dt, isz in self.values:
             nb = nvals * isz
-            values[c] = torch.from_numpy(base[o:o + nb].view(dt))
+            values[name] = torch.from_numpy(base[o:o + nb].view(dt))
             o += (nb + _ALIGN - 1) // _ALIGN * _ALIGN
         got: dict[str, torch.Tensor] = {}
         context: dict[str, torch.Tensor] = {}
