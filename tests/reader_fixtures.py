@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from deltalake import DeltaTable, write_deltalake
 
 from lmat_platform import synth
@@ -99,3 +100,18 @@ def same(a: dict[int, dict[str, list]], b: dict[int, dict[str, list]]) -> bool:
             if x.shape != y.shape or not np.array_equal(x, y, equal_nan=True):
                 return False
     return True
+
+
+def workers_from_the_second_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass whose workers start makes its batches in the main process until they are there
+    (tests/test_first_batch.py). For tests about batches the workers make: the first batch
+    comes from the main process, then the pass waits for the workers."""
+    import lmat_platform.reader.loader as ld
+
+    real = ld._Starting.done
+
+    def done(self: ld._Starting) -> bool:
+        self._thread.join()
+        return real(self)
+
+    monkeypatch.setattr(ld._Starting, "done", done)

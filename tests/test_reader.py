@@ -19,6 +19,7 @@ from reader_fixtures import (
     copy_store,
     materialized,
     same,
+    workers_from_the_second_batch,
     write_bad_thin,
 )
 
@@ -568,7 +569,8 @@ def test_short_tenant_keeps_only_the_tail_events_it_can_use(rs: ReaderStore,
     assert kept[3] < kept[None], kept
 
 
-def test_workers_start_the_expected_next_pass_early(rs: ReaderStore, reference: dict) -> None:
+def test_workers_start_the_expected_next_pass_early(rs: ReaderStore, reference: dict,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """With persistent workers each pass sends the next one ahead (the next epoch after
     set_epoch, the same plans without shuffle): workers begin it as soon as they finish, and
     the next pass takes it over when it is the one asked for. A wrong guess is cancelled:
@@ -576,6 +578,7 @@ def test_workers_start_the_expected_next_pass_early(rs: ReaderStore, reference: 
     def order(batches: list[Batch]) -> list[int]:
         return [int(r) for b in batches for r in b.request_id]
 
+    workers_from_the_second_batch(monkeypatch)  # the first pass's workers start in it
     loader = SequenceLoader(rs.store, rs.thin, tenant=TENANT, batch_size=40, num_workers=2,
                             shuffle=True, seed=4, max_unit_rows=60)
     loader.set_epoch(0)

@@ -10,7 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from reader_fixtures import ReaderStore, build_store, collect, same
+from reader_fixtures import (
+    ReaderStore,
+    build_store,
+    collect,
+    same,
+    workers_from_the_second_batch,
+)
 
 import lmat_platform as lmat
 from lmat_platform.reader import Batch, ReaderPassCancelledError, SequenceLoader
@@ -25,18 +31,8 @@ def rs(tmp_path_factory: pytest.TempPathFactory) -> ReaderStore:
 
 @pytest.fixture(autouse=True)
 def _workers_from_the_second_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A pass whose workers start makes its batches in the main process until they are there
-    (tests/test_first_batch.py); these tests are about batches the workers make: the first
-    batch comes from the main process, then the pass waits for the workers."""
-    import lmat_platform.reader.loader as ld
-
-    real = ld._Starting.done
-
-    def done(self: ld._Starting) -> bool:
-        self._thread.join()
-        return real(self)
-
-    monkeypatch.setattr(ld._Starting, "done", done)
+    """These tests are about batches the workers make."""
+    workers_from_the_second_batch(monkeypatch)
 
 
 @pytest.fixture(scope="module")
