@@ -5,6 +5,7 @@ main process's per-batch transport."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -234,3 +235,25 @@ def test_a_slot_made_for_a_batch_never_sent_is_announced_with_the_next() -> None
     flags.zero_()
     msg = writer.pack(1, 4, _made(writer, 2, 4))
     assert msg[0] == SLOT  # slot and layout known to the main process now
+
+
+def test_unguarded_main_line_finds_the_script_line_outside_the_guard(tmp_path: Path) -> None:
+    """The main process names an unguarded script's line before any worker starts; lines under
+    `if __name__ == "__main__":` (not its else branch) and code without a file pass."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "s.py"
+    script.write_text(
+        "from lmat_platform.reader.loader import _unguarded_main_line as u\n"
+        "def f():\n    return u()\n"
+        "a = f()\n"
+        "if __name__ == '__main__':\n    b = f()\nelse:\n    pass\n"
+        "if '__main__' == __name__:\n    c = f()\nelse:\n    c = 0\n"
+        "if True:\n    d = f()\n"
+        "print(a, b, c, d)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["4", "None", "None", "14"], r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-c", script.read_text()], capture_output=True, text=True,
+                       timeout=120)
+    assert r.stdout.split() == ["None"] * 4, r.stderr[-2000:]

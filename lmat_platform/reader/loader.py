@@ -705,6 +705,13 @@ def _check_workers_can_start(ctx: Any) -> None:
         )
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
+    line = _unguarded_main_line()
+    if line is not None:
+        raise ReaderWorkerError(
+            f"SequenceLoader(num_workers>0) is iterated by the main script {path!r} at line "
+            f"{line}, outside `if __name__ == \"__main__\":`; each worker ({method}) would import "
+            f"that script again and run this line itself; {_GUARD_FIX}"
+        )
     if getattr(main, "__spec__", None) is None and path and not os.path.exists(path):
         raise ReaderWorkerError(
             f"SequenceLoader(num_workers>0) starts workers with {method}, which import the main "
@@ -712,6 +719,49 @@ def _check_workers_can_start(ctx: Any) -> None:
             f"save it to a file and run that, with the loader's code under "
             '`if __name__ == "__main__":` (or use num_workers=0)'
         )
+
+
+def _is_main_guard(test: Any) -> bool:
+    """Whether an ``if`` test is ``__name__ == "__main__"`` (either way round)."""
+    import ast
+
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1
+            and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = (test.left, test.comparators[0])
+    return (any(isinstance(x, ast.Name) and x.id == "__name__" for x in sides)
+            and any(isinstance(x, ast.Constant) and x.value == "__main__" for x in sides))
+
+
+def _unguarded_main_line() -> int | None:
+    """The line of the main script's top-level code that led to this call, when it is not
+    inside an ``if __name__ == "__main__":`` block (a worker importing the script would run it
+    again); None when it is guarded, when the caller is not the script's top level, or when
+    the script cannot be read (no file: ``python -c``, a notebook)."""
+    import ast
+    import sys
+
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or not path or not os.path.exists(path):
+        return None
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_globals is vars(main)
+                                     and frame.f_code.co_name == "<module>"):
+        frame = frame.f_back  # type: ignore[assignment]
+    if frame is None or os.path.abspath(frame.f_code.co_filename) != os.path.abspath(path):
+        return None
+    line = frame.f_lineno
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
+        return None
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.If) and _is_main_guard(node.test)
+                and node.body[0].lineno <= line <= (node.body[-1].end_lineno or line)):
+            return None
+    return line
 
 
 def _startup_failure_hint(ctx: Any) -> str:
