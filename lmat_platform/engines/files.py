@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -174,3 +174,54 @@ def append_parts(
                      partition_by=parts_by or None, props=commit_properties(op, metadata, txn))
     checkpoint_if_due(dt)
     return dt.version()
+
+
+def merge_bucket_files(
+    dt: DeltaTable,
+    uri: str,
+    *,
+    order: Sequence[str],
+    options: Callable[[pa.Schema], dict[str, Any]],
+    min_files: int,
+    op: str,
+    error: Callable[[str], Exception],
+) -> tuple[DeltaTable, dict[str, int]]:
+    """Each bucket of the bucket-partitioned table ``dt`` (at ``uri``) that has at least
+    ``min_files`` files, merged into one file whose rows are in ``order``, written with
+    ``options(rows' schema)``, in one layout-only commit (``op``): every add and remove carries
+    ``dataChange = false``. A bucket whose rows read differ in number from its files' counts in
+    the log raises ``error(message)`` before anything is committed. Returns the table at its
+    new version and ``buckets``, ``files_in``, ``files_out``."""
+    import pyarrow.dataset as pads
+
+    from lmat_platform.store.core import delta_dataset, now_us
+
+    acts = pa.table(dt.get_add_actions(flatten=True))
+    files: dict[int, list[tuple[str, int, int]]] = {}
+    for path, b, size, n in zip(acts.column("path").to_pylist(),
+                                acts.column("partition.bucket").to_pylist(),
+                                acts.column("size_bytes").to_pylist(),
+                                acts.column("num_records").to_pylist(), strict=True):
+        files.setdefault(int(b), []).append((path, int(size), int(n or 0)))
+    chosen = {b: fl for b, fl in sorted(files.items()) if len(fl) >= max(min_files, 1)}
+    if not chosen:
+        return dt, {"buckets": 0, "files_in": 0, "files_out": 0}
+    schema = pa.schema(dt.schema().to_arrow())
+    ds = delta_dataset(dt)
+    ts = now_us() // 1000
+    actions: list[AddAction | RemoveAction] = []
+    for b, fl in chosen.items():
+        rows = ds.to_table(filter=pads.field("bucket") == b)
+        if rows.num_rows != sum(n for _, _, n in fl):
+            raise error(f"{uri}: bucket {b} has {rows.num_rows} rows, its log says "
+                        f"{sum(n for _, _, n in fl)}")
+        rows = rows.sort_by([(c, "ascending") for c in order]).drop_columns(["bucket"])
+        actions.append(write_part(Part(uri, rows, (("bucket", str(b)),), data_change=False,
+                                       options=options(rows.schema), schema=schema)))
+        actions += [RemoveAction(path, False, ts, size, {"bucket": str(b)})
+                    for path, size, _ in fl]
+    files_in = sum(len(fl) for fl in chosen.values())
+    new = commit_adds(dt, actions, schema, partition_by=["bucket"],
+                      props=commit_properties(op, {"files_in": files_in,
+                                                   "files_out": len(chosen)}))
+    return new, {"buckets": len(chosen), "files_in": files_in, "files_out": len(chosen)}

@@ -33,13 +33,13 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import TableNotFoundError
-from deltalake.transaction import AddAction, RemoveAction
+from deltalake.transaction import AddAction
 
 from lmat_platform.engines import Engine, LocalEngine, is_local
 from lmat_platform.engines.files import (
     Part,
     commit_adds,
-    commit_properties,
+    merge_bucket_files,
     split_by,
     write_part,
 )
@@ -58,7 +58,6 @@ from lmat_platform.store.core import (
     as_store,
     checkpoint_if_due,
     delta_dataset,
-    now_us,
     shared_delta_table,
     storage_options,
 )
@@ -355,40 +354,15 @@ def compact_thin(store: Store | str, uri: str, *, min_files: int = 2) -> dict[st
     The merged-away files stay on storage until the table is vacuumed."""
     store = as_store(store)
     dt = open_thin(store, uri)
-    have = pa.schema(dt.schema().to_arrow())
-    acts = pa.table(dt.get_add_actions(flatten=True))
-    files: dict[int, list[tuple[str, int, int]]] = {}
-    for path, b, size, n in zip(acts.column("path").to_pylist(),
-                                acts.column("partition.bucket").to_pylist(),
-                                acts.column("size_bytes").to_pylist(),
-                                acts.column("num_records").to_pylist(), strict=True):
-        files.setdefault(int(b), []).append((path, int(size), int(n or 0)))
-    chosen = {b: fl for b, fl in sorted(files.items()) if len(fl) >= max(min_files, 1)}
-    if not chosen:
-        return {"buckets": 0, "files_in": 0, "files_out": 0}
-    ds = delta_dataset(dt)
     root = uri if "://" in uri else os.path.abspath(uri)
-    ts = now_us() // 1000
-    actions: list[AddAction | RemoveAction] = []
-    for b, fl in chosen.items():
-        rows = ds.to_table(filter=pads.field("bucket") == b)
-        if rows.num_rows != sum(n for _, _, n in fl):
-            raise ThinTableError(f"{uri}: bucket {b} has {rows.num_rows} rows, its log says "
-                                 f"{sum(n for _, _, n in fl)}")
-        rows = rows.sort_by([(c, "ascending") for c in ROW_ORDER]).drop_columns(["bucket"])
-        actions.append(write_part(Part(root, rows, (("bucket", str(b)),), data_change=False,
-                                       options=thin_parquet_options(rows.schema), schema=have)))
-        actions += [RemoveAction(path, False, ts, size, {"bucket": str(b)})
-                    for path, size, _ in fl]
-    files_in = sum(len(fl) for fl in chosen.values())
-    new = commit_adds(dt, actions, have, partition_by=["bucket"],
-                      props=commit_properties("compact_thin", {"files_in": files_in,
-                                                               "files_out": len(chosen)}))
+    new, out = merge_bucket_files(dt, root, order=ROW_ORDER, options=thin_parquet_options,
+                                  min_files=min_files, op="compact_thin", error=ThinTableError)
+    if not out["buckets"]:
+        return out
     checkpoint_if_due(new)
-    log.info("thin table %s: merged %d files into %d (version %d)", uri, files_in, len(chosen),
-             new.version())
-    return {"buckets": len(chosen), "files_in": files_in, "files_out": len(chosen),
-            "version": new.version()}
+    log.info("thin table %s: merged %d files into %d (version %d)", uri, out["files_in"],
+             out["files_out"], new.version())
+    return {**out, "version": new.version()}
 
 
 def _thin_file(out: str, rows: pa.Table, have: pa.Schema | None) -> AddAction:

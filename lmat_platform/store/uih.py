@@ -223,38 +223,12 @@ def _compact_heads(store: Store, dt: DeltaTable) -> int:
     bucket's summaries whole each pass they read it without the decoded cache
     (:meth:`HeadIndex.of_files`), and take a sorted file as it is (Delta's own ``optimize``
     concatenates the files unsorted: every such load sorted them again)."""
-    from lmat_platform.engines.files import Part, write_part
-    from lmat_platform.store.core import delta_dataset
+    from lmat_platform.engines.files import merge_bucket_files
 
-    acts = pa.table(dt.get_add_actions(flatten=True))
-    files: dict[int, list[tuple[str, int]]] = {}
-    for p, b, size in zip(acts.column("path").to_pylist(),
-                          acts.column("partition.bucket").to_pylist(),
-                          acts.column("size_bytes").to_pylist(), strict=True):
-        files.setdefault(int(b), []).append((p, int(size)))
-    chosen = {b: fl for b, fl in sorted(files.items()) if len(fl) > 1}
-    if not chosen:
-        return 0
-    schema = pa.schema(dt.schema().to_arrow())
-    ds = delta_dataset(dt)
-    ts = now_us() // 1000
-    actions: list[AddAction | RemoveAction] = []
-    for b, fl in chosen.items():
-        rows = ds.to_table(filter=pc.field("bucket") == b).sort_by(
-            [("user_id", "ascending"), ("snapshot_id", "ascending")])
-        n_in = int(pc.sum(acts.filter(pc.field("partition.bucket") == b)
-                          .column("num_records")).as_py() or 0)
-        if rows.num_rows != n_in:
-            raise RuntimeError(f"heads bucket {b}: read {rows.num_rows} rows, log says {n_in}")
-        actions.append(write_part(Part(store.table_uri("heads"), rows, (("bucket", str(b)),),
-                                       data_change=False, options={"compression": "zstd"},
-                                       schema=schema)))
-        actions += [RemoveAction(p, False, ts, size, {"bucket": str(b)}) for p, size in fl]
-    removed = sum(len(fl) for fl in chosen.values())
-    commit_adds(dt, actions, schema, partition_by=["bucket"],
-                props=commit_properties("compact", {"files_in": removed,
-                                                    "files_out": len(chosen)}))
-    return removed
+    _, out = merge_bucket_files(dt, store.table_uri("heads"), order=("user_id", "snapshot_id"),
+                                options=lambda _schema: {"compression": "zstd"}, min_files=2,
+                                op="compact", error=RuntimeError)
+    return out["files_in"]
 
 
 def _compact_tier(
