@@ -135,10 +135,15 @@ def cmd_vacuum(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_compact(a: argparse.Namespace) -> dict[str, Any]:
-    from lmat_platform.protocol.thin import compact_thin
+    from lmat_platform.exceptions import LmatError
+    from lmat_platform.protocol.thin import compact_thin, open_thin
     from lmat_platform.store import compact_buckets, open_store
 
+    if a.min_files < 1:
+        raise LmatError(f"compact: --min-files must be >= 1, but got {a.min_files}")
     st = open_store(a.store)
+    for uri in a.thin or []:
+        open_thin(st, uri)  # a wrong --thin is refused before the tier is touched
     out: dict[str, Any] = compact_buckets(st, min_files=a.min_files, engine=_engine(a),
                                           stripes_as_of=a.stripes_as_of)
     for uri in a.thin or []:

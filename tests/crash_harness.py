@@ -181,6 +181,8 @@ class Model:
         self.forgotten |= set(users)
         self.accepted = {k: v for k, v in self.accepted.items() if v["user_id"] not in users}
         self.quarantine = [q for q in self.quarantine if q[2] not in users]
+        # Their requests logged so far leave every thin table (later ones are new examples).
+        self.thin = {k: [r for r in v if r["user_id"] not in users] for k, v in self.thin.items()}
 
 
 # ----------------------------------------------------------------------------- the world
@@ -288,8 +290,9 @@ def step_args(world: World, step: Step) -> list[str]:
         return [kind, s, world.file(step[1]), "--out", world.thin(step[2])]
     if kind == "forget":
         return ["forget", s, "--user", *map(str, step[1])]
-    if kind == "compact":
-        return ["compact", s]
+    if kind == "compact":  # ("compact",) or ("compact", (thin table names,))
+        return ["compact", s, *[a for n in (step[1] if len(step) > 1 else ())
+                                for a in ("--thin", world.thin(n))]]
     if kind == "vacuum":
         return ["vacuum", s, "--retention-hours", "0"]
     raise ValueError(kind)
@@ -339,6 +342,11 @@ SCENARIOS = {
                  ("forget", (2, 3)), ("rerun", ("ingest", ("extra",)))),
         Scenario("compact", (*_BASE, ("snapshot", 3000, 3100)), ("compact",),
                  ("rerun", ("ingest", ("extra",)))),
+        # The tier's compaction, then the thin table's merge (two files a bucket); a forget
+        # after it must find the user's rows in whichever files the kill left live.
+        Scenario("compact-thin", (*_BASE, ("snapshot", 3000, 3100), ("log", "req", "log"),
+                                  ("log", "req2", "log")), ("compact", ("log",)),
+                 ("rerun", ("forget", (2,)))),
         Scenario("vacuum", (*_BASE, ("log", "req", "log"), ("forget", (4,))), ("vacuum",),
                  ("rerun", ("ingest", ("extra",)))),
     )
@@ -407,6 +415,7 @@ def check_store(world: World, model: Model) -> list[str]:
         code = main(["validate", world.store])
     if code != 0:
         problems.append(f"lmat validate exited {code}")
+    problems += check_thin_rows(world, model)
     events = list(model.accepted.values())
     # A read a user would do next: batch-path examples of the requests, written now.
     from lmat_platform.protocol import write_thin
@@ -444,6 +453,26 @@ def check_store(world: World, model: Model) -> list[str]:
             unexpected = set(got) - set(exp)
             if unexpected:
                 problems.append(f"materialize {name}: unexpected requests {sorted(unexpected)[:5]}")
+    return problems
+
+
+def check_thin_rows(world: World, model: Model) -> list[str]:
+    """Each thin table holds exactly the requests logged to it and not forgotten since, each
+    once."""
+    from deltalake import DeltaTable
+
+    from lmat_platform.store.core import delta_dataset
+
+    problems = []
+    for name, reqs in sorted(model.thin.items()):
+        t = delta_dataset(DeltaTable(world.thin(name))).to_table(columns=["request_id"])
+        got = Counter(t.column("request_id").to_pylist())
+        twice = sorted(r for r, n in got.items() if n > 1)
+        want = {r["request_id"] for r in reqs}
+        if twice or set(got) != want:
+            problems.append(f"thin table {name}: twice {twice[:5]}, missing "
+                            f"{sorted(want - set(got))[:5]}, unexpected "
+                            f"{sorted(set(got) - want)[:5]}")
     return problems
 
 
