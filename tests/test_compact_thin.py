@@ -36,6 +36,9 @@ from lmat_platform.store.core import Store, delta_dataset, storage_options
 from tests.crash_harness import SCENARIOS, Harness, Trial
 from tests.helpers import one_line_error, run_main, tree
 
+#: The S3 server fixtures (``s3_env``, ``s3_store_uri``).
+pytest_plugins = ("tests.s3_server",)
+
 CFG = synth.WorkloadConfig(seed=3, n_users=16, days=4, events_per_day=300, requests_per_day=40)
 
 
@@ -367,3 +370,29 @@ def test_bad_thin_argument_is_refused_in_one_line_before_anything_changes(
         assert {p: tree(p) for p in trees} == trees, args
     rc, out, _ = run_main(capsys, ["compact", world.store, "--thin", world.thin])
     assert rc == 0 and json.loads(out)["thin"][world.thin]["files_out"] == 2
+
+
+# ------------------------------------------------------------------------ on S3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("merge_first", [True, False])
+def test_forget_and_merge_interleaved_on_s3(s3_store_uri: str, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            merge_first: bool) -> None:
+    """Both orders again with the store and the thin table on S3 (moto's server on loopback):
+    the store's lease, not an fcntl lock, keeps the forget and the merge apart."""
+    monkeypatch.setenv("LMAT_LEASE_SECONDS", "5")
+    thin = s3_store_uri.rsplit("/", 1)[0] + "/thin"
+    world = build(tmp_path, s3_store_uri, thin)
+    before = rows(thin)
+    user = a_user_in_a_merged_bucket(thin)
+    if merge_first:
+        ilv = Interleave(monkeypatch, thin, lambda: forget_users(world.store, [user]))
+        compact_thin(world.store, thin)
+        removed = ilv.join()
+    else:
+        ilv = Interleave(monkeypatch, thin, lambda: compact_thin(world.store, thin))
+        removed = forget_users(world.store, [user])
+        ilv.join()
+    _check_forgotten(world, before, user, removed)
