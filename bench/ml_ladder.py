@@ -43,6 +43,7 @@ from lmat_platform.datasets.commands import resolve_prepared
 from lmat_platform.datasets.ratings import TieOrder
 from lmat_platform.models.sasrec import SASRecConfig
 from lmat_platform.train import (
+    EVAL_CELLS,
     METRICS_FILE,
     PLOT_FILE,
     WHOLE_HISTORY,
@@ -109,7 +110,7 @@ def run_ladder(data: str, out: Path, *, lengths: tuple[int, ...] = LENGTHS, epoc
                tie_order: TieOrder = "hidden", seed: int = 0, lr: float = 1e-3,
                dropout: float = 0.5, rung_budget_s: float | None = None,
                results: Path | None = None, commit: str | None = None,
-               eval_batch_size: int = TrainConfig.eval_batch_size
+               eval_cells: int = EVAL_CELLS
                ) -> list[dict[str, Any]]:
     prep = resolve_prepared(data, tie_order=tie_order)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,12 +131,12 @@ def run_ladder(data: str, out: Path, *, lengths: tuple[int, ...] = LENGTHS, epoc
         cfg = TrainConfig(
             epochs=epochs, patience=patience, lr=lr, threads=threads, seed=seed,
             batch_size=max(1, math.ceil(windows(prep, stride) / steps)), checkpoint_every=50,
-            time_column="arrival_ts", budget_s=rung_budget_s, eval_batch_size=eval_batch_size,
+            time_column="arrival_ts", budget_s=rung_budget_s, eval_cells=eval_cells,
         )
         run.mkdir(parents=True, exist_ok=True)
         seg: dict[str, Any] = {
             "pid": os.getpid(), "commit": commit, "argv": sys.argv, "started": _utc(),
-            "eval_batch_size": eval_batch_size,
+            "eval_cells": eval_cells,
             "rung_budget_s": rung_budget_s, "loadavg_start": os.getloadavg(),
         }
         _segment(run, seg)
@@ -338,9 +339,10 @@ def main() -> None:
                    help="a rung starts no epoch after this many seconds and is tested at its "
                    "best epoch (stopped = budget; 0 tests a cut-off rung's checkpoint at once)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--eval-batch-size", type=int, default=TrainConfig.eval_batch_size,
-                   help="requests an evaluation batch (scores do not depend on it; memory "
-                   "does: a batch's attention is batch x heads x longest history squared)")
+    p.add_argument("--eval-cells", type=int, default=EVAL_CELLS,
+                   help="most attention cells (requests x width squared) an evaluation pass "
+                   f"holds (default {EVAL_CELLS:,}: 512 requests at length 50, one at a time "
+                   "for the whole history); metrics do not depend on it, memory does")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dropout", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
@@ -354,7 +356,7 @@ def main() -> None:
                budget_s=a.budget_s, threads=a.threads, tie_order=a.tie_order, seed=a.seed,
                lr=a.lr, dropout=a.dropout, rung_budget_s=a.rung_budget_s,
                results=Path(a.results) if a.results else None, commit=a.code_commit,
-               eval_batch_size=a.eval_batch_size)
+               eval_cells=a.eval_cells)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from lmat_platform.exceptions import InputFileError
 METRICS_FILE = "metrics.json"
 KEYS = ("hr@10", "ndcg@10", "hr@10_filtered", "ndcg@10_filtered")
 IGNORED_TRAIN = ("seed", "budget_s", "checkpoint_every", "num_workers", "threads", "device",
-                 "max_steps", "eval_batch_size")
+                 "max_steps", "eval_batch_size", "eval_cells")
 """Training settings that may differ between seeds of one configuration (they do not change
 what is trained, or only the seed does)."""
 

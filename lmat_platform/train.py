@@ -49,6 +49,9 @@ WHOLE_HISTORY = 1_000_000
 """``max_len`` of a tenant that keeps a request's whole visible history."""
 ARRIVAL_PAD = -(2**62)
 """Arrival time of padding (below every real one)."""
+EVAL_CELLS = 512 * 50 * 50
+"""Default :attr:`TrainConfig.eval_cells`: 512 requests at ``max_len`` 50 in one pass (about
+5 MB of attention weights per head and layer; 20 MB with the mask, scores and softmax copies)."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,12 @@ class TrainConfig:
     seed: int = 0
     """Seed of the model's init, dropout and the loader's shuffle."""
     eval_batch_size: int = 512
-    """Requests per evaluation batch."""
+    """Requests per evaluation batch read (each request's whole visible history)."""
+    eval_cells: int = EVAL_CELLS
+    """Most attention cells (requests x width squared, width = the chunk's longest history cut
+    to the model's ``max_len``) one evaluation forward pass may hold: a batch is scored in
+    chunks of ``max(1, eval_cells // width**2)`` requests, so a long model gets small chunks and
+    evaluation memory stays about the same at every length. Metrics do not depend on it."""
     item_column: str = "item_id"
     """Tenant column holding item indices 1..n_items."""
     label_column: str = "label"
@@ -135,18 +143,45 @@ def evaluate_batches(
     label_column: str = "label",
     ks: tuple[int, ...] = (10,),
     device: torch.device | None = None,
+    max_len: int | None = None,
+    cells: int | None = None,
 ) -> dict[str, float]:
     """HR@K / NDCG@K (and ``_filtered``) of ``score(items, lengths) -> [B, n_items + 1]`` over
-    reader batches; the seen items are each batch's whole sequence."""
+    reader batches; the seen items are each batch's whole sequence.
+
+    With ``cells``, a batch is scored in chunks of requests small enough that requests x
+    width\ :sup:`2` stays within ``cells`` (width: the batch's longest sequence, cut to
+    ``max_len`` when given; at least one request a chunk), which bounds an attention model's
+    memory; the metrics are the same for every ``cells``."""
     acc = RankingAccumulator(ks=ks)
     with torch.no_grad():
         for batch in batches:
             b = batch.to(device) if device is not None else batch
             items, lengths = b.values[item_column], b.lengths
-            s = score(items, lengths)
-            acc.update(s, b.context[label_column],
-                       seen=seen_mask(items, lengths, n_items + 1))
+            labels = b.context[label_column]
+            for lo, hi, vlo, vhi in _chunks(lengths, max_len=max_len, cells=cells):
+                its, lens = items[vlo:vhi], lengths[lo:hi]
+                acc.update(score(its, lens), labels[lo:hi],
+                           seen=seen_mask(its, lens, n_items + 1))
     return acc.result()
+
+
+def _chunks(lengths: torch.Tensor, *, max_len: int | None, cells: int | None
+            ) -> list[tuple[int, int, int, int]]:
+    """``(first, end)`` request and ``(first, end)`` value offsets of each chunk of a jagged
+    batch with ``lengths`` (see :func:`evaluate_batches`)."""
+    b = len(lengths)
+    if b == 0:
+        return []
+    rows = b
+    if cells is not None:
+        width = int(lengths.max())
+        if max_len is not None:
+            width = min(width, max_len)
+        rows = max(1, cells // max(1, width) ** 2)
+    ends = torch.cumsum(lengths.to(torch.int64), 0).tolist()
+    return [(lo, min(lo + rows, b), ends[lo - 1] if lo else 0, ends[min(lo + rows, b) - 1])
+            for lo in range(0, b, rows)]
 
 
 def _loader(store: str, thin: str, tenant: Tenant, *, batch_size: int, shuffle: bool,
@@ -181,6 +216,7 @@ def evaluate_model(
             lambda items, lengths: net.scores(net.tokens(items, lengths)), batches,
             n_items=net.cfg.n_items, item_column=config.item_column,
             label_column=config.label_column, ks=(config.k,), device=device,
+            max_len=net.cfg.max_len, cells=config.eval_cells,
         )
     finally:
         net.train(was)

@@ -69,6 +69,21 @@ def test_seen_filter_removes_history_but_never_the_target() -> None:
     assert r["ndcg@2_filtered"] == pytest.approx(1 / math.log2(3))
 
 
+def test_accumulator_figures_do_not_depend_on_the_batching() -> None:
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(300, 40, generator=gen)
+    scores[:, 0] = NEG
+    targets = torch.randint(1, 40, (300,), generator=gen)
+    seen = torch.rand(300, 40, generator=gen) < 0.3
+    whole, single = RankingAccumulator(ks=(5, 40)), RankingAccumulator(ks=(5, 40))
+    whole.update(scores, targets, seen=seen)
+    for i in range(300):
+        single.update(scores[i:i + 1], targets[i:i + 1], seen=seen[i:i + 1])
+    assert whole.result() == single.result()  # equal to the last bit, not approximately
+    ranks = target_ranks(scores, targets).to(torch.float64)
+    assert whole.result()["ndcg@40"] == pytest.approx(float((1 / torch.log2(ranks + 2)).mean()))
+
+
 def test_accumulator_averages_over_batches() -> None:
     acc = RankingAccumulator(ks=(1, 10))
     acc.update(torch.tensor([[NEG, 2.0, 1.0]]), torch.tensor([1]))

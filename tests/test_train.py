@@ -19,13 +19,18 @@ from lmat_platform.datasets import fetch_ratings, prepare_dataset, read_ratings
 from lmat_platform.datasets.pipeline import slice_users
 from lmat_platform.datasets.ratings import EVENTS_FILE, requests_file
 from lmat_platform.models.evaluate import RankingAccumulator, most_popular_scores
-from lmat_platform.models.sasrec import SASRecConfig
+from lmat_platform.models.sasrec import SASRec, SASRecConfig
+from lmat_platform.tenants import Tenant
 from lmat_platform.train import (
     CHECKPOINT_FILE,
+    EVAL_CELLS,
     METRICS_FILE,
     MODEL_FILE,
     PLOT_FILE,
     TrainConfig,
+    _chunks,
+    eval_batches,
+    evaluate_model,
     load_model,
     train_on_dataset,
 )
@@ -118,6 +123,55 @@ def _same_weights(a: str, b: str) -> None:
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
+
+
+def test_chunks_keep_attention_within_the_cells_and_cover_the_batch() -> None:
+    lengths = torch.tensor([3, 700, 1, 0, 40, 12, 9])
+    ends = torch.cumsum(lengths, 0).tolist()
+    for max_len, cells, rows in ((50, EVAL_CELLS, 7), (50, 3 * 50 * 50, 3), (None, 1, 1),
+                                 (10, 2 * 100 + 99, 2), (None, 700 * 700 * 4, 4)):
+        chunks = _chunks(lengths, max_len=max_len, cells=cells)
+        assert [hi - lo for lo, hi, _, _ in chunks[:-1]] == [rows] * (len(chunks) - 1)
+        assert [c[0] for c in chunks] == list(range(0, 7, rows))
+        assert chunks[-1][1] == 7 and chunks[-1][3] == ends[-1]
+        for lo, hi, vlo, vhi in chunks:  # value offsets match the requests'
+            assert (vlo, vhi) == (ends[lo - 1] if lo else 0, ends[hi - 1])
+    assert _chunks(lengths, max_len=50, cells=None) == [(0, 7, 0, ends[-1])]
+    assert _chunks(torch.tensor([], dtype=torch.int64), max_len=50, cells=1) == []
+
+
+def test_cli_eval_cells_reaches_the_config_and_refuses_zero(capsys) -> None:
+    from lmat_platform.cli import build_parser
+    from lmat_platform.datasets.commands import _train_config
+
+    p = build_parser()
+    assert _train_config(p.parse_args(["train", "ml-100k", "--out", "x"])).eval_cells \
+        == EVAL_CELLS
+    a = p.parse_args(["train", "ml-100k", "--out", "x", "--eval-cells", "2500"])
+    assert _train_config(a).eval_cells == 2500
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["train", "ml-100k", "--out", "x", "--eval-cells", "0"])
+    assert e.value.code == 2 and "--eval-cells" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("max_len", [10, 200])
+def test_metrics_do_not_depend_on_the_evaluation_cells(prep, max_len: int) -> None:
+    """One request a chunk, uneven chunks and one chunk a batch score the same requests to the
+    same figures, to the last bit (an untrained model: its near-ties are those of random
+    weights)."""
+    torch.manual_seed(3)
+    net = SASRec(SASRecConfig(n_items=prep.n_items, max_len=max_len, d_model=16, n_layers=2))
+    tenant = Tenant("next_item", ("item_id",), max_len)
+    results = []
+    for cells in (1, 5 * max_len**2, 10**12):
+        # K past the catalogue: NDCG@K then weighs every request's rank, not just the top 10
+        cfg = replace(CFG, eval_batch_size=8, eval_cells=cells, k=prep.n_items + 1)
+        results.append({split: evaluate_model(
+            net, eval_batches(prep.store, prep.thin[split], tenant, config=cfg), config=cfg)
+            for split in ("valid", "test")})
+    assert results[0]["valid"]["n"] == USERS
+    assert 0 < results[0]["valid"][f"ndcg@{prep.n_items + 1}_filtered"] < 1
+    assert results[0] == results[1] == results[2]
 
 
 def test_interrupted_run_resumes_to_the_same_model(prep, tmp_path) -> None:

@@ -97,6 +97,7 @@ def _train_config(a: argparse.Namespace) -> Any:
         epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, patience=a.patience,
         max_steps=a.max_steps, budget_s=a.budget_s, checkpoint_every=a.checkpoint_every,
         num_workers=a.workers,
+        eval_cells=TrainConfig.eval_cells if a.eval_cells is None else a.eval_cells,
         device=a.device, seed=a.seed, loss=a.loss, threads=a.threads,
         time_column=None if a.time_column == "none" else a.time_column,
         weight_decay=a.weight_decay, lr_decay=a.lr_decay,
@@ -156,6 +157,10 @@ def _train_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--checkpoint-every", type=_positive("--checkpoint-every"), default=100,
                    help="steps between checkpoints (one also ends every epoch)")
     s.add_argument("--workers", type=int, default=0, help="SequenceLoader worker processes")
+    s.add_argument("--eval-cells", type=_positive("--eval-cells"), default=None,
+                   help="most attention cells (requests x width squared) one evaluation pass "
+                   "holds (default 512 x 50 x 50: 512 requests at --max-len 50, 32 at 200, one "
+                   "at a time past 1,131); the metrics do not depend on it, memory does")
     s.add_argument("--device", default="auto")
     s.add_argument("--threads", type=_positive("--threads"), default=None,
                    help="torch CPU threads (default: torch's)")

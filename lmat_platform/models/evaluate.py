@@ -136,13 +136,16 @@ def hr_ndcg_at_k(
 class RankingAccumulator:
     """Sums HR@K and NDCG@K over batches, unfiltered and (where ``seen`` is given) filtered.
 
-    ``result()`` keys: ``hr@K``, ``ndcg@K``, and ``hr@K_filtered``, ``ndcg@K_filtered`` when
-    every batch came with ``seen``; ``n`` is the number of requests.
+    It counts the requests at each rank below the largest K (integers), so the result does not
+    depend on how the requests were split into batches: scoring the same requests in batches of
+    1 or of 512 gives equal figures, to the last bit. ``result()`` keys: ``hr@K``, ``ndcg@K``,
+    and ``hr@K_filtered``, ``ndcg@K_filtered`` when every batch came with ``seen``; ``n`` is the
+    number of requests.
     """
 
     ks: tuple[int, ...] = (10,)
     n: int = 0
-    _sums: dict[str, float] = field(default_factory=dict)
+    _counts: dict[str, np.ndarray] = field(default_factory=dict)
     _filtered_n: int = 0
 
     def update(
@@ -156,26 +159,25 @@ class RankingAccumulator:
         self.n += len(targets)
 
     def _add(self, ranks: torch.Tensor, suffix: str) -> None:
-        r = ranks.to(torch.float64)
-        for k in self.ks:
-            hit = r < k
-            self._sums[f"hr@{k}{suffix}"] = (
-                self._sums.get(f"hr@{k}{suffix}", 0.0) + float(hit.sum())
-            )
-            gain = torch.where(hit, 1.0 / torch.log2(r + 2.0), torch.zeros_like(r))
-            self._sums[f"ndcg@{k}{suffix}"] = (
-                self._sums.get(f"ndcg@{k}{suffix}", 0.0) + float(gain.sum())
-            )
+        top = max(self.ks)
+        r = ranks.to(torch.int64).cpu()
+        counts = torch.bincount(r[r < top], minlength=top).numpy()
+        self._counts[suffix] = self._counts.get(suffix, np.zeros(top, dtype=np.int64)) + counts
 
     def result(self) -> dict[str, float]:
         """Means over every request added so far (NaN before the first)."""
-        out: dict[str, float] = {"n": float(self.n)}
-        for key, s in sorted(self._sums.items()):
-            denom = self._filtered_n if key.endswith("_filtered") else self.n
-            if key.endswith("_filtered") and self._filtered_n != self.n:
+        out: dict[str, float] = {}
+        gains = [1.0 / math.log2(r + 2) for r in range(max(self.ks))]
+        for suffix, counts in self._counts.items():
+            denom = self._filtered_n if suffix else self.n
+            if suffix and self._filtered_n != self.n:
                 continue  # some batches came without seen items: no filtered figure
-            out[key] = s / denom if denom else math.nan
-        return out
+            for k in self.ks:
+                hits = int(counts[:k].sum())
+                gain = math.fsum(int(c) * g for c, g in zip(counts[:k], gains, strict=False))
+                out[f"hr@{k}{suffix}"] = hits / denom if denom else math.nan
+                out[f"ndcg@{k}{suffix}"] = gain / denom if denom else math.nan
+        return {"n": float(self.n), **dict(sorted(out.items()))}
 
 
 def most_popular_scores(train_items: np.ndarray | torch.Tensor, n_items: int) -> torch.Tensor:
