@@ -341,7 +341,8 @@ def child_breakdown(setup: dict[str, Any], tenant: str, reps: int,
                 t0 = clock()
                 rows = reader._unit_rows(unit)
                 t1 = clock()
-                prep = prepare_unit(spec.ctx, unit.bucket, rows)
+                with reader.scope(unit):  # a bucket's heads and row groups once a pass
+                    prep = prepare_unit(spec.ctx, unit.bucket, rows)
                 t2 = clock()
                 seqs = plan_unit(prep, plan_only=True)
                 t3 = clock()

@@ -886,6 +886,13 @@ def _block_sorted_tails(ts, ids, b_lo, b_hi, r_blk, r_lo, r_hi, limit):  # type:
         c_a = -1
         c_b = -1
         c_last = -1
+        # The smallest and largest sorted place of the events [s_a, s_b): a user's next
+        # requests share their first event and end later, so each request scans only the
+        # events past the last one's (not its whole span again).
+        s_a = -1
+        s_b = -1
+        s_first = 0
+        s_last = 0
         while j < R and r_blk[j] == blk:
             # Only the request's own events are looked at (not the whole block).
             a = r_lo[j] - lo
@@ -904,23 +911,37 @@ def _block_sorted_tails(ts, ids, b_lo, b_hi, r_blk, r_lo, r_hi, limit):  # type:
                         ok = False
                         break
                 if ok:
-                    new = np.sort(inv[c_b:b])
+                    # The new events' sorted places, in order: an insertion sort in place
+                    # (a few events; no array allocated per request).
                     for q in range(k_new):
-                        idx[o + q] = lo + perm[new[q]]
-                    o += k_new
+                        x = inv[c_b + q]
+                        w = o + q
+                        while w > o and idx[w - 1] > x:
+                            idx[w] = idx[w - 1]
+                            w -= 1
+                        idx[w] = x
                     if k_new:
-                        c_last = new[k_new - 1]
+                        c_last = idx[o + k_new - 1]
+                    for q in range(k_new):
+                        idx[o + q] = lo + perm[idx[o + q]]
+                    o += k_new
                     c_b = b
                     start[j] = o - n
                     j += 1
                     continue
-            first = inv[a]
-            last = inv[a]
-            for p in range(a + 1, b):
-                if inv[p] < first:
-                    first = inv[p]
-                if inv[p] > last:
-                    last = inv[p]
+            if a != s_a or b < s_b:
+                s_a = a
+                s_b = a + 1
+                s_first = inv[a]
+                s_last = inv[a]
+            for p in range(s_b, b):
+                if inv[p] < s_first:
+                    s_first = inv[p]
+                if inv[p] > s_last:
+                    s_last = inv[p]
+            s_b = b
+            first = s_first
+            last = s_last
             if last - first + 1 == b - a:
                 start[j] = base + last + 1 - n
             else:

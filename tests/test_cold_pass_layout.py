@@ -107,3 +107,48 @@ def test_cli_compact_ranks_stripes_and_merges_thin_tables(tmp_path: Path, capsys
     assert got["thin"][rs.thin]["files_in"] == n_thin > got["thin"][rs.thin]["files_out"]
     names = [p.split("/")[-1] for p in _live(uih).column("path").to_pylist()]
     assert names and all(n.startswith("c-000000-s") for n in names)
+
+
+def test_split_bucket_decodes_its_heads_and_row_groups_once_a_pass(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """With the decoded cache off, the units of a bucket split into several (small
+    ``max_unit_rows``) load the bucket's head summaries and decode each tier row group once a
+    pass, shared while the reader is in that bucket (before: once per unit, and the row groups
+    at the slices' borders again), and the batches are those of whole-bucket units."""
+    from collections import Counter
+
+    from lmat_platform.protocol.pointers import HeadIndex
+    from lmat_platform.store import cache as cache_mod
+
+    rs = build_store(tmp_path)
+    monkeypatch.setattr(cache_mod, "_CACHE", cache_mod.DecodedCache(0))
+    whole = {t.name: collect(list(SequenceLoader(rs.store, rs.thin, tenant=t, batch_size=40)))
+             for t in (SHORT, LONG)}
+    decoded: Counter[tuple[Any, ...]] = Counter()
+    loads: list[int] = []
+    read_groups = pq.ParquetFile.read_row_groups
+    from_table = HeadIndex._from_table.__func__  # type: ignore[attr-defined]
+
+    def count_groups(self: pq.ParquetFile, row_groups: list[int], *a: Any, **k: Any) -> Any:
+        md = self.metadata
+        f = (md.num_rows, md.serialized_size, md.num_row_groups)
+        decoded.update((f, g) for g in row_groups)
+        return read_groups(self, row_groups, *a, **k)
+
+    def count_loads(cls: type, t: Any) -> Any:
+        loads.append(t.num_rows)
+        return from_table(cls, t)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", count_groups)
+    monkeypatch.setattr(HeadIndex, "_from_table", classmethod(count_loads))
+    for t in (SHORT, LONG):
+        loader = SequenceLoader(rs.store, rs.thin, tenant=t, batch_size=40, max_unit_rows=60)
+        units = [u for c in loader.plan() for u in c]
+        assert max(u.parts for u in units) >= 3, t.name
+        for _ in range(2):  # each pass decodes again: nothing is kept between passes
+            decoded.clear()
+            loads.clear()
+            got = collect(list(loader))
+            assert same(got, whole[t.name]), t.name
+            assert decoded and max(decoded.values()) == 1, (t.name, decoded.most_common(3))
+            assert len(loads) == len({u.bucket for u in units}), (t.name, len(loads))

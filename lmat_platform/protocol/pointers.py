@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from lmat_platform.store.cache import cache
+from lmat_platform.store.cache import cache, scoped
 from lmat_platform.store.core import Store
 from lmat_platform.store.heads import MARKER_LENGTHS
 
@@ -93,6 +94,23 @@ def expand_positions(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return np.cumsum(delta, dtype=dtype)
 
 
+#: Parquet footers of head summary files by (store id, path): the files are immutable.
+_FOOTERS: dict[tuple[str, str], pq.FileMetaData] = {}
+_MAX_FOOTERS = 4096
+
+
+def _footer(store: Store, fs: Any, path: str) -> pq.FileMetaData:
+    key = (store.store_id, path)
+    md = _FOOTERS.get(key)
+    if md is None:
+        with fs.open_input_file(path) as fh:
+            md = pq.ParquetFile(fh).metadata
+        if len(_FOOTERS) >= _MAX_FOOTERS:
+            _FOOTERS.clear()
+        _FOOTERS[key] = md
+    return md
+
+
 @dataclass
 class HeadIndex:
     """Head summaries of a set of users: the entry of (user, snapshot S) is the newest <= S."""
@@ -129,20 +147,27 @@ class HeadIndex:
         hit = dc.get(key)
         if hit is not None:
             return hit
+        # With the cache off, a reader's units of one bucket still load its heads once a pass.
+        memo = scoped()
+        if memo is not None and (hit := memo.get(key)) is not None:
+            return hit
         fs = store.filesystem()[0]
         want = ("user_id", "snapshot_id", "head_len", "head_checksum", "markers")
         if len(paths) == 1:
-            # One file (a bucket's after compaction): read directly, without a dataset's
-            # discovery and scan set-up (a pass with the decoded cache off reads it per unit).
+            # One file (a bucket's after compaction): read directly, with its footer parsed
+            # once per process and in this thread, without a dataset's discovery and scan
+            # set-up (a pass with the decoded cache off reads it once per bucket).
             with fs.open_input_file(paths[0]) as fh:
-                pf = pq.ParquetFile(fh)
+                pf = pq.ParquetFile(fh, metadata=_footer(store, fs, paths[0]))
                 names = pf.schema_arrow.names
-                t = pf.read(columns=[c for c in want if c in names])
+                t = pf.read(columns=[c for c in want if c in names], use_threads=False)
         else:
             ds = pads.dataset(paths, format="parquet", filesystem=fs)
             t = ds.to_table(columns=[c for c in want if c in ds.schema.names])
         idx = cls._from_table(t)
         dc.put(key, idx, idx.nbytes)
+        if memo is not None:
+            memo[key] = idx
         return idx
 
     @property

@@ -84,7 +84,7 @@ from lmat_platform.reconstruct import (
     tensor_numpy,
     thin_columns,
 )
-from lmat_platform.store.cache import cache
+from lmat_platform.store.cache import bucket_scope, cache
 from lmat_platform.store.core import (
     Store,
     as_store,
@@ -295,6 +295,16 @@ class _UnitReader:
         # The last bucket's thin rows: the units of a split bucket are dealt out together, so
         # one read of the bucket serves all of this process's slices.
         self._cached: tuple[int, ThinRows] | None = None
+        # The same for the last bucket's head summaries and (split buckets) tier row groups,
+        # whatever the decoded cache's budget (store.cache.bucket_scope).
+        self._memo: tuple[int, dict[Any, Any]] = (-1, {})
+
+    def scope(self, unit: WorkUnit) -> contextlib.AbstractContextManager[None]:
+        """The bucket scope to prepare ``unit`` in: shared with the other units of its bucket
+        this reader reads in a row, emptied when it moves to another bucket."""
+        if self._memo[0] != unit.bucket:
+            self._memo = (unit.bucket, {})
+        return bucket_scope(self._memo[1], tier=unit.parts > 1)
 
     def _bucket_frags(self, bucket: int) -> list[pads.Fragment]:
         """The bucket's thin files, sorted by path."""
@@ -343,8 +353,9 @@ class _UnitReader:
             # Under the bucket's thin-file key, so it goes with the bucket's other entries.
             key = (*_thin_key(frags), unit.bounds, unit.bucket_rows,
                    tuple(self.spec.thin_columns))
-            prep = prepare_unit(self.spec.ctx, unit.bucket, lambda: self._unit_rows(unit),
-                                key=key)
+            with self.scope(unit):
+                prep = prepare_unit(self.spec.ctx, unit.bucket, lambda: self._unit_rows(unit),
+                                    key=key)
             seqs = plan_unit(prep, plan_only=plan_only)
             thin_bytes = sum(_thin_bytes(f, self.spec.thin_columns) for f in frags)
         except LmatError as e:

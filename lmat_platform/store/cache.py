@@ -25,10 +25,12 @@ reader is served a forgotten user's events.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 DEFAULT_MB = 512
@@ -128,3 +130,34 @@ def configure(max_mb: float) -> DecodedCache:
     with _INIT:
         _CACHE = DecodedCache(int(max_mb * (1 << 20)))
     return _CACHE
+
+
+# ------------------------------------------------------------------------------ bucket scope
+
+#: What the calling thread's reader keeps for the bucket it is reading (:func:`bucket_scope`).
+_SCOPE: contextvars.ContextVar[tuple[dict[Hashable, Any], bool] | None] = \
+    contextvars.ContextVar("lmat_bucket_scope", default=None)
+
+
+@contextmanager
+def bucket_scope(memo: dict[Hashable, Any], *, tier: bool) -> Iterator[None]:
+    """Within the block, reads of one bucket keep what they decode in ``memo`` and serve it
+    from there, whatever the decoded cache's budget: the bucket's head summaries, and with
+    ``tier`` the tier's row groups (:func:`scoped`). A reader passes the same ``memo`` to the
+    units of one bucket and empties it when it moves to another bucket, so the units of a
+    split bucket decode its heads and row groups once a pass, and nothing is held beyond the
+    bucket being read (the decoded cache, when on, keeps across passes)."""
+    token = _SCOPE.set((memo, tier))
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+def scoped(*, tier: bool = False) -> dict[Hashable, Any] | None:
+    """The memo of the calling thread's :func:`bucket_scope` (None: none, or ``tier`` asked
+    and the scope does not keep the tier's row groups)."""
+    got = _SCOPE.get()
+    if got is None or (tier and not got[1]):
+        return None
+    return got[0]

@@ -41,7 +41,7 @@ from deltalake.transaction import AddAction, RemoveAction
 from lmat_platform.engines import Engine, LocalEngine
 from lmat_platform.engines.files import commit_adds, commit_properties, split_by
 from lmat_platform.kernels import is_sorted3, merge_sorted_runs, row_groups_wanted
-from lmat_platform.store.cache import cache
+from lmat_platform.store.cache import cache, scoped
 from lmat_platform.store.core import Store, now_us
 
 log = logging.getLogger(__name__)
@@ -569,18 +569,21 @@ def _read_row_groups(
     """Row groups of a tier file, decoded once per process: each (row group, column) is served
     from the decoded cache when it is there, and what is missing is decoded and cached."""
     dc = cache()
-    if not dc.max_bytes:
+    # With the cache off, the units of a split bucket share its row groups within a pass.
+    memo = None if dc.max_bytes else scoped(tier=True)
+    if not dc.max_bytes and memo is None:
         # Nothing is kept: one decode, without cutting it into row groups to keep, in this
         # thread (a reader reads its units in a thread of its own, one per consumer).
         fs, root = store.filesystem()
         with fs.open_input_file(f"{root}/uih/{f.path}") as fh:
             return pq.ParquetFile(fh, metadata=md).read_row_groups(groups, columns=columns,
                                                                    use_threads=False)
+    get = dc.get if memo is None else memo.get
     base = (store.store_id, f.path, f.size)
     got: dict[tuple[int, str], pa.Array] = {}
     for g in groups:
         for c in columns:
-            a = dc.get((*base, g, c))
+            a = get((*base, g, c))
             if a is not None:
                 got[(g, c)] = a
     miss_g = [g for g in groups if any((g, c) not in got for c in columns)]
@@ -589,14 +592,21 @@ def _read_row_groups(
         miss_c = [c for c in columns if any((g, c) not in got for g in miss_g)]
         fs, root = store.filesystem()
         with fs.open_input_file(f"{root}/uih/{f.path}") as fh:
-            t = pq.ParquetFile(fh, metadata=md).read_row_groups(miss_g, columns=miss_c)
+            t = pq.ParquetFile(fh, metadata=md).read_row_groups(miss_g, columns=miss_c,
+                                                                use_threads=memo is None)
         start = 0
         for g in miss_g:
             n = md.row_group(g).num_rows
             for c in miss_c:
-                a = t.column(c).slice(start, n).combine_chunks()
-                if (g, c) not in got:
-                    got[(g, c)] = a
+                col = t.column(c).slice(start, n)
+                if (g, c) in got:
+                    continue
+                if memo is None:
+                    # A copy: a slice would keep the whole read alive behind its nbytes.
+                    a = got[(g, c)] = col.combine_chunks()
                     dc.put((*base, g, c), a, a.nbytes)
+                else:  # dropped with the bucket: a zero-copy slice
+                    a = got[(g, c)] = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+                    memo[(*base, g, c)] = a
             start += n
     return pa.table({c: pa.chunked_array([got[(g, c)] for g in groups]) for c in columns})
