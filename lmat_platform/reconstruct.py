@@ -49,6 +49,7 @@ from lmat_platform.kernels import (
 )
 from lmat_platform.protocol.pointers import HeadIndex, expand_positions
 from lmat_platform.protocol.thin import (
+    TAIL_ARRIVAL_DELAY,
     TAIL_BLOCK,
     TAIL_PREFIX,
     TAIL_START,
@@ -328,10 +329,13 @@ class ThinRows:
         tails: dict[str, pa.Array] = {}
         for c in columns:
             typ = schema.field(c).type
-            if TAIL_PREFIX + c not in names:
+            if c == "arrival_ts" and TAIL_ARRIVAL_DELAY in names:
+                v = tail_arrival(rows, stored, rid, tails.get("event_ts"))
+            elif TAIL_PREFIX + c not in names:
                 tails[c] = pa.nulls(n_ev, typ)
                 continue
-            v = one_array(_tail_values(rows.column(TAIL_PREFIX + c), stored, rid))
+            else:
+                v = one_array(_tail_values(rows.column(TAIL_PREFIX + c), stored, rid))
             tails[c] = v if v.type == typ else v.cast(typ)
         t_start, t_end = off[:-1].copy(), off[:-1] + lens
         ordered = True
@@ -348,6 +352,29 @@ class ThinRows:
                                     tensor_numpy(tails["event_id"]))
         fields = [c for c in names if c.startswith(TAIL_PREFIX) and c not in THIN_KEYS]
         return cls(rows.drop_columns(fields), t_start, t_end, tails, ordered)
+
+
+def tail_arrival(rows: pa.Table, stored: np.ndarray, rid: np.ndarray,
+                 event_ts: pa.Array | None = None) -> pa.Array:
+    """The stored tail events' ``arrival_ts`` (flattened as :meth:`ThinRows.from_table`
+    flattens its tails; ``event_ts``: theirs, when flattened already): a row's
+    ``tail_arrival_ts`` values (thin formats 1 and 2), or, where that list is null, its
+    ``tail_event_ts`` plus its :data:`TAIL_ARRIVAL_DELAY` (format 3), in int64."""
+    delay = one_array(_tail_values(rows.column(TAIL_ARRIVAL_DELAY), stored, rid))
+    ev = (event_ts if event_ts is not None
+          else one_array(_tail_values(rows.column(TAIL_PREFIX + "event_ts"), stored, rid)))
+    col = (rows.column(TAIL_PREFIX + "arrival_ts") if TAIL_PREFIX + "arrival_ts" in
+           rows.column_names else None)
+    if col is None or col.null_count == len(col):
+        a, b = _fixed_numpy(ev), _fixed_numpy(delay)
+        if a is not None and b is not None:
+            # Every stored event in format 3: one addition (int64, wrapping as the writer's
+            # subtraction does, so exact for any times).
+            return pa.array(a.astype(np.int64, copy=False) + b)
+        return pc.add(ev.cast(pa.int64()), delay)
+    # Formats mixed in one bucket: each row's own values where it has them.
+    got = one_array(_tail_values(col, stored, rid)).cast(pa.int64())
+    return pc.coalesce(got, pc.add(ev.cast(pa.int64()), delay))
 
 
 def _shared_spans(
@@ -417,11 +444,12 @@ def _append_taken(v: pa.Array, idx: np.ndarray) -> pa.Array:
 def own_tails(rows: pa.Table, schema: pa.Schema) -> pa.Table:
     """Thin ``rows`` in thin format 1: each streamed row's own tail, in (event_ts, event_id)
     order, in its own ``tail_<field>`` lists (typed as in ``schema``, the store's event
-    schema); ``tail_block`` and ``tail_start``, where present, all null (same schema). Readers
+    schema); ``tail_block``, ``tail_start`` and ``tail_arrival_delay`` (format 3: its
+    arrival times are in ``tail_arrival_ts``), where present, all null (same schema). Readers
     take either format (also mixed in one table); this is for tools that edit or inspect
     single rows' tails."""
     fields = [c.removeprefix(TAIL_PREFIX) for c in rows.column_names
-              if c.startswith(TAIL_PREFIX) and c not in THIN_KEYS]
+              if c.startswith(TAIL_PREFIX) and c not in (*THIN_KEYS, TAIL_ARRIVAL_DELAY)]
     thin = ThinRows.from_table(rows, fields, schema)
     pos = pa.array(expand_positions(thin.t_start, thin.t_end))
     off = np.zeros(rows.num_rows + 1, dtype=np.int32)
@@ -434,6 +462,9 @@ def own_tails(rows: pa.Table, schema: pa.Schema) -> pa.Table:
     for f in fields:
         cols[TAIL_PREFIX + f] = pa.ListArray.from_arrays(pa.array(off), thin.tails[f].take(pos),
                                                          mask=mask)
+    if TAIL_ARRIVAL_DELAY in rows.column_names:  # arrival times are whole in format 1
+        cols[TAIL_ARRIVAL_DELAY] = pa.nulls(rows.num_rows,
+                                            rows.schema.field(TAIL_ARRIVAL_DELAY).type)
     return pa.table(cols).select(rows.column_names)
 
 
@@ -812,7 +843,9 @@ def event_columns(tenant: Tenant) -> list[str]:
 def thin_columns(tenant: Tenant, names: list[str]) -> list[str]:
     """Thin-table columns to read for a tenant: keys, pointer, and only its tail fields
     (column pushdown into the thin rows); ride-along request columns are added by callers."""
-    want = [*THIN_KEYS, *(TAIL_PREFIX + c for c in event_columns(tenant))]
+    events = event_columns(tenant)
+    want = [*THIN_KEYS, *(TAIL_PREFIX + c for c in events),
+            *([TAIL_ARRIVAL_DELAY] if "arrival_ts" in events else [])]
     return [c for c in want if c in names]
 
 

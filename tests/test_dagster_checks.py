@@ -136,8 +136,9 @@ def test_injected_leakage_fails_blocking_check_and_stops_downstream(
     row = next(i for i in range(thin.num_rows) if ((ru == users[i]) & (ra >= ts[i])).any())
     j = int(np.flatnonzero((ru == users[row]) & (ra >= ts[row]))[0])
     for name in thin.column_names:
-        if not name.startswith("tail_") or name in ("tail_block", "tail_start"):
-            continue  # (the pointer into a user's shared tail: null in format 1)
+        if not name.startswith("tail_") or name in ("tail_block", "tail_start",
+                                                    "tail_arrival_delay"):
+            continue  # (the pointer into a user's shared tail, format 3's delays: null here)
         if name == "tail_len":
             lens = thin.column(name).to_pylist()
             lens[row] = (lens[row] or 0) + 1
