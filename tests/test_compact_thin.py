@@ -31,7 +31,13 @@ from deltalake import DeltaTable, write_deltalake
 from lmat_platform import synth
 from lmat_platform.exceptions import ConcurrencyError
 from lmat_platform.protocol.thin import COMPACT_ATTEMPTS, compact_thin, write_thin
-from lmat_platform.store import forget_users, ingest_files, init_store, publish_snapshot
+from lmat_platform.store import (
+    forget_users,
+    ingest_files,
+    init_store,
+    publish_snapshot,
+    vacuum,
+)
 from lmat_platform.store.core import Store, delta_dataset, storage_options
 from tests.crash_harness import SCENARIOS, Harness, Trial
 from tests.helpers import one_line_error, run_main, tree
@@ -222,6 +228,22 @@ def test_merge_waits_for_a_forget_about_to_commit(world: World,
     from lmat_platform.store.deletion import pending_users
 
     assert len(pending_users(open_store(world.store))) == 0
+
+
+def test_vacuum_waits_for_a_merge_about_to_commit(world: World,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``lmat vacuum --retention-hours 0`` (what ``forget --vacuum`` runs) started after the
+    merge wrote its files: they are not referenced until the merge commits, so a vacuum in
+    between would delete them (before the fix the merge then failed: the vacuum had also expired
+    the log version it read). It waits for the lock, then removes the merged-away files; every
+    row reads back."""
+    before = rows(world.thin)
+    ilv = Interleave(monkeypatch, world.thin,
+                     lambda: vacuum(world.store, retention_hours=0))
+    out = compact_thin(world.store, world.thin)
+    assert ilv.join()[world.thin] == out["files_in"]  # the merged-away files, after the commit
+    assert rows(world.thin).equals(before)
+    assert set(live_files(world.thin).values()) == {1} and out["files_out"] == 2
 
 
 # ------------------------------------------------------------------------ append x merge
