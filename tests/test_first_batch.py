@@ -167,3 +167,54 @@ def test_reading_units_when_wanted_gives_the_same_batches(rs: ReaderStore) -> No
     assert _values(ahead) == _values(here)
     assert all(torch.equal(a.lengths, b.lengths) for a, b in zip(ahead, here, strict=True))
 
+
+
+def _smaps(addr: int, field: str) -> list[str]:
+    """The values of ``field`` in /proc/self/smaps for the mapping holding ``addr``."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                inside = lo <= addr < hi
+            elif inside and head[0] == f"{field}:":
+                return head[1:]
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+def _thp() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read()
+    except OSError:
+        return "[never]"
+
+
+@pytest.mark.skipif("[never]" in _thp(), reason="no transparent huge pages here: every "
+                    "buffer has small pages anyway")
+def test_new_batch_buffers_are_in_small_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new batch buffer is private memory that may not take transparent huge pages
+    (numpy advises its large arrays to huge pages, and with THP ``defrag`` at ``madvise``
+    such a fault may compact memory first: 70 MB of new huge pages took 10 ms to 1.57 s to
+    fill in a fresh process on this project's machine, of small pages 40-67 ms of CPU);
+    ``LMAT_BATCH_HUGE_PAGES=1`` keeps numpy's way. On the old code the buffer came from
+    ``np.empty`` and was eligible (numpy's advice)."""
+    import numpy as np
+
+    from lmat_platform.reader.buffers import BufferPool
+
+    n = 16 << 20
+    small = BufferPool().empty(n // 8, np.int64)
+    small[:] = 1
+    mid = small.ctypes.data + n // 2
+    assert _smaps(mid, "THPeligible") == ["0"]
+    assert "sh" not in _smaps(mid, "VmFlags")  # private: a fork does not share it
+    monkeypatch.setenv("LMAT_BATCH_HUGE_PAGES", "1")
+    pool = BufferPool()
+    huge = pool.empty(n // 8, np.int64)
+    huge[:] = 1
+    # Reuse is unchanged: a dropped batch's buffer is handed out again.
+    addr = huge.ctypes.data
+    del huge
+    assert pool.empty(n // 16, np.int64).ctypes.data == addr
