@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import sys
 import threading
 import time
 from collections import Counter
@@ -40,7 +41,7 @@ from lmat_platform.store import (
 )
 from lmat_platform.store.core import Store, delta_dataset, storage_options
 from tests.crash_harness import SCENARIOS, Harness, Trial
-from tests.helpers import one_line_error, run_main, tree
+from tests.helpers import REPO, one_line_error, run_main, tree
 
 #: The S3 server fixtures (``s3_env``, ``s3_store_uri``).
 pytest_plugins = ("tests.s3_server",)
@@ -323,6 +324,40 @@ def test_merge_gives_up_in_one_line_after_conflicts(world: World,
     assert "re-run" in str(e.value) and "\n" not in str(e.value)
     assert live_files(world.thin) == files
     assert rows(world.thin).select(before.column_names).equals(before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("other", ["forget", "log"])
+def test_two_merges_and_a_writer_as_processes_at_once(world: World, other: str) -> None:
+    """Two ``lmat compact --thin`` and a ``lmat forget`` (or ``lmat log``) started together as
+    real processes, in whatever order they reach the fcntl lock: the user is gone (the
+    appended rows are there), every other row is there once, and a last merge leaves one file
+    a bucket. (A log racing a forget is not this test's subject.)"""
+    import subprocess
+
+    before = rows(world.thin)
+    user = Counter(before.column("user_id").to_pylist()).most_common(1)[0][0]
+    merge = ["compact", world.store, "--thin", world.thin]
+    cmd = (["forget", world.store, "--user", str(user)] if other == "forget"
+           else ["log", world.store, world.spare, "--out", world.thin])
+    procs = [subprocess.Popen([sys.executable, "-m", "lmat_platform.cli", *c], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in (merge, cmd, merge)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, (p.args, err)
+    after = rows(world.thin)
+    ids = after.column("request_id").to_pylist()
+    old = np.isin(ids, before.column("request_id").to_numpy())
+    assert len(ids) == len(set(ids))
+    if other == "forget":
+        assert after.equals(without(before, user))
+    else:
+        assert after.select(before.column_names).filter(pa.array(old)).equals(before)
+        assert int((~old).sum()) == pq.read_metadata(world.spare).num_rows
+    compact_thin(world.store, world.thin)
+    assert set(live_files(world.thin).values()) == {1}
+    assert rows(world.thin).equals(after)
 
 
 # ------------------------------------------------------------------------ kills
