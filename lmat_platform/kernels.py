@@ -825,11 +825,29 @@ def ranges_sorted(off: np.ndarray, a: np.ndarray, b: np.ndarray) -> bool:
 @njit(cache=True, nogil=True)
 def _spans_sorted(start, end, a, b):  # type: ignore[no-untyped-def,unused-ignore]
     out = np.ones(len(start), dtype=np.bool_)
+    # The span before, when it starts where this one does and ends no later (a user's next
+    # request: the same first event, a few more arrived): only the events past its end are
+    # looked at.
+    p_s = -1
+    p_e = -1
+    p_ok = True
     for r in range(len(start)):
-        for i in range(start[r] + 1, end[r]):
+        s = start[r]
+        e = end[r]
+        i0 = s + 1
+        if s == p_s and e >= p_e:
+            if not p_ok:
+                out[r] = False
+                p_e = e
+                continue
+            i0 = max(p_e, s + 1)
+        for i in range(i0, e):
             if a[i] < a[i - 1] or (a[i] == a[i - 1] and b[i] < b[i - 1]):
                 out[r] = False
                 break
+        p_s = s
+        p_e = e
+        p_ok = out[r]
     return out
 
 
