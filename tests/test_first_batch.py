@@ -218,3 +218,42 @@ def test_new_batch_buffers_are_in_small_pages(monkeypatch: pytest.MonkeyPatch) -
     addr = huge.ctypes.data
     del huge
     assert pool.empty(n // 16, np.int64).ctypes.data == addr
+
+
+_THP_STATE = """
+import ctypes
+# The flag is inherited: start from huge pages on (this test process may have them off).
+assert ctypes.CDLL(None).prctl(41, 0, 0, 0, 0) == 0
+import {module}
+print([ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("THP_enabled:")][0])
+"""
+
+
+def _thp_enabled_after(module: str, value: str | None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "LMAT_THP"}
+    if value is not None:
+        env["LMAT_THP"] = value
+    return subprocess.run([sys.executable, "-c", _THP_STATE.format(module=module)],
+                          capture_output=True, text=True, check=False, timeout=300, env=env)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "[never]" in _thp(),
+                    reason="no transparent huge pages here")
+def test_reader_process_turns_huge_pages_off_where_faults_stall() -> None:
+    """Importing the loader turns transparent huge pages off for the process
+    (``PR_SET_THP_DISABLE``) where the kernel's settings make their faults compact memory
+    (``enabled`` madvise, ``defrag`` compacting: numpy's and pyarrow's mimalloc's memory, which
+    ask for them, stalled a fresh process's first batch by 0.2-0.4 s of CPU here);
+    ``LMAT_THP=off`` whatever the settings, ``keep`` never, anything else is refused naming
+    the variable. On the old code the process kept them (``THP_enabled: 1``)."""
+    from lmat_platform.reader.buffers import thp_stalls
+
+    off = _thp_enabled_after("lmat_platform.reader.loader", "off")
+    assert off.returncode == 0, off.stderr[-2000:]
+    assert off.stdout.split()[-1] == "0"
+    auto = _thp_enabled_after("lmat_platform.reader.loader", None)
+    assert auto.stdout.split()[-1] == ("0" if thp_stalls() else "1")
+    keep = _thp_enabled_after("lmat_platform.reader.loader", "keep")
+    assert keep.stdout.split()[-1] == "1"
+    bad = _thp_enabled_after("lmat_platform.reader.loader", "no")
+    assert bad.returncode != 0 and "LMAT_THP must be auto, off or keep" in bad.stderr

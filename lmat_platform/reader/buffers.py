@@ -23,6 +23,22 @@ anonymous mapping advised to small pages (``MADV_NOHUGEPAGE``, for kernels whose
 ``always``); ``LMAT_BATCH_HUGE_PAGES=1`` takes ``np.empty`` (numpy's advice) instead. Buffers
 are written in full once and then reused, so this is a cost of a process's first batches only.
 
+**No huge-page stalls in the reader's process** (:func:`avoid_thp_stalls`). The same holds for
+every allocator that asks for huge pages, and the reader's process has two: numpy (arrays of
+4 MB and more) and pyarrow's mimalloc (its 1 GB arena). A fresh process's first batch decodes
+and plans into new memory; on this project's machine its CPU (the loader built, the first
+unit read and planned, the first batch copied, kernels warm) was 0.41-0.58 s with huge pages
+and 0.17-0.18 s without (4 fresh processes each, alternated, long tenant), nearly all of the
+difference system time in page faults; later passes were no slower without (their memory is
+reused). Where the kernel gives huge pages only to memory that asks for them (``enabled`` is
+``madvise``) and compacts memory for them at fault time (``defrag`` is ``always``, ``madvise``
+or ``defer+madvise``), the reader's process therefore turns them off for itself
+(``prctl(PR_SET_THP_DISABLE)``, which the processes it starts inherit, its reader workers
+among them): only those two
+allocators lose them, not a trainer's own tensors (torch does not ask for huge pages unless
+``THP_MEM_ALLOC_ENABLE`` is set). ``LMAT_THP=keep`` leaves the process as it is; ``LMAT_THP=off``
+turns them off whatever the kernel's settings.
+
 ::
 
     get(n) -> view of a free buffer   --torch.from_numpy-->  batch tensor (holds the view)
@@ -32,6 +48,7 @@ are written in full once and then reused, so this is a cost of a process's first
 from __future__ import annotations
 
 import contextlib
+import logging
 import mmap
 import os
 import sys
@@ -40,6 +57,52 @@ import threading
 import numpy as np
 
 from lmat_platform.store.cache import env_megabytes
+
+log = logging.getLogger(__name__)
+
+_THP = "/sys/kernel/mm/transparent_hugepage"
+#: prctl option that turns transparent huge pages off for the calling process (Linux >= 3.15).
+_PR_SET_THP_DISABLE = 41
+
+
+def _thp_setting(name: str) -> str | None:
+    """The selected value of a THP setting (``enabled``, ``defrag``), or None."""
+    try:
+        with open(f"{_THP}/{name}") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else None
+
+
+def thp_stalls() -> bool:
+    """Whether, by the kernel's settings, only memory that asks for transparent huge pages
+    gets them and a fault on it may compact memory first."""
+    return _thp_setting("enabled") == "madvise" and _thp_setting("defrag") in (
+        "always", "madvise", "defer+madvise")
+
+
+def avoid_thp_stalls() -> bool:
+    """Turn transparent huge pages off for this process where the kernel's settings make
+    faults on them stall (:func:`thp_stalls`; ``LMAT_THP``: ``off`` always, ``keep`` never;
+    see the module docstring). Returns whether they are off now because of this call."""
+    mode = os.environ.get("LMAT_THP", "auto")
+    if mode not in ("auto", "off", "keep"):
+        raise ValueError(f"LMAT_THP must be auto, off or keep, but got {mode!r}")
+    if mode == "keep" or not sys.platform.startswith("linux") or (
+            mode == "auto" and not thp_stalls()):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        ok = libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        log.debug("could not turn transparent huge pages off for this process")
+    return ok
+
 
 #: Free buffers kept at most; more are released to the allocator.
 MAX_BUFFERS = 16

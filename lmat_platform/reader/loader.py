@@ -61,7 +61,7 @@ from lmat_platform.protocol.thin import (
     thin_store_id,
 )
 from lmat_platform.reader.batch import Batch
-from lmat_platform.reader.buffers import BufferPool, shared_pool
+from lmat_platform.reader.buffers import BufferPool, avoid_thp_stalls, shared_pool
 from lmat_platform.reader.dedup import dedup_pieces
 from lmat_platform.reader.errors import (
     ReaderPassCancelledError,
@@ -97,8 +97,11 @@ from lmat_platform.tenants import Tenant
 
 log = logging.getLogger(__name__)
 
-# A process that imports the loader will read: numba's start-up and the kernels' cache loads
-# begin now, beside whatever it does before its first pass (see kernels.warm_up_in_background).
+# A process that imports the loader will read: no huge-page stalls on the memory its first
+# passes decode into (buffers.avoid_thp_stalls), and numba's start-up and the kernels' cache
+# loads begin now, beside whatever it does before its first pass
+# (kernels.warm_up_in_background).
+avoid_thp_stalls()
 warm_up_in_background()
 
 #: Values (events x columns are not multiplied in) a work unit aims at where a unit's sequences
