@@ -39,6 +39,11 @@ THIN_PARQUET_OPTIONS: dict[str, Any] = {
 DELTA_COLUMNS = frozenset({"tail_arrival_ts", "tail_event_id"})
 #: Columns of well-mixed random bits, where splitting bytes gains nothing.
 PLAIN_COLUMNS = frozenset({"head_checksum"})
+#: Columns whose Parquet statistics (min and max, in the footer and in each page header) thin
+#: files keep: the one column reads of a thin table filter by (a forgotten or pending user's rows
+#: are dropped by ``user_id``; buckets are partitions, and the Delta log keeps its own file
+#: statistics). Every other flat column's cost the demo's streaming rows 3.2 B a request.
+STATISTICS_COLUMNS = frozenset({"user_id"})
 #: Rows of one thin file are in this order (a reader merges a bucket's files in it, without a
 #: sort when there is one file, and cuts the bucket into user-contiguous slices).
 ROW_ORDER = ("user_id", "request_ts", "request_id")
@@ -51,10 +56,10 @@ def thin_parquet_options(schema: pa.Schema) -> dict[str, Any]:
     Zstandard pages without dictionaries; integer and float columns (list elements included)
     byte-stream-split, so that the compressor sees each byte plane of the values apart (the
     high bytes of ids, times and counts barely change), except :data:`DELTA_COLUMNS` (delta
-    encoding) and :data:`PLAIN_COLUMNS`; statistics for the flat columns only (nobody prunes
-    by a tail list's min and max). On the demo this halves both paths' thin files against
-    LZ4 plain pages with Arrow's schema (streaming 237 -> 126 B a request, batch 25 -> 13,
-    Parquet bytes), and they decode no slower."""
+    encoding) and :data:`PLAIN_COLUMNS`; statistics for :data:`STATISTICS_COLUMNS` only. On
+    the demo this halves both paths' thin files against LZ4 plain pages with Arrow's schema
+    (streaming 237 -> 126 B a request, batch 25 -> 13, Parquet bytes), and they decode no
+    slower (``bench/results/thin_bytes.md``)."""
     encoding: dict[str, str] = {}
     for f in schema:
         typ = f.type.value_type if pa.types.is_list(f.type) else f.type
@@ -66,7 +71,7 @@ def thin_parquet_options(schema: pa.Schema) -> dict[str, Any]:
         elif not pa.types.is_float16(typ):
             encoding[path] = "BYTE_STREAM_SPLIT"
     return {**THIN_PARQUET_OPTIONS, "column_encoding": encoding,
-            "write_statistics": [f.name for f in schema if not pa.types.is_nested(f.type)]}
+            "write_statistics": [f.name for f in schema if f.name in STATISTICS_COLUMNS]}
 
 
 def register_thin_table(store: Store, uri: str) -> None:
