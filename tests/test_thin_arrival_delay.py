@@ -45,6 +45,13 @@ def test_streaming_rows_store_each_arrival_as_its_delay(synth_store_ro) -> None:
     assert (e + d).tolist() == [arrival[x] for x in i.tolist()]
     # The batch path stores no tail at all.
     assert TAIL_ARRIVAL_DELAY not in read_delta(s.thin_batch).column_names
+    # Delays byte-stream-split (their high bytes are zero); statistics for user_id alone.
+    for f in sorted(Path(s.thin_log).rglob("*.parquet")):
+        md = pq.read_metadata(f)
+        cols = {md.row_group(0).column(i).path_in_schema: md.row_group(0).column(i)
+                for i in range(md.num_columns)}
+        assert "BYTE_STREAM_SPLIT" in cols[TAIL_ARRIVAL_DELAY + ".list.element"].encodings
+        assert {c for c, m in cols.items() if m.is_stats_set} == {"user_id"}
 
 
 def test_arrival_delay_keeps_absolute_times_it_cannot_rebuild() -> None:
