@@ -333,35 +333,57 @@ def write_thin(
     engine: Engine | None = None,
 ) -> dict[str, object]:
     """``lmat log`` / ``lmat examples``: read a request file, write (append) thin rows to ``out``;
-    ``engine`` (Ray): one task per bucket builds and writes its rows (one commit, here)."""
+    ``engine`` (Ray): one task per bucket builds and writes its rows (one commit, here).
+
+    Concurrent writers (spec sections 7 and 11): the rows are built, written and committed
+    holding the store's write lock (the lease on ``s3://``), as ``forget`` rewrites thin files
+    and ``vacuum`` expires logs: a forget either returned before this read the store (the
+    forgotten user's requests here are new, their heads and tails hold only what was ingested
+    after it) or reads the table after this commit and deletes the rows with the others. Before,
+    an append that committed between a forget's read and its commit kept the user's rows (their
+    pointers naming the head the forget deleted) after the forget returned."""
+    from lmat_platform.store.lease import check_lease
+
     store = as_store(store)
     req = normalize_requests(read_parquet_file(requests_path, what="request file"), where=requests_path)
-    existing = None
-    if DeltaTable.is_deltatable(out, storage_options=storage_options()):
-        existing = open_thin(store, out)
-        have = delta_dataset(existing).to_table(columns=["request_id"]).column("request_id")
-        clash = np.intersect1d(have.to_numpy(), req.column("request_id").to_numpy())
-        if len(clash):
-            raise RequestError(
-                f"{requests_path}: request_id {int(clash[0])} is already in {out} "
-                f"({len(clash)} request(s) overlap)"
-            )
-    elif os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise ThinTableError(f"{out}: exists and is not a thin table")
-    description = None if existing is not None else json.dumps(
-        {STORE_ID_KEY: store.store_id, "kind": "lmat thin examples"})
+    _thin_target(store, out)  # a wrong --out is refused before waiting for the lock
     custom = {"lmat.op": path, "lmat.thin_format": str(THIN_FORMAT)}
-    if not is_local(engine) and req.num_rows:
-        return _write_thin_parts(store, req, out, existing, path=path, where=requests_path,
-                                 engine=engine, description=description, custom=custom)
-    rows = build_thin_rows(store, req, path=path, where=requests_path)
-    # Registered before the first row is written (idempotent), so that ``forget`` finds every
-    # table holding examples of a user, even one whose writer was killed after its commit.
-    register_thin_table(store, out if "://" in out else os.path.abspath(out))
-    have = pa.schema(existing.schema().to_arrow()) if existing is not None else None
-    adds = [_thin_file(out, part, have) for _, part in split_by(rows, "bucket")]
-    dt = _commit_thin(out, existing, adds, rows.schema, description=description, custom=custom)
+    with store.write_lock():
+        check_lease(store.root)
+        existing = _thin_target(store, out)  # read inside the lock, as the rows are built
+        if existing is not None:
+            have = delta_dataset(existing).to_table(columns=["request_id"]).column("request_id")
+            clash = np.intersect1d(have.to_numpy(), req.column("request_id").to_numpy())
+            if len(clash):
+                raise RequestError(
+                    f"{requests_path}: request_id {int(clash[0])} is already in {out} "
+                    f"({len(clash)} request(s) overlap)"
+                )
+        description = None if existing is not None else json.dumps(
+            {STORE_ID_KEY: store.store_id, "kind": "lmat thin examples"})
+        if not is_local(engine) and req.num_rows:
+            return _write_thin_parts(store, req, out, existing, path=path, where=requests_path,
+                                     engine=engine, description=description, custom=custom)
+        rows = build_thin_rows(store, req, path=path, where=requests_path)
+        # Registered before the first row is written (idempotent), so that ``forget`` finds
+        # every table holding examples of a user, even one whose writer was killed after its
+        # commit.
+        register_thin_table(store, out if "://" in out else os.path.abspath(out))
+        have_schema = pa.schema(existing.schema().to_arrow()) if existing is not None else None
+        adds = [_thin_file(out, part, have_schema) for _, part in split_by(rows, "bucket")]
+        dt = _commit_thin(out, existing, adds, rows.schema, description=description,
+                          custom=custom)
     return _thin_result(rows, path, out, dt.version())
+
+
+def _thin_target(store: Store, out: str) -> DeltaTable | None:
+    """The thin table at ``out`` to append to (checked to belong to ``store``), or None where
+    ``log``/``examples`` will create it; refuses anything else at ``out``."""
+    if DeltaTable.is_deltatable(out, storage_options=storage_options()):
+        return open_thin(store, out)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ThinTableError(f"{out}: exists and is not a thin table")
+    return None
 
 
 #: Attempts of a thin table's merge whose commit a concurrent commit conflicted with (see
@@ -388,10 +410,9 @@ def compact_thin(store: Store | str, uri: str, *, min_files: int = 2) -> dict[st
     lease on ``s3://``) from its read of the table to its commit, as ``forget`` does while it
     rewrites thin files, so a forget either committed before the merge read the table or
     rewrites the merged file after it; a merge never carries a forgotten user's rows back.
-    ``lmat log`` / ``lmat examples`` append without the lock: the merge removes only the files
-    of the version it read, so rows appended meanwhile stay in their own files. A commit that
-    Delta's conflict check refuses (a concurrent append that added columns; a writer that
-    deleted rows without the lock) is retried on a fresh read, :data:`COMPACT_ATTEMPTS` times
+    ``lmat log`` / ``lmat examples`` hold the lock too (:func:`write_thin`). A commit that
+    Delta's conflict check refuses (a writer outside the lock that added columns or deleted
+    rows) is retried on a fresh read, :data:`COMPACT_ATTEMPTS` times
     in all; the refused attempt leaves only unreferenced files, as a killed one does (vacuum
     removes them)."""
     from lmat_platform.store.lease import check_lease
