@@ -460,12 +460,17 @@ def check_thin_rows(world: World, model: Model) -> list[str]:
     """Each thin table holds exactly the requests logged to it and not forgotten since, each
     once."""
     from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
 
     from lmat_platform.store.core import delta_dataset
 
     problems = []
     for name, reqs in sorted(model.thin.items()):
-        t = delta_dataset(DeltaTable(world.thin(name))).to_table(columns=["request_id"])
+        try:
+            t = delta_dataset(DeltaTable(world.thin(name))).to_table(columns=["request_id"])
+        except TableNotFoundError as e:
+            problems.append(f"thin table {name}: {str(e).splitlines()[0]}")
+            continue
         got = Counter(t.column("request_id").to_pylist())
         twice = sorted(r for r, n in got.items() if n > 1)
         want = {r["request_id"] for r in reqs}

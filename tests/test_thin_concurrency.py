@@ -34,6 +34,7 @@ from lmat_platform.protocol.thin import write_thin
 from lmat_platform.store import forget_users, ingest_files, open_store, vacuum
 from lmat_platform.store.core import delta_dataset, storage_options
 from lmat_platform.store.deletion import pending_users
+from tests.crash_harness import SCENARIOS, Harness
 from tests.test_compact_thin import Interleave, World, build, rows
 
 #: The S3 server fixtures (``s3_env``, ``s3_store_uri``).
@@ -271,3 +272,62 @@ def test_log_with_the_ray_engine_and_forget_interleaved(world: World, ray_engine
     assert of_user(rows(world.thin), user, keep=False).num_rows == (
         of_user(before, user, keep=False).num_rows
         + int((pq.read_table(world.spare).column("user_id").to_numpy() != user).sum()))
+
+
+# ------------------------------------------------------------------------ a killed first write
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    h = Harness(tmp_path_factory.mktemp("crash"))
+    yield h
+    h.close()
+
+
+@pytest.mark.parametrize("name", ["log", "examples"])
+def test_first_write_killed_before_it_creates_the_table_is_rerun(harness: Harness,
+                                                                  name: str) -> None:
+    """``lmat log`` (``examples``) to a new thin table, SIGKILLed after registering the table
+    and writing its files, before the commit that creates it: the re-run creates the table
+    there (before, it refused: "exists and is not a thin table", and so did every later log to
+    that path), and the crash harness's exact check holds. The killed run's files, which no
+    commit ever named, go with the next vacuum (before, its "lite" Delta vacuum removed only
+    files the log had removed: they stayed, users' rows in them, forgotten ones too)."""
+    sc = SCENARIOS[name]
+    t = harness.trial(sc, 2, "before")
+    assert not t.problems, t.problems
+    thin = Path(harness.world.thin("log" if name == "log" else "ex"))
+    files = set(thin.rglob("*.parquet"))
+    live = {thin / f for f in pa.table(DeltaTable(str(thin)).get_add_actions(flatten=True))
+            .column("path").to_pylist()}
+    assert live < files  # the killed run's files are left
+    vacuum(harness.world.store, retention_hours=0)
+    assert set(thin.glob("bucket=*/*.parquet")) == live
+
+
+def test_a_folder_that_is_not_a_killed_first_write_is_refused(world: World,
+                                                              tmp_path: Path) -> None:
+    """Only a folder registered with the store and holding nothing but ``bucket=N`` folders of
+    Parquet files (and an empty Delta log) is taken for a killed first write; others are
+    refused in one line, unchanged."""
+    from lmat_platform.exceptions import ThinTableError
+    from lmat_platform.store.thin_registry import register_thin_table
+
+    def bucket_folder(root: Path) -> Path:
+        (root / "bucket=0").mkdir(parents=True)
+        pq.write_table(pa.table({"x": [1]}), root / "bucket=0" / "part-0.parquet")
+        return root
+
+    unregistered = bucket_folder(tmp_path / "unregistered")
+    other = bucket_folder(tmp_path / "other")
+    (other / "notes.txt").write_text("mine")
+    register_thin_table(open_store(world.store), str(other))
+    for out in (unregistered, other):
+        with pytest.raises(ThinTableError, match="exists and is not a thin table"):
+            write_thin(world.store, world.spare, str(out), path="examples")
+    assert sorted(p.name for p in other.iterdir()) == ["bucket=0", "notes.txt"]
+    registered = bucket_folder(tmp_path / "registered")
+    (registered / "_delta_log").mkdir()
+    register_thin_table(open_store(world.store), str(registered))
+    got = write_thin(world.store, world.spare, str(registered), path="examples")
+    assert got["version"] == 0 and rows(str(registered)).num_rows == len(spare_ids(world))

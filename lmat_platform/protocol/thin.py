@@ -66,6 +66,7 @@ from lmat_platform.store.snapshots import list_snapshots, resolve_snapshot, snap
 from lmat_platform.store.thin_registry import (
     ROW_ORDER,
     register_thin_table,
+    registered_thin_tables,
     thin_parquet_options,
 )
 
@@ -381,9 +382,27 @@ def _thin_target(store: Store, out: str) -> DeltaTable | None:
     ``log``/``examples`` will create it; refuses anything else at ``out``."""
     if DeltaTable.is_deltatable(out, storage_options=storage_options()):
         return open_thin(store, out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    if (os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out))
+            and not _killed_first_write(store, out)):
         raise ThinTableError(f"{out}: exists and is not a thin table")
     return None
+
+
+def _killed_first_write(store: Store, out: str) -> bool:
+    """Whether the folder ``out`` holds only what a first ``log``/``examples`` to it leaves when
+    it is killed after registering the table with ``store`` and before the commit that creates
+    it: no Delta log (or an empty one), ``bucket=N`` folders of Parquet files. The re-run then
+    creates the table there; the files nothing references are removed by the next vacuum."""
+    if os.path.abspath(out) not in registered_thin_tables(store):
+        return False
+    for name in os.listdir(out):
+        p = os.path.join(out, name)
+        if name == "_delta_log" and os.path.isdir(p) and not os.listdir(p):
+            continue
+        if not (name.startswith("bucket=") and os.path.isdir(p)
+                and all(f.endswith(".parquet") for f in os.listdir(p))):
+            return False
+    return True
 
 
 #: Attempts of a thin table's merge whose commit a concurrent commit conflicted with (see

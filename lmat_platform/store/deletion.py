@@ -420,8 +420,13 @@ def vacuum(store: Store | str, *, retention_hours: int | None = None) -> dict[st
                 dt = DeltaTable(uri, storage_options=storage_options())
             except TableNotFoundError:
                 continue
+            # ``full``: every file the log does not reference, not only those it removed: a
+            # writer killed before its commit (``lmat log`` to a new table, an ingest, a merge)
+            # leaves files the log never named, with users' rows in them. Every writer writes
+            # its files holding the store lock, which this holds: none is mid-write here.
             files = dt.vacuum(
-                retention_hours=hours, dry_run=False, enforce_retention_duration=False
+                retention_hours=hours, dry_run=False, enforce_retention_duration=False,
+                full=True,
             )
             out[uri] = len(files)
             _expire_log(uri, hours)
