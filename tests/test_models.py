@@ -154,7 +154,7 @@ def test_model_reads_the_newest_items_right_aligned(block: str) -> None:
 def _naive_visible_loss(net, tokens, arrivals, labels, window_targets=None):
     """Each target read at the newest column whose items all arrived before it, by hand."""
     h = net.encode(tokens, all_positions=True)
-    states, targets = [], []
+    states, targets, seen = [], [], []
     for b in range(tokens.shape[0]):
         s = tokens.shape[1]
         cols = [c for c in range(s) if 0 < int(tokens[b, c]) <= net.cfg.n_items]
@@ -172,15 +172,27 @@ def _naive_visible_loss(net, tokens, arrivals, labels, window_targets=None):
                 q = max(before)
             states.append(h[b, q])
             targets.append(t)
-    logits = net._logits(torch.stack(states))
+            seen.append([int(tokens[b, j]) for j in range(q + 1)])
+    logits = net.items.weight[: net.cfg.n_items + 1] @ torch.stack(states).T
+    logits = logits.T.clone()
+    if net.repeat is not None:  # items among the columns the state has read
+        for k, its in enumerate(seen):
+            for i in set(its) - {0, net.cfg.n_items + 1}:
+                logits[k, i] += net.repeat
+    logits[:, 0] = -math.inf
     return torch.nn.functional.cross_entropy(logits, torch.tensor(targets)), len(targets)
 
 
-def test_visible_loss_reads_each_target_at_its_own_h_u_t() -> None:
+@pytest.mark.parametrize("repeat", [False, True])
+def test_visible_loss_reads_each_target_at_its_own_h_u_t(repeat: bool) -> None:
     from lmat_platform.models.sasrec import SASRec, SASRecConfig, left_pad, right_align
 
     torch.manual_seed(0)
-    net = SASRec(SASRecConfig(n_items=8, max_len=4, d_model=8, n_layers=1, dropout=0.0)).eval()
+    net = SASRec(SASRecConfig(n_items=8, max_len=4, d_model=8, n_layers=1, dropout=0.0,
+                              repeat=repeat)).eval()
+    if repeat:
+        with torch.no_grad():
+            net.repeat.fill_(-1.5)
     items = torch.tensor([1, 2, 3, 4, 8, 5, 6, 7, 2, 3])
     arr = torch.tensor([10, 20, 20, 30, 1, 5, 7, 4, 4, 9])
     lengths = torch.tensor([4, 3, 0, 3])  # row 3: its first two items share a second
@@ -197,3 +209,28 @@ def test_visible_loss_reads_each_target_at_its_own_h_u_t() -> None:
         # column 0 (not 1) in row 0, row 3's second item has no visible state in the window.
         assert net.loss(tokens, labels, arrivals=a)[1] == 4 + 3 + 1 + 2
         assert net.loss(tokens, labels)[1] == 4 + 3 + 1 + 3
+
+
+def test_repeat_offset_moves_only_the_items_in_the_window() -> None:
+    from lmat_platform.models.sasrec import SASRec, SASRecConfig
+
+    torch.manual_seed(0)
+    cfg = dict(n_items=20, max_len=6, d_model=8, n_layers=1, dropout=0.0)
+    net = SASRec(SASRecConfig(**cfg, repeat=True)).eval()
+    plain = SASRec(SASRecConfig(**cfg)).eval()
+    state = net.state_dict()
+    assert float(state.pop("repeat")) == 0.0  # learned from 0: no prior on repeats
+    plain.load_state_dict(state)  # a model saved without the offset has the same weights
+    with torch.no_grad():
+        net.repeat.fill_(-2.0)
+        tokens = torch.tensor([[0, 0, 3, 5, 3, 7], [1, 2, 4, 6, 8, 9], [0, 0, 0, 0, 0, 21]])
+        diff = net.scores(tokens)[:, 1:] - plain.scores(tokens)[:, 1:]
+    want = torch.zeros(3, 20)
+    for r, its in enumerate(([3, 5, 7], [1, 2, 4, 6, 8, 9], [])):  # 21 is BOS, 0 padding
+        want[r, [i - 1 for i in its]] = -2.0
+    assert torch.allclose(diff, want, atol=1e-5)
+    # training moves it: a window whose label repeats an item in it pulls the offset up
+    net.train()
+    loss, _ = net.loss(tokens[:1], torch.tensor([5]), positions="last")
+    loss.backward()
+    assert net.repeat.grad is not None and float(net.repeat.grad) < 0

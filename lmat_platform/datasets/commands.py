@@ -126,6 +126,7 @@ def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
     model = SASRecConfig(
         n_items=prep.n_items, max_len=min(a.max_len, prep.max_history), d_model=a.d_model,
         n_heads=a.heads, n_layers=a.layers, dropout=a.dropout, block=a.block,
+        repeat=a.repeat_bias,
     )
     res = train_on_dataset(prep, a.out, max_len=a.max_len, model=model,
                            config=_train_config(a), stride=a.stride, resume=not a.fresh)
@@ -144,6 +145,9 @@ def _train_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--heads", type=_positive("--heads"), default=2)
     s.add_argument("--layers", type=_positive("--layers"), default=2)
     s.add_argument("--dropout", type=float, default=0.5)
+    s.add_argument("--repeat-bias", action="store_true",
+                   help="a learned logit offset for items already in the model's input window "
+                   "(one scalar; see SASRecConfig.repeat)")
     s.add_argument("--epochs", type=_positive("--epochs"), default=200)
     s.add_argument("--batch-size", type=_positive("--batch-size"), default=64,
                    help="training windows a step")

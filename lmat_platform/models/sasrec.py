@@ -51,6 +51,11 @@ class SASRecConfig:
     """Dropout on embeddings, attention and block outputs."""
     block: Literal["sasrec", "hstu"] = "sasrec"
     """Block type."""
+    repeat: bool = False
+    """A learned logit offset (one scalar, starting at 0) for the items already in the input
+    window: lets the model learn how likely a user is to act on an item again (MovieLens users
+    never rate a film twice, so training drives it negative; on data with repeats it can
+    learn the other sign)."""
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -157,6 +162,7 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.n_layers))
         self.final_ln = nn.LayerNorm(cfg.d_model) if cfg.block == "hstu" else nn.Identity()
         self.apply(self._init)
+        self.repeat = nn.Parameter(torch.zeros(())) if cfg.repeat else None
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -183,10 +189,30 @@ class SASRec(nn.Module):
 
     def scores(self, tokens: torch.Tensor) -> torch.Tensor:
         """Scores [B, n_items + 1] of every item for the next item (column 0 is -inf)."""
-        return self._logits(self.encode(tokens))
+        seen = self._in_window(tokens) if self.repeat is not None else None
+        return self._logits(self.encode(tokens), seen)
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+    def _in_window(
+        self, tokens: torch.Tensor, rows: torch.Tensor | None = None,
+        upto: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[B, n_items + 1] bool: the items in each row of ``tokens``; with ``rows`` and
+        ``upto`` [K], [K, n_items + 1]: the items in columns ``0..upto[k]`` of row ``rows[k]``
+        (what the state read at that column has seen)."""
+        b, s = tokens.shape
+        col = torch.arange(s, device=tokens.device).expand(b, s)
+        first = torch.full((b, self.cfg.n_items + 2), s, dtype=torch.int64, device=tokens.device)
+        first.scatter_reduce_(1, tokens, col, reduce="amin")  # first column of each item
+        first = first[:, : self.cfg.n_items + 1]
+        first[:, PAD] = s
+        if rows is None or upto is None:
+            return first < s
+        return first[rows] <= upto[:, None]
+
+    def _logits(self, h: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
         out = h @ self.items.weight[: self.cfg.n_items + 1].T
+        if self.repeat is not None and seen is not None:
+            out = out + self.repeat * seen.to(out.dtype)
         out[..., PAD] = -math.inf
         return out
 
@@ -242,9 +268,11 @@ class SASRec(nn.Module):
             keep &= col[None] >= s - window_targets.to(torch.int64)[:, None]
         h = self.encode(tokens, all_positions=True)
         rows = torch.arange(b, device=tokens.device)[:, None].expand(b, s)
-        states = h[rows[keep], query[keep]]
+        rows_k, query_k = rows[keep], query[keep]
+        states = h[rows_k, query_k]
+        seen = self._in_window(tokens, rows_k, query_k) if self.repeat is not None else None
         t = target[keep]
-        return F.cross_entropy(self._logits(states), t), len(t)
+        return F.cross_entropy(self._logits(states, seen), t), len(t)
 
     def tokens(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The reader's jagged items -> this model's input (:func:`left_pad`)."""
