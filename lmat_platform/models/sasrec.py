@@ -270,9 +270,9 @@ class SASRec(nn.Module):
         rows = torch.arange(b, device=tokens.device)[:, None].expand(b, s)
         rows_k, query_k = rows[keep], query[keep]
         states = h[rows_k, query_k]
-        seen = self._in_window(tokens, rows_k, query_k) if self.repeat is not None else None
+        in_win = self._in_window(tokens, rows_k, query_k) if self.repeat is not None else None
         t = target[keep]
-        return F.cross_entropy(self._logits(states, seen), t), len(t)
+        return F.cross_entropy(self._logits(states, in_win), t), len(t)
 
     def tokens(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The reader's jagged items -> this model's input (:func:`left_pad`)."""
