@@ -78,8 +78,13 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def world(base: Path, tmp_path: Path) -> World:
-    """A fresh copy of the module's store and thin table, the copy's thin table registered
-    with the copy's store (in place of the original, which ``forget`` must not touch)."""
+    return copy_world(base, tmp_path)
+
+
+def copy_world(base: Path, tmp_path: Path) -> World:
+    """A fresh copy of the store and thin table :func:`build` made under ``base``, the copy's
+    thin table registered with the copy's store (in place of the original, which ``forget``
+    must not touch)."""
     root = tmp_path / "w"
     shutil.copytree(base, root)
     store, thin = str(root / "store"), str(root / "thin")

@@ -28,14 +28,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from deltalake import DeltaTable, write_deltalake
+from deltalake import DeltaTable
 
 from lmat_platform.protocol.thin import write_thin
 from lmat_platform.store import forget_users, ingest_files, open_store, vacuum
 from lmat_platform.store.core import delta_dataset, storage_options
 from lmat_platform.store.deletion import pending_users
 from tests.crash_harness import SCENARIOS, Harness
-from tests.test_compact_thin import Interleave, World, build, rows
+from tests.test_compact_thin import Interleave, World, build, copy_world, rows
 
 #: The S3 server fixtures (``s3_env``, ``s3_store_uri``).
 pytest_plugins = ("tests.s3_server",)
@@ -61,14 +61,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def world(base: Path, tmp_path: Path) -> World:
-    """A fresh copy of the module's store and thin table (the copy's table registered)."""
-    root = tmp_path / "w"
-    shutil.copytree(base, root)
-    store, thin = str(root / "store"), str(root / "thin")
-    write_deltalake(str(root / "store" / "thin_tables"),
-                    pa.table({"uri": [thin], "registered_at": pa.array([0], pa.int64())}),
-                    mode="overwrite")
-    return World(store, thin, str(root / "wl" / "requests" / "day-003.parquet"))
+    return copy_world(base, tmp_path)
 
 
 def user_events(store: str, user: int) -> set[int]:
