@@ -1233,7 +1233,8 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         makes the pass's batches itself, the consumers' in turn as the workers would (each
         consumer's units read when its batches are wanted), at least the first batch and until
         the workers are there; each worker then starts where its consumer's batches stopped,
-        as a resumed pass does, so the batches and their order are the same."""
+        as a resumed pass does, so the batches and their order are the same. The workers
+        start once the first batch is made."""
         ctx = _mp_context()
         _check_workers_can_start(ctx)
 
@@ -1242,18 +1243,17 @@ class SequenceLoader(torch.utils.data.IterableDataset):
             return WorkerPool(len(specs), prefetch=self.prefetch, timeout_s=self.timeout_s,
                               ctx=ctx, target=_worker_main)
 
-        starting = self._starting = _Starting(start)
+        starting: _Starting | None = None
         n = len(specs)
         rows = [s.start_row for s in specs]
         here: dict[int, Generator[tuple[int, Batch], None, None]] = {}
         ended = [False] * n
         w = first % n
-        made = 0
         try:
             # A pass closed at one of these batches (given up, or cancelled by a newer one)
             # does not wait for the workers: they go on starting, and the next pass (or
             # close()) takes them.
-            while not all(ended) and not (made and starting.done()):
+            while not all(ended) and not (starting is not None and starting.done()):
                 if not ended[w]:
                     if w not in here:
                         here[w] = iter_consumer(specs[w], read_ahead=False)
@@ -1262,11 +1262,15 @@ class SequenceLoader(torch.utils.data.IterableDataset):
                         ended[w] = True
                     else:
                         rows[w] = got[0]
-                        made += 1
+                        if starting is None:
+                            # Once the first batch is made: the workers' start (a process
+                            # importing the reader) does not compete with it for the cores.
+                            starting = self._starting = _Starting(start)
                         yield w, got[0], got[1]
                 w = (w + 1) % n
         except BaseException as e:
-            if not isinstance(e, GeneratorExit) and self._starting is starting:
+            if (starting is not None and not isinstance(e, GeneratorExit)
+                    and self._starting is starting):
                 self._starting = None
                 starting.close()
             raise
@@ -1279,7 +1283,7 @@ class SequenceLoader(torch.utils.data.IterableDataset):
                 self.close()
             return
         specs = [replace(s, start_row=r) for s, r in zip(specs, rows, strict=True)]
-        if self._starting is starting:
+        if starting is not None and self._starting is starting:
             self._starting = None
             self._pool = starting.result()  # raises what starting them raised
         pool = self._pool
