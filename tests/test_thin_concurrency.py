@@ -324,3 +324,46 @@ def test_a_folder_that_is_not_a_killed_first_write_is_refused(world: World,
     register_thin_table(open_store(world.store), str(registered))
     got = write_thin(world.store, world.spare, str(registered), path="examples")
     assert got["version"] == 0 and rows(str(registered)).num_rows == len(spare_ids(world))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["log", "examples"])
+def test_log_forget_and_vacuum_as_processes_at_once(world: World, path: Path_) -> None:
+    """``lmat log`` (``examples``), ``lmat forget --user U`` and ``lmat vacuum
+    --retention-hours 0`` started together as real processes, in whatever order they reach the
+    store lock: all succeed; the log's rows of the user are deleted with the user's others when
+    it committed first, else logged after the forget with nothing the forget deleted in them
+    (vacuum expires the log entries that would tell the order)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    before = rows(world.thin)
+    user = a_user_with_tails(world)
+    deleted = user_events(world.store, user)
+    cmds = [[path, world.store, world.spare, "--out", world.thin],
+            ["forget", world.store, "--user", str(user)],
+            ["vacuum", world.store, "--retention-hours", "0"]]
+    procs = [subprocess.Popen([sys.executable, "-m", "lmat_platform.cli", *c], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in cmds]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, (p.args, err)
+    assert json.loads(outs[0][0])["requests"] == len(spare_ids(world))
+    after = rows(world.thin)
+    ids = after.column("request_id").to_numpy()
+    assert len(ids) == len(np.unique(ids))
+    # Logged after the forget (the user's requests of the file are there, as an ordinary
+    # user's) or before it (deleted with the user's others): never an old row of the user, nor
+    # a head or a tail event the forget deleted.
+    mine = of_user(after, user)
+    assert set(mine.column("request_id").to_pylist()) <= set(spare_ids(world))
+    assert set(mine.column("head_len").to_pylist()) <= {0}
+    if path == "log":
+        assert not set(pc.list_flatten(after.column("tail_event_id")).to_pylist()) & deleted
+    assert of_user(after, user, keep=False).num_rows == of_user(
+        before, user, keep=False).num_rows + int(
+        (pq.read_table(world.spare).column("user_id").to_numpy() != user).sum())
