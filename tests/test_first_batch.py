@@ -130,6 +130,9 @@ def test_workers_first_batches_are_made_while_they_start(
         assert loader.state_dict()["rows_done"] == [50, 0]
         fresh = [first, *it]
         assert (loader._pool is None) == (ready_after is None)
+        monkeypatch.setattr(ld._Starting, "done", real_done)
+        if loader._starting is not None:
+            loader._starting._thread.join()  # started now
         again = list(loader)  # workers running: every batch from them
         assert loader._pool is not None and loader._pool.alive()
         assert _values(fresh) == _values(again)
@@ -138,19 +141,33 @@ def test_workers_first_batches_are_made_while_they_start(
         loader.close()
 
 
-def test_pass_left_at_its_first_batch_keeps_its_workers_starting(rs: ReaderStore) -> None:
+def test_pass_left_at_its_first_batch_keeps_its_workers_starting(
+    rs: ReaderStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A pass given up after its first batch does not wait for the workers it is starting;
-    the next pass uses them, yields every request, and ``close`` stops them."""
+    nor does the next pass while they are still starting: it makes its batches here, every
+    request once, and leaves them starting (the old code waited for them, seconds at the
+    start of every second pass); a pass after they are there uses them, and ``close`` stops
+    them."""
+    import lmat_platform.reader.loader as ld
+
     loader = SequenceLoader(rs.store, rs.thin, tenant=TENANT, batch_size=50, num_workers=2)
     try:
         it = iter(loader)
         next(it)
         del it  # closes the pass at its first batch
-        assert loader._starting is not None and loader._pool is None
-        single = SequenceLoader(rs.store, rs.thin, tenant=TENANT, batch_size=50)
-        assert same(collect(list(loader)), collect(list(single)))
+        starting = loader._starting
+        assert starting is not None and loader._pool is None
+        single = collect(list(SequenceLoader(rs.store, rs.thin, tenant=TENANT, batch_size=50)))
+        with monkeypatch.context() as m:
+            m.setattr(ld._Starting, "done", lambda self: False)  # still starting
+            assert same(collect(list(loader)), single)
+            assert loader._pool is None and loader._starting is starting
+        starting._thread.join()  # they are there now
+        assert same(collect(list(loader)), single)
         pool = loader._pool
         assert pool is not None and loader._starting is None
+        assert same(collect(list(loader)), single)  # from the running workers
     finally:
         loader.close()
     assert not any(p.is_alive() for p in pool.procs)

@@ -1214,6 +1214,11 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         self, specs: list[ConsumerSpec], first: int, key: Any = None,
         ahead: tuple[Any, list[ConsumerSpec]] | None = None,
     ) -> Iterator[tuple[int, int, Batch]]:
+        if self._starting is not None and not self._starting.done():
+            # Workers that an earlier pass started are not there yet: this pass, too, makes
+            # its batches here until they are (rather than wait seconds for them).
+            yield from self._iter_starting(specs, first, key, ahead)
+            return
         self._started()
         pool = self._pool
         if pool is None or pool.n != len(specs) or not pool.alive():
@@ -1228,13 +1233,15 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         self, specs: list[ConsumerSpec], first: int, key: Any,
         ahead: tuple[Any, list[ConsumerSpec]] | None,
     ) -> Iterator[tuple[int, int, Batch]]:
-        """A pass whose workers start now. They take seconds to start (each imports torch,
-        pyarrow and the kernels, in a process started from nothing): meanwhile this process
-        makes the pass's batches itself, the consumers' in turn as the workers would (each
-        consumer's units read when its batches are wanted), at least the first batch and until
-        the workers are there; each worker then starts where its consumer's batches stopped,
-        as a resumed pass does, so the batches and their order are the same. The workers
-        start once the first batch is made."""
+        """A pass whose workers start now, or are still starting. They take seconds to start
+        (each imports torch, pyarrow and the kernels, in a process started from nothing):
+        meanwhile this process makes the pass's batches itself, the consumers' in turn as the
+        workers would (each consumer's units read when its batches are wanted), at least the
+        first batch and until the workers are there; each worker then starts where its
+        consumer's batches stopped, as a resumed pass does, so the batches and their order are
+        the same. The workers start once the first batch is made; a pass that finds them
+        still starting (an earlier pass made all its batches here) does the same, without
+        waiting for them."""
         ctx = _mp_context()
         _check_workers_can_start(ctx)
 
@@ -1243,7 +1250,8 @@ class SequenceLoader(torch.utils.data.IterableDataset):
             return WorkerPool(len(specs), prefetch=self.prefetch, timeout_s=self.timeout_s,
                               ctx=ctx, target=_worker_main)
 
-        starting: _Starting | None = None
+        # Workers an earlier pass left starting, or None (they start at the first batch).
+        starting: _Starting | None = self._starting
         n = len(specs)
         rows = [s.start_row for s in specs]
         here: dict[int, Generator[tuple[int, Batch], None, None]] = {}
