@@ -64,8 +64,8 @@ def test_tiny_run_writes_model_metrics_and_plot(prep, tmp_path) -> None:
         assert m[part]["n"] == USERS
         assert 0 <= m[part]["hr@10"] <= m[part]["hr@10_filtered"] <= 1
         assert m["most_popular"][part]["n"] == USERS
-    assert m["dataset"]["train_stride"] == 5
-    # Every training rating is a target at most once an epoch (windows overlap by half; each
+    assert m["dataset"]["train_stride"] == 2  # max_len 10 // DEFAULT_STRIDE_DIVISOR
+    # Every training rating is a target at most once an epoch (windows overlap; each
     # trains only the ratings since the previous one), and most are: not the users' first
     # ratings, nor ones whose window shows nothing that arrived before them.
     n_train = pq.read_metadata(os.path.join(prep.import_dir, requests_file("train"))).num_rows
@@ -188,7 +188,9 @@ def test_interrupted_run_resumes_to_the_same_model(prep, tmp_path) -> None:
     ck = torch.load(cut / CHECKPOINT_FILE, weights_only=False)
     assert 0 < ck["state"]["step"] < stop  # the checkpoint is behind the interruption
     assert not (cut / MODEL_FILE).exists()
-    # A zero budget tests the checkpoint's best epoch at once; running again continues.
+    # A zero budget tests the checkpoint's best epoch at once; running again continues (the
+    # checkpoint here ends epoch 0: the zero-budget process never reads a batch, and once saved
+    # a fresh loader's state, so the next one replayed epoch 0's order as epoch 1).
     quick = train_on_dataset(prep, str(cut), max_len=10, model=_model(prep),
                              config=replace(CFG, budget_s=0))
     assert quick.metrics["stopped"] == "budget" and quick.metrics["epochs_run"] == 1

@@ -172,7 +172,8 @@ def _train_args(s: argparse.ArgumentParser) -> None:
                    help="all: every position predicts the next item; last: only the label")
     s.add_argument("--stride", type=_positive("--stride"), default=None,
                    help="training windows: each user's last request and about every "
-                   "stride-th before it (default: 1 for --loss last, max_len/2 for --loss all)")
+                   "stride-th before it (default: 1 for --loss last, max_len/5 for --loss all, "
+                   "so 10 at --max-len 50: chosen on ML-100K validation over 4 seeds)")
     s.add_argument("--time-column", default="arrival_ts",
                    help="arrival-time column: each training item is predicted from its own "
                    "H(u, T) inside the window ('none': from the item just before it)")
