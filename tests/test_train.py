@@ -203,6 +203,25 @@ def test_interrupted_run_resumes_to_the_same_model(prep, tmp_path) -> None:
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
 
 
+def test_zero_budget_at_an_epoch_end_keeps_the_next_epoch_order(prep, tmp_path) -> None:
+    """A process that resumes at an epoch's end and stops before reading a batch (budget 0)
+    saves the loader state it resumed from, so the continuation trains the next epoch in that
+    epoch's order, as an uninterrupted run does."""
+    cfg = replace(CFG, checkpoint_every=10_000)  # checkpoints only at epochs' ends
+    full = train_on_dataset(prep, str(tmp_path / "full"), max_len=10, model=_model(prep),
+                            config=cfg, stride=5)
+    first_epoch_steps = full.history[0]["step"]
+    with pytest.raises(_Stop):
+        train_on_dataset(prep, str(tmp_path / "cut"), max_len=10, model=_model(prep),
+                         config=cfg, stride=5, on_step=_stop_at(first_epoch_steps + 1))
+    quick = train_on_dataset(prep, str(tmp_path / "cut"), max_len=10, model=_model(prep),
+                             config=replace(cfg, budget_s=0), stride=5)
+    assert quick.metrics["stopped"] == "budget" and quick.metrics["epochs_run"] == 1
+    cont = train_on_dataset(prep, str(tmp_path / "cut"), max_len=10, model=_model(prep),
+                            config=cfg, stride=5)
+    assert [h["train_loss"] for h in cont.history] == [h["train_loss"] for h in full.history]
+
+
 @pytest.mark.slow
 def test_killed_cli_run_resumes_to_the_same_model(prep, tmp_path) -> None:
     """``lmat train`` killed with SIGKILL part way, then run again, ends where an uninterrupted
