@@ -241,16 +241,31 @@ _THP_STATE = """
 import ctypes
 # The flag is inherited: start from huge pages on (this test process may have them off).
 assert ctypes.CDLL(None).prctl(41, 0, 0, 0, 0) == 0
-import {module}
+{code}
 print([ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("THP_enabled:")][0])
 """
 
 
-def _thp_enabled_after(module: str, value: str | None) -> subprocess.CompletedProcess[str]:
+_THP_MODES = """
+import ctypes, os
+from lmat_platform.reader.buffers import avoid_thp_stalls
+for mode in ("auto", "keep", "no"):
+    assert ctypes.CDLL(None).prctl(41, 0, 0, 0, 0) == 0
+    os.environ["LMAT_THP"] = mode
+    try:
+        avoid_thp_stalls()
+    except ValueError as e:
+        print(f"ValueError: {e}")
+        continue
+    print([ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("THP_enabled:")][0])
+"""
+
+
+def _thp_enabled_after(code: str, value: str | None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "LMAT_THP"}
     if value is not None:
         env["LMAT_THP"] = value
-    return subprocess.run([sys.executable, "-c", _THP_STATE.format(module=module)],
+    return subprocess.run([sys.executable, "-c", _THP_STATE.format(code=code)],
                           capture_output=True, text=True, check=False, timeout=300, env=env)
 
 
@@ -265,15 +280,17 @@ def test_reader_process_turns_huge_pages_off_where_faults_stall() -> None:
     the variable. On the old code the process kept them (``THP_enabled: 1``)."""
     from lmat_platform.reader.buffers import thp_stalls
 
-    off = _thp_enabled_after("lmat_platform.reader.loader", "off")
+    off = _thp_enabled_after("import lmat_platform.reader.loader", "off")
     assert off.returncode == 0, off.stderr[-2000:]
     assert off.stdout.split()[-1] == "0"
-    auto = _thp_enabled_after("lmat_platform.reader.loader", None)
-    assert auto.stdout.split()[-1] == ("0" if thp_stalls() else "1")
-    keep = _thp_enabled_after("lmat_platform.reader.loader", "keep")
-    assert keep.stdout.split()[-1] == "1"
-    bad = _thp_enabled_after("lmat_platform.reader.loader", "no")
-    assert bad.returncode != 0 and "LMAT_THP must be auto, off or keep" in bad.stderr
+    # The other settings in one process, the flag reset before each call.
+    modes = subprocess.run([sys.executable, "-c", _THP_MODES], capture_output=True, text=True,
+                           check=False, timeout=300)
+    assert modes.returncode == 0, modes.stderr[-2000:]
+    auto, keep, bad = modes.stdout.splitlines()[-3:]
+    assert auto == ("0" if thp_stalls() else "1")
+    assert keep == "1"
+    assert bad == "ValueError: LMAT_THP must be auto, off or keep, but got 'no'"
 
 
 def test_workers_start_once_the_first_batch_is_made(
