@@ -127,7 +127,16 @@ def child_lmat(setup: dict[str, Any], tenant: str, workers: int, reps: int) -> d
     for _ in it:
         pass
     first_pass = time.perf_counter() - t0
+    up_s = time.perf_counter()
+    untimed = until_workers(loader)
+    up_s = time.perf_counter() - up_s
+    pool = loader._pool
+    pids = [p.pid for p in pool.procs] if pool is not None else []
+    w0 = _procs_cpu_s(pids)
     out = _passes(lambda: loader, reps)
+    out["workers_cpu_s"] = _procs_cpu_s(pids) - w0  # in the passes _passes ran, its untimed one too
+    out["workers_up_s"] = up_s  # after the first pass, until the workers serve the passes
+    out["passes_until_workers"] = untimed
     loader.close()
     out["first_batch_s"] = first
     out["first_batch_cpu_s"] = first_cpu
@@ -136,6 +145,27 @@ def child_lmat(setup: dict[str, Any], tenant: str, workers: int, reps: int) -> d
     out["import_cpu_s"] = import_cpu
     out["first_pass_s"] = first_pass
     return out
+
+
+def until_workers(loader: Any, limit_s: float = 300.0, poll_s: float = 0.05) -> int:
+    """Wait (and run untimed passes) until ``loader``'s worker processes serve its passes;
+    returns the passes run. A pass that finds the workers still starting makes its batches in
+    the main process (505c87a), so passes timed before they are up would measure the main
+    process, not the workers. Waits without reading while they start, so that the wait does
+    not slow their start down."""
+    t0 = time.perf_counter()
+    passes = 0
+    while loader.num_workers and loader._pool is None:
+        if time.perf_counter() - t0 > limit_s:
+            raise RuntimeError(f"the loader's {loader.num_workers} workers not up in {limit_s} s")
+        starting = loader._starting
+        if starting is not None and not starting.done():
+            time.sleep(poll_s)
+            continue
+        for _ in loader:  # takes the started workers as its pool (or starts them)
+            pass
+        passes += 1
+    return passes
 
 
 def _spin(seconds: float, clock: Any = time.perf_counter) -> None:
@@ -193,11 +223,9 @@ def child_stall(setup: dict[str, Any], tenant: str, factor: float, passes: int,
     for workers in (0, 1, 2):
         loader = SequenceLoader(setup["store"], setup["thin"], tenant=t, batch_size=BATCH,
                                 num_workers=workers)
-        for _ in range(3):  # untimed passes until the workers have started
-            for _ in loader:
-                pass
-            if not workers or loader._pool is not None:
-                break
+        for _ in loader:  # untimed: start-up
+            pass
+        until_workers(loader)
         shares, totals, firsts, cpus, wcpus = [], [], [], [], []
         pool = loader._pool
         pids = [p.pid for p in pool.procs] if pool is not None else []
