@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import threading
+import weakref
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -68,7 +69,7 @@ from lmat_platform.reader.errors import (
     ReaderWorkerError,
     StoreUnreachableError,
 )
-from lmat_platform.reader.prefetch import Prefetcher
+from lmat_platform.reader.prefetch import Prefetcher, close_at_exit
 from lmat_platform.reader.workers import WorkerPool, worker_loop
 from lmat_platform.reconstruct import (
     THIN_KEYS,
@@ -993,6 +994,10 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         #: Passes begun (iterators started); an iterator whose pass is not the newest is
         #: cancelled (ReaderPassCancelledError on its next use).
         self._passes = 0
+        #: This loader's iterators not yet ended (closed by :meth:`close`, and at exit).
+        self._open: weakref.WeakSet[Generator[Batch, None, None]] = weakref.WeakSet()
+        self._closing = False
+        close_at_exit(self, first=True)
         # Raises TenantError for a column the store does not have.
         self.ctx = ReadContext.build(self.store, tenant, verify=verify)
         #: Summary tenants (spec section 10): batches get summaries and tails from the server.
@@ -1154,6 +1159,11 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         self._tombs_checked = np.union1d(self._tombs_checked, new)
 
     def __iter__(self) -> Iterator[Batch]:
+        g = self._iter_pass()
+        self._open.add(g)
+        return g
+
+    def _iter_pass(self) -> Generator[Batch, None, None]:
         self._check_tombstones()
         per_rank, offset = self._consumers()
         if torch.utils.data.get_worker_info() is not None:
@@ -1288,7 +1298,7 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         if all(ended):
             # The whole pass was made here; the workers, still starting, serve the next.
             if not self.persistent_workers:
-                self.close()
+                self._close_workers()
             return
         specs = [replace(s, start_row=r) for s, r in zip(specs, rows, strict=True)]
         if starting is not None and self._starting is starting:
@@ -1316,7 +1326,8 @@ class SequenceLoader(torch.utils.data.IterableDataset):
             if not ok and not pool.alive():
                 pool.close()
             if not self.persistent_workers and pool.open_pass is None:
-                self.close()  # unless a newer iterator's pass (which cancelled this) runs
+                self._close_workers()  # unless a newer iterator's pass (which cancelled
+                # this one) runs
 
     def _started(self) -> None:
         """Workers whose start a pass left under way (it ended at its first batch, or is
@@ -1330,8 +1341,25 @@ class SequenceLoader(torch.utils.data.IterableDataset):
                 self._pool = pool
 
     def close(self) -> None:
-        """Stop this loader's worker processes (they are kept between passes otherwise, and
-        stop with the loader or the process)."""
+        """End this loader's open iterators (each one's next use raises StopIteration; its
+        read-ahead thread is stopped and joined) and stop its worker processes (they are kept
+        between passes otherwise, and stop with the loader or the process). A process that
+        exits with an iterator still open closes its loaders this way first (an ``atexit``
+        hook, :func:`~lmat_platform.reader.prefetch.close_at_exit`). A later ``iter()`` starts
+        a new pass as usual."""
+        if self._closing:  # an iterator's clean-up calls back in
+            return
+        self._closing = True
+        try:
+            for g in list(self._open):
+                with contextlib.suppress(ValueError):  # being run by another thread: not here
+                    g.close()
+            self._close_workers()
+        finally:
+            self._closing = False
+
+    def _close_workers(self) -> None:
+        """Stop the worker processes, and a start of them under way (after it is done)."""
         self._started()
         pool, self._pool = self._pool, None
         if pool is not None:
@@ -1342,7 +1370,13 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         state = self.__dict__.copy()
         state["_pool"] = None
         state["_starting"] = None
+        del state["_open"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._open = weakref.WeakSet()
+        close_at_exit(self, first=True)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):

@@ -7,16 +7,26 @@ are: the one being consumed, ``depth`` queued and one being built.
 
 Decoding Parquet and the numpy kernels release the GIL, so a thread is enough to overlap I/O and
 decode with batch assembly; across cores the loader uses worker processes.
+
+A process may end with a pass still open (a script that ``break``\ s out of its loop and ends, or
+an exception that escapes it). Its daemon threads would then be stopped by the interpreter's
+shutdown wherever they are: inside pyarrow's or numba's C++ code that aborts the process
+("terminate called without an active exception", exit code 134). So whatever holds such a thread
+registers with :func:`close_at_exit`, and an ``atexit`` hook (registered once, run before the
+interpreter stops its threads) closes it: every live loader (its open passes, its workers and
+their start), then every live prefetcher, each thread stopped and joined.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from lmat_platform.reader.errors import ReaderTimeoutError
 
@@ -26,6 +36,52 @@ T = TypeVar("T")
 
 #: How often a blocked put/get wakes up to check for shutdown or a dead producer, in seconds.
 POLL_S = 0.5
+
+#: The longest an exiting process waits for one read-ahead thread to end its current unit.
+EXIT_JOIN_S = 60.0
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+#: What the exit hook closes, in order: loaders (which close their passes), then prefetchers.
+_AT_EXIT: tuple[weakref.WeakSet[Any], weakref.WeakSet[Any]] = (weakref.WeakSet(), weakref.WeakSet())
+_HOOKED = False
+_HOOK_LOCK = threading.Lock()
+
+
+def close_at_exit(obj: _Closable, *, first: bool = False) -> None:
+    """Call ``obj.close()`` when the interpreter exits, if ``obj`` is still alive then (held
+    weakly). ``first``: before the others (an owner whose close closes what it owns)."""
+    global _HOOKED
+    with _HOOK_LOCK:
+        if not _HOOKED:
+            atexit.register(_close_all)
+            _HOOKED = True
+        _AT_EXIT[0 if first else 1].add(obj)
+
+
+_EXITING = False
+
+
+def _exiting() -> bool:
+    return _EXITING
+
+
+def _close_all() -> None:
+    global _EXITING
+    _EXITING = True
+    from lmat_platform.kernels import _join_warm_up_before_fork
+
+    for live in _AT_EXIT:
+        for obj in list(live):
+            try:
+                obj.close()
+            except Exception as e:  # an exiting process reports it and goes on closing
+                log.warning("closing %r at exit failed: %s", obj, e)
+    # The kernels' warm-up thread, if still loading: numba's C++ code must not be cut short.
+    _join_warm_up_before_fork()
 
 
 class _End:
@@ -61,6 +117,7 @@ class Prefetcher(Generic[T], Iterator[T]):
         self._done = False
         self._thread = threading.Thread(target=self._run, args=(produce,), name=name, daemon=True)
         self._thread.start()
+        close_at_exit(self)
 
     def _put(self, item: T | _End | _Failure) -> bool:
         while not self._stop.is_set():
@@ -75,6 +132,8 @@ class Prefetcher(Generic[T], Iterator[T]):
         try:
             for item in produce():
                 if not self._put(item):
+                    return
+                if self._stop.is_set():  # closed while this item was being made
                     return
             self._put(_End())
         except BaseException as e:  # handed to the consumer, which re-raises it
@@ -121,7 +180,11 @@ class Prefetcher(Generic[T], Iterator[T]):
             except queue.Empty:
                 break
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout=5 * POLL_S)
+            # At exit: wait for the unit being read (the thread must not be inside pyarrow
+            # when the interpreter stops it); otherwise a bounded wait.
+            self._thread.join(timeout=EXIT_JOIN_S if _exiting() else 5 * POLL_S)
+            if self._thread.is_alive():
+                log.warning("%s: the read-ahead thread did not stop", self._thread.name)
 
     def __del__(self) -> None:
         self._stop.set()
