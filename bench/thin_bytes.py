@@ -95,7 +95,7 @@ def column_bytes(table: str) -> dict[str, Any]:
 TAIL_POINTER = ("tail_len", "tail_block", "tail_start")
 
 
-def decode_cpu(tables: list[str], columns: list[str], reps: int) -> list[dict[str, float]]:
+def decode_cpu(tables: list[str], columns: list[str], reps: int) -> list[dict[str, Any]]:
     """CPU seconds to read every live file of each thin table and flatten the stored tails of
     event ``columns`` (as a cache-off pass does, bucket by bucket: ``read_thin_file`` then
     ``ThinRows.from_table``); tables alternated round by round, median of ``reps``."""
