@@ -1181,10 +1181,12 @@ def warm_up_in_background() -> None:
         _WARMING.start()
 
 
-def _join_warm_up_before_fork() -> None:
+def join_warm_up() -> None:
+    """Wait for :func:`warm_up_in_background`'s thread if it is still loading kernels (before a
+    fork, and at exit: numba's C++ code must not be cut short)."""
     t = _WARMING
     if t is not None and t.is_alive() and t is not threading.current_thread():
         t.join()
 
 
-os.register_at_fork(before=_join_warm_up_before_fork)
+os.register_at_fork(before=join_warm_up)

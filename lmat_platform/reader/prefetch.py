@@ -72,7 +72,7 @@ def _exiting() -> bool:
 def _close_all() -> None:
     global _EXITING
     _EXITING = True
-    from lmat_platform.kernels import _join_warm_up_before_fork
+    from lmat_platform.kernels import join_warm_up
 
     for live in _AT_EXIT:
         for obj in list(live):
@@ -81,7 +81,7 @@ def _close_all() -> None:
             except Exception as e:  # an exiting process reports it and goes on closing
                 log.warning("closing %r at exit failed: %s", obj, e)
     # The kernels' warm-up thread, if still loading: numba's C++ code must not be cut short.
-    _join_warm_up_before_fork()
+    join_warm_up()
 
 
 class _End:
