@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -338,3 +339,23 @@ def test_bench_ray_publish_tiny(tmp_path: Path) -> None:
     r = json.loads(out.read_text())
     assert r["same_tables"] and r["publish_nodes"] == 2 and r["warmup_nodes"] == 2
     assert r["local_publish_s"] > 0 and r["ray_publish_s"] > 0 and r["publish_speedup"] > 0
+
+
+def test_ray_engine_failed_task_cancels_its_siblings(tmp_path: Path, ray_here: str) -> None:
+    """A step with a failing task raises the task's own error as soon as it fails, and its
+    other tasks are cancelled instead of running on (the old code waited for all of them)."""
+
+    def fail_or_sleep(x: tuple[int, str]) -> int:  # local: Ray ships it by value
+        k, marker_dir = x
+        if k == 0:
+            raise ValueError("task 0 fails")
+        time.sleep(8)
+        Path(marker_dir, f"done-{k}").touch()
+        return k
+
+    eng = RayEngine(None)
+    with pytest.raises(ValueError, match="task 0 fails"):
+        eng.map(fail_or_sleep, [(0, str(tmp_path)), (1, str(tmp_path))])
+    assert not list(tmp_path.glob("done-*"))  # the old code returned only after this
+    time.sleep(10)  # past the sibling's sleep: it was cancelled, not left running
+    assert not list(tmp_path.glob("done-*"))

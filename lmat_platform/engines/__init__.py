@@ -89,8 +89,9 @@ class RayEngine:
         # SPREAD: a step's tasks are alike and short; packed, they would queue on the
         # driver's node while the others idle.
         task: Any = self._ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_on_node)
+        refs = [task.remote(fn, x, env) for x in items]
         try:
-            got = self._ray.get([task.remote(fn, x, env) for x in items])
+            got = self._gather(refs)
         except self._ray.exceptions.RayTaskError as e:
             # The task's own error (a bad input file's one line), not Ray's wrapper of it.
             cause = getattr(e, "cause", None)
@@ -100,6 +101,25 @@ class RayEngine:
         self.nodes = {n for _, n in got}
         self.all_nodes |= self.nodes
         return [r for r, _ in got]
+
+    def _gather(self, refs: list[Any]) -> list[Any]:
+        """The results of ``refs`` in order, raising the first task error as soon as it
+        happens; the step's other tasks are then cancelled, so a failed step does not keep
+        the cluster busy writing files that no commit will name."""
+        ray = self._ray
+        pending = list(refs)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)  # raises the task's error
+        except BaseException:
+            for ref in pending:
+                try:
+                    ray.cancel(ref)
+                except Exception:  # already finished, or its worker is gone
+                    log.debug("could not cancel a Ray task", exc_info=True)
+            raise
+        return list(ray.get(refs))
 
 
 def _on_node(fn: Callable[[T], R], x: T, env: dict[str, str]) -> tuple[R, str]:
