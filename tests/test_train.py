@@ -222,6 +222,22 @@ def test_zero_budget_at_an_epoch_end_keeps_the_next_epoch_order(prep, tmp_path) 
     assert [h["train_loss"] for h in cont.history] == [h["train_loss"] for h in full.history]
 
 
+def test_checkpoint_from_before_a_model_field_resumes(prep, tmp_path) -> None:
+    """A checkpoint saved before ``SASRecConfig.repeat`` existed (no such key) was a model
+    without it: it resumes a ``repeat=False`` model and is refused for ``repeat=True``."""
+    with pytest.raises(_Stop):  # cut after the checkpoint of step 3
+        train_on_dataset(prep, str(tmp_path), max_len=10, model=_model(prep), config=CFG,
+                         on_step=_stop_at(4))
+    ck = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)
+    del ck["model_config"]["repeat"]
+    torch.save(ck, tmp_path / CHECKPOINT_FILE)
+    with pytest.raises(ValueError, match="saved for model"):
+        train_on_dataset(prep, str(tmp_path), max_len=10, config=CFG,
+                         model=replace(_model(prep), repeat=True))
+    cont = train_on_dataset(prep, str(tmp_path), max_len=10, model=_model(prep), config=CFG)
+    assert cont.metrics["epochs_run"] == CFG.epochs and cont.metrics["steps"] > 4
+
+
 @pytest.mark.slow
 def test_killed_cli_run_resumes_to_the_same_model(prep, tmp_path) -> None:
     """``lmat train`` killed with SIGKILL part way, then run again, ends where an uninterrupted
