@@ -215,9 +215,17 @@ def _or_q(v: Any) -> str:
     return "?" if v is None else str(v)
 
 
-def _valid_at(row: dict[str, Any], epochs: int) -> str:
+def _valid_at(row: dict[str, Any], epochs: int | None = None) -> str:
+    """Best validation NDCG@10 within the first ``epochs`` (all when None; ``-``: fewer run)."""
     curve = row.get("valid_ndcg_by_epoch") or []
+    if epochs is None:
+        return f"{max(curve):.4f}" if curve else "-"
     return f"{max(curve[:epochs]):.4f}" if len(curve) >= epochs else "-"
+
+
+def _load(x: dict[str, Any], key: str) -> str:
+    v = x.get(key)
+    return "?" if not v else f"{v[0]:.1f}"
 
 
 def table(source: str, rows: list[dict[str, Any]]) -> str:
@@ -225,17 +233,19 @@ def table(source: str, rows: list[dict[str, Any]]) -> str:
     each rung stopped (``patience``: early stopping; ``budget``: its time budget, best
     validation epoch tested) after how many epochs, the train seconds an epoch (step time,
     evaluation excluded), throughput and the share of step time spent waiting for data; and,
-    as rungs stop after different numbers of epochs, the best validation NDCG@10 within the
-    first E epochs (``valid@E``, E in :data:`EQUAL_EPOCHS`; ``-`` for a rung that ran fewer)."""
+    as rungs stop after different numbers of epochs, the best validation NDCG@10 over the run
+    (``best valid``, the epoch tested) and within the first E epochs (``valid@E``, E in
+    :data:`EQUAL_EPOCHS`; ``-`` for a rung that ran fewer). A process segment reconstructed
+    from logs (before the process log existed) shows ``?`` for what was not recorded."""
     lines = [
         f"Sequence-length ladder on {source} (test, full ranking; `f` = seen items filtered; "
         "epochs (best) = epochs run (best validation epoch, the one tested); valid@E = best "
         "validation NDCG@10 within the first E epochs, `-` where the rung ran fewer)",
         "",
         "| max_len | HR@10 | NDCG@10 | HR@10 f | NDCG@10 f | stopped by | epochs (best) | "
-        + "".join(f"valid@{e} | " for e in EQUAL_EPOCHS)
+        "best valid | " + "".join(f"valid@{e} | " for e in EQUAL_EPOCHS)
         + "train s/epoch | windows/step | targets/epoch | windows/s | targets/s | data wait |",
-        "|" + " --- |" * (13 + len(EQUAL_EPOCHS)),
+        "|" + " --- |" * (14 + len(EQUAL_EPOCHS)),
     ]
     for r in rows:
         t = r["test"]
@@ -243,7 +253,7 @@ def table(source: str, rows: list[dict[str, Any]]) -> str:
             f"| {r['max_len']} | {t['hr@10']:.4f} | {t['ndcg@10']:.4f} | "
             f"{t['hr@10_filtered']:.4f} | {t['ndcg@10_filtered']:.4f} | "
             f"{STOP_NAMES.get(r['stopped'], r['stopped'])} | {r['epochs']} ({r['best_epoch']}) | "
-            + "".join(_valid_at(r, e) + " | " for e in EQUAL_EPOCHS) +
+            f"{_valid_at(r)} | " + "".join(_valid_at(r, e) + " | " for e in EQUAL_EPOCHS) +
             f"{r['train_s_per_epoch']:.0f} | {r['batch_size']} | {r['targets_per_epoch']} | "
             f"{r['examples_per_s']:.0f} | {r['targets_per_s']:.0f} | "
             f"{100 * r['data_wait_share']:.1f}% |"
@@ -258,8 +268,7 @@ def table(source: str, rows: list[dict[str, Any]]) -> str:
                 f"- {name}: {x['started']} to {x.get('ended', '?')}, code {x['commit']}, "
                 f"budget {'none' if budget is None else f'{budget:.0f} s'}, "
                 f"{_or_q(x.get('wall_s'))} s wall, {_or_q(x.get('cpu_s'))} s CPU, load average "
-                f"{x['loadavg_start'][0]:.1f} -> "
-                f"{x['loadavg_end'][0] if 'loadavg_end' in x else float('nan'):.1f}: "
+                f"{_load(x, 'loadavg_start')} -> {_load(x, 'loadavg_end')}: "
                 f"`python -m bench.ml_ladder {shlex.join(x['argv'][1:])}`"
                 + (f" ({x['interrupted']}, resumed)" if x.get("interrupted") else "")
                 + (f" ({x['note']})" if x.get("note") else "")

@@ -56,9 +56,10 @@ def test_table_names_the_stop_epochs_and_processes_and_copies_results(tmp_path: 
     line10 = next(x for x in md.splitlines() if x.startswith("| 10 |"))
     line_whole = next(x for x in md.splitlines() if x.startswith("| whole |"))
     # best validation within the first 5 and 10 epochs ("-": fewer run); 1980 s over 22 epochs
-    assert f"| patience | 22 (11) | {0.05 * 5 / 22:.4f} | {0.05 * 10 / 22:.4f} | 90 |" in line10
-    assert "| budget | 3 (2) | - | - | 500 |" in line_whole
-    assert "| valid@5 | valid@10 |" in md
+    assert (f"| patience | 22 (11) | 0.0500 | {0.05 * 5 / 22:.4f} | {0.05 * 10 / 22:.4f} | 90 |"
+            in line10)
+    assert "| budget | 3 (2) | 0.0300 | - | - | 500 |" in line_whole
+    assert "| best valid | valid@5 | valid@10 |" in md
     assert "1.2%" in line10
     assert ("whole: 2026-12-03T04:00:00Z to 2026-12-03T04:25:00Z, code abc1234, budget 1200 s"
             in md)
@@ -96,3 +97,18 @@ def test_a_stopped_process_records_its_end(tmp_path: Path, monkeypatch: Any) -> 
     (seg,) = json.loads((tmp_path / "len-50" / RUNG_LOG).read_text())
     assert seg["interrupted"] == "SystemExit" and seg["commit"] == "c0ffee"
     assert seg["rung_budget_s"] == 60.0 and "ended" in seg and seg["cpu_s"] >= 0
+
+
+def test_reconstructed_segment_shows_what_was_not_recorded(tmp_path: Path) -> None:
+    """A segment written from logs (no load average, CPU or end) renders with ``?``."""
+    run = _rung(tmp_path, "200", _metrics(200, epochs=29, best=18, stopped="early_stopping",
+                                          step_s=900.0, ndcg=0.054))
+    _segment(run, {"pid": 0, "commit": "55f2ffe..f684b37 (working tree)",
+                   "argv": ["ml_ladder.py", "--lengths", "200"],
+                   "started": "2026-12-02T23:11:25Z", "rung_budget_s": None,
+                   "note": "reconstructed from its log"})
+    write_outputs("ml-100k", collect(tmp_path), tmp_path)
+    md = (tmp_path / "ladder.md").read_text()
+    assert ("- 200: 2026-12-02T23:11:25Z to ?, code 55f2ffe..f684b37 (working tree), budget "
+            "none, ? s wall, ? s CPU, load average ? -> ?: `python -m bench.ml_ladder "
+            "--lengths 200` (reconstructed from its log)") in md
