@@ -257,3 +257,43 @@ def test_unguarded_main_line_finds_the_script_line_outside_the_guard(tmp_path: P
     r = subprocess.run([sys.executable, "-c", script.read_text()], capture_output=True, text=True,
                        timeout=120)
     assert r.stdout.split() == ["None"] * 4, r.stderr[-2000:]
+
+
+def test_deep_prefetch_keeps_batches_in_slots_and_permits_come_back_in_groups(
+        rs: ReaderStore, reference: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``prefetch=8`` and a consumer slower than the workers, every batch the workers make
+    still crosses in one of their reused slots (a header, not a pickled batch whose tensors
+    each bring a shared-memory handle), and the batches are those of a 0-worker pass. The main
+    process gives a worker's permits back in groups (one wake-up of the worker per group),
+    never holding back more than the group, so the worker always has ``prefetch`` batches
+    ahead. The old code had 8 slots a worker whatever the prefetch: a worker 8 batches ahead
+    ran out and sent pickled batches."""
+    from lmat_platform.reader import workers as wk
+
+    kinds: list[int] = []
+    real = wk.SlotReader.unpack
+
+    def unpack(self: Any, msg: bytes) -> Batch:
+        kinds.append(msg[0])
+        return real(self, msg)
+
+    monkeypatch.setattr(wk.SlotReader, "unpack", unpack)
+    loader = SequenceLoader(rs.store, rs.thin, tenant=TENANT, batch_size=16, num_workers=2,
+                            prefetch=8, timeout_s=60)
+    try:
+        got = []
+        for i, b in enumerate(loader):
+            got.append(Batch(request_id=b.request_id.clone(), lengths=b.lengths.clone(),
+                             values={c: v.clone() for c, v in b.values.items()}))
+            del b
+            if i < 12:
+                time.sleep(0.1)  # the workers fill their pipes
+            pool = loader._pool
+            if pool is not None:
+                assert all(h < (g or 1) for h, g in zip(pool.held, pool.group, strict=True))
+        assert same(collect(got), reference)
+        assert kinds and wk.BATCH not in kinds, kinds
+        pool = loader._pool
+        assert pool is not None and pool.group == [wk.MAX_GROUP] * 2, pool.group
+    finally:
+        loader.close()
