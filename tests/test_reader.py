@@ -29,6 +29,7 @@ from lmat_platform.exceptions import TenantError, ThinTableError
 from lmat_platform.reader import Batch, SequenceLoader, StoreUnreachableError, plan_units
 from lmat_platform.reader.loader import assign_units
 from lmat_platform.reader.prefetch import Prefetcher
+from lmat_platform.reader.workers import slots_for
 from lmat_platform.reconstruct import own_tails
 
 TENANT = lmat.Tenant("ranking", ("item_id", "action", "dwell_ms", "event_ts"), 300)
@@ -487,6 +488,7 @@ def test_workers_persist_across_passes_and_reuse_shared_slots(rs: ReaderStore,
                             shuffle=True, seed=2, max_unit_rows=60)
     first = collect(list(loader))
     assert same(first, reference[TENANT.name])
+    loader._started()  # on a busy machine the whole first pass may be made before they are up
     pool = loader._pool
     assert pool is not None
     pids = [p.pid for p in pool.procs]
@@ -505,7 +507,8 @@ def test_workers_persist_across_passes_and_reuse_shared_slots(rs: ReaderStore,
             n += 1
         assert same(got, reference[TENANT.name])
         assert loader._pool is pool and [p.pid for p in pool.procs] == pids
-        assert len(ptrs) <= 2 * 8 < n, (len(ptrs), n)  # slots reused, not one buffer a batch
+        # slots reused, not one buffer a batch
+        assert len(ptrs) <= 2 * slots_for(loader.prefetch) < n, (len(ptrs), n)
     loader.close()
     assert loader._pool is None and not any(p.is_alive() for p in pool.procs)
 

@@ -196,9 +196,11 @@ class SlotWriter:
         if fits:
             k = min(fits, key=fits.__getitem__)
         elif free:
-            # A slot never made, or too small: (re)made with head room.
+            # A slot never made, or too small: (re)made with head room, and at least as large
+            # as the largest slot (each new slot is a handle the main process must open).
             k = next((i for i in free if self.slots[i] is None), free[0])
-            size = max(MIN_SLOT_BYTES, need + need // 4)
+            size = max(MIN_SLOT_BYTES, need + need // 4,
+                       max((s.numel() for s in self.slots if s is not None), default=0))
             t = torch.empty(size, dtype=torch.uint8).share_memory_()
             self.slots[k] = t
             self.bases[k] = t.numpy()
