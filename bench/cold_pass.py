@@ -313,6 +313,8 @@ def child_ratio(setup: dict[str, Any], tenant: str, rounds: int) -> dict[str, An
 
 #: The operations of a cache-off pass, in the order they run for each unit.
 STAGES = ("thin_read", "thin_tails", "heads", "tier_read", "checks_tails", "plan", "batches")
+#: The operations that decode Parquet (their ``decode_s`` in :func:`child_breakdown`).
+DECODED = ("thin_read", "heads", "tier_read")
 
 
 def child_breakdown(setup: dict[str, Any], tenant: str, reps: int,
@@ -325,8 +327,13 @@ def child_breakdown(setup: dict[str, Any], tenant: str, reps: int,
     pruned read of the tier's row groups; ``checks_tails``: pointer checks, lookups and tails
     in ``prepare_unit`` besides those two reads; ``plan``: the planner; ``batches``: batches
     cut and every value copied. Seconds of ``clock`` per pass (wall; ``time.process_time``:
-    CPU, which load on the machine inflates far less), median over ``reps`` passes."""
+    CPU, which load on the machine inflates far less), median over ``reps`` passes.
+    ``decode_s``: of ``thin_read``, ``heads`` and ``tier_read``, the seconds inside Arrow's
+    Parquet decode (``ParquetFile.read`` / ``read_row_groups``), the rest being the Python
+    and numpy work around it."""
     import functools
+
+    import pyarrow.parquet as pq
 
     import lmat_platform.reader.loader as ld
     from lmat_platform.protocol.pointers import HeadIndex
@@ -340,18 +347,36 @@ def child_breakdown(setup: dict[str, Any], tenant: str, reps: int,
         pass
     spec = loader._specs(1, 0, [0])[0]
     acc: dict[str, float] = {}
+    inside: list[str] = []  # the timed operations a call runs in, innermost last
 
     def timed(name: str, fn: Any) -> Any:
+        @functools.wraps(fn)
+        def inner(*a: Any, **k: Any) -> Any:
+            t0 = clock()
+            inside.append(name)
+            try:
+                return fn(*a, **k)
+            finally:
+                inside.pop()
+                acc[name] = acc.get(name, 0.0) + clock() - t0
+        return inner
+
+    def decode(fn: Any) -> Any:
         @functools.wraps(fn)
         def inner(*a: Any, **k: Any) -> Any:
             t0 = clock()
             try:
                 return fn(*a, **k)
             finally:
-                acc[name] = acc.get(name, 0.0) + clock() - t0
+                # Thin files are read outside the timed calls, in ``_unit_rows``.
+                where = "decode:" + (inside[-1] if inside else "thin_read")
+                acc[where] = acc.get(where, 0.0) + clock() - t0
         return inner
 
     orig = (uih.read_bucket, HeadIndex.of_files, ThinRows.from_table)
+    pq_orig = (pq.ParquetFile.read, pq.ParquetFile.read_row_groups)
+    pq.ParquetFile.read = decode(pq_orig[0])  # type: ignore[method-assign]
+    pq.ParquetFile.read_row_groups = decode(pq_orig[1])  # type: ignore[method-assign]
     uih.read_bucket = timed("tier_read", orig[0])
     HeadIndex.of_files = classmethod(  # type: ignore[assignment,method-assign]
         lambda cls, *a, **k: timed("heads", orig[1])(*a, **k))
@@ -359,6 +384,7 @@ def child_breakdown(setup: dict[str, Any], tenant: str, reps: int,
         lambda cls, *a, **k: timed("thin_tails", orig[2])(*a, **k))
     alloc = ld._pool_alloc(shared_pool())
     passes = []
+    decoded: list[dict[str, float]] = []
     try:
         for _ in range(reps):
             acc.clear()
@@ -390,7 +416,9 @@ def child_breakdown(setup: dict[str, Any], tenant: str, reps: int,
             for k in ("thin_tails", "heads", "tier_read"):
                 stage[k] = acc.get(k, 0.0)
             passes.append(stage)
+            decoded.append({k: acc.get("decode:" + k, 0.0) for k in DECODED})
     finally:
+        pq.ParquetFile.read, pq.ParquetFile.read_row_groups = pq_orig  # type: ignore[method-assign]
         uih.read_bucket = orig[0]
         HeadIndex.of_files = classmethod(  # type: ignore[assignment,method-assign]
             lambda cls, *a, **k: orig[1](*a, **k))
@@ -398,6 +426,7 @@ def child_breakdown(setup: dict[str, Any], tenant: str, reps: int,
             lambda cls, *a, **k: orig[2](*a, **k))
     med = {k: statistics.median(p[k] for p in passes) for k in STAGES}
     return {"examples": n, "stages_s": med, "pass_s": sum(med.values()),
+            "decode_s": {k: statistics.median(d[k] for d in decoded) for k in DECODED},
             "all": [{k: round(v, 5) for k, v in p.items()} for p in passes]}
 
 
@@ -522,6 +551,11 @@ def _stage_table(bd: dict[str, Any], names: list[str], title: str) -> list[str]:
             f"{1e3 * bd[n]['stages_s'][k]:.1f}" for n in names) + " |")
     out.append("| whole pass | " + " | ".join(f"{1e3 * bd[n]['pass_s']:.1f}" for n in names)
                + " |")
+    if all("decode_s" in bd[n] for n in names):
+        out.append("| of the pass, Parquet decode (thin files + heads + tier) | " + " | ".join(
+            f"{1e3 * sum(bd[n]['decode_s'].values()):.1f} ("
+            + " + ".join(f"{1e3 * bd[n]['decode_s'][k]:.1f}" for k in DECODED) + ")"
+            for n in names) + " |")
     return out
 
 

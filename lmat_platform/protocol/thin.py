@@ -116,23 +116,39 @@ def read_thin_file(frag: pads.ParquetFileFragment, schema: pa.Schema, columns: l
     with frag.filesystem.open_input_file(frag.path) as fh:
         t = pq.ParquetFile(fh, metadata=frag.metadata).read(columns=names, use_threads=False)
     # One schema comparison, not one per column (DataType equality costs microseconds).
-    want = pa.schema([schema.field(c) for c in columns])
+    want, want_read = _thin_schemas(schema, tuple(columns), tuple(names))
     t = t.select(names)
-    if not t.schema.equals(pa.schema([want.field(c) for c in names])):
-        t = t.cast(pa.schema([want.field(c) for c in names]))
+    if not t.schema.equals(want_read):
+        t = t.cast(want_read)
     if len(names) == len(columns):
         return t
     parts = pads.get_partition_keys(frag.partition_expression)
-    cols = []
-    for c in columns:
-        typ = want.field(c).type
+    for i, c in enumerate(columns):
         if c in have:
-            cols.append(t.column(c))
-        elif c in parts:
-            cols.append(pa.array(np.full(t.num_rows, parts[c]), typ))
-        else:
-            cols.append(pa.nulls(t.num_rows, typ))
-    return pa.Table.from_arrays(cols, schema=want)
+            continue
+        f = want.field(c)
+        # Inserted in place: the table's other columns are checked already.
+        t = t.add_column(i, f, pa.array(np.full(t.num_rows, parts[c]), f.type) if c in parts
+                         else pa.nulls(t.num_rows, f.type))
+    return t
+
+
+_SCHEMAS: dict[tuple[int, tuple[str, ...], tuple[str, ...]],
+               tuple[pa.Schema, pa.Schema, pa.Schema]] = {}
+
+
+def _thin_schemas(schema: pa.Schema, columns: tuple[str, ...],
+                  names: tuple[str, ...]) -> tuple[pa.Schema, pa.Schema]:
+    """``columns`` and ``names`` (those a file holds) typed as in a thin table's ``schema``,
+    built once per schema and projection (a cache-off pass reads every thin file again)."""
+    key = (id(schema), columns, names)
+    got = _SCHEMAS.get(key)
+    if got is None or got[2] is not schema:  # ids are reused once a schema is gone
+        want = pa.schema([schema.field(c) for c in columns])
+        got = _SCHEMAS[key] = (want, pa.schema([want.field(c) for c in names]), schema)
+        if len(_SCHEMAS) > 256:  # many tables in one process: start again
+            _SCHEMAS.clear()
+    return got[0], got[1]
 
 
 def tail_struct_type(store: Store) -> pa.StructType:
