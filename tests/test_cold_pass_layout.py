@@ -152,3 +152,30 @@ def test_split_bucket_decodes_its_heads_and_row_groups_once_a_pass(
             assert same(got, whole[t.name]), t.name
             assert decoded and max(decoded.values()) == 1, (t.name, decoded.most_common(3))
             assert len(loads) == len({u.bucket for u in units}), (t.name, len(loads))
+
+
+def test_read_thin_file_types_fills_and_orders_columns(tmp_path: Path) -> None:
+    """A thin file read as the table's schema: the partition column from the file's folder, a
+    column the file lacks as nulls, every column in the asked order and type; the projected
+    schemas kept per table are not served to another table's schema (a wider type there)."""
+    import numpy as np
+    import pyarrow.dataset as pads
+
+    from lmat_platform.protocol.thin import read_thin_file
+
+    folder = tmp_path / "bucket=3"
+    folder.mkdir()
+    pq.write_table(pa.table({"request_id": pa.array([5, 6], pa.int64()),
+                             "head_len": pa.array([1, 2], pa.int32())}), folder / "f.parquet")
+    cols = ["request_id", "bucket", "tail_len", "head_len"]
+    for head_len in (pa.int32(), pa.int64()):
+        schema = pa.schema([("request_id", pa.int64()), ("head_len", head_len),
+                            ("tail_len", pa.int32()), ("bucket", pa.int32())])
+        ds = pads.dataset(str(tmp_path), format="parquet", partitioning="hive", schema=schema)
+        (frag,) = ds.get_fragments()
+        for _ in range(2):  # the second read from the kept schemas
+            t = read_thin_file(frag, ds.schema, cols)
+            assert t.schema == pa.schema([schema.field(c) for c in cols])
+            assert t.to_pydict() == {"request_id": [5, 6], "bucket": [3, 3],
+                                     "tail_len": [None, None], "head_len": [1, 2]}
+        assert np.asarray(t.column("bucket")).dtype == np.int32
