@@ -375,8 +375,8 @@ def child_breakdown(setup: dict[str, Any], tenant: str, reps: int,
 
     orig = (uih.read_bucket, HeadIndex.of_files, ThinRows.from_table)
     pq_orig = (pq.ParquetFile.read, pq.ParquetFile.read_row_groups)
-    pq.ParquetFile.read = decode(pq_orig[0])  # type: ignore[method-assign]
-    pq.ParquetFile.read_row_groups = decode(pq_orig[1])  # type: ignore[method-assign]
+    pq.ParquetFile.read = decode(pq_orig[0])
+    pq.ParquetFile.read_row_groups = decode(pq_orig[1])
     uih.read_bucket = timed("tier_read", orig[0])
     HeadIndex.of_files = classmethod(  # type: ignore[assignment,method-assign]
         lambda cls, *a, **k: timed("heads", orig[1])(*a, **k))
@@ -418,7 +418,7 @@ def child_breakdown(setup: dict[str, Any], tenant: str, reps: int,
             passes.append(stage)
             decoded.append({k: acc.get("decode:" + k, 0.0) for k in DECODED})
     finally:
-        pq.ParquetFile.read, pq.ParquetFile.read_row_groups = pq_orig  # type: ignore[method-assign]
+        pq.ParquetFile.read, pq.ParquetFile.read_row_groups = pq_orig
         uih.read_bucket = orig[0]
         HeadIndex.of_files = classmethod(  # type: ignore[assignment,method-assign]
             lambda cls, *a, **k: orig[1](*a, **k))
