@@ -197,9 +197,11 @@ def test_batches_cross_as_a_header_and_views_of_the_slot() -> None:
                                                          got.values["item_id"])), "not views"
             del slot
         del got, sent  # the consumer drops it: its slot is freed at the next unpack
-    # slot 0 new / slot 1 new (slot 0 not yet seen free) / slot 0 again: header only / new
-    # layout (dedup adds inverse_indices) / header only / the plain layout again
-    assert kinds == [SLOT_PICKLED, SLOT_PICKLED, SLOT, SLOT_PICKLED, SLOT, SLOT_PICKLED], kinds
+    # slot 0 new, and with it every slot the worker's window needs / slot 1 (slot 0 not yet
+    # seen free): header only, its handle came with the first / slot 0 again: header only /
+    # new layout (dedup adds inverse_indices) / header only / the plain layout again
+    assert kinds == [SLOT_PICKLED, SLOT, SLOT, SLOT_PICKLED, SLOT, SLOT_PICKLED], kinds
+    assert all(b is not None for b in reader.bases), "slots not all made with the first"
     # Per-request arrays that do not fit behind the values: pickled behind the header.
     writer.reserve = 0
     big = _made(writer, 40_000, 10, dedup=False)

@@ -865,21 +865,40 @@ def _without_hidden(info: _ThinInfo, uri: str, hidden: np.ndarray, n_buckets: in
 
 
 class _Starting:
-    """A :class:`WorkerPool` being started in a thread (its processes' start blocks for as long
-    as a new process takes to import the reader)."""
+    """A :class:`WorkerPool` being started in a thread: ``make`` (the kernels' warm-up and the
+    pool's objects, C++ code of numba and torch, milliseconds once the kernels are warm), then
+    the pool's processes (seconds: each imports the reader). :meth:`close` waits for the first
+    part only: an interpreter must not stop a thread inside C++ code, but one waiting for a new
+    process to start is safe to leave, and a closed loader or an exiting process does not wait
+    seconds for workers it will not use (the thread stops them itself once they are up)."""
 
-    def __init__(self, start: Callable[[], WorkerPool]):
+    def __init__(self, make: Callable[[], WorkerPool]):
         self._pool: WorkerPool | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(start,),
+        self._made = threading.Event()
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._thread = threading.Thread(target=self._run, args=(make,),
                                         name="lmat-start-workers", daemon=True)
         self._thread.start()
 
-    def _run(self, start: Callable[[], WorkerPool]) -> None:
+    def _run(self, make: Callable[[], WorkerPool]) -> None:
         try:
-            self._pool = start()
+            try:
+                pool = make()
+            finally:
+                self._made.set()
+            if not self._abandoned:
+                pool.start()
         except BaseException as e:  # raised by result() in the loader's thread
             self._error = e
+            return
+        with self._lock:
+            abandoned = self._abandoned
+            if not abandoned:
+                self._pool = pool
+        if abandoned:
+            pool.close()
 
     def result(self, *, quiet: bool = False) -> WorkerPool | None:
         """The started pool (waits for it); raises what starting it raised (``quiet``: logs
@@ -896,10 +915,14 @@ class _Starting:
         return not self._thread.is_alive()
 
     def close(self) -> None:
-        """Wait for the start, then stop the pool (its pass failed before it was used)."""
-        self._thread.join()
-        if self._pool is not None:
-            self._pool.close()
+        """Stop the pool: now if it is up, else as soon as its start is done (by the starting
+        thread; only the C++ part of the start is waited for)."""
+        self._made.wait()
+        with self._lock:
+            self._abandoned = True
+            pool = self._pool
+        if pool is not None:
+            pool.close()
 
 
 class SequenceLoader(torch.utils.data.IterableDataset):
@@ -1258,7 +1281,7 @@ class SequenceLoader(torch.utils.data.IterableDataset):
         def start() -> WorkerPool:
             warm_up()  # compiled kernels on disk before any worker starts (no compile races)
             return WorkerPool(len(specs), prefetch=self.prefetch, timeout_s=self.timeout_s,
-                              ctx=ctx, target=_worker_main)
+                              ctx=ctx, target=_worker_main, start=False)
 
         # Workers an earlier pass left starting, or None (they start at the first batch).
         starting: _Starting | None = self._starting
@@ -1359,8 +1382,11 @@ class SequenceLoader(torch.utils.data.IterableDataset):
             self._closing = False
 
     def _close_workers(self) -> None:
-        """Stop the worker processes, and a start of them under way (after it is done)."""
-        self._started()
+        """Stop the worker processes, and a start of them under way (without waiting for the
+        processes to start: :meth:`_Starting.close`)."""
+        starting, self._starting = self._starting, None
+        if starting is not None:
+            starting.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()

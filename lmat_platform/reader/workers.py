@@ -201,25 +201,38 @@ class SlotWriter:
             k = next((i for i in free if self.slots[i] is None), free[0])
             size = max(MIN_SLOT_BYTES, need + need // 4,
                        max((s.numel() for s in self.slots if s is not None), default=0))
-            t = torch.empty(size, dtype=torch.uint8).share_memory_()
-            self.slots[k] = t
-            self.bases[k] = t.numpy()
-            self.known[k] = False
+            self._make(k, size)
+            if all(s is None for i, s in enumerate(self.slots) if i != k):
+                # The first slot: the others the worker's window needs, made now and announced
+                # with this batch (a pass whose consumer is slow would otherwise make them,
+                # and the main process open their handles, in the middle of its batches).
+                g = max(1, min(MAX_GROUP, GROUP_BYTES // size))
+                for i in range(len(flags) - (MAX_GROUP - g)):
+                    if self.slots[i] is None:
+                        self._make(i, size)
         else:
             self.last = None
             return [np.empty(n, dtype=dt) for n, dt in sizes]
         flags[k] = 1
-        self.last = (k, not self.known[k])
+        self.last = (k, not all(self.known[i] for i, s in enumerate(self.slots)
+                                if s is not None))
         base = self.bases[k]
         assert base is not None
         return [base[o:o + n * np.dtype(dt).itemsize].view(dt)
                 for o, (n, dt) in zip(offs, sizes, strict=True)]
 
+    def _make(self, k: int, size: int) -> None:
+        t = torch.empty(size, dtype=torch.uint8).share_memory_()
+        self.slots[k] = t
+        self.bases[k] = t.numpy()
+        self.known[k] = False
+
     def sent(self) -> None:
         """The last batch was sent: the main process has its slot (and layout) now and frees
         the slot."""
         if self.last is not None:
-            self.known[self.last[0]] = True
+            for i, s in enumerate(self.slots):
+                self.known[i] = s is not None
             self.layout = self._packed_layout
             self.last = None
 
@@ -259,8 +272,9 @@ class SlotWriter:
                 base[at:at + a.nbytes] = a.reshape(-1).view(np.uint8)
         else:  # did not fit (the first batch of an unusual size): pickled behind the header
             extra["small"] = [a for _, _, a in small]
-        if new:
-            extra["new"] = self.slots[k]
+        if new:  # every slot made since the last batch sent (their handles)
+            extra["new"] = {i: s for i, s in enumerate(self.slots)
+                            if s is not None and not self.known[i]}
         if layout != self.layout:
             extra["layout"] = layout
         self._packed_layout = layout
@@ -346,9 +360,8 @@ class SlotReader:
         extra: dict[str, Any] = {}
         if head[0] == SLOT_PICKLED:
             extra = pickle.loads(memoryview(msg)[_HEAD.size:])
-            k = head[3]
-            if "new" in extra:
-                self.bases[k] = base = extra["new"].numpy()
+            for i, t in extra.get("new", {}).items():
+                self.bases[i] = base = t.numpy()
                 self.slot_bytes = max(self.slot_bytes, base.nbytes)
             if "layout" in extra:
                 vals, small = extra["layout"]
@@ -413,10 +426,13 @@ class SlotReader:
 
 
 class WorkerPool:
-    """``n`` worker processes kept across passes; :meth:`run` is one pass over them."""
+    """``n`` worker processes kept across passes; :meth:`run` is one pass over them.
+
+    ``start=False``: the pool's objects are made, but not its processes, until :meth:`start`
+    (which blocks for as long as a new process takes to import the reader, seconds)."""
 
     def __init__(self, n: int, *, prefetch: int, timeout_s: float | None, ctx: Any,
-                 target: Callable[..., None]):
+                 target: Callable[..., None], start: bool = True):
         self.n = n
         self.timeout_s = timeout_s
         self.ctx = ctx
@@ -447,10 +463,7 @@ class WorkerPool:
                         daemon=True, name=f"lmat-reader-{w}")
             for w in range(n)
         ]
-        for p in self.procs:
-            p.start()
-        for _, wr in pipes:
-            wr.close()  # the worker has its own copy: its end closes when it exits
+        self._write_ends = [wr for _, wr in pipes]
         #: Whether worker w has sent anything (else it died starting up).
         self.heard = [False] * n
         self.pass_id = 0
@@ -460,6 +473,17 @@ class WorkerPool:
         self.open_pass: int | None = None
         self._lock = threading.Lock()
         self.closed = False
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start the processes (once)."""
+        for p in self.procs:
+            if self.closed:
+                return
+            p.start()
+        for wr in self._write_ends:
+            wr.close()  # the worker has its own copy: its end closes when it exits
 
     def alive(self) -> bool:
         return not self.closed and all(p.is_alive() for p in self.procs)
@@ -595,11 +619,13 @@ class WorkerPool:
             with contextlib.suppress(Exception):
                 t.put(None)
         for p in self.procs:
+            if p.pid is None:
+                continue  # never started
             p.join(timeout=5)
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)
-        for c in self.conns:
+        for c in self.conns + self._write_ends:
             c.close()
         for q in self.tasks:
             q.close()
