@@ -14,7 +14,10 @@ shutdown wherever they are: inside pyarrow's or numba's C++ code that aborts the
 ("terminate called without an active exception", exit code 134). So whatever holds such a thread
 registers with :func:`close_at_exit`, and an ``atexit`` hook (registered once, run before the
 interpreter stops its threads) closes it: every live loader (its open passes, its workers and
-their start), then every live prefetcher, each thread stopped and joined.
+their start), then every live prefetcher, each thread stopped and joined. Workers still
+starting are not waited for (a thread waiting for a process to start is safe to leave; only
+the C++ part of their start is: ``loader._Starting``); a read-ahead thread is, until it has
+read its current unit (``EXIT_JOIN_S`` at most).
 """
 
 from __future__ import annotations
