@@ -452,6 +452,10 @@ class WorkerPool:
         #: they are given back in (None: not chosen yet, one by one until then).
         self.held = [0] * n
         self.group: list[int | None] = [None] * n
+        #: Per worker: the slot size its group was chosen for, and permits still to keep back
+        #: (its group shrank).
+        self.sized = [0] * n
+        self.owed = [0] * n
         flags = [torch.zeros(slots_for(prefetch), dtype=torch.int8).share_memory_()
                  for _ in range(n)]
         self.readers = [SlotReader(f) for f in flags]
@@ -549,7 +553,7 @@ class WorkerPool:
                     _raise_remote(pickle.loads(memoryview(msg)[_HEAD.size:]), w)
                 else:
                     batch = self.readers[w].unpack(msg)
-                    if self.group[w] is None and self.readers[w].slot_bytes:
+                    if self.readers[w].slot_bytes != self.sized[w]:
                         self._widen(w, self.readers[w].slot_bytes)
                     yield w, _HEAD.unpack_from(msg)[2], batch
                 w = (w + 1) % self.n
@@ -567,11 +571,20 @@ class WorkerPool:
 
     def _widen(self, w: int, slot_bytes: int) -> None:
         """Choose worker w's permit group by its slots' size (``GROUP_BYTES`` of extra slots
-        at most) and give it the extra permits that the group holds back."""
+        at most) and give it the extra permits that the group holds back; when its slots have
+        grown since (a first batch smaller than the rest), shrink the group: the permits it
+        no longer holds back are kept from the next ones given back."""
+        self.sized[w] = slot_bytes
         g = max(1, min(MAX_GROUP, GROUP_BYTES // max(slot_bytes, 1)))
+        old = self.group[w]
+        if old is None:
+            for _ in range(g - 1):
+                self.permits[w].release()
+        elif g < old:
+            self.owed[w] += old - g
+        else:
+            return  # never widened again: a smaller slot does not mean smaller batches
         self.group[w] = g
-        for _ in range(g - 1):
-            self.permits[w].release()
 
     def _get(self, w: int, pid: int) -> bytes:
         conn, proc, ready = self.conns[w], self.procs[w], self._polls[w].poll
@@ -600,7 +613,9 @@ class WorkerPool:
             self.held[w] += 1
             if self.held[w] >= (self.group[w] or 1):
                 # One wake-up of the worker for the whole group (see the module docstring).
-                for _ in range(self.held[w]):
+                keep = min(self.owed[w], self.held[w])
+                self.owed[w] -= keep
+                for _ in range(self.held[w] - keep):
                     self.permits[w].release()
                 self.held[w] = 0
             if _HEAD.unpack_from(msg, 0)[1] == pid:
