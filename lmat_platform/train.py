@@ -310,8 +310,10 @@ def train_next_item(
     saved_loader: dict[str, Any] | None = None
     if resume and os.path.exists(ck_path):
         ck = torch.load(ck_path, map_location=dev, weights_only=False)
-        # A checkpoint saved before a model field existed (e.g. ``repeat``) had its default.
-        if type(cfg)(**ck["model_config"]).as_dict() != cfg.as_dict():
+        # A checkpoint saved before a model field existed (e.g. ``repeat``) had its default;
+        # one with a field this code does not know was saved for another model.
+        saved = ck["model_config"]
+        if set(saved) - set(cfg.as_dict()) or type(cfg)(**saved).as_dict() != cfg.as_dict():
             raise ValueError(
                 f"{ck_path}: saved for model {ck['model_config']}, not {cfg.as_dict()}; "
                 "use another out_dir or resume=False"

@@ -234,6 +234,12 @@ def test_checkpoint_from_before_a_model_field_resumes(prep, tmp_path) -> None:
     with pytest.raises(ValueError, match="saved for model"):
         train_on_dataset(prep, str(tmp_path), max_len=10, config=CFG,
                          model=replace(_model(prep), repeat=True))
+    ck["model_config"]["from_a_newer_version"] = 1  # a field this code does not know
+    torch.save(ck, tmp_path / CHECKPOINT_FILE)
+    with pytest.raises(ValueError, match="saved for model"):
+        train_on_dataset(prep, str(tmp_path), max_len=10, model=_model(prep), config=CFG)
+    del ck["model_config"]["from_a_newer_version"]
+    torch.save(ck, tmp_path / CHECKPOINT_FILE)
     cont = train_on_dataset(prep, str(tmp_path), max_len=10, model=_model(prep), config=CFG)
     assert cont.metrics["epochs_run"] == CFG.epochs and cont.metrics["steps"] > 4
 
