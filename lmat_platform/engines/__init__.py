@@ -115,7 +115,10 @@ class RayEngine:
         except BaseException:
             for ref in pending:
                 try:
-                    ray.cancel(ref)
+                    # force: a task inside a long C call (a Parquet write) would otherwise
+                    # notice the cancel only when the call returns; its files are never named
+                    # by a commit, and vacuum removes them.
+                    ray.cancel(ref, force=True)
                 except Exception:  # already finished, or its worker is gone
                     log.debug("could not cancel a Ray task", exc_info=True)
             raise
