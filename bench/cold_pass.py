@@ -34,7 +34,8 @@ on all of them alike; each figure is the median over rounds of the median of ``-
 * ``stall``: a training loop whose step keeps the main process busy (a spin, holding the GIL
   as Python training code does) for ``--step-factor`` (2) times the time a single-process
   cache-off reader needs per batch, measured just before in the same process; reported is the
-  share of the loop's time spent waiting for the next batch, with 0, 1 and 2 workers;
+  share of the loop's time spent waiting for the next batch, with 0, 1 and 2 workers, over
+  passes that follow an untimed pass with the step (the steady state of a training run);
 * ``breakdown``: a cache-off pass's wall seconds by operation (:func:`child_breakdown`), the
   gap to the own-length fat file shown operation by operation; ``breakdown-cpu`` the same in
   CPU seconds;
@@ -226,6 +227,13 @@ def child_stall(setup: dict[str, Any], tenant: str, factor: float, passes: int,
         for _ in loader:  # untimed: start-up
             pass
         until_workers(loader)
+        # Untimed: one pass of the training loop, so the first timed pass follows a pass with
+        # steps, as every pass of a training run but its first does (after passes without a
+        # step, the workers have read nothing of the next pass ahead: its first batch waited
+        # 28-42 ms, ~10 points of the short tenant's loop, a start-up cost, not a stall).
+        for b in loader:
+            _spin(step, clock)
+            del b
         shares, totals, firsts, cpus, wcpus = [], [], [], [], []
         pool = loader._pool
         pids = [p.pid for p in pool.procs] if pool is not None else []
