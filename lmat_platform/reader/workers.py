@@ -79,8 +79,6 @@ from lmat_platform.reader.prefetch import POLL_S
 
 log = logging.getLogger(__name__)
 
-#: Shared-memory slots per worker at ``prefetch`` 2 (:func:`slots_for`).
-MAX_SLOTS = 8
 #: The most messages a worker's permits are given back in at once (:class:`WorkerPool`).
 MAX_GROUP = 4
 #: Shared memory a worker's grouped permits may keep in use beyond ``prefetch`` batches.
@@ -108,6 +106,10 @@ def slots_for(prefetch: int) -> int:
     more whose permits the main process holds back, one being made, the consumer's one or
     two, and one released but noticed only at the next batch."""
     return prefetch + MAX_GROUP + 2
+
+
+#: Shared-memory slots per worker at the default ``prefetch`` 2.
+MAX_SLOTS = slots_for(2)
 
 
 def _aligned(n: int) -> int:
